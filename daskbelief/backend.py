@@ -1,0 +1,49 @@
+"""Array backends: the same network and update code runs on NumPy and on CuPy arrays.
+
+Code asks the array it was given for its namespace instead of importing numpy directly, so a
+worker with a GPU computes on the GPU without a second code path.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def namespace(*arrays):
+    """The array module (numpy or cupy) that owns ``arrays``; numpy when none is a CuPy array."""
+    for a in arrays:
+        if type(a).__module__.startswith("cupy"):
+            import cupy
+
+            return cupy
+    return np
+
+
+def to_numpy(a) -> np.ndarray:
+    """A host (NumPy) copy of ``a``; ``a`` itself when it already is one."""
+    if type(a).__module__.startswith("cupy"):
+        return a.get()
+    return np.asarray(a)
+
+
+def gpu_available() -> bool:
+    """True when CuPy imports and sees at least one CUDA device."""
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def get_backend(name: str):
+    """The array module called ``name`` ("numpy" or "cupy"), with a clear error when unusable."""
+    if name == "numpy":
+        return np
+    if name == "cupy":
+        if not gpu_available():
+            raise RuntimeError("backend 'cupy' was asked for but CuPy or a CUDA device is not available "
+                               "(install the 'gpu' extra on a machine with an NVIDIA GPU)")
+        import cupy
+
+        return cupy
+    raise ValueError(f"unknown array backend {name!r}: expected 'numpy' or 'cupy'")

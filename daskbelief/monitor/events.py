@@ -1,0 +1,64 @@
+"""Training events through Dask's structured event log.
+
+Replicas and coordinators call ``emit`` wherever they run; the scheduler keeps the events per topic,
+so the dashboard page reads them on the scheduler and the driver subscribes to them with
+``EventLog`` (which also appends them to a run's ``metrics.jsonl``).
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from distributed import get_client, get_worker
+
+REPLICA = "daskbelief-replica"  # a replica's progress: step, loss, samples/s, staleness
+SHARD = "daskbelief-shard"      # a parameter shard's counters
+RUN = "daskbelief-run"          # run start/end and test metrics
+PORTION = "daskbelief-portion"  # Sandblaster: portions done per worker, backups launched
+TOPICS = (REPLICA, SHARD, RUN, PORTION)
+
+
+def emit(topic: str, **fields) -> None:
+    """Log one event (a flat dict of msgpack-able values) from a worker or the driver."""
+    fields.setdefault("time", time.time())
+    try:
+        get_worker().log_event(topic, fields)
+    except ValueError:
+        get_client().log_event(topic, fields)
+
+
+class EventLog:
+    """Collects daskbelief events on the driver as they arrive, optionally into a JSON-lines file."""
+
+    def __init__(self, client, path=None, topics=TOPICS):
+        self.client, self.topics = client, topics
+        self.events: list[dict] = []
+        self._lock = threading.Lock()
+        self._file = open(path, "a", encoding="utf-8") if path else None
+        for topic in topics:
+            client.subscribe_topic(topic, self._handler(topic))
+
+    def _handler(self, topic):
+        def handle(event):
+            _, msg = event
+            record = {"topic": topic, **msg}
+            with self._lock:
+                self.events.append(record)
+                if self._file:
+                    self._file.write(json.dumps(record) + "\n")
+                    self._file.flush()
+        return handle
+
+    def of(self, topic: str) -> list[dict]:
+        """The events of one topic received so far."""
+        with self._lock:
+            return [e for e in self.events if e["topic"] == topic]
+
+    def close(self) -> None:
+        """Stop listening and close the metrics file."""
+        for topic in self.topics:
+            self.client.unsubscribe_topic(topic)
+        if self._file:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,48 @@
+"""Which shard owns which part of the flat parameter vector, and which worker holds which shard.
+
+Small pure functions, kept apart from the actor machinery so they can be tested without a cluster.
+"""
+from __future__ import annotations
+
+
+def shard_ranges(size: int, n_shards: int) -> list[tuple[int, int]]:
+    """Split ``range(size)`` into ``n_shards`` contiguous ranges whose lengths differ by at most one.
+
+    Contiguous slices keep a push or fetch one memcpy-able buffer per shard; equal sizes keep the
+    shards' update work (and so their actor threads) balanced.
+    """
+    if n_shards < 1:
+        raise ValueError(f"n_shards must be >= 1, got {n_shards}")
+    if size < n_shards:
+        raise ValueError(f"cannot split {size} parameters over {n_shards} shards: "
+                         "need at least one parameter per shard")
+    base, extra = divmod(size, n_shards)
+    bounds, start = [], 0
+    for i in range(n_shards):
+        stop = start + base + (1 if i < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def overlaps(ranges: list[tuple[int, int]], start: int, stop: int) -> list[tuple[int, int, int]]:
+    """The pieces of ``[start, stop)`` held by each shard, as ``(shard, lo, hi)`` in global indices.
+
+    A model-parallel block owns a few parameter ranges; it fetches and pushes only these pieces.
+    """
+    if not 0 <= start <= stop <= (ranges[-1][1] if ranges else 0):
+        raise ValueError(f"range [{start}, {stop}) is outside the parameter vector")
+    return [(i, max(a, start), min(b, stop))
+            for i, (a, b) in enumerate(ranges) if max(a, start) < min(b, stop)]
+
+
+def place_shards(workers: list[str], n_shards: int) -> list[str]:
+    """The worker address for each shard: distinct workers while there are enough of them.
+
+    All actors on one Dask worker share a single thread, so two shards on one worker serialise
+    each other; with fewer workers than shards we wrap around rather than fail.
+    """
+    if not workers:
+        raise ValueError("the Dask cluster has no workers: start at least one worker before training")
+    ordered = sorted(workers)
+    return [ordered[i % len(ordered)] for i in range(n_shards)]

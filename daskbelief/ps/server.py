@@ -1,0 +1,110 @@
+"""ParameterServer: the handle that slices the flat vector over the shards and puts it back together.
+
+The same handle is used by the driver and, pickled into tasks, by replicas on the workers: calls
+from a worker go straight to the shard's worker, not through the scheduler. Every operation is
+issued to all shards before any reply is awaited, so S shards cost one round trip, not S.
+"""
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+
+from daskbelief.ps.policy import overlaps, place_shards, shard_ranges
+from daskbelief.ps.shard import ParameterShard
+
+
+class ParameterServer:
+    """Client-side view of S ``ParameterShard`` actors holding one flat parameter vector."""
+
+    def __init__(self, shards, ranges: list[tuple[int, int]], futures=None):
+        self.shards = list(shards)
+        self.ranges = list(ranges)
+        self.size = self.ranges[-1][1]
+        self._futures = futures  # keeps the actors alive on the driver; not pickled
+
+    def __reduce__(self):
+        return (ParameterServer, (self.shards, self.ranges))
+
+    @classmethod
+    def create(cls, client, params, n_shards: int, rule="adagrad", *, workers=None,
+               backend: str = "numpy") -> "ParameterServer":
+        """Start ``n_shards`` shard actors on distinct workers, seeded with ``params``."""
+        params = np.asarray(params, dtype=np.float32)
+        ranges = shard_ranges(len(params), n_shards)
+        addresses = place_shards(list(workers or client.scheduler_info(n_workers=-1)["workers"]),
+                                 n_shards)
+        rule_spec = rule if isinstance(rule, (str, dict)) else rule.to_dict()
+        token = uuid.uuid4().hex[:8]
+        futures = [
+            client.submit(ParameterShard, i, a, b, params[a:b], rule_spec, backend, actor=True,
+                          workers=[addr], allow_other_workers=False, pure=False,
+                          key=f"parameter-shard-{i}-{token}")
+            for i, ((a, b), addr) in enumerate(zip(ranges, addresses))
+        ]
+        return cls([f.result() for f in futures], ranges, futures)
+
+    # -- whole-vector traffic ---------------------------------------------------------------------
+    def fetch_async(self) -> list:
+        """Ask every shard for its slice; returns the pending replies in shard order."""
+        return [s.fetch() for s in self.shards]
+
+    def gather(self, replies, out=None) -> tuple[np.ndarray, list[int]]:
+        """Wait for ``fetch_async`` replies and assemble them into ``out`` (allocated if None)."""
+        out = np.empty(self.size, dtype=np.float32) if out is None else out
+        versions = []
+        for (a, b), reply in zip(self.ranges, replies):
+            values, version = reply.result()
+            out[a:b] = values
+            versions.append(version)
+        return out, versions
+
+    def fetch(self, out=None) -> tuple[np.ndarray, list[int]]:
+        """The whole parameter vector and the version of each shard it came from."""
+        return self.gather(self.fetch_async(), out)
+
+    def push_async(self, grad, versions: list[int], replica: str = "") -> list:
+        """Send each shard its slice of ``grad``; returns the pending replies (new versions)."""
+        return [s.push(grad[a:b], v, replica) for s, (a, b), v in zip(self.shards, self.ranges, versions)]
+
+    def push(self, grad, versions: list[int], replica: str = "") -> list[int]:
+        """Push and wait until every shard has applied its slice."""
+        return [r.result() for r in self.push_async(grad, versions, replica)]
+
+    # -- partial ranges (model-parallel blocks) ---------------------------------------------------
+    def fetch_range(self, start: int, stop: int) -> tuple[np.ndarray, dict[int, int]]:
+        """Parameters ``[start, stop)`` from the shards that hold them, and those shards' versions."""
+        pieces = overlaps(self.ranges, start, stop)
+        replies = [self.shards[i].fetch(lo - self.ranges[i][0], hi - lo) for i, lo, hi in pieces]
+        out = np.empty(stop - start, dtype=np.float32)
+        versions = {}
+        for (i, lo, hi), reply in zip(pieces, replies):
+            out[lo - start:hi - start], versions[i] = reply.result()
+        return out, versions
+
+    def push_range_async(self, start: int, grad, versions: dict[int, int], replica: str = "") -> list:
+        """Push a gradient for ``[start, start + len(grad))`` to the shards that hold that range."""
+        pieces = overlaps(self.ranges, start, start + len(grad))
+        return [self.shards[i].push(grad[lo - start:hi - start], versions.get(i, 0), replica,
+                                    lo - self.ranges[i][0])
+                for i, lo, hi in pieces]
+
+    # -- inspection and checkpoints ---------------------------------------------------------------
+    def stats(self) -> list[dict]:
+        """Every shard's counters."""
+        return [r.result() for r in [s.stats() for s in self.shards]]
+
+    def state_dicts(self) -> list[dict]:
+        """Every shard's parameters, rule state and version (for checkpoints)."""
+        return [r.result() for r in [s.state_dict() for s in self.shards]]
+
+    def load_state_dicts(self, snapshots: list[dict]) -> None:
+        """Restore every shard from ``state_dicts`` output."""
+        for r in [s.load_state(snap) for s, snap in zip(self.shards, snapshots)]:
+            r.result()
+
+    def close(self) -> None:
+        """Release the actors (their workers drop them once no future refers to them)."""
+        for f in self._futures or []:
+            f.release()
+        self._futures = None

@@ -1,0 +1,65 @@
+"""Loss and accuracy of a model over a whole store, in parallel over its data shards."""
+from __future__ import annotations
+
+import numpy as np
+
+from daskbelief.backend import namespace, to_numpy
+from daskbelief.cluster import client_or_local, require_workers
+from daskbelief.data import open_store
+
+
+def output_metrics(task: str, outputs, y) -> dict:
+    """Summed loss (and correct count for classification) of predictions ``outputs`` against ``y``.
+
+    Sums, not means, so that per-shard results add up exactly; ``finish`` turns them into means.
+    """
+    xp = namespace(outputs)
+    if task == "classification":
+        y = xp.asarray(y).astype(np.int64)
+        picked = outputs[xp.arange(len(y)), y]
+        loss = -xp.log(xp.maximum(picked, np.finfo(np.float32).tiny)).sum()
+        correct = (outputs.argmax(axis=1) == y).sum()
+        return {"loss_sum": float(loss), "correct": int(correct), "n": len(y)}
+    diff = outputs - xp.asarray(y).reshape(outputs.shape)
+    return {"loss_sum": float(0.5 * (diff * diff).sum()), "correct": 0, "n": len(y)}
+
+
+def finish(parts: list[dict], task: str) -> dict:
+    """Mean loss and accuracy from per-shard sums."""
+    n = sum(p["n"] for p in parts)
+    out = {"loss": sum(p["loss_sum"] for p in parts) / n, "n": n}
+    if task == "classification":
+        out["accuracy"] = sum(p["correct"] for p in parts) / n
+    return out
+
+
+def evaluate_rows(model, params, store, start: int, stop: int, block: int = 4096) -> dict:
+    """Summed metrics over rows ``[start, stop)`` of ``store``, read a block at a time."""
+    parts = []
+    for lo in range(start, stop, block):
+        X, y = store.read(lo, min(lo + block, stop))
+        parts.append(output_metrics(store.task, model.predict(params, X), y))
+    return {k: sum(p[k] for p in parts) for k in ("loss_sum", "correct", "n")}
+
+
+def _evaluate_shard(model, params, url, split, start, stop) -> dict:
+    return evaluate_rows(model, params, open_store(url, split=split), start, stop)
+
+
+def evaluate(model, params, data, *, split: str = "test", client=None, n_parts: int | None = None) -> dict:
+    """Mean loss (and accuracy) of ``model`` at ``params`` over a store, one task per data shard.
+
+    ``data`` is a ``DataStore`` or a store URL (``split`` picks train or test). The parameters are
+    scattered once to every worker rather than shipped with each task.
+    """
+    store = open_store(data, split=split) if isinstance(data, str) else data
+    model.check_data(store.feature_shape, store.n_classes)
+    params = to_numpy(params)
+    with client_or_local(client) as c:
+        workers = require_workers(c)
+        k = min(n_parts or len(workers), store.n_chunks)
+        shared = c.scatter(params, broadcast=True, hash=False)
+        futures = [c.submit(_evaluate_shard, model, shared, store.url, store.split, a, b, pure=False)
+                   for a, b in store.shards(k)]
+        parts = c.gather(futures)
+    return finish(parts, store.task)

@@ -1,0 +1,100 @@
+"""Downpour SGD on a real LocalCluster of worker processes, against the reference trainer."""
+from __future__ import annotations
+
+import sys
+
+import cloudpickle
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+from threadpoolctl import threadpool_limits
+
+from daskbelief.data import open_store
+from daskbelief.nn import Dense, Sequential
+from daskbelief.optim.rules import adagrad
+from daskbelief.train.downpour import downpour
+from daskbelief.train.reference import train_sgd
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def mlp(hidden=32, l2=1e-4):
+    return Sequential(input_shape=(64,), layers=[Dense(hidden, activation="relu"), Dense(10)],
+                      loss="softmax_cross_entropy", l2=l2)
+
+
+def test_one_replica_without_overlap_equals_reference_adagrad(client, digits_path):
+    model, store = mlp(), open_store(digits_path, split="train")
+    rule = adagrad(lr=0.05)
+    result = downpour(model, store, client=client, replicas=1, shards=3, n_fetch=1, n_push=1,
+                      rule=rule, batch_size=16, steps=60, overlap=False, seed=3)
+    with threadpool_limits(1):
+        expect, _ = train_sgd(model, store, rule, batch_size=16, steps=60, seed=3)
+    assert not np.array_equal(expect, model.init(3))  # training moved the parameters
+    np.testing.assert_allclose(result.params, expect, rtol=0, atol=1e-6)
+    assert result.summary["updates_applied"] == 60 * 3
+
+
+def test_four_replicas_reach_96_percent_and_every_replica_updates_every_shard(client, digits_path):
+    model = mlp(hidden=128)
+    result = downpour(model, digits_path, test=digits_path, client=client, replicas=4, shards=2,
+                      n_fetch=5, n_push=5, rule=adagrad(lr=0.05), batch_size=32, epochs=30,
+                      warmstart_steps=20, seed=0, eval_every=0.5)
+    assert result.summary["test_accuracy"] >= 0.96, result.summary
+    for shard in result.shard_stats:
+        assert sorted(shard["per_replica"]) == [f"replica-{r}" for r in range(4)], shard
+        assert shard["rejected"] == 0
+    assert {h["replica"] for h in result.history if h["replica"] is not None} == {0, 1, 2, 3}
+    assert any(h["test_accuracy"] is not None for h in result.history)
+    assert np.isfinite(result.params).all()
+    probs = result.predict(open_store(digits_path, split="test").read(0, 5)[0])
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+class PoisonedMLP(Sequential):
+    """A real model whose every third gradient is NaN: what a diverging replica sends."""
+
+    calls = 0
+
+    def loss_and_grad(self, params, X, y, **kw):
+        loss, grad = super().loss_and_grad(params, X, y, **kw)
+        PoisonedMLP.calls += 1
+        if PoisonedMLP.calls % 3 == 0:
+            grad[::7] = np.nan
+        return loss, grad
+
+
+def test_non_finite_gradients_are_rejected_and_parameters_stay_finite(client, digits_path):
+    model = PoisonedMLP(input_shape=(64,), layers=[Dense(16, activation="relu"), Dense(10)])
+    result = downpour(model, digits_path, client=client, replicas=2, shards=2, n_fetch=1,
+                      n_push=1, batch_size=16, steps=30)
+    assert result.summary["updates_rejected"] > 0
+    assert result.summary["updates_applied"] > 0
+    assert np.isfinite(result.params).all()
+    assert all(s["params_finite"] for s in result.shard_stats)
+
+
+def test_model_that_does_not_fit_the_data_is_refused(client, digits_path):
+    model = Sequential(input_shape=(32,), layers=[Dense(10)])
+    with pytest.raises(ValueError, match="32|64"):
+        downpour(model, digits_path, client=client, replicas=1, steps=1)
+
+
+def test_more_replicas_than_data_shards_is_refused(client, digits_path):
+    with pytest.raises(ValueError, match="replicas=1000"):
+        downpour(mlp(), digits_path, client=client, replicas=1000, steps=1)
+
+
+@pytest.mark.parametrize("kw,word", [({"n_push": 0}, "n_push"), ({"n_fetch": -1}, "n_fetch"),
+                                     ({"shards": 0}, "shards"), ({"steps": None}, "epochs")])
+def test_bad_settings_are_refused_before_work_starts(client, digits_path, kw, word):
+    args = {"replicas": 1, "steps": 5} | kw
+    with pytest.raises(ValueError, match=word):
+        downpour(mlp(), digits_path, client=client, **args)
+
+
+def test_a_cluster_with_no_workers_is_refused(digits_path):
+    with LocalCluster(n_workers=0, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as c:
+        with pytest.raises(RuntimeError, match="0 worker"):
+            downpour(mlp(), digits_path, client=c, replicas=1, steps=1)

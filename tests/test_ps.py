@@ -1,0 +1,123 @@
+"""The parameter server: placement policies (pure) and the shard actors on a real cluster."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from daskbelief.optim.rules import adagrad, make_rule
+from daskbelief.ps.policy import overlaps, place_shards, shard_ranges
+from daskbelief.ps.server import ParameterServer
+
+
+def test_shard_ranges_cover_contiguously_and_evenly():
+    for size, k in [(10, 1), (10, 3), (7, 7), (1_000_003, 8)]:
+        r = shard_ranges(size, k)
+        assert r[0][0] == 0 and r[-1][1] == size
+        assert all(a[1] == b[0] for a, b in zip(r, r[1:]))
+        lengths = [b - a for a, b in r]
+        assert max(lengths) - min(lengths) <= 1
+
+
+@pytest.mark.parametrize("size,k", [(3, 4), (10, 0)])
+def test_shard_ranges_reject_impossible_splits(size, k):
+    with pytest.raises(ValueError, match="shard"):
+        shard_ranges(size, k)
+
+
+def test_overlaps_cut_a_range_at_shard_boundaries():
+    ranges = shard_ranges(10, 3)  # [0,4) [4,7) [7,10)
+    assert overlaps(ranges, 2, 8) == [(0, 2, 4), (1, 4, 7), (2, 7, 8)]
+    assert overlaps(ranges, 4, 7) == [(1, 4, 7)]
+    with pytest.raises(ValueError, match="outside"):
+        overlaps(ranges, 5, 11)
+
+
+def test_place_shards_prefers_distinct_workers():
+    assert place_shards(["b", "a"], 2) == ["a", "b"]
+    assert place_shards(["a", "b"], 3) == ["a", "b", "a"]
+    with pytest.raises(ValueError, match="no workers"):
+        place_shards([], 1)
+
+
+def test_push_and_fetch_apply_the_rule_exactly(client):
+    rng = np.random.default_rng(0)
+    params = rng.standard_normal(1001).astype(np.float32)
+    ps = ParameterServer.create(client, params, 3, adagrad(lr=0.1))
+    try:
+        rule, expect = adagrad(lr=0.1), params.copy()
+        state = rule.init(expect)
+        for _ in range(3):
+            grad = rng.standard_normal(1001).astype(np.float32)
+            rule.apply(expect, grad, state)
+            got, versions = ps.fetch()
+            ps.push(grad, versions, "t")
+        got, versions = ps.fetch()
+        np.testing.assert_array_equal(got, expect)
+        assert versions == [3, 3, 3]
+        workers = {s["shard"]: s for s in ps.stats()}
+        assert all(s["applied"] == 3 and s["per_replica"] == {"t": 3} for s in workers.values())
+    finally:
+        ps.close()
+
+
+def test_non_finite_pushes_are_rejected_and_counted(client):
+    ps = ParameterServer.create(client, np.ones(10, np.float32), 2, "sgd")
+    try:
+        bad = np.zeros(10, np.float32)
+        bad[7] = np.nan
+        ps.push(bad, [0, 0])
+        bad[7] = np.inf
+        ps.push(bad, [0, 0])
+        params, versions = ps.fetch()
+        np.testing.assert_array_equal(params, 1.0)
+        stats = ps.stats()
+        assert [s["rejected"] for s in stats] == [0, 2]  # only the shard holding index 7 saw it
+        assert [s["applied"] for s in stats] == [2, 0]
+        assert all(s["params_finite"] for s in stats)
+    finally:
+        ps.close()
+
+
+def test_staleness_counts_versions_missed(client):
+    ps = ParameterServer.create(client, np.zeros(4, np.float32), 1, make_rule({"name": "sgd", "lr": 1.0}))
+    try:
+        g = np.ones(4, np.float32)
+        for _ in range(3):
+            ps.push(g, [0])  # computed on version 0 each time: staleness 0, 1, 2
+        hist = ps.stats()[0]["staleness_hist"]
+        assert hist[:3] == [1, 1, 1]
+        np.testing.assert_array_equal(ps.fetch()[0], -3.0)
+    finally:
+        ps.close()
+
+
+def test_partial_ranges_touch_only_their_parameters(client):
+    params = np.arange(10, dtype=np.float32)
+    ps = ParameterServer.create(client, params, 3, make_rule({"name": "sgd", "lr": 1.0}))
+    try:
+        values, versions = ps.fetch_range(2, 8)
+        np.testing.assert_array_equal(values, params[2:8])
+        for r in ps.push_range_async(2, np.ones(6, np.float32), versions):
+            r.result()
+        expect = params.copy()
+        expect[2:8] -= 1
+        np.testing.assert_array_equal(ps.fetch()[0], expect)
+    finally:
+        ps.close()
+
+
+def test_state_dicts_round_trip(client):
+    ps = ParameterServer.create(client, np.ones(6, np.float32), 2, "adagrad")
+    try:
+        ps.push(np.full(6, 0.5, np.float32), [0, 0])
+        snap = ps.state_dicts()
+        ps.push(np.full(6, 2.0, np.float32), [1, 1])
+        ps.load_state_dicts(snap)
+        after = ps.state_dicts()
+        for a, b in zip(snap, after):
+            np.testing.assert_array_equal(a["params"], b["params"])
+            assert a["version"] == b["version"] == 1
+            for k in a["state"]:
+                np.testing.assert_array_equal(a["state"][k], b["state"][k])
+    finally:
+        ps.close()
