@@ -17,14 +17,16 @@ from daskbelief.ps.shard import ParameterShard
 class ParameterServer:
     """Client-side view of S ``ParameterShard`` actors holding one flat parameter vector."""
 
-    def __init__(self, shards, ranges: list[tuple[int, int]], futures=None):
+    def __init__(self, shards, ranges: list[tuple[int, int]], futures=None, rule_spec="adagrad",
+                 backend: str = "numpy"):
         self.shards = list(shards)
         self.ranges = list(ranges)
         self.size = self.ranges[-1][1]
+        self.rule_spec, self.backend = rule_spec, backend
         self._futures = futures  # keeps the actors alive on the driver; not pickled
 
     def __reduce__(self):
-        return (ParameterServer, (self.shards, self.ranges))
+        return (ParameterServer, (self.shards, self.ranges, None, self.rule_spec, self.backend))
 
     @classmethod
     def create(cls, client, params, n_shards: int, rule="adagrad", *, workers=None,
@@ -35,14 +37,29 @@ class ParameterServer:
         addresses = place_shards(list(workers or client.scheduler_info(n_workers=-1)["workers"]),
                                  n_shards)
         rule_spec = rule if isinstance(rule, (str, dict)) else rule.to_dict()
-        token = uuid.uuid4().hex[:8]
-        futures = [
-            client.submit(ParameterShard, i, a, b, params[a:b], rule_spec, backend, actor=True,
-                          workers=[addr], allow_other_workers=False, pure=False,
-                          key=f"parameter-shard-{i}-{token}")
-            for i, ((a, b), addr) in enumerate(zip(ranges, addresses))
-        ]
-        return cls([f.result() for f in futures], ranges, futures)
+        futures = [spawn_shard(client, i, a, b, params[a:b], rule_spec, addr, backend)
+                   for i, ((a, b), addr) in enumerate(zip(ranges, addresses))]
+        return cls([f.result() for f in futures], ranges, futures, rule_spec, backend)
+
+    def addresses(self) -> list[str]:
+        """The worker holding each shard."""
+        return [s._address for s in self.shards]
+
+    def replace_shard(self, client, index: int, snapshot: dict, worker: str) -> "ParameterServer":
+        """A new handle in which shard ``index`` is a fresh actor on ``worker`` restored from
+        ``snapshot`` (params, rule state, version): how a shard lost with its worker comes back.
+        """
+        a, b = self.ranges[index]
+        future = spawn_shard(client, index, a, b, snapshot["params"], self.rule_spec, worker,
+                             self.backend)
+        shard = future.result()
+        shard.load_state(snapshot).result()
+        shards, futures = list(self.shards), list(self._futures or [None] * len(self.shards))
+        if futures[index] is not None:
+            futures[index].release()
+        shards[index], futures[index] = shard, future
+        self._futures = None  # the new handle owns the surviving actors now
+        return ParameterServer(shards, self.ranges, futures, self.rule_spec, self.backend)
 
     # -- whole-vector traffic ---------------------------------------------------------------------
     def fetch_async(self) -> list:
@@ -98,6 +115,14 @@ class ParameterServer:
         """Every shard's parameters, rule state and version (for checkpoints)."""
         return [r.result() for r in [s.state_dict() for s in self.shards]]
 
+    def write_checkpoint(self, path: str) -> list[dict]:
+        """Every shard writes its own arrays of the checkpoint at ``path``; returns their counters."""
+        return [r.result() for r in [s.write_checkpoint(path) for s in self.shards]]
+
+    def state_names(self) -> list[str]:
+        """Names of the update rule's state arrays."""
+        return self.shards[0].state_names().result()
+
     def load_state_dicts(self, snapshots: list[dict]) -> None:
         """Restore every shard from ``state_dicts`` output."""
         for r in [s.load_state(snap) for s, snap in zip(self.shards, snapshots)]:
@@ -108,3 +133,11 @@ class ParameterServer:
         for f in self._futures or []:
             f.release()
         self._futures = None
+
+
+def spawn_shard(client, index: int, start: int, stop: int, values, rule_spec, worker: str,
+                backend: str = "numpy"):
+    """Start one ``ParameterShard`` actor pinned to ``worker``; returns its future."""
+    return client.submit(ParameterShard, index, start, stop, values, rule_spec, backend, actor=True,
+                         workers=[worker], allow_other_workers=False, pure=False,
+                         key=f"parameter-shard-{index}-{uuid.uuid4().hex[:8]}")

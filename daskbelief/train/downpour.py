@@ -5,24 +5,32 @@ the parameters, fetches a fresh copy every ``n_fetch`` steps, accumulates gradie
 every ``n_push`` steps. The shards (Dask actors) apply each push on their own with the update rule
 (Adagrad by default, as in the paper). Communication overlaps computation: a fetch issued before a
 step is swapped in after it, and up to ``max_in_flight`` pushes travel while the replica computes.
+
+Faults: a replica whose worker dies is rerun by Dask on another worker and resumes from the step
+it had reported; a shard whose worker dies is recreated by the driver from the latest checkpoint
+and the replicas reconnect to it (the parameter-server handle is published in a Dask Variable).
 """
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections import deque
 from dataclasses import asdict, dataclass
+from itertools import islice
 
 import numpy as np
-from distributed import Event, get_worker
+from distributed import Event, Variable, get_worker
 
 from daskbelief.cluster import (client_or_local, default_local_workers, require_threads,
                                 require_workers)
 from daskbelief.data import open_store
 from daskbelief.monitor import events
 from daskbelief.optim.rules import make_rule
+from daskbelief.ps import checkpoint
 from daskbelief.ps.server import ParameterServer
-from daskbelief.train.evaluate import evaluate, evaluate_rows
+from daskbelief.train.driver import Driver
+from daskbelief.train.evaluate import evaluate
 from daskbelief.train.result import TrainResult
 
 
@@ -44,9 +52,22 @@ class ReplicaPlan:
     overlap: bool
     max_in_flight: int
     report_every: int
-    warm_event: str
-    stop_event: str
     warmstart_steps: int
+
+    def name(self, what: str) -> str:
+        """Name of one of the run's coordination objects (Dask Events and Variables)."""
+        return f"{self.run}-{what}"
+
+    @property
+    def total_steps(self) -> int:
+        """Steps this replica makes in the whole run, its warm start included."""
+        if self.steps is not None:
+            return self.steps + self.warmstart_steps
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil((self.shard[1] - self.shard[0]) / self.batch_size)
 
 
 def validate(*, replicas: int, shards: int, n_fetch: int, n_push: int, batch_size: int,
@@ -55,7 +76,7 @@ def validate(*, replicas: int, shards: int, n_fetch: int, n_push: int, batch_siz
     for name, value in [("replicas", replicas), ("shards", shards), ("n_fetch", n_fetch),
                         ("n_push", n_push), ("batch_size", batch_size),
                         ("max_in_flight", max_in_flight)]:
-        if not isinstance(value, (int, np.integer)) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if (epochs is None) == (steps is None):
         raise ValueError("give exactly one of epochs= or steps= (how long each replica trains)")
@@ -69,7 +90,9 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
              n_push: int = 5, rule="adagrad", batch_size: int = 32, epochs: int | None = None,
              steps: int | None = None, warmstart_steps: int = 0, test=None, seed: int = 0,
              params=None, overlap: bool = True, max_in_flight: int = 2, report_every: int = 20,
-             eval_every: float | None = None, eval_rows: int = 10_000) -> TrainResult:
+             eval_every: float | None = None, eval_rows: int = 10_000, checkpoint_dir=None,
+             checkpoint_every: float | None = None, resume_from=None,
+             config: dict | None = None) -> TrainResult:
     """Train ``model`` with Downpour SGD on a Dask cluster and return a ``TrainResult``.
 
     Parameters
@@ -77,7 +100,8 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
     model : Sequential
     data : DataStore or str -- the training store (a URL opens its ``train`` split)
     client : distributed.Client, optional -- default: the current client, else a local cluster
-    replicas : number of model replicas R; each gets one contiguous data shard of the store
+    replicas : number of model replicas R; each gets one contiguous data shard of the store and
+        runs as one long task, so the cluster needs R worker threads
     shards : number of parameter-server shards S (actors placed on distinct workers)
     n_fetch, n_push : a replica fetches parameters every ``n_fetch`` steps and pushes its
         accumulated gradient every ``n_push`` steps
@@ -93,6 +117,10 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
     report_every : steps between a replica's progress events
     eval_every : seconds between test evaluations during training (None: only at the end)
     eval_rows : test rows used by the evaluations during training
+    checkpoint_dir, checkpoint_every : write a checkpoint there every so many seconds and at the
+        end; a shard lost with its worker is recreated from the latest one
+    resume_from : a checkpoint path: parameters, rule state and each replica's progress resume
+    config : the pipeline config, stored in checkpoints
     """
     store = open_store(data, split="train") if isinstance(data, str) else data
     test_store = open_store(test, split="test") if isinstance(test, str) else test
@@ -108,50 +136,56 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
                          "rewrite the store with smaller chunk_rows")
     data_shards = store.shards(replicas)
     rule = make_rule(rule)
-    init = model.init(seed) if params is None else np.asarray(params, dtype=np.float32)
-    if len(init) != model.size:
-        raise ValueError(f"params has {len(init)} values, the model has {model.size} parameters")
+    start_point = _start_point(model, seed, params, resume_from)
 
     with client_or_local(client, threads_per_worker=-(-replicas // default_local_workers())) as c:
         require_workers(c)
         require_threads(c, replicas, f"{replicas} Downpour replicas")
         run = f"downpour-{uuid.uuid4().hex[:8]}"
-        ps = ParameterServer.create(c, init, shards, rule)
-        warm, stop = Event(f"{run}-warm", client=c), Event(f"{run}-stop", client=c)
-        if warmstart_steps == 0:
-            warm.set()
         plans = [ReplicaPlan(run, r, store.url, store.split, data_shards[r], batch_size, steps,
                              epochs, n_fetch, n_push, seed, overlap, max_in_flight, report_every,
-                             warm.name, stop.name, warmstart_steps if r == 0 else 0)
+                             warmstart_steps if r == 0 else 0)
                  for r in range(replicas)]
+        ps = ParameterServer.create(c, start_point.params, shards, rule)
+        if start_point.shards is not None:
+            ps.load_state_dicts(start_point.shards(ps.ranges))
+        done = {p.replica: min(start_point.pushes.get(f"replica-{p.replica}", 0) * n_push,
+                               p.total_steps) for p in plans}
+        coordination = _coordinate(c, plans[0], ps, done, warmstart_steps)
         events.emit(events.RUN, run=run, kind="start", algorithm="downpour",
-                    **{k: v for k, v in asdict(plans[0]).items() if isinstance(v, (int, str))})
-        start = time.time()
-        futures = [c.submit(run_replica, model, ps, plan, key=f"{run}-replica-{plan.replica}",
-                            pure=False) for plan in plans]
+                    **{k: v for k, v in asdict(plans[0]).items()
+                       if isinstance(v, (int, str)) and k != "run"})
+        futures = [c.submit(run_replica, model, plan, key=f"{run}-replica-{plan.replica}",
+                            pure=False, retries=0) for plan in plans]
+        driver = Driver(c, run, ps, futures, model, test_store, coordination,
+                        eval_every=eval_every, eval_rows=eval_rows, checkpoint_dir=checkpoint_dir,
+                        checkpoint_every=checkpoint_every, initial=start_point.params,
+                        checkpoint_meta={"model": model.to_dict(), "config": config or {}})
         try:
-            test_rows = _monitor(futures, ps, model, test_store, eval_every, eval_rows, run)
-            outcomes = c.gather(futures)
-            seconds = time.time() - start
-            final, _ = ps.fetch()
-            shard_stats = ps.stats()
+            outcomes = driver.wait()
+            final, _ = driver.ps.fetch()
+            shard_stats = driver.ps.stats()
+            if checkpoint_dir is not None:
+                driver.checkpoint()
         finally:
-            stop.set()
-            c.cancel(futures)
-            ps.close()
+            driver.close()
+        seconds = driver.seconds
         summary = {"algorithm": "downpour", "replicas": replicas, "shards": shards,
                    "n_fetch": n_fetch, "n_push": n_push, "seconds": seconds,
                    "samples": sum(o["samples"] for o in outcomes),
                    "updates_applied": sum(s["applied"] for s in shard_stats),
                    "updates_rejected": sum(s["rejected"] for s in shard_stats),
+                   "updates_lost": driver.updates_lost, "shard_recoveries": driver.recoveries,
+                   "replica_restarts": sum(o["attempt"] for o in outcomes),
                    "staleness_mean": float(np.mean([s["staleness_mean"] for s in shard_stats]))}
         summary["samples_per_second"] = summary["samples"] / seconds
+        test_rows = driver.test_rows
         if test_store is not None:
             metrics = evaluate(model, final, test_store, client=c)
             summary.update({"test_loss": metrics["loss"], "test_accuracy": metrics.get("accuracy")})
             test_rows.append({"time": seconds, "step": None, "replica": None, "loss": None,
                               "test_loss": metrics["loss"], "test_accuracy": metrics.get("accuracy")})
-        history = _history(c.get_events(events.REPLICA), run, start) + test_rows
+        history = _history(c.get_events(events.REPLICA), run, driver.started) + test_rows
     history.sort(key=lambda h: h["time"])
     result = TrainResult(model, final, history, summary)
     result.shard_stats = shard_stats
@@ -159,27 +193,47 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
     return result
 
 
-def _monitor(futures, ps, model, test_store, eval_every, eval_rows, run) -> list[dict]:
-    """Wait for the replicas, evaluating the current parameters on the test set now and then.
+@dataclass
+class _StartPoint:
+    """Where training starts: initial parameters, or a checkpoint's parameters, state, progress."""
 
-    Returns as soon as every replica finished or one failed (the caller's gather raises it).
-    """
-    rows, start, last = [], time.time(), time.time()
-    while not all(f.done() for f in futures):
-        if any(f.status == "error" for f in futures):
-            return rows
-        time.sleep(0.05)
-        if test_store is None or eval_every is None or time.time() - last < eval_every:
-            continue
-        last = time.time()
-        params, _ = ps.fetch()
-        m = evaluate_rows(model, params, test_store, 0, min(eval_rows, test_store.n))
-        row = {"time": last - start, "step": None, "replica": None, "loss": None,
-               "test_loss": m["loss_sum"] / m["n"],
-               "test_accuracy": m["correct"] / m["n"] if test_store.task == "classification" else None}
-        rows.append(row)
-        events.emit(events.RUN, run=run, kind="eval", **{k: v for k, v in row.items() if v is not None})
-    return rows
+    params: np.ndarray
+    shards: object = None           # ranges -> per-shard snapshots, when resuming
+    pushes: dict = None             # replica name -> pushes applied before the checkpoint
+
+    def __post_init__(self):
+        self.pushes = self.pushes or {}
+
+
+def _start_point(model, seed: int, params, resume_from) -> _StartPoint:
+    if resume_from is None:
+        init = model.init(seed) if params is None else np.asarray(params, dtype=np.float32)
+        if len(init) != model.size:
+            raise ValueError(f"params has {len(init)} values, the model has {model.size} parameters")
+        return _StartPoint(init)
+    ckpt = checkpoint.load(resume_from)
+    difference = checkpoint.model_difference(ckpt.model, model.to_dict())
+    if difference:
+        raise ValueError(f"checkpoint {resume_from} is of a different model: {difference}")
+
+    def snapshots(ranges):
+        return [{"params": ckpt.params[a:b], "state": {k: v[a:b] for k, v in ckpt.state.items()},
+                 "version": max(ckpt.versions), "applied": 0} for a, b in ranges]
+
+    return _StartPoint(ckpt.params, snapshots, ckpt.replica_pushes())
+
+
+def _coordinate(client, plan: ReplicaPlan, ps, done: dict[int, int], warmstart_steps: int) -> dict:
+    """The run's Events and Variables: warm start, stop, the current server, each replica's progress."""
+    warm, stop = Event(plan.name("warm"), client=client), Event(plan.name("stop"), client=client)
+    if warmstart_steps == 0 or done[0] >= warmstart_steps:
+        warm.set()
+    server = Variable(plan.name("ps"), client=client)
+    server.set((0, ps))
+    for replica, steps_done in done.items():
+        Variable(plan.name(f"progress-{replica}"), client=client).set(
+            {"done": steps_done, "attempt": -1})
+    return {"warm": warm, "stop": stop, "ps": server}
 
 
 def _history(replica_events, run: str, start: float) -> list[dict]:
@@ -189,30 +243,65 @@ def _history(replica_events, run: str, start: float) -> list[dict]:
             for _, msg in replica_events if msg.get("run") == run]
 
 
-def _batches(store, plan: ReplicaPlan):
-    """The replica's minibatches: ``steps`` of them, or ``epochs`` passes over its shard."""
-    if plan.steps is not None:
-        stream = store.stream(plan.shard, plan.batch_size, seed=plan.seed)
-        for _ in range(plan.steps + plan.warmstart_steps):
-            yield next(stream)
-        stream.close()
-        return
-    for epoch in range(plan.epochs):
-        yield from store.minibatches(plan.shard, plan.batch_size, seed=plan.seed, epoch=epoch)
+def _batches(store, plan: ReplicaPlan, done: int):
+    """The replica's remaining minibatches, resuming after the first ``done`` steps of its schedule.
+
+    The schedule is epochs 0, 1, ... of the shard's minibatches in order, exactly what the
+    reference trainer reads, cut at ``total_steps``.
+    """
+    remaining = plan.total_steps - done
+    epoch, skip = divmod(done, plan.steps_per_epoch)
+    while remaining > 0:
+        batches = islice(store.minibatches(plan.shard, plan.batch_size, seed=plan.seed, epoch=epoch),
+                         skip, skip + remaining)
+        for batch in batches:
+            remaining -= 1
+            yield batch
+        epoch, skip = epoch + 1, 0
 
 
-class _Pushes:
-    """Gradient buffers and the pushes in flight; at most ``limit`` pushes travel at once.
+class ServerLost(Exception):
+    """A parameter-server call failed: a shard's worker is gone (or unreachable)."""
 
-    A buffer is reused only after the shards acknowledged the push that carried it, so memory
-    stays at ``limit + 1`` buffers however far the replica runs ahead.
+
+class _Link:
+    """A replica's traffic with the parameter server: fetches, bounded pushes in flight, recovery.
+
+    A gradient buffer is reused only after the shards acknowledged the push that carried it, so
+    memory stays at ``limit + 1`` buffers however far the replica runs ahead. Any failure of a
+    server call becomes ``ServerLost``; ``recover`` then waits for the driver to publish a server
+    with the lost shard recreated, and drops what was in flight to the old one.
     """
 
-    def __init__(self, ps, size: int, limit: int, replica: str):
-        self.ps, self.limit, self.replica = ps, limit, replica
-        self.free = [np.zeros(size, dtype=np.float32) for _ in range(limit + 1)]
+    def __init__(self, plan: ReplicaPlan, size: int):
+        self.var = Variable(plan.name("ps"))
+        self.generation, self.ps = self.var.get()
+        self.limit = plan.max_in_flight if plan.overlap else 1
+        self.replica = f"replica-{plan.replica}"
+        self.free = [np.zeros(size, dtype=np.float32) for _ in range(self.limit + 1)]
         self.flight: deque = deque()
+        self.pending = None
         self.staleness: list[int] = []
+        self.pushes_lost = 0
+
+    def _call(self, fn, *args):
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 -- any failure to reach a shard means: recover
+            raise ServerLost(f"{type(e).__name__}: {e}") from e
+
+    def fetch(self, out=None):
+        return self._call(self.ps.fetch, out)
+
+    def fetch_begin(self) -> None:
+        self.pending = self._call(self.ps.fetch_async)
+
+    def fetch_end(self, out):
+        """The fetched parameters (into ``out``) and versions, or None when none was pending."""
+        if self.pending is None:
+            return None
+        pending, self.pending = self.pending, None
+        return self._call(self.ps.gather, pending, out)
 
     def buffer(self) -> np.ndarray:
         """A zeroed buffer to accumulate the next push into, waiting for one if all travel."""
@@ -222,78 +311,118 @@ class _Pushes:
         buf.fill(0.0)
         return buf
 
-    def send(self, grad, versions, wait_now: bool) -> None:
+    def push(self, grad, versions, wait_now: bool) -> None:
         """Push ``grad`` (a buffer from ``buffer``) computed on parameters of ``versions``."""
-        self.flight.append((self.ps.push_async(grad, versions, self.replica), grad, versions))
+        self.flight.append((self._call(self.ps.push_async, grad, versions, self.replica),
+                            grad, versions))
         while len(self.flight) > (0 if wait_now else self.limit):
             self._settle_oldest()
 
     def _settle_oldest(self) -> None:
-        replies, grad, versions = self.flight.popleft()
-        for reply, base in zip(replies, versions):
-            self.staleness.append(reply.result() - 1 - base)
+        replies, grad, versions = self.flight[0]
+        new = self._call(lambda: [r.result() for r in replies])
+        self.flight.popleft()
+        self.staleness.extend(v - 1 - base for v, base in zip(new, versions))
         self.free.append(grad)
 
     def drain(self) -> None:
         while self.flight:
             self._settle_oldest()
 
+    def recover(self, timeout: float = 300.0) -> None:
+        """Wait for a server newer than the one that failed; forget the old one's traffic."""
+        deadline = time.time() + timeout
+        while True:
+            generation, ps = self.var.get()
+            if generation > self.generation:
+                break
+            if time.time() > deadline:
+                raise RuntimeError(f"{self.replica}: the parameter server was lost and not "
+                                   f"recovered within {timeout:.0f}s")
+            time.sleep(0.2)
+        self.generation, self.ps = generation, ps
+        self.pushes_lost += len(self.flight)
+        self.free.extend(grad for _, grad, _ in self.flight)
+        self.flight.clear()
+        self.pending = None
 
-def run_replica(model, ps, plan: ReplicaPlan) -> dict:
+
+def run_replica(model, plan: ReplicaPlan) -> dict:
     """One Downpour replica: train on its data shard against the parameter server.
 
     Runs as a Dask task; returns its step count, samples and mean loss. Replicas other than
-    replica 0 wait for the warm-start event before their first step.
+    replica 0 wait for the warm-start event before their first step. If the task is rerun after
+    its worker died, it resumes after the last step it reported.
     """
-    replica = f"replica-{plan.replica}"
-    if plan.warmstart_steps == 0:
-        Event(plan.warm_event).wait()
-    stop = Event(plan.stop_event)
+    progress = Variable(plan.name(f"progress-{plan.replica}"))
+    state = progress.get()
+    attempt, done = state["attempt"] + 1, state["done"]
+    progress.set({"done": done, "attempt": attempt})
+    if plan.replica or not plan.warmstart_steps:
+        Event(plan.name("warm")).wait()
+    stop = Event(plan.name("stop"))
     store = open_store(plan.url, split=plan.split)
-    params, versions = ps.fetch()
-    pushes = _Pushes(ps, ps.size, plan.max_in_flight if plan.overlap else 1, replica)
-    acc, acc_steps = None, 0
-    pending = None
-    losses, samples, step = [], 0, 0
-    tick = time.time()
-    worker = get_worker().address
-    for X, y in _batches(store, plan):
-        if step > 0 and step % plan.n_fetch == 0:
-            if plan.overlap:
-                pending = ps.fetch_async()
-            else:
-                params, versions = ps.fetch(out=params)
-        loss, grad = model.loss_and_grad(params, X, y)
-        if pending is not None:
-            params, versions = ps.gather(pending, out=params)
-            pending = None
-        if acc is None:
-            acc = pushes.buffer()
-        acc += grad
-        acc_steps += 1
-        if acc_steps == plan.n_push:
-            pushes.send(acc, versions, wait_now=not plan.overlap)
+    link = _Link(plan, model.size)
+    params, versions = _connect(link, None)
+    acc, acc_steps, losses, samples, step = None, 0, [], 0, done
+    tick, worker = time.time(), get_worker().address
+    for X, y in _batches(store, plan, done):
+        try:
+            if step > 0 and step % plan.n_fetch == 0:
+                if plan.overlap:
+                    link.fetch_begin()
+                else:
+                    params, versions = link.fetch(params)
+            loss, grad = model.loss_and_grad(params, X, y)
+            fetched = link.fetch_end(params)
+            if fetched is not None:
+                params, versions = fetched
+            if acc is None:
+                acc = link.buffer()
+            acc += grad
+            acc_steps += 1
+            if acc_steps == plan.n_push:
+                link.push(acc, versions, wait_now=not plan.overlap)
+                acc, acc_steps = None, 0
+        except ServerLost:  # this step's gradient is lost with the shard; carry on with the next
+            link.recover()
+            params, versions = _connect(link, params)
             acc, acc_steps = None, 0
+            continue
         losses.append(float(loss))
         samples += len(X)
         step += 1
         if step == plan.warmstart_steps:
-            Event(plan.warm_event).set()
+            Event(plan.name("warm")).set()
         if step % plan.report_every == 0:
+            progress.set({"done": step, "attempt": attempt})
+            now = time.time()
+            events.emit(events.REPLICA, run=plan.run, replica=plan.replica, step=step,
+                        loss=float(np.mean(losses[-plan.report_every:])), worker=worker,
+                        samples_per_s=plan.report_every * plan.batch_size / max(now - tick, 1e-9),
+                        staleness=float(np.mean(link.staleness[-20:])) if link.staleness else 0.0)
+            tick = now
             if stop.is_set():
                 break
-            now = time.time()
-            recent = losses[-plan.report_every:]
-            events.emit(events.REPLICA, run=plan.run, replica=plan.replica, step=step,
-                        loss=float(np.mean(recent)), worker=worker,
-                        samples_per_s=plan.report_every * plan.batch_size / max(now - tick, 1e-9),
-                        staleness=float(np.mean(pushes.staleness[-20:])) if pushes.staleness else 0.0)
-            tick = now
-    if acc is not None:
-        pushes.send(acc, versions, wait_now=True)
-    pushes.drain()
+    try:
+        if acc is not None:
+            link.push(acc, versions, wait_now=True)
+        link.drain()
+    except ServerLost:
+        link.pushes_lost += 1
     if plan.warmstart_steps:
-        Event(plan.warm_event).set()  # never leave the others waiting, however short the shard
-    return {"replica": plan.replica, "steps": step, "samples": samples, "worker": worker,
+        Event(plan.name("warm")).set()  # never leave the others waiting, however short the shard
+    progress.set({"done": step, "attempt": attempt})
+    return {"replica": plan.replica, "steps": step - done, "samples": samples, "worker": worker,
+            "attempt": attempt, "pushes_lost": link.pushes_lost,
             "loss": float(np.mean(losses[-plan.report_every:])) if losses else float("nan"),
-            "staleness_mean": float(np.mean(pushes.staleness)) if pushes.staleness else 0.0}
+            "staleness_mean": float(np.mean(link.staleness)) if link.staleness else 0.0}
+
+
+def _connect(link: _Link, out):
+    """Fetch the parameters, waiting through server recoveries."""
+    while True:
+        try:
+            return link.fetch(out)
+        except ServerLost:
+            link.recover()

@@ -1,0 +1,128 @@
+"""Network core throughput on ONE thread, next to the BLAS peak and PyTorch CPU.
+
+Everything runs under ``threadpool_limits(1)`` (and ``torch.set_num_threads(1)``): that is how a
+Dask worker started by a nanny runs its BLAS, and it makes the ratios independent of how many cores
+the machine has free. A training step is ``loss_and_grad`` (forward + backward, no update), timed
+on a fixed batch; GFLOP/s counts ``model.flops_per_example()`` (matmul FLOPs actually performed).
+
+Models: the DistBelief speech MLP 440-1024-1024-1024-2048 (relu, softmax over 2048 states) at
+batch 256, and a small locally connected image model (32x32x3 -> LC2D 16@5x5 -> LC2D 32@4x4
+stride 2 -> Dense 10). Other processes share the machine, so the rounds alternate between the
+measured steps and each figure is the best round (the least disturbed estimate; the median is
+printed beside it).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from daskbelief.nn import Dense, LocallyConnected2D, Sequential
+
+try:
+    import torch
+except ImportError:
+    torch = None
+
+BATCH = 256
+
+
+def mlp_model() -> Sequential:
+    return Sequential((440,), [Dense(1024, "relu"), Dense(1024, "relu"), Dense(1024, "relu"),
+                               Dense(2048)])
+
+
+def lc_model() -> Sequential:
+    return Sequential((32, 32, 3), [LocallyConnected2D(16, 5, 1, "relu"),
+                                    LocallyConnected2D(32, 4, 2, "relu"), Dense(10)])
+
+
+def _interleaved(steps: dict, rounds: int, calls: int) -> dict:
+    """Seconds per call of each step, per round; rounds alternate between the steps, so a burst
+    of load from another process slows one round of each rather than all rounds of one."""
+    for step in steps.values():
+        step()  # warm-up: first-touch allocations, validation
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            t = time.perf_counter()
+            for _ in range(calls):
+                step()
+            times[name].append((time.perf_counter() - t) / calls)
+    return times
+
+
+def matmul_step(n: int = 2048):
+    """A large float32 matmul into a preallocated result, and its FLOPs: the BLAS peak."""
+    rng = np.random.default_rng(0)
+    a, b = rng.random((n, n), dtype=np.float32), rng.random((n, n), dtype=np.float32)
+    c = np.empty_like(a)
+    return (lambda: np.matmul(a, b, out=c)), 2 * n**3
+
+
+def model_step(model: Sequential):
+    """A training step of ``model`` at batch ``BATCH`` (validated once, as a trainer does)."""
+    rng = np.random.default_rng(0)
+    params = model.init(0)
+    X = rng.standard_normal((BATCH, *model.input_shape), dtype=np.float32)
+    y = rng.integers(0, model.n_outputs, BATCH)
+    grad = np.empty_like(params)
+    model.loss_and_grad(params, X, y, out=grad)
+    return (lambda: model.loss_and_grad(params, X, y, out=grad, validate=False),
+            model.flops_per_example() * BATCH)
+
+
+def torch_mlp_step():
+    """The same MLP step in PyTorch (gradients only, as ``loss_and_grad``)."""
+    torch.manual_seed(0)
+    sizes = (440, 1024, 1024, 1024, 2048)
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    net = torch.nn.Sequential(*layers[:-1])
+    loss_fn = torch.nn.CrossEntropyLoss()
+    X = torch.randn(BATCH, sizes[0])
+    y = torch.randint(0, sizes[-1], (BATCH,))
+
+    def step():
+        net.zero_grad(set_to_none=False)
+        loss_fn(net(X), y).backward()
+
+    return step, None
+
+
+def run(quick: bool) -> dict:
+    rounds, calls = (4, 3) if quick else (8, 8)
+    with threadpool_limits(1):
+        mlp, lc = mlp_model(), lc_model()
+        print(mlp.describe())
+        print(lc.describe())
+        steps = {"blas": matmul_step(), "mlp": model_step(mlp), "lc": model_step(lc)}
+        if torch is None:
+            print("torch is not importable: PyTorch comparison skipped")
+        else:
+            torch.set_num_threads(1)
+            steps["torch"] = torch_mlp_step()
+        times = _interleaved({k: step for k, (step, _) in steps.items()}, rounds, calls)
+    best = {k: min(ts) for k, ts in times.items()}
+    median = {k: statistics.median(ts) for k, ts in times.items()}
+    gflops = {k: flops / best[k] / 1e9 for k, (_, flops) in steps.items() if flops}
+    peak = gflops["blas"]
+    print(f"\n{'1 thread, best of ' + str(rounds) + ' rounds':<36} {'samples/s':>10} {'ms/step':>9} "
+          f"{'GFLOP/s':>9} {'median':>8} {'of peak':>8}")
+    labels = {"blas": "BLAS float32 matmul 2048^3", "mlp": "mlp 440-1024x3-2048, batch 256",
+              "lc": "locally connected 32x32x3, b 256", "torch": "torch mlp, batch 256"}
+    for k in times:
+        rate = "" if k == "blas" else f"{BATCH / best[k]:.0f}"
+        flops = (f"{gflops[k]:>9.1f} {steps[k][1] / median[k] / 1e9:>8.1f} {gflops[k] / peak:>8.2f}"
+                 if k in gflops else "")
+        print(f"{labels[k]:<36} {rate:>10} {1e3 * best[k]:>9.1f} {flops}")
+    torch_ratio = best["torch"] / best["mlp"] if "torch" in best else None
+    if torch_ratio is not None:
+        print(f"daskbelief / torch {torch.__version__} samples/s on the mlp: {torch_ratio:.2f}")
+    return {"blas_peak_gflops": peak, "mlp_gflops": gflops["mlp"],
+            "mlp_peak_ratio": gflops["mlp"] / peak, "mlp_samples_per_s": BATCH / best["mlp"],
+            "lc_gflops": gflops["lc"], "lc_peak_ratio": gflops["lc"] / peak,
+            "lc_samples_per_s": BATCH / best["lc"], "torch_ratio": torch_ratio}

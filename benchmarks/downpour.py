@@ -1,0 +1,186 @@
+"""Downpour SGD: overhead against the reference trainer, scaling with replicas, the parameter server
+alone, and memory.
+
+``python -m benchmarks downpour [--quick]`` on speech-frames with the paper-sized
+440-1024-1024-1024-2048 MLP (18.6M parameters). Every figure is measured in this one run, side
+by side: the reference trainer runs in this process pinned to one BLAS thread, exactly like a
+nanny-started worker process.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+
+import numpy as np
+import psutil
+from distributed import Client, LocalCluster, get_worker
+from threadpoolctl import threadpool_limits
+
+import daskbelief_datasets as recipes
+from daskbelief.data import open_store
+from daskbelief.nn import Dense, Sequential
+from daskbelief.ps.server import ParameterServer
+from daskbelief.train.downpour import downpour
+from daskbelief.train.reference import train_sgd
+
+RULE = {"name": "adagrad", "lr": 0.01}
+
+
+def speech_mlp() -> Sequential:
+    return Sequential(input_shape=(440,), layers=[Dense(1024, activation="relu"),
+                                                  Dense(1024, activation="relu"),
+                                                  Dense(1024, activation="relu"), Dense(2048)])
+
+
+def _reference_rate(model, store, batch_size: int, steps: int) -> float:
+    with threadpool_limits(1):
+        train_sgd(model, store, RULE, batch_size=batch_size, steps=2)  # warm caches and BLAS
+        t = time.perf_counter()
+        train_sgd(model, store, RULE, batch_size=batch_size, steps=steps)
+        return steps * batch_size / (time.perf_counter() - t)
+
+
+def _downpour_rate(client, model, store, *, replicas: int, n: int, batch_size: int, steps: int,
+                   shards: int = 1) -> float:
+    result = downpour(model, store, client=client, replicas=replicas, shards=shards, n_fetch=n,
+                      n_push=n, rule=RULE, batch_size=batch_size, steps=steps, report_every=10)
+    return result.summary["samples_per_second"]
+
+
+class RssSampler:
+    """Peak and last RSS of every worker process, sampled in a thread (psutil by pid)."""
+
+    def __init__(self, client, period: float = 0.2):
+        self.pids = client.run(os.getpid)
+        self.peak = {w: 0 for w in self.pids}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(period,), daemon=True)
+        self._thread.start()
+
+    def _loop(self, period: float) -> None:
+        while not self._stop.wait(period):
+            for w, pid in self.pids.items():
+                try:
+                    self.peak[w] = max(self.peak[w], psutil.Process(pid).memory_info().rss)
+                except psutil.NoSuchProcess:
+                    pass
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def _server_rates(client, sizes: list[int], n_calls: int) -> list[dict]:
+    """Push/fetch GB/s per shard and calls/s, measured from a task on a worker (worker to actor)."""
+    rows = []
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    for S in sizes:
+        n = 4_000_000  # 16 MB of float32 over S shards
+        ps = ParameterServer.create(client, np.zeros(n, np.float32), S, {"name": "sgd", "lr": 0.0})
+        try:
+            out = client.submit(_measure_server, ps, n_calls, workers=[workers[-1]], pure=False).result()
+        finally:
+            ps.close()
+        out.update({"shards": S, "bytes": 4 * n})
+        rows.append(out)
+    return rows
+
+
+def _measure_server(ps, n_calls: int) -> dict:
+    grad = np.ones(ps.size, np.float32)
+    params, versions = ps.fetch()
+    t = time.perf_counter()
+    for _ in range(n_calls):
+        ps.fetch(out=params)
+    fetch_s = (time.perf_counter() - t) / n_calls
+    t = time.perf_counter()
+    for _ in range(n_calls):
+        ps.push(grad, versions)
+    push_s = (time.perf_counter() - t) / n_calls
+    t = time.perf_counter()
+    for _ in range(n_calls):  # a tiny call to every shard at once: the round-trip rate
+        ps.stats()
+    call_s = (time.perf_counter() - t) / n_calls
+    nbytes = 4 * ps.size
+    return {"fetch_gbps_total": nbytes / fetch_s / 1e9, "push_gbps_total": nbytes / push_s / 1e9,
+            "fetch_gbps_per_shard": nbytes / fetch_s / 1e9 / len(ps.shards),
+            "push_gbps_per_shard": nbytes / push_s / 1e9 / len(ps.shards),
+            "calls_per_s": len(ps.shards) / call_s, "worker": get_worker().address}
+
+
+def _soak(client, pushes: int) -> float:
+    """RSS growth of the shard's worker over ``pushes`` pushes of a 1M-parameter vector."""
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    ps = ParameterServer.create(client, np.zeros(1_000_000, np.float32), 1, "adagrad",
+                                workers=[workers[0]])
+    try:
+        pid = client.run(os.getpid, workers=[workers[0]])[workers[0]]
+        proc = psutil.Process(pid)
+        client.submit(_push_many, ps, pushes // 10, workers=[workers[-1]], pure=False).result()
+        before = proc.memory_info().rss  # after warm-up: allocator pools and comm buffers exist
+        client.submit(_push_many, ps, pushes - pushes // 10, workers=[workers[-1]], pure=False).result()
+        after = proc.memory_info().rss
+    finally:
+        ps.close()
+    return (after - before) / before
+
+
+def _push_many(ps, n: int) -> int:
+    grad = np.full(ps.size, 1e-3, np.float32)
+    pending = []
+    for _ in range(n):
+        pending.append(ps.push_async(grad, [0] * len(ps.shards)))
+        if len(pending) > 4:
+            [r.result() for r in pending.pop(0)]
+    for replies in pending:
+        [r.result() for r in replies]
+    return n
+
+
+def run(quick: bool = False) -> dict:
+    rows = 12_000 if quick else 60_000
+    steps = 30 if quick else 120
+    batch = 256
+    model = speech_mlp()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = recipes.build("speech-frames", os.path.join(tmp, "speech.zarr"), size=rows)
+        store = open_store(path, split="train")
+        print(f"speech-frames: {store.n} train rows; model {model.size:,} parameters; "
+              f"batch {batch}, {steps} steps per measurement")
+        ref = _reference_rate(model, store, batch, steps)
+        print(f"reference trainer (1 thread): {ref:,.0f} samples/s")
+        out = {"reference_samples_per_s": ref}
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                          dashboard_address=":0") as cluster, Client(cluster) as client:
+            sampler = RssSampler(client)
+            for n in (1, 5, 20):
+                rate = _downpour_rate(client, model, store, replicas=1, n=n, batch_size=batch,
+                                      steps=steps)
+                out[f"overhead_ratio_n{n}"] = rate / ref
+                print(f"downpour R=1 n_fetch=n_push={n:>2}: {rate:,.0f} samples/s, "
+                      f"ratio to reference {rate / ref:.2f}")
+            r1 = _downpour_rate(client, model, store, replicas=1, n=5, batch_size=batch, steps=steps,
+                                shards=2)
+            r2 = _downpour_rate(client, model, store, replicas=2, n=5, batch_size=batch, steps=steps,
+                                shards=2)
+            out["scaling_r2"] = r2 / r1
+            print(f"scaling (S=2, n=5): R=1 {r1:,.0f}, R=2 {r2:,.0f} samples/s: {r2 / r1:.2f}x")
+            peaks = sampler.stop()
+            out["peak_rss_mb"] = {w: round(v / 2**20) for w, v in peaks.items()}
+            print("peak worker RSS (MB):", out["peak_rss_mb"])
+            server = _server_rates(client, [1, 2], 10 if quick else 30)
+            for row in server:
+                print(f"parameter server S={row['shards']}: fetch {row['fetch_gbps_per_shard']:.2f} "
+                      f"GB/s/shard, push {row['push_gbps_per_shard']:.2f} GB/s/shard, "
+                      f"{row['calls_per_s']:,.0f} calls/s")
+            out["push_gbps"] = server[0]["push_gbps_per_shard"]
+            out["fetch_gbps"] = server[0]["fetch_gbps_per_shard"]
+            out["server"] = server
+            pushes = 2_000 if quick else 20_000
+            out["soak_rss_growth"] = _soak(client, pushes)
+            print(f"soak: {pushes} pushes of 1M parameters, shard worker RSS growth "
+                  f"{100 * out['soak_rss_growth']:.2f}%")
+    return out

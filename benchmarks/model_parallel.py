@@ -1,0 +1,130 @@
+"""Model parallelism (the paper's Figure 3) on this machine: step-time speed-up vs partitions.
+
+One model replica, one minibatch step (forward, backward, every parameter gradient), timed by a
+replica task on a worker exactly as training drives it: the task hands each block its slice of X
+and the labels, the blocks exchange activations, partial sums and deltas directly, the task waits
+for the loss. k=1 is the same actor machinery with one block; k=2 cuts the model horizontally
+(locally connected layers into bands of output rows, dense layers by input rows) over two
+single-threaded worker processes, one per core. The single-process ``model.loss_and_grad`` with
+BLAS pinned to one thread is printed beside them.
+
+Models: a large locally connected image model (64x64x3 -> LC 16@5x5 -> LC 32@4x4 stride 2 ->
+Dense 10, 11.5M parameters: the kind of model the paper's image experiments partition well) and
+the fully connected 440-1024-1024-1024-2048 speech MLP (every unit talks to every unit of the next
+layer, so each boundary moves half of every layer's activations per block). The two
+configurations are timed in interleaved rounds, and the best round is the least disturbed
+estimate on a machine other work shares (the median is printed beside it).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+from distributed import Client, LocalCluster
+from threadpoolctl import threadpool_limits
+
+from daskbelief.nn import Dense, LocallyConnected2D, Sequential
+from daskbelief.train import partition
+from daskbelief.train.partitioned import Blocks
+
+
+def lc_model(quick: bool) -> Sequential:
+    side = 32 if quick else 64
+    return Sequential((side, side, 3), [LocallyConnected2D(16, 5, 1, "relu"),
+                                        LocallyConnected2D(32, 4, 2, "relu"), Dense(10)])
+
+
+def mlp_model(quick: bool) -> Sequential:
+    width = 512 if quick else 1024
+    return Sequential((440,), [Dense(width, "relu"), Dense(width, "relu"), Dense(width, "relu"),
+                               Dense(2 * width)])
+
+
+def _time_steps(blocks: Blocks, X, y, calls: int, tag: int) -> list[float]:
+    """Runs on a worker, as a replica does: seconds of each of ``calls`` steps (after a warm-up)."""
+    blocks.step(X, y, tag=(tag, -1))
+    out = []
+    for i in range(calls):
+        start = time.perf_counter()
+        blocks.step(X, y, tag=(tag, i))
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def _plain(model, params, X, y, rounds: int, calls: int) -> list[float]:
+    grad = np.empty_like(params)
+    with threadpool_limits(1):
+        model.loss_and_grad(params, X, y, out=grad)
+        out = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(calls):
+                model.loss_and_grad(params, X, y, out=grad, validate=False)
+            out.append((time.perf_counter() - start) / calls)
+    return out
+
+
+def measure(client, model, batch: int, rounds: int, calls: int) -> dict:
+    """Step times of k=1 and k=2 (interleaved rounds) and of the plain single process."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((batch, *model.input_shape), dtype=np.float32)
+    y = rng.integers(0, model.n_outputs, batch)
+    params = model.init(0)
+    plans = {1: partition.vertical(model, 1), 2: partition.horizontal(model, 2)}
+    blocks = {k: Blocks.start(client, plan, params) for k, plan in plans.items()}
+    X_remote = client.scatter(X, broadcast=True)
+    times = {k: [] for k in plans}
+    try:
+        for r in range(rounds):
+            for k, b in blocks.items():
+                for a in b.actors:
+                    a.stats(True).result()
+                ts = client.submit(_time_steps, b, X_remote, y, calls, r, pure=False).result()
+                times[k].append(statistics.median(ts))
+        sent = sum(a.stats().result()["bytes_sent"] for a in blocks[2].actors) / (calls + 1)
+    finally:
+        for b in blocks.values():
+            b.close()
+        client.cancel(X_remote)
+    plain = _plain(model, params, X, y, max(2, rounds // 2), calls)
+    return {"plan": plans[2], "k1": times[1], "k2": times[2], "plain": plain,
+            "bytes_per_step": sent, "batch": batch}
+
+
+def _row(name: str, m: dict) -> dict:
+    best = {k: min(m[k]) for k in ("k1", "k2", "plain")}
+    med = {k: statistics.median(m[k]) for k in ("k1", "k2", "plain")}
+    out = {"speedup": best["k1"] / best["k2"], "speedup_median": med["k1"] / med["k2"],
+           "vs_plain": best["plain"] / best["k2"], "k1_overhead": best["k1"] / best["plain"],
+           "bytes_per_example": m["plan"].bytes_per_example(), "bytes_per_step": m["bytes_per_step"]}
+    print(f"{name:<30} {m['batch']:>5} {1e3 * best['plain']:>8.1f} {1e3 * best['k1']:>8.1f} "
+          f"{1e3 * best['k2']:>8.1f} {out['speedup']:>7.2f} {out['speedup_median']:>7.2f} "
+          f"{out['vs_plain']:>7.2f} {m['bytes_per_step'] / 1e6:>9.2f}")
+    return out
+
+
+def run(quick: bool = False) -> dict:
+    rounds, calls = (3, 3) if quick else (6, 6)
+    lc, mlp = lc_model(quick), mlp_model(quick)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        results = {}
+        for name, model, batch in [("lc", lc, 32 if quick else 64), ("mlp", mlp, 256)]:
+            print(model.describe())
+            results[name] = measure(client, model, batch, rounds, calls)
+            print(results[name]["plan"].describe())
+    print(f"\nstep time, best of {rounds} interleaved rounds (median of {calls} steps each)")
+    print(f"{'model':<30} {'batch':>5} {'plain ms':>8} {'k=1 ms':>8} {'k=2 ms':>8} {'k2/k1':>7} "
+          f"{'median':>7} {'k2/plain':>8} {'MB/step':>9}")
+    rows = {"lc": _row("locally connected (image)", results["lc"]),
+            "mlp": _row("fully connected (speech MLP)", results["mlp"])}
+    print("k2/k1: speed-up of two partitions over the same machinery with one; k2/plain: over "
+          "the single-process step; MB/step: bytes the blocks sent each other per step")
+    return {"speedup_k2_lc": rows["lc"]["speedup"], "speedup_k2_mlp": rows["mlp"]["speedup"],
+            "speedup_k2_lc_median": rows["lc"]["speedup_median"],
+            "speedup_k2_mlp_median": rows["mlp"]["speedup_median"],
+            "speedup_k2_lc_vs_plain": rows["lc"]["vs_plain"],
+            "speedup_k2_mlp_vs_plain": rows["mlp"]["vs_plain"],
+            "boundary_bytes_per_example_lc": rows["lc"]["bytes_per_example"],
+            "boundary_bytes_per_example_mlp": rows["mlp"]["bytes_per_example"]}

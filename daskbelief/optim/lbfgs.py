@@ -1,0 +1,200 @@
+"""L-BFGS over a vector-operations interface: the coordinator only ever sees scalars.
+
+``lbfgs(space, objective, ...)`` runs the two-loop recursion with history ``m`` and a line search
+meeting the strong Wolfe conditions. ``space`` is a ``LocalVectors`` (the reference) or
+Sandblaster's ``ShardedVectors``; ``objective(x_name, g_name) -> loss`` evaluates the function at
+vector ``x_name`` and fills vector ``g_name`` with its gradient. Both implementations execute the
+same operations in the same order, which is what lets Sandblaster be checked against the
+reference iterate by iterate.
+
+The line search is a pure function of scalars (``wolfe_search``): Nocedal & Wright, Numerical
+Optimization, Algorithms 3.5 and 3.6, with safeguarded cubic interpolation. A trial point whose
+loss or slope is not finite counts as "too far": the search backs off, so a NaN is never accepted.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+C1, C2 = 1e-4, 0.9  # sufficient decrease, curvature: the usual quasi-Newton choice
+
+
+class LineSearchError(RuntimeError):
+    """No step satisfying the strong Wolfe conditions was found within the evaluation budget."""
+
+
+def _cubic_min(a, fa, ga, b, fb, gb) -> float | None:
+    """Minimiser of the cubic interpolating f and f' at a and b, or None when it has none."""
+    d1 = ga + gb - 3 * (fa - fb) / (a - b)
+    disc = d1 * d1 - ga * gb
+    if disc < 0:
+        return None
+    d2 = math.copysign(math.sqrt(disc), b - a)
+    denom = gb - ga + 2 * d2
+    if denom == 0:
+        return None
+    return b - (b - a) * (gb + d2 - d1) / denom
+
+
+def _trial(lo, flo, glo, hi, fhi, ghi) -> float:
+    """Next trial in ``[lo, hi]``: the cubic's minimiser kept 10% away from both ends, else the
+    midpoint (also when the far end's values are not finite)."""
+    left, right = min(lo, hi), max(lo, hi)
+    margin = 0.1 * (right - left)
+    if all(map(math.isfinite, (fhi, ghi))):
+        c = _cubic_min(lo, flo, glo, hi, fhi, ghi)
+        if c is not None and left + margin <= c <= right - margin:
+            return c
+    return 0.5 * (lo + hi)
+
+
+def _bad(f, g, f0, g0, alpha, c1) -> bool:
+    """Not finite, or not a sufficient decrease."""
+    return not (math.isfinite(f) and math.isfinite(g)) or f > f0 + c1 * alpha * g0
+
+
+def wolfe_search(phi, f0: float, g0: float, alpha: float = 1.0, *, c1: float = C1, c2: float = C2,
+                 max_evals: int = 20) -> tuple[float, float, float, int]:
+    """A step ``alpha`` meeting the strong Wolfe conditions along a descent direction.
+
+    ``phi(alpha) -> (f, slope)`` evaluates the objective at ``x + alpha d`` and its derivative
+    along d; ``g0 < 0`` is the slope at 0. Returns ``(alpha, f, slope, evaluations)``; the accepted
+    step is always the last one evaluated (callers keep that point's vectors). Raises
+    ``LineSearchError`` when ``max_evals`` evaluations do not find one.
+    """
+    if not g0 < 0:
+        raise ValueError(f"the line search needs a descent direction, got slope {g0}")
+    evals, prev = 0, (0.0, f0, g0)
+    while evals < max_evals:
+        f, g = phi(alpha)
+        evals += 1
+        if _bad(f, g, f0, g0, alpha, c1) or (evals > 1 and f >= prev[1]):
+            return _zoom(phi, f0, g0, prev, (alpha, f, g), c1, c2, evals, max_evals)
+        if abs(g) <= -c2 * g0:
+            return alpha, f, g, evals
+        if g >= 0:
+            return _zoom(phi, f0, g0, (alpha, f, g), prev, c1, c2, evals, max_evals)
+        prev, alpha = (alpha, f, g), 2.0 * alpha
+    raise LineSearchError(f"no step met the Wolfe conditions in {max_evals} evaluations "
+                          "(the step kept growing: is the objective bounded below?)")
+
+
+def _zoom(phi, f0, g0, lo, hi, c1, c2, evals, max_evals):
+    """Shrink the bracket ``[lo, hi]`` (lo: the best point so far) until a Wolfe point is found."""
+    while evals < max_evals:
+        alpha = _trial(*lo, *hi)
+        f, g = phi(alpha)
+        evals += 1
+        if _bad(f, g, f0, g0, alpha, c1) or f >= lo[1]:
+            hi = (alpha, f, g)
+            continue
+        if abs(g) <= -c2 * g0:
+            return alpha, f, g, evals
+        if g * (hi[0] - lo[0]) >= 0:
+            hi = lo
+        lo = (alpha, f, g)
+    raise LineSearchError(f"no step met the Wolfe conditions in {max_evals} evaluations "
+                          f"(bracket [{min(lo[0], hi[0]):.3g}, {max(lo[0], hi[0]):.3g}])")
+
+
+@dataclass
+class LbfgsResult:
+    """Outcome of ``lbfgs``: the iterate lives in the space under the name ``x``."""
+
+    x: str
+    loss: float
+    grad_norm: float
+    iterations: int
+    evaluations: int
+    converged: bool
+    message: str
+    history: list[dict] = field(default_factory=list)
+
+
+def _two_loop(space, pairs: deque, g: str, d: str) -> None:
+    """``d = -H g`` from the history ``pairs`` of ``(s, y, rho)`` names and scalars, oldest first."""
+    space.copy(g, d)
+    alphas = []
+    for s, y, rho in reversed(pairs):
+        a = rho * space.dot(s, d)
+        space.axpy(-a, y, d)
+        alphas.append(a)
+    if pairs:
+        s, y, rho = pairs[-1]
+        space.scale(1.0 / (rho * space.dot(y, y)), d)  # H0 = (s'y / y'y) I
+    for (s, y, rho), a in zip(pairs, reversed(alphas)):
+        b = rho * space.dot(y, d)
+        space.axpy(a - b, s, d)
+    space.scale(-1.0, d)
+
+
+def lbfgs(space, objective, x: str = "x", *, m: int = 10, max_iter: int = 100, gtol: float = 1e-5,
+          ftol: float = 0.0, max_evals_per_search: int = 20, callback=None) -> LbfgsResult:
+    """Minimise ``objective`` from the point held in vector ``x`` (updated in place).
+
+    Stops after ``max_iter`` iterations, when the gradient norm is at most ``gtol``, or when an
+    iteration lowers the loss by at most ``ftol * max(|f|, 1)``. ``callback(row)`` receives each
+    iteration's record (iteration, loss, grad_norm, step, evaluations).
+    """
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"the L-BFGS history size m must be an integer >= 1, got {m!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+        raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
+    f = objective(x, "g")
+    if not math.isfinite(f):
+        raise ValueError(f"the objective is not finite at the starting point ({f})")
+    (gg,) = space.dots([("g", "g")])
+    pairs: deque = deque()
+    free = [(f"s{i}", f"y{i}") for i in range(m)]
+    evaluations, history = 1, []
+    message, converged = "reached max_iter", False
+
+    def phi(alpha):
+        space.copy(x, "xt")
+        space.axpy(alpha, "d", "xt")
+        ft = objective("xt", "gt")
+        (slope,) = space.dots([("gt", "d")])
+        return ft, slope
+
+    for k in range(1, max_iter + 1):
+        if math.sqrt(gg) <= gtol:
+            message, converged = "gradient norm below gtol", True
+            break
+        _two_loop(space, pairs, "g", "d")
+        (slope,) = space.dots([("g", "d")])
+        if not slope < 0:  # the curvature history misleads: restart from steepest descent
+            free.extend((s, y) for s, y, _ in pairs)
+            pairs.clear()
+            _two_loop(space, pairs, "g", "d")
+            slope = -gg
+        start = 1.0 if pairs else min(1.0, 1.0 / math.sqrt(gg))
+        try:
+            alpha, f_new, _, n = wolfe_search(phi, f, slope, start, max_evals=max_evals_per_search)
+        except LineSearchError as e:
+            message = f"line search failed: {e}"
+            break
+        evaluations += n
+        # The accepted step is the last point evaluated: "xt" and "gt" hold it.
+        s, y = free.pop() if free else pairs.popleft()[:2]
+        space.copy("d", s)
+        space.scale(alpha, s)       # s = x_new - x
+        space.copy("gt", y)
+        space.axpy(-1.0, "g", y)    # y = g_new - g
+        space.swap(x, "xt")
+        space.swap("g", "gt")
+        sy, gg = space.dots([(s, y), ("g", "g")])
+        if sy > 0:
+            pairs.append((s, y, 1.0 / sy))
+        else:
+            free.append((s, y))
+        f_old, f = f, f_new
+        row = {"iteration": k, "loss": f, "grad_norm": math.sqrt(gg), "step": alpha,
+               "evaluations": evaluations}
+        history.append(row)
+        if callback is not None:
+            callback(row)
+        if ftol and f_old - f <= ftol * max(abs(f_old), abs(f), 1.0):
+            message, converged = "loss decrease below ftol", True
+            break
+    return LbfgsResult(x, f, math.sqrt(gg), len(history), evaluations, converged, message, history)

@@ -1,0 +1,128 @@
+"""Update rules as (init, apply) pairs over flat vectors: the same code in the reference trainer and
+in every parameter shard.
+
+A rule's state is a dict of arrays *as long as the parameters*, and ``apply`` is elementwise, so a
+shard holding ``params[a:b]`` with ``state[k][a:b]`` applies exactly what the whole-vector rule
+would to that slice: sharding the server never changes the arithmetic.
+
+* ``sgd(lr)``: ``p -= lr * g``
+* ``momentum(lr, mu)``: ``v = mu * v + g; p -= lr * v``
+* ``adagrad(lr, eps)``: the paper's rule, a learning rate per parameter
+  ``eta_i = lr / sqrt(sum_j g_ij^2)`` (the sum includes the current gradient; ``eps`` keeps a
+  never-touched parameter at rest instead of dividing 0 by 0).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from numbers import Real
+
+from daskbelief.backend import namespace
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """A named rule: ``init(params) -> state`` and ``apply(params, grad, state)`` (in place)."""
+
+    name: str
+    hyper: dict = field(default_factory=dict)
+    _init: Callable = None
+    _apply: Callable = None
+
+    def init(self, params) -> dict:
+        """Fresh state for ``params`` (zeros, in the parameters' array type and dtype)."""
+        return self._init(params, **self.hyper)
+
+    def apply(self, params, grad, state: dict) -> None:
+        """One update of ``params`` (and ``state``) in place from ``grad``."""
+        self._apply(params, grad, state, **self.hyper)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **self.hyper}
+
+    def __repr__(self) -> str:
+        return f"{self.name}({', '.join(f'{k}={v:g}' for k, v in self.hyper.items())})"
+
+
+def _no_state(params, **_) -> dict:
+    return {}
+
+
+def _sgd_apply(params, grad, state, lr):
+    params -= lr * grad
+
+
+def _velocity(params, **_) -> dict:
+    return {"velocity": namespace(params).zeros_like(params)}
+
+
+def _momentum_apply(params, grad, state, lr, mu):
+    v = state["velocity"]
+    v *= mu
+    v += grad
+    params -= lr * v
+
+
+def _accumulator(params, **_) -> dict:
+    return {"sum_sq": namespace(params).zeros_like(params)}
+
+
+def _adagrad_apply(params, grad, state, lr, eps):
+    xp = namespace(params)
+    acc = state["sum_sq"]
+    step = grad * grad          # the one temporary, reused for every step below
+    acc += step
+    xp.sqrt(acc, out=step)
+    step += eps
+    xp.divide(grad, step, out=step)
+    step *= lr
+    params -= step
+
+
+def sgd(lr: float = 0.01) -> UpdateRule:
+    return UpdateRule("sgd", {"lr": _rate(lr, "lr")}, _no_state, _sgd_apply)
+
+
+def momentum(lr: float = 0.01, mu: float = 0.9) -> UpdateRule:
+    if not 0 <= _number(mu, "mu") < 1:
+        raise ValueError(f"momentum mu must lie in [0, 1), got {mu!r}")
+    return UpdateRule("momentum", {"lr": _rate(lr, "lr"), "mu": float(mu)}, _velocity, _momentum_apply)
+
+
+def adagrad(lr: float = 0.05, eps: float = 1e-7) -> UpdateRule:
+    return UpdateRule("adagrad", {"lr": _rate(lr, "lr"), "eps": _rate(eps, "eps")}, _accumulator,
+                      _adagrad_apply)
+
+
+RULES = {"sgd": sgd, "momentum": momentum, "adagrad": adagrad}
+
+
+def _number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _rate(value, name: str) -> float:
+    value = _number(value, name)
+    if not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return value
+
+
+def make_rule(spec) -> UpdateRule:
+    """An ``UpdateRule`` from a rule, a name (``"adagrad"``) or a table
+    (``{"name": "adagrad", "lr": 0.05}``); unknown names and keys are errors naming them."""
+    if isinstance(spec, UpdateRule):
+        return spec
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, Mapping) or "name" not in spec:
+        raise ValueError(f"an update rule is a name or a table with a 'name' key, got {spec!r}")
+    name = spec["name"]
+    if name not in RULES:
+        raise ValueError(f"unknown update rule {name!r}: expected one of {sorted(RULES)}")
+    try:
+        return RULES[name](**{k: v for k, v in spec.items() if k != "name"})
+    except TypeError as e:
+        raise ValueError(f"bad settings for the {name!r} rule: {e}") from None

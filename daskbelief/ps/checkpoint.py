@@ -1,0 +1,141 @@
+"""Checkpoints of the parameter server as zarr groups: each shard writes its own arrays.
+
+Layout of one checkpoint (``RUN_DIR/checkpoints/ckpt-000003``)::
+
+    attrs: complete, model, config, ranges, versions, counters, time
+    shard-0/params, shard-0/state/<name>, shard-1/params, ...
+
+The driver creates the group and empty arrays, each shard actor fills its own (in parallel, with
+no data through the driver), and the driver marks the group ``complete`` last: a checkpoint that
+was interrupted half-way is never taken for the latest.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from daskbelief.ps.policy import overlaps
+
+PREFIX = "ckpt-"
+
+
+@dataclass
+class Checkpoint:
+    """A complete checkpoint, read back: full vectors reassembled from the shards' pieces."""
+
+    path: Path
+    params: np.ndarray
+    state: dict[str, np.ndarray]
+    versions: list[int]
+    model: dict
+    config: dict
+    counters: dict
+    shards: list[dict]
+
+    def replica_pushes(self) -> dict[str, int]:
+        """Pushes each replica had applied when the checkpoint was taken (fewest over shards)."""
+        names = set().union(*(s["per_replica"] for s in self.shards))
+        return {r: min(s["per_replica"].get(r, 0) for s in self.shards) for r in names}
+
+
+def _create(path: Path, ranges, state_names, attrs: dict) -> None:
+    root = zarr.open_group(str(path), mode="w")
+    for i, (a, b) in enumerate(ranges):
+        n = b - a
+        root.create_array(f"shard-{i}/params", shape=(n,), chunks=(max(n, 1),), dtype="float32")
+        for name in state_names:
+            root.create_array(f"shard-{i}/state/{name}", shape=(n,), chunks=(max(n, 1),),
+                              dtype="float32")
+    root.attrs.update({**attrs, "complete": False})
+
+
+def save(root, ps, *, model: dict, config: dict | None = None, counters: dict | None = None,
+         keep: int = 3) -> Path:
+    """Write a checkpoint of every shard under ``root`` and return its path.
+
+    Keeps the newest ``keep`` complete checkpoints and deletes older ones, so a long run does not
+    fill the disk.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    existing = _numbers(root)
+    path = root / f"{PREFIX}{(max(existing) + 1 if existing else 0):06d}"
+    names = sorted(ps.state_names())
+    _create(path, ps.ranges, names, {"model": model, "config": config or {},
+                                     "ranges": [list(r) for r in ps.ranges],
+                                     "counters": counters or {}, "time": time.time()})
+    shards = ps.write_checkpoint(str(path))
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs.update({"versions": [s["version"] for s in shards], "shards": shards,
+                        "complete": True})
+    for old in complete(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _numbers(root: Path) -> list[int]:
+    return [int(p.name[len(PREFIX):]) for p in root.glob(f"{PREFIX}*") if p.name[len(PREFIX):].isdigit()]
+
+
+def complete(root) -> list[Path]:
+    """The complete checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    if not root.exists():
+        return []
+    found = []
+    for n in sorted(_numbers(root)):
+        path = root / f"{PREFIX}{n:06d}"
+        try:
+            if zarr.open_group(str(path), mode="r").attrs.get("complete"):
+                found.append(path)
+        except (FileNotFoundError, ValueError, KeyError):
+            continue
+    return found
+
+
+def latest(root) -> Path | None:
+    """The newest complete checkpoint under ``root``, or None."""
+    found = complete(root)
+    return found[-1] if found else None
+
+
+def load(path, start: int = 0, stop: int | None = None) -> Checkpoint:
+    """Read a complete checkpoint; ``[start, stop)`` limits it to one range of the vector."""
+    group = zarr.open_group(str(path), mode="r")
+    attrs = dict(group.attrs)
+    if not attrs.get("complete"):
+        raise ValueError(f"checkpoint {path} is incomplete (it was interrupted while being written)")
+    ranges = [tuple(r) for r in attrs["ranges"]]
+    stop = ranges[-1][1] if stop is None else stop
+    names = sorted(group[f"shard-0/state"].array_keys()) if "state" in group["shard-0"] else []
+    params = np.empty(stop - start, dtype=np.float32)
+    state = {n: np.empty(stop - start, dtype=np.float32) for n in names}
+    for i, lo, hi in overlaps(ranges, start, stop):
+        a = ranges[i][0]
+        params[lo - start:hi - start] = group[f"shard-{i}/params"][lo - a:hi - a]
+        for n in names:
+            state[n][lo - start:hi - start] = group[f"shard-{i}/state/{n}"][lo - a:hi - a]
+    return Checkpoint(Path(path), params, state, list(attrs["versions"]), attrs["model"],
+                      attrs.get("config", {}), attrs.get("counters", {}), attrs.get("shards", []))
+
+
+def model_difference(saved: dict, current: dict) -> str | None:
+    """A sentence naming how two model descriptions differ, or None when they are the same."""
+    if saved == current:
+        return None
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            if key == "layers" and isinstance(saved.get(key), list) and isinstance(current.get(key), list):
+                if len(saved[key]) != len(current[key]):
+                    return f"the checkpoint has {len(saved[key])} layers, the model {len(current[key])}"
+                for i, (a, b) in enumerate(zip(saved[key], current[key])):
+                    if a != b:
+                        return f"layer {i} differs: checkpoint {json.dumps(a)} vs model {json.dumps(b)}"
+            return f"{key} differs: checkpoint {saved.get(key)!r} vs model {current.get(key)!r}"
+    return "the descriptions differ"

@@ -1,0 +1,150 @@
+"""The Downpour driver: what the client process does while the replicas train.
+
+It waits for the replica tasks and, on the side, evaluates the test set, reports shard counters,
+writes checkpoints, and recreates any parameter shard whose worker died (Dask actors are not
+resilient: the driver restores the shard from the latest checkpoint on a live worker and publishes
+the new server handle, which the replicas pick up). Ctrl-C / SIGTERM stops the replicas, writes a
+final checkpoint and re-raises.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from daskbelief.monitor import events
+from daskbelief.ps import checkpoint
+from daskbelief.train.evaluate import evaluate_rows
+
+
+def pick_worker(live: list[str], holders: list[str]) -> str:
+    """The live worker holding the fewest shards: where a recreated shard should go."""
+    load = Counter(h for h in holders if h in live)
+    return min(sorted(live), key=lambda w: load[w])
+
+
+class Driver:
+    """Periodic duties around a running set of replica futures; see the module docstring."""
+
+    def __init__(self, client, run: str, ps, futures, model, test_store, coordination: dict, *,
+                 eval_every=None, eval_rows: int = 10_000, checkpoint_dir=None,
+                 checkpoint_every=None, initial=None, checkpoint_meta=None,
+                 watch_every: float = 1.0):
+        self.client, self.run, self.ps, self.futures = client, run, ps, futures
+        self.model, self.test_store = model, test_store
+        self.coordination, self.generation = coordination, 0
+        self.eval_every, self.eval_rows = eval_every, eval_rows
+        self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
+        self.initial, self.meta = initial, checkpoint_meta or {}
+        self.watch_every = watch_every
+        self.started = time.time()
+        self.seconds = 0.0
+        self.test_rows: list[dict] = []
+        self.versions = [0] * len(ps.shards)
+        self.updates_lost = 0
+        self.recoveries = 0
+        self._due = {"eval": self.started, "watch": self.started, "checkpoint": self.started}
+
+    def wait(self) -> list[dict]:
+        """Block until every replica finished; return their outcomes (re-raising a failure)."""
+        try:
+            while not all(f.done() for f in self.futures):
+                if any(f.status == "error" for f in self.futures):
+                    break
+                time.sleep(0.05)
+                self._tick()
+        except KeyboardInterrupt:
+            self._interrupted()
+            raise
+        self.seconds = time.time() - self.started
+        return self.client.gather(self.futures)
+
+    def _every(self, duty: str, period) -> bool:
+        if period is None or time.time() < self._due[duty] + period:
+            return False
+        self._due[duty] = time.time()
+        return True
+
+    def _tick(self) -> None:
+        if self._every("watch", self.watch_every):
+            self._watch()
+        if self.test_store is not None and self._every("eval", self.eval_every):
+            self._evaluate()
+        if self.checkpoint_dir is not None and self._every("checkpoint", self.checkpoint_every):
+            self.checkpoint()
+
+    def _watch(self) -> None:
+        """Recreate shards whose worker left; otherwise publish the shards' counters."""
+        live = list(self.client.scheduler_info(n_workers=-1)["workers"])
+        lost = [i for i, addr in enumerate(self.ps.addresses()) if addr not in live]
+        for i in lost:
+            self._recover(i, live)
+        if lost:
+            return
+        try:
+            stats = self.ps.stats()
+        except Exception:  # noqa: BLE001 -- a worker dying right now; the next watch sees it
+            return
+        for s in stats:
+            self.versions[s["shard"]] = s["version"]
+            events.emit(events.SHARD, run=self.run, **{k: v for k, v in s.items()
+                                                      if k not in ("per_replica",)})
+
+    def _recover(self, index: int, live: list[str]) -> None:
+        """Bring shard ``index`` back on a live worker from the latest checkpoint."""
+        while not live:
+            time.sleep(0.5)
+            live = list(self.client.scheduler_info(n_workers=-1)["workers"])
+        a, b = self.ps.ranges[index]
+        path = checkpoint.latest(self.checkpoint_dir) if self.checkpoint_dir else None
+        if path is not None:
+            ckpt = checkpoint.load(path, a, b)
+            version = ckpt.versions[index] if len(ckpt.versions) == len(self.ps.shards) else 0
+            snapshot = {"params": ckpt.params, "state": ckpt.state, "version": version}
+        else:
+            snapshot = {"params": self.initial[a:b], "state": {}, "version": 0}
+        lost = max(self.versions[index] - snapshot["version"], 0)
+        self.updates_lost += lost
+        self.recoveries += 1
+        self.ps = self.ps.replace_shard(self.client, index, snapshot, pick_worker(live, self.ps.addresses()))
+        self.versions[index] = snapshot["version"]
+        self.generation += 1
+        self.coordination["ps"].set((self.generation, self.ps))
+        events.emit(events.RUN, run=self.run, kind="shard-recovered", shard=index,
+                    updates_lost=lost, checkpoint=str(path) if path else "")
+
+    def _evaluate(self) -> None:
+        try:
+            params, _ = self.ps.fetch()
+        except Exception:  # noqa: BLE001 -- a shard is being recovered; evaluate next time
+            return
+        m = evaluate_rows(self.model, params, self.test_store, 0, min(self.eval_rows, self.test_store.n))
+        row = {"time": time.time() - self.started, "step": None, "replica": None, "loss": None,
+               "test_loss": m["loss_sum"] / m["n"],
+               "test_accuracy": (m["correct"] / m["n"]
+                                 if self.test_store.task == "classification" else None)}
+        self.test_rows.append(row)
+        events.emit(events.RUN, run=self.run, kind="eval",
+                    **{k: v for k, v in row.items() if v is not None})
+
+    def checkpoint(self):
+        """Write a checkpoint of every shard now; returns its path."""
+        path = checkpoint.save(self.checkpoint_dir, self.ps, model=self.meta.get("model", {}),
+                               config=self.meta.get("config", {}),
+                               counters={"run": self.run, "seconds": time.time() - self.started})
+        events.emit(events.RUN, run=self.run, kind="checkpoint", path=str(path))
+        return path
+
+    def _interrupted(self, grace: float = 60.0) -> None:
+        """Stop the replicas, let them push what they hold, and checkpoint the result."""
+        self.coordination["stop"].set()
+        deadline = time.time() + grace
+        while not all(f.done() for f in self.futures) and time.time() < deadline:
+            time.sleep(0.1)
+        if self.checkpoint_dir is not None:
+            self.checkpoint()
+
+    def close(self) -> None:
+        """Stop any replica still running and release the shards."""
+        self.coordination["stop"].set()
+        self.client.cancel(self.futures)
+        self.ps.close()

@@ -1,0 +1,118 @@
+"""Partitioned replicas on a real LocalCluster: block actors exchanging activations and deltas."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from daskbelief.nn import Dense, LocallyConnected2D, Sequential
+from daskbelief.train import partition as P
+from daskbelief.train.partitioned import Blocks
+
+# float32 tolerance: a partitioned pass adds the same products in another order (partial sums of a
+# dense layer over blocks, halo deltas over neighbours), so each value may differ by a few ulps of
+# the largest term it sums; with O(1) terms and at most a few hundred of them that is < 1e-5.
+TOL = 1e-5
+
+
+def image_model():
+    return Sequential((12, 10, 2), [LocallyConnected2D(4, 3, activation="relu"),
+                                    LocallyConnected2D(3, 3, strides=(2, 1), activation="tanh"),
+                                    Dense(16, "relu"), Dense(5)], l2=1e-3)
+
+
+def dense_model():
+    return Sequential((20,), [Dense(24, "relu"), Dense(18, "sigmoid"), Dense(4)], l2=1e-3)
+
+
+def batch(model, n=9, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((n, *model.input_shape), dtype=np.float32),
+            rng.integers(0, model.n_outputs, n))
+
+
+PLANS = [
+    (image_model, lambda m: P.vertical(m, 2)),
+    (image_model, lambda m: P.horizontal(m, 2)),
+    (image_model, lambda m: P.grid(m, 2, 2)),
+    (image_model, lambda m: P.stages(m, [(2, (2, 2)), (2, 1)])),
+    (dense_model, lambda m: P.vertical(m, 3)),
+    (dense_model, lambda m: P.horizontal(m, 2)),
+    (dense_model, lambda m: P.stages(m, [(1, 1), (2, 2)])),
+]
+
+
+@pytest.mark.parametrize("make_model, make_plan", PLANS)
+def test_partitioned_loss_and_gradient_equal_the_whole_network(client, make_model, make_plan):
+    model = make_model()
+    plan = make_plan(model)
+    params = model.init(2)
+    X, y = batch(model)
+    expect_loss, expect_grad = model.loss_and_grad(params, X, y)
+    blocks = Blocks.start(client, plan, params)
+    try:
+        for tag in range(2):  # a second step reuses every buffer
+            loss, grad = blocks.loss_and_grad(X, y, tag=tag)
+            assert loss == pytest.approx(expect_loss, rel=TOL)
+            np.testing.assert_allclose(grad, expect_grad, rtol=TOL, atol=TOL * np.abs(expect_grad).max())
+        stats = [a.stats().result() for a in blocks.actors]
+    finally:
+        blocks.close()
+    # One message per transfer and direction per step, carrying exactly the plan's bytes.
+    assert sum(s["messages"] for s in stats) == 2 * 2 * len(plan.transfers)
+    assert sum(s["bytes_sent"] for s in stats) == 2 * plan.bytes_per_example() * len(X)
+
+
+def _spy_on_proxied_calls(dask_scheduler):
+    """Record the actor methods the scheduler relays (a client's actor calls go through it)."""
+    original = dask_scheduler.handlers["proxy"]
+    calls = []
+
+    async def proxy(msg, worker, serializers=None):
+        calls.append(msg.get("function"))
+        return await original(msg=msg, worker=worker, serializers=serializers)
+
+    dask_scheduler.handlers["proxy"] = proxy
+    dask_scheduler._partition_spy = (original, calls)
+
+
+def _stop_spying(dask_scheduler):
+    original, calls = dask_scheduler._partition_spy
+    dask_scheduler.handlers["proxy"] = original
+    del dask_scheduler._partition_spy
+    return calls
+
+
+def test_blocks_sit_on_distinct_workers_and_send_to_each_other_directly(client):
+    model = image_model()
+    plan = P.horizontal(model, 2)
+    blocks = Blocks.start(client, plan, model.init(0))
+    try:
+        held = client.run(lambda dask_worker: [str(k) for k in dask_worker.state.actors])
+        keys = {str(a.key) for a in blocks.actors}
+        assert sorted(len(keys & set(ks)) for ks in held.values()) == [1, 1]
+        X, y = batch(model)
+        client.run_on_scheduler(_spy_on_proxied_calls)
+        try:
+            blocks.step(X, y)
+        finally:
+            relayed = client.run_on_scheduler(_stop_spying)
+        # The driver's two step calls went through the scheduler; the activations and deltas
+        # (``deliver``) went worker to worker.
+        assert sorted(relayed) == ["step", "step"]
+        sent = [a.stats().result()["messages"] for a in blocks.actors]
+        assert min(sent) > 0 and sum(sent) == 2 * len(plan.transfers)
+    finally:
+        blocks.close()
+
+
+def test_a_failing_block_raises_instead_of_hanging(client):
+    model = dense_model()
+    blocks = Blocks.start(client, P.horizontal(model, 2), model.init(0))
+    try:
+        X, y = batch(model)
+        with pytest.raises(ValueError, match="labels must lie in"):
+            blocks.step(X, y + 100, tag=0)
+        loss, _ = blocks.loss_and_grad(X, y, tag=1)  # the blocks still work afterwards
+        assert loss == pytest.approx(model.loss_and_grad(model.init(0), X, y)[0], rel=TOL)
+    finally:
+        blocks.close()
