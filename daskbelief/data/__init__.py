@@ -1,0 +1,6 @@
+"""Data shards in zarr: write stores (arrays, dask arrays, blocks out of core), open them lazily,
+cut them into data shards and iterate shuffled minibatches with prefetch."""
+from daskbelief.data.store import DataStore, open_store
+from daskbelief.data.write import write_dataset
+
+__all__ = ["DataStore", "open_store", "write_dataset"]

@@ -1,0 +1,98 @@
+"""Shuffled minibatches over a data shard, the next window of chunks read in the background.
+
+An epoch visits the shard's chunks in a random order, a *window* of chunks at a time; the rows of
+a window are shuffled together, and minibatches are cut from the shuffled rows (a batch may span
+two windows; the epoch's last batch may be smaller). Memory stays at about two windows however
+large the shard, reads are whole chunks, and the order is a pure function of
+(shard, chunk_rows, seed, epoch): any process reading the same store sees the same batches.
+"""
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+WINDOW_ROWS = 16384  # rows shuffled together: a few MB of features, dozens of minibatches
+
+
+def steps_per_epoch(shard: tuple[int, int], batch_size: int) -> int:
+    """Minibatches in one epoch over ``shard`` (the last may be smaller)."""
+    return math.ceil((shard[1] - shard[0]) / batch_size)
+
+
+def window_order(shard: tuple[int, int], chunk_rows: int, seed: int, epoch: int,
+                 window_chunks: int):
+    """Yield each window of an epoch: its chunks as sorted ``(start, stop)`` row ranges and the
+    permutation of its rows. Pure: no data is touched."""
+    start, stop = shard
+    chunks = [(a, min(a + chunk_rows, stop)) for a in range(start, stop, chunk_rows)]
+    rng = np.random.default_rng([seed, epoch, start, stop])
+    order = rng.permutation(len(chunks))
+    for i in range(0, len(order), window_chunks):
+        ranges = [chunks[j] for j in sorted(order[i:i + window_chunks])]
+        yield ranges, rng.permutation(sum(b - a for a, b in ranges))
+
+
+def _runs(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Adjacent row ranges merged, so neighbouring chunks are read in one call."""
+    out: list[tuple[int, int]] = []
+    for a, b in ranges:
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
+def read_window(store, ranges, perm) -> tuple[np.ndarray, np.ndarray]:
+    """The window's rows, standardised, in shuffled order."""
+    parts = [store.read_raw(slice(a, b)) for a, b in _runs(ranges)]
+    X = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts])
+    y = parts[0][1] if len(parts) == 1 else np.concatenate([p[1] for p in parts])
+    return store.standardise(X)[perm], y[perm]
+
+
+def _check(store, shard, batch_size, seed, epoch) -> None:
+    for name, value, low in (("batch_size", batch_size, 1), ("seed", seed, 0), ("epoch", epoch, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    start, stop = shard
+    if not 0 <= start < stop <= store.n:
+        raise ValueError(f"data shard [{start}, {stop}) is outside the {store.split} split "
+                         f"({store.n} rows)")
+
+
+def minibatches(store, shard: tuple[int, int], batch_size: int, seed: int = 0, epoch: int = 0,
+                window_rows: int = WINDOW_ROWS):
+    """One epoch of ``(X, y)`` minibatches over ``shard`` of ``store`` (see the module docstring)."""
+    _check(store, shard, batch_size, seed, epoch)
+    return _epoch(store, shard, batch_size, seed, epoch, max(1, window_rows // store.chunk_rows))
+
+
+def _epoch(store, shard, batch_size, seed, epoch, window_chunks):
+    windows = window_order(shard, store.chunk_rows, seed, epoch, window_chunks)
+    carry = None  # rows left over from the previous window, fewer than a batch
+    with ThreadPoolExecutor(1, thread_name_prefix="daskbelief-prefetch") as pool:
+        pending = pool.submit(read_window, store, *next(windows))
+        while pending is not None:
+            X, y = pending.result()
+            following = next(windows, None)
+            pending = None if following is None else pool.submit(read_window, store, *following)
+            at = 0
+            if carry is not None:
+                need = batch_size - len(carry[0])
+                X0 = np.concatenate([carry[0], X[:need]])
+                y0 = np.concatenate([carry[1], y[:need]])
+                if len(X0) < batch_size:
+                    carry = (X0, y0)
+                    continue
+                carry, at = None, need
+                yield X0, y0
+            full = at + (len(X) - at) // batch_size * batch_size
+            for i in range(at, full, batch_size):
+                yield X[i:i + batch_size], y[i:i + batch_size]
+            if full < len(X):
+                carry = (X[full:], y[full:])
+    if carry is not None:
+        yield carry

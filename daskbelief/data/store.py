@@ -1,0 +1,161 @@
+"""Reading dataset stores: lazily, from a path or any fsspec URL, by data shard and minibatch.
+
+A ``DataStore`` is one split of a store. It is cheap to pickle (the URL and the metadata, never the
+data), so it travels to workers inside tasks, and every worker opens the arrays itself. A *data
+shard* is a run of consecutive chunks; ``shards(k)`` cuts the split into k of them.
+"""
+from __future__ import annotations
+
+import math
+from functools import cached_property
+
+import numpy as np
+import zarr
+
+from daskbelief.data.batches import minibatches, steps_per_epoch
+from daskbelief.data.write import FORMAT, local_path
+
+
+def _open_group(url: str):
+    try:
+        return zarr.open_group(url, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+        raise FileNotFoundError(f"no dataset store at {url} (build one with `daskbelief datasets "
+                                "build NAME --out PATH`)") from None
+
+
+def _resolved(url) -> str:
+    """Local paths made absolute: workers may run in another directory."""
+    path = local_path(str(url))
+    if path is not None and not str(url).startswith("file://"):
+        return str(path.resolve())
+    return str(url)
+
+
+class DataStore:
+    """One split (``train`` or ``test``) of a complete dataset store."""
+
+    def __init__(self, url: str, split: str, attrs: dict):
+        self.url, self.split = url, split
+        self.task = attrs["task"]
+        self.n_classes = int(attrs["n_classes"])
+        self.feature_shape = tuple(attrs["feature_shape"])
+        self.chunk_rows = int(attrs["chunk_rows"])
+        self.n = int(attrs["splits"][split])
+        self.n_chunks = math.ceil(self.n / self.chunk_rows)
+        self.n_features = math.prod(self.feature_shape)
+        mean, std = attrs.get("mean"), attrs.get("std")
+        if mean is not None:
+            self.mean = np.asarray(mean, dtype=np.float32)
+            # A constant feature (std 0) is left centred rather than divided by zero.
+            std = np.asarray(std, dtype=np.float32)
+            self.inv_std = np.where(std > 0, 1.0 / np.where(std > 0, std, 1.0), 1.0).astype(np.float32)
+        else:
+            self.mean = self.inv_std = None
+        self.attrs = {k: v for k, v in attrs.items() if k not in ("mean", "std")}
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("_X", "_y")}
+
+    def __repr__(self) -> str:
+        return (f"DataStore({self.url!r}, split={self.split!r}: {self.n:,} examples of "
+                f"{self.feature_shape}, {self.task} with {self.n_classes} "
+                f"{'classes' if self.task == 'classification' else 'targets'}, "
+                f"{self.n_chunks} chunks of {self.chunk_rows} rows)")
+
+    @cached_property
+    def _X(self):
+        return _open_group(self.url)[f"{self.split}/X"]
+
+    @cached_property
+    def _y(self):
+        return _open_group(self.url)[f"{self.split}/y"]
+
+    # -- data shards ------------------------------------------------------------------------
+    def shards(self, k: int) -> list[tuple[int, int]]:
+        """``k`` data shards: runs of whole chunks, as ``(start_row, stop_row)``, their chunk counts
+        differing by at most one."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"the number of data shards must be a positive integer, got {k!r}")
+        if k > self.n_chunks:
+            raise ValueError(f"cannot cut {self.url} ({self.split}: {self.n_chunks} chunks of "
+                             f"{self.chunk_rows} rows) into {k} data shards: a shard is at least "
+                             "one chunk; rewrite the store with smaller chunk_rows")
+        base, extra = divmod(self.n_chunks, k)
+        out, chunk = [], 0
+        for i in range(k):
+            stop = chunk + base + (i < extra)
+            out.append((chunk * self.chunk_rows, min(stop * self.chunk_rows, self.n)))
+            chunk = stop
+        return out
+
+    def chunk_ranges(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """The chunks of rows ``[start, stop)`` (chunk-aligned) as ``(start_row, stop_row)``."""
+        c = self.chunk_rows
+        return [(a, min(a + c, stop)) for a in range(start, stop, c)]
+
+    # -- reading ----------------------------------------------------------------------------
+    def standardise(self, X) -> np.ndarray:
+        """Raw stored rows as float32 features standardised with the train statistics."""
+        X = np.asarray(X)
+        out = X.astype(np.float32, copy=X.dtype != np.float32 or not X.flags.writeable)
+        if self.mean is not None:
+            flat = out.reshape(len(out), -1)
+            flat -= self.mean
+            flat *= self.inv_std
+        return out
+
+    def read_raw(self, rows) -> tuple[np.ndarray, np.ndarray]:
+        """Stored values of ``rows`` (a slice or sorted row indices), as stored."""
+        if isinstance(rows, slice):
+            return self._X[rows], self._y[rows]
+        return self._X.get_orthogonal_selection((rows,)), self._y.get_orthogonal_selection((rows,))
+
+    def read(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(X, y)`` of rows ``[start, stop)``: X float32 standardised, y labels or targets."""
+        stop = self.n if stop is None else stop
+        if not 0 <= start < stop <= self.n:
+            raise ValueError(f"rows [{start}, {stop}) are outside {self.split} of {self.url} "
+                             f"({self.n} rows)")
+        X, y = self.read_raw(slice(start, stop))
+        return self.standardise(X), y
+
+    def steps_per_epoch(self, shard: tuple[int, int], batch_size: int) -> int:
+        return steps_per_epoch(shard, batch_size)
+
+    def minibatches(self, shard: tuple[int, int], batch_size: int, seed: int = 0, epoch: int = 0):
+        """One epoch over ``shard`` in minibatches, shuffled as a pure function of
+        (shard, batch_size, seed, epoch), the next window of chunks read in the background.
+
+        The reference trainer and a Downpour replica given the same arguments see exactly the
+        same batches; the last batch of an epoch may be smaller.
+        """
+        return minibatches(self, shard, batch_size, seed, epoch)
+
+    def stream(self, shard: tuple[int, int], batch_size: int, seed: int = 0, start_epoch: int = 0):
+        """Minibatches over epochs ``start_epoch``, ``start_epoch + 1``, ... without end."""
+        epoch = start_epoch
+        while True:
+            yield from self.minibatches(shard, batch_size, seed, epoch)
+            epoch += 1
+
+
+def open_store(url, split: str = "train") -> DataStore:
+    """Open one split of a complete store; a clear error for anything else.
+
+    ``url``: a path or an fsspec URL (``file://``, ``s3://``, ...), or a ``DataStore`` (returned
+    as is when it is of the requested split).
+    """
+    if isinstance(url, DataStore):
+        return url if url.split == split else open_store(url.url, split)
+    url = _resolved(url)
+    attrs = dict(_open_group(url).attrs)
+    if attrs.get("format") != FORMAT:
+        raise ValueError(f"{url} is not a daskbelief dataset store (no '{FORMAT}' format marker)")
+    if not attrs.get("complete"):
+        raise ValueError(f"the dataset store {url} is incomplete: it was interrupted while being "
+                         "written; build it again")
+    if split not in attrs.get("splits", {}):
+        raise ValueError(f"the dataset store {url} has no {split!r} split (it has: "
+                         f"{', '.join(attrs.get('splits', {})) or 'none'})")
+    return DataStore(url, split, attrs)
