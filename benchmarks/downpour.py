@@ -146,7 +146,8 @@ def run(quick: bool = False) -> dict:
     batch = 256
     model = speech_mlp()
     with tempfile.TemporaryDirectory() as tmp:
-        path = recipes.build("speech-frames", os.path.join(tmp, "speech.zarr"), size=rows)
+        path = recipes.build("speech-frames", os.path.join(tmp, "speech.zarr"), size=rows,
+                             classes=2048)
         store = open_store(path, split="train")
         print(f"speech-frames: {store.n} train rows; model {model.size:,} parameters; "
               f"batch {batch}, {steps} steps per measurement")

@@ -4,7 +4,8 @@ from __future__ import annotations
 import contextlib
 import os
 
-from distributed import Client, LocalCluster
+import numpy as np
+from distributed import Client, Future, LocalCluster
 
 
 def default_local_workers() -> int:
@@ -60,3 +61,24 @@ def require_threads(client: Client, minimum: int, what: str) -> None:
     if threads < minimum:
         raise RuntimeError(f"{what} need {minimum} worker threads running at once, but the cluster "
                            f"has {threads}: add workers or threads (e.g. --local-workers {minimum})")
+
+
+def start_actors(client: Client, specs: list[tuple]) -> tuple[list, list]:
+    """Start actors ``(cls, worker, key, args)`` pinned to their workers; ``(actors, futures)``.
+
+    NumPy array arguments are scattered straight to the actor's worker instead of travelling
+    inside the task graph through the scheduler, and released once the actor holds them. All
+    actors are started before any is waited for. Keep the futures: an actor lives as long as its
+    future does.
+    """
+    scattered, futures = [], []
+    for cls, worker, key, args in specs:
+        args = [client.scatter(a, workers=[worker], hash=False) if isinstance(a, np.ndarray) else a
+                for a in args]
+        scattered += [a for a in args if isinstance(a, Future)]
+        futures.append(client.submit(cls, *args, actor=True, workers=[worker],
+                                     allow_other_workers=False, pure=False, key=key))
+    actors = [f.result() for f in futures]
+    for value in scattered:  # cancelling instead would cancel the actors that depend on them
+        value.release()
+    return actors, futures

@@ -12,7 +12,8 @@ from pathlib import Path
 NUMBER = (int, float)
 
 SCHEMA: dict[str, dict[str, object]] = {
-    "dataset": {"recipe": str, "path": str, "size": int, "seed": int, "chunk_rows": int},
+    "dataset": {"recipe": str, "path": str, "size": int, "seed": int, "chunk_rows": int,
+                "options": dict},
     "model": {"input_shape": list, "layers": list, "loss": str, "l2": NUMBER},
     "cluster": {"local_workers": int, "scheduler": str, "scheduler_file": str},
     "checkpoint": {"every_seconds": NUMBER, "keep": int},
@@ -23,7 +24,8 @@ TRAIN_COMMON = {"algorithm": str, "seed": int, "eval_every": NUMBER}
 ALGORITHMS: dict[str, dict[str, object]] = {
     "downpour": {"replicas": int, "shards": int, "n_fetch": int, "n_push": int, "rule": dict,
                  "batch_size": int, "epochs": int, "steps": int, "warmstart_steps": int,
-                 "overlap": bool, "max_in_flight": int, "report_every": int, "eval_rows": int},
+                 "overlap": bool, "max_in_flight": int, "report_every": int, "eval_rows": int,
+                 "partition": dict},
     "sandblaster": {"shards": int, "iterations": int, "history": int, "portion_size": int,
                     "backups": bool, "tolerance": NUMBER, "batch_rows": int},
     "reference": {"rule": dict, "batch_size": int, "epochs": int, "steps": int},

@@ -38,7 +38,7 @@ def ensure_dataset(spec: dict) -> str:
     path = spec["path"]
     if not Path(path).exists():
         recipes.build(spec["recipe"], path, size=spec.get("size"), seed=spec.get("seed", 0),
-                      chunk_rows=spec.get("chunk_rows"))
+                      chunk_rows=spec.get("chunk_rows"), **spec.get("options", {}))
     open_store(path, split="train")  # refuses an incomplete or foreign store with a clear error
     return path
 

@@ -1,7 +1,8 @@
 """Synthetic colour images with local structure, for locally connected models.
 
-Each class is three coloured Gaussian blobs at class-specific places; an example jitters them by
-up to two pixels, adds a blob of random colour at a random place and pixel noise. What tells the
+Each class is three Gaussian blobs at class-specific places; an example jitters them by up to
+an eighth of the side (4 pixels at 32), gives every blob a random colour (so only the spatial arrangement tells the classes
+apart), adds two distractor blobs at random places and pixel noise. What tells the
 classes apart is local and position dependent: the setting untied (locally connected) filters are
 made for, and one that partitions well by image region.
 """
@@ -11,32 +12,32 @@ import numpy as np
 
 from daskbelief.data import write_dataset
 
-CLASSES, BLOBS, CHANNELS = 10, 3, 3
+CLASSES, BLOBS, DISTRACTORS, CHANNELS = 10, 3, 2, 3
 BLOCK = 4096
 
 
 class Prototypes:
-    """Blob centres, widths and colours per class (fixed by the seed)."""
+    """Blob centres and widths per class (fixed by the seed)."""
 
     def __init__(self, side: int, seed: int):
         rng = np.random.default_rng([seed, 3])
         self.side = side
         self.centres = rng.uniform(0.15 * side, 0.85 * side, (CLASSES, BLOBS, 2))
         self.widths = rng.uniform(0.06 * side, 0.12 * side, (CLASSES, BLOBS))
-        self.colours = rng.uniform(0.3, 1.0, (CLASSES, BLOBS, CHANNELS))
 
     def render(self, rng, labels: np.ndarray) -> np.ndarray:
         n, side = len(labels), self.side
-        jitter = rng.uniform(-2, 2, (n, 1, 2))
+        jitter = rng.uniform(-side / 8, side / 8, (n, 1, 2))
         centres = np.concatenate([self.centres[labels] + jitter,
-                                  rng.uniform(0, side, (n, 1, 2))], axis=1)
-        widths = np.concatenate([self.widths[labels], rng.uniform(0.06, 0.12, (n, 1)) * side], axis=1)
-        colours = np.concatenate([self.colours[labels], rng.uniform(0.3, 1.0, (n, 1, CHANNELS))], axis=1)
+                                  rng.uniform(0, side, (n, DISTRACTORS, 2))], axis=1)
+        widths = np.concatenate([self.widths[labels],
+                                 rng.uniform(0.06, 0.12, (n, DISTRACTORS)) * side], axis=1)
+        colours = rng.uniform(0.3, 1.0, (n, BLOBS + DISTRACTORS, CHANNELS))
         grid = np.arange(side, dtype=np.float64)
         gy = np.exp(-((grid - centres[..., :1]) ** 2) / (2 * widths[..., None] ** 2))
         gx = np.exp(-((grid - centres[..., 1:]) ** 2) / (2 * widths[..., None] ** 2))
         img = np.einsum("nbh,nbw,nbc->nhwc", gy, gx, colours)
-        img += rng.normal(0.0, 0.1, img.shape)
+        img += rng.normal(0.0, 0.25, img.shape)
         return np.clip(img * 200, 0, 255).astype(np.uint8)
 
 

@@ -116,3 +116,43 @@ def test_a_failing_block_raises_instead_of_hanging(client):
         assert loss == pytest.approx(model.loss_and_grad(model.init(0), X, y)[0], rel=TOL)
     finally:
         blocks.close()
+
+
+def test_downpour_with_a_partitioned_replica_reproduces_the_unpartitioned_run(client, digits_path):
+    """R=1, n_fetch=n_push=1, no overlap: the block actors fetch and push only their own ranges,
+    and the shards end where the single-block replica's shards end (float32 summation order)."""
+    from daskbelief.train.downpour import downpour
+
+    model = Sequential((64,), [Dense(24, "relu"), Dense(16, "tanh"), Dense(10)], l2=1e-4)
+    args = dict(client=client, replicas=1, shards=2, n_fetch=1, n_push=1, overlap=False,
+                rule={"name": "adagrad", "lr": 0.05}, batch_size=16, steps=40, seed=4)
+    plain = downpour(model, digits_path, **args)
+    for plan in (P.horizontal(model, 2), P.vertical(model, 2)):
+        split = downpour(model, digits_path, partition=plan, **args)
+        np.testing.assert_allclose(split.params, plain.params, rtol=0, atol=1e-5)
+        assert split.summary["updates_applied"] > plain.summary["updates_applied"]  # per range
+        assert not np.array_equal(plain.params, model.init(4))
+
+
+def test_downpour_partitioned_replicas_train_together(client, digits_path):
+    from daskbelief.train.downpour import downpour
+
+    model = Sequential((64,), [Dense(32, "relu"), Dense(10)])
+    result = downpour(model, digits_path, test=digits_path, client=client, replicas=2, shards=2,
+                      n_fetch=2, n_push=2, rule={"name": "adagrad", "lr": 0.05}, batch_size=32,
+                      epochs=6, partition={"kind": "horizontal", "k": 2})
+    assert result.summary["test_accuracy"] >= 0.9
+    for shard in result.shard_stats:
+        assert sorted(shard["per_replica"]) == ["replica-0", "replica-1"]
+
+
+def test_a_plan_for_another_model_is_refused(client, digits_path):
+    from daskbelief.train.downpour import downpour
+
+    model = Sequential((64,), [Dense(32, "relu"), Dense(10)])
+    other = Sequential((64,), [Dense(16, "relu"), Dense(10)])
+    with pytest.raises(ValueError, match="plan was made for another model: layer 0 differs"):
+        downpour(model, digits_path, client=client, replicas=1, steps=1,
+                 partition=P.horizontal(other, 2))
+    with pytest.raises(ValueError, match="partition.kind"):
+        downpour(model, digits_path, client=client, replicas=1, steps=1, partition={"kind": "diagonal"})

@@ -3,6 +3,26 @@
 Replicas and coordinators call ``emit`` wherever they run; the scheduler keeps the events per topic,
 so the dashboard page reads them on the scheduler and the driver subscribes to them with
 ``EventLog`` (which also appends them to a run's ``metrics.jsonl``).
+
+Every event is a flat dict with ``run`` (the run's id) and ``time`` (absolute, ``time.time()``);
+durations since the run started are called ``elapsed``. The fields per topic:
+
+* ``daskbelief-replica`` (Downpour, every ``report_every`` steps of a replica): ``replica``,
+  ``worker``, ``step``, ``loss`` (mean over the steps since the last report), ``samples_per_s``,
+  ``staleness`` (mean versions missed by its recent pushes).
+* ``daskbelief-shard`` (the driver, about once a second): the shard's ``stats()``: ``shard``,
+  ``start``, ``stop``, ``version``, ``applied``, ``rejected``, ``fetches``, ``bytes_in``,
+  ``bytes_out``, ``uptime``, ``staleness_mean``, ``staleness_hist`` (a list of counts, bin i =
+  staleness i, the last bin "or more"), ``params_finite``.
+* ``daskbelief-run`` (the driver / coordinator): ``kind`` is one of
+  ``start`` (``algorithm`` and its settings), ``eval`` (``elapsed``, ``test_loss``,
+  ``test_accuracy``), ``iteration`` (Sandblaster: ``iteration``, ``loss``, ``grad_norm``,
+  ``evaluations``, ``elapsed``), ``checkpoint`` (``path``), ``shard-recovered`` (``shard``,
+  ``updates_lost``), ``replica-restarted`` (``replica``), ``end`` (the summary figures).
+* ``daskbelief-portion`` (Sandblaster, one per finished portion task): ``evaluation``,
+  ``portion``, ``worker``, ``seconds`` (compute time), ``backup`` (this copy was a backup),
+  ``counted`` (this copy's result was the one applied); and one per backup launch with
+  ``kind="backup-launched"`` and ``portion``.
 """
 from __future__ import annotations
 

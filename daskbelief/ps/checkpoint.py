@@ -125,17 +125,19 @@ def load(path, start: int = 0, stop: int | None = None) -> Checkpoint:
                       attrs.get("config", {}), attrs.get("counters", {}), attrs.get("shards", []))
 
 
-def model_difference(saved: dict, current: dict) -> str | None:
-    """A sentence naming how two model descriptions differ, or None when they are the same."""
+def model_difference(saved: dict, current: dict, names=("checkpoint", "model")) -> str | None:
+    """A sentence naming how two model descriptions differ, or None when they are the same;
+    ``names`` say what the two sides are."""
     if saved == current:
         return None
+    a_name, b_name = names
     for key in sorted(set(saved) | set(current)):
         if saved.get(key) != current.get(key):
             if key == "layers" and isinstance(saved.get(key), list) and isinstance(current.get(key), list):
                 if len(saved[key]) != len(current[key]):
-                    return f"the checkpoint has {len(saved[key])} layers, the model {len(current[key])}"
+                    return f"the {a_name} has {len(saved[key])} layers, the {b_name} {len(current[key])}"
                 for i, (a, b) in enumerate(zip(saved[key], current[key])):
                     if a != b:
-                        return f"layer {i} differs: checkpoint {json.dumps(a)} vs model {json.dumps(b)}"
-            return f"{key} differs: checkpoint {saved.get(key)!r} vs model {current.get(key)!r}"
+                        return f"layer {i} differs: {a_name} {json.dumps(a)} vs {b_name} {json.dumps(b)}"
+            return f"{key} differs: {a_name} {saved.get(key)!r} vs {b_name} {current.get(key)!r}"
     return "the descriptions differ"

@@ -10,6 +10,7 @@ import uuid
 
 import numpy as np
 
+from daskbelief.cluster import start_actors
 from daskbelief.ps.policy import overlaps, place_shards, shard_ranges
 from daskbelief.ps.shard import ParameterShard
 
@@ -37,9 +38,11 @@ class ParameterServer:
         addresses = place_shards(list(workers or client.scheduler_info(n_workers=-1)["workers"]),
                                  n_shards)
         rule_spec = rule if isinstance(rule, (str, dict)) else rule.to_dict()
-        futures = [spawn_shard(client, i, a, b, params[a:b], rule_spec, addr, backend)
-                   for i, ((a, b), addr) in enumerate(zip(ranges, addresses))]
-        return cls([f.result() for f in futures], ranges, futures, rule_spec, backend)
+        token = uuid.uuid4().hex[:8]
+        shards, futures = start_actors(client, [
+            (ParameterShard, addr, f"parameter-shard-{i}-{token}", (i, a, b, params[a:b], rule_spec, backend))
+            for i, ((a, b), addr) in enumerate(zip(ranges, addresses))])
+        return cls(shards, ranges, futures, rule_spec, backend)
 
     def addresses(self) -> list[str]:
         """The worker holding each shard."""
@@ -50,9 +53,9 @@ class ParameterServer:
         ``snapshot`` (params, rule state, version): how a shard lost with its worker comes back.
         """
         a, b = self.ranges[index]
-        future = spawn_shard(client, index, a, b, snapshot["params"], self.rule_spec, worker,
-                             self.backend)
-        shard = future.result()
+        (shard,), (future,) = start_actors(client, [
+            (ParameterShard, worker, f"parameter-shard-{index}-{uuid.uuid4().hex[:8]}",
+             (index, a, b, np.asarray(snapshot["params"], dtype=np.float32), self.rule_spec, self.backend))])
         shard.load_state(snapshot).result()
         shards, futures = list(self.shards), list(self._futures or [None] * len(self.shards))
         if futures[index] is not None:
@@ -133,11 +136,3 @@ class ParameterServer:
         for f in self._futures or []:
             f.release()
         self._futures = None
-
-
-def spawn_shard(client, index: int, start: int, stop: int, values, rule_spec, worker: str,
-                backend: str = "numpy"):
-    """Start one ``ParameterShard`` actor pinned to ``worker``; returns its future."""
-    return client.submit(ParameterShard, index, start, stop, values, rule_spec, backend, actor=True,
-                         workers=[worker], allow_other_workers=False, pure=False,
-                         key=f"parameter-shard-{index}-{uuid.uuid4().hex[:8]}")

@@ -30,6 +30,8 @@ from daskbelief.optim.rules import make_rule
 from daskbelief.ps import checkpoint
 from daskbelief.ps.server import ParameterServer
 from daskbelief.train.driver import Driver
+from daskbelief.train.partition import Plan, from_config
+from daskbelief.train.partitioned import Blocks
 from daskbelief.train.evaluate import evaluate
 from daskbelief.train.result import TrainResult
 
@@ -91,7 +93,7 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
              steps: int | None = None, warmstart_steps: int = 0, test=None, seed: int = 0,
              params=None, overlap: bool = True, max_in_flight: int = 2, report_every: int = 20,
              eval_every: float | None = None, eval_rows: int = 10_000, checkpoint_dir=None,
-             checkpoint_every: float | None = None, resume_from=None,
+             checkpoint_every: float | None = None, resume_from=None, partition=None,
              config: dict | None = None) -> TrainResult:
     """Train ``model`` with Downpour SGD on a Dask cluster and return a ``TrainResult``.
 
@@ -120,6 +122,9 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
     checkpoint_dir, checkpoint_every : write a checkpoint there every so many seconds and at the
         end; a shard lost with its worker is recreated from the latest one
     resume_from : a checkpoint path: parameters, rule state and each replica's progress resume
+    partition : a ``partition.Plan`` of ``model`` or a table such as ``{"kind": "horizontal",
+        "k": 2}``: each replica is then spread over the plan's block actors (model parallelism),
+        each block fetching and pushing only its own parameter ranges
     config : the pipeline config, stored in checkpoints
     """
     store = open_store(data, split="train") if isinstance(data, str) else data
@@ -136,27 +141,33 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
                          "rewrite the store with smaller chunk_rows")
     data_shards = store.shards(replicas)
     rule = make_rule(rule)
+    plan = partition_plan(model, partition)
     start_point = _start_point(model, seed, params, resume_from)
 
     with client_or_local(client, threads_per_worker=-(-replicas // default_local_workers())) as c:
         require_workers(c)
         require_threads(c, replicas, f"{replicas} Downpour replicas")
         run = f"downpour-{uuid.uuid4().hex[:8]}"
-        plans = [ReplicaPlan(run, r, store.url, store.split, data_shards[r], batch_size, steps,
+        replica_plans = [ReplicaPlan(run, r, store.url, store.split, data_shards[r], batch_size, steps,
                              epochs, n_fetch, n_push, seed, overlap, max_in_flight, report_every,
                              warmstart_steps if r == 0 else 0)
-                 for r in range(replicas)]
+                         for r in range(replicas)]
         ps = ParameterServer.create(c, start_point.params, shards, rule)
         if start_point.shards is not None:
             ps.load_state_dicts(start_point.shards(ps.ranges))
         done = {p.replica: min(start_point.pushes.get(f"replica-{p.replica}", 0) * n_push,
-                               p.total_steps) for p in plans}
-        coordination = _coordinate(c, plans[0], ps, done, warmstart_steps)
+                               p.total_steps) for p in replica_plans}
+        coordination = _coordinate(c, replica_plans[0], ps, done, warmstart_steps)
         events.emit(events.RUN, run=run, kind="start", algorithm="downpour",
-                    **{k: v for k, v in asdict(plans[0]).items()
+                    **{k: v for k, v in asdict(replica_plans[0]).items()
                        if isinstance(v, (int, str)) and k != "run"})
-        futures = [c.submit(run_replica, model, plan, key=f"{run}-replica-{plan.replica}",
-                            pure=False, retries=0) for plan in plans]
+        blocks = [None if plan is None else
+                  Blocks.start(c, plan, start_point.params, ps=ps, replica=f"replica-{r}",
+                               overlap=overlap, max_in_flight=max_in_flight,
+                               first_worker=r * plan.n_blocks)
+                  for r in range(replicas)]
+        futures = [c.submit(run_replica, model, p, b, key=f"{run}-replica-{p.replica}",
+                            pure=False, retries=0) for p, b in zip(replica_plans, blocks)]
         driver = Driver(c, run, ps, futures, model, test_store, coordination,
                         eval_every=eval_every, eval_rows=eval_rows, checkpoint_dir=checkpoint_dir,
                         checkpoint_every=checkpoint_every, initial=start_point.params,
@@ -169,6 +180,9 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
                 driver.checkpoint()
         finally:
             driver.close()
+            for b in blocks:
+                if b is not None:
+                    b.close()
         seconds = driver.seconds
         summary = {"algorithm": "downpour", "replicas": replicas, "shards": shards,
                    "n_fetch": n_fetch, "n_push": n_push, "seconds": seconds,
@@ -191,6 +205,17 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
     result.shard_stats = shard_stats
     result.replica_outcomes = outcomes
     return result
+
+
+def partition_plan(model, partition):
+    """``partition`` as a ``Plan`` of ``model`` (None stays None); a plan made for another model
+    is refused, naming the difference."""
+    if partition is None or isinstance(partition, Plan):
+        if partition is not None and partition.model.to_dict() != model.to_dict():
+            raise ValueError("the partition plan was made for another model: "
+                             f"{checkpoint.model_difference(partition.model.to_dict(), model.to_dict(), ('plan', 'model'))}")
+        return partition
+    return from_config(model, partition)
 
 
 @dataclass
@@ -304,12 +329,15 @@ class _Link:
         return self._call(self.ps.gather, pending, out)
 
     def buffer(self) -> np.ndarray:
-        """A zeroed buffer to accumulate the next push into, waiting for one if all travel."""
+        """A buffer (contents undefined) to accumulate the next push into, waiting for one if
+        all travel."""
         if not self.free:
             self._settle_oldest()
-        buf = self.free.pop()
-        buf.fill(0.0)
-        return buf
+        return self.free.pop()
+
+    def release(self, buf) -> None:
+        """Give back a buffer that will not be pushed (its gradient was lost with a shard)."""
+        self.free.append(buf)
 
     def push(self, grad, versions, wait_now: bool) -> None:
         """Push ``grad`` (a buffer from ``buffer``) computed on parameters of ``versions``."""
@@ -347,12 +375,100 @@ class _Link:
         self.pending = None
 
 
-def run_replica(model, plan: ReplicaPlan) -> dict:
+class _Stepper:
+    """A plain replica's steps: a local copy of the parameters, its gradient accumulator, and the
+    ``_Link`` to the parameter server (fetch every ``n_fetch`` steps, push every ``n_push``)."""
+
+    def __init__(self, model, plan: ReplicaPlan, first_step: int):
+        self.model, self.plan, self.first = model, plan, first_step
+        self.link = _Link(plan, model.size)
+        self.params, self.versions = _connect(self.link, None)
+        self.grad = np.empty_like(self.params) if plan.n_push > 1 else None
+        self.acc, self.acc_steps = None, 0
+
+    @property
+    def staleness(self) -> list[int]:
+        return self.link.staleness
+
+    @property
+    def pushes_lost(self) -> int:
+        return self.link.pushes_lost
+
+    def step(self, step: int, X, y) -> float | None:
+        """One minibatch; None when a shard was lost meanwhile (the step's gradient with it)."""
+        plan, link = self.plan, self.link
+        try:
+            if step > 0 and step % plan.n_fetch == 0:
+                if plan.overlap:
+                    link.fetch_begin()
+                else:
+                    self.params, self.versions = link.fetch(self.params)
+            # The first gradient of a push is computed straight into its buffer, later ones
+            # into one reused buffer and added: no per-step allocation of a model-sized array.
+            if self.acc is None:
+                self.acc = link.buffer()
+                loss, _ = self.model.loss_and_grad(self.params, X, y, out=self.acc,
+                                                   validate=step == self.first)
+            else:
+                loss, _ = self.model.loss_and_grad(self.params, X, y, out=self.grad, validate=False)
+                self.acc += self.grad
+            fetched = link.fetch_end(self.params)
+            if fetched is not None:
+                self.params, self.versions = fetched
+            self.acc_steps += 1
+            if self.acc_steps == plan.n_push:
+                link.push(self.acc, self.versions, wait_now=not plan.overlap)
+                self.acc, self.acc_steps = None, 0
+            return loss
+        except ServerLost:
+            link.recover()
+            self.params, self.versions = _connect(link, self.params)
+            if self.acc is not None:
+                link.release(self.acc)
+            self.acc, self.acc_steps = None, 0
+            return None
+
+    def finish(self) -> None:
+        """Push what is accumulated and wait for every push in flight."""
+        try:
+            if self.acc is not None:
+                self.link.push(self.acc, self.versions, wait_now=True)
+            self.link.drain()
+        except ServerLost:
+            self.link.pushes_lost += 1
+
+
+class _PartitionedStepper:
+    """A model-parallel replica's steps: its block actors compute the step together, each
+    fetching and pushing only its own parameter ranges."""
+
+    def __init__(self, blocks, plan: ReplicaPlan, first_step: int):
+        self.blocks, self.plan, self.first = blocks, plan, first_step
+        self.staleness: list[int] = []
+        self.pushes_lost = 0
+        self.n_blocks = blocks.plan.n_blocks
+        blocks.call("fetch", [()] * self.n_blocks)
+
+    def step(self, step: int, X, y) -> float:
+        plan = self.plan
+        fetch = step > 0 and step % plan.n_fetch == 0
+        push = (step - self.first + 1) % plan.n_push == 0
+        out = self.blocks.train_step(X, y, tag=(plan.run, plan.replica, step), fetch=fetch, push=push)
+        self.staleness.extend(s for _, st in out for s in st)
+        return sum(loss for loss, _ in out)
+
+    def finish(self) -> None:
+        for st in self.blocks.call("flush", [()] * self.n_blocks):
+            self.staleness.extend(st)
+
+
+def run_replica(model, plan: ReplicaPlan, blocks=None) -> dict:
     """One Downpour replica: train on its data shard against the parameter server.
 
-    Runs as a Dask task; returns its step count, samples and mean loss. Replicas other than
-    replica 0 wait for the warm-start event before their first step. If the task is rerun after
-    its worker died, it resumes after the last step it reported.
+    Runs as a Dask task; ``blocks`` (a ``partitioned.Blocks``) makes it a model-parallel replica.
+    Returns its step count, samples and recent loss. Replicas other than replica 0 wait for the
+    warm-start event before their first step. If the task is rerun after its worker died, it
+    resumes after the last step it reported.
     """
     progress = Variable(plan.name(f"progress-{plan.replica}"))
     state = progress.get()
@@ -362,32 +478,14 @@ def run_replica(model, plan: ReplicaPlan) -> dict:
         Event(plan.name("warm")).wait()
     stop = Event(plan.name("stop"))
     store = open_store(plan.url, split=plan.split)
-    link = _Link(plan, model.size)
-    params, versions = _connect(link, None)
-    acc, acc_steps, losses, samples, step = None, 0, [], 0, done
+    stepper = (_Stepper(model, plan, done) if blocks is None
+               else _PartitionedStepper(blocks, plan, done))
+    losses: deque = deque(maxlen=plan.report_every)
+    samples, step = 0, done
     tick, worker = time.time(), get_worker().address
     for X, y in _batches(store, plan, done):
-        try:
-            if step > 0 and step % plan.n_fetch == 0:
-                if plan.overlap:
-                    link.fetch_begin()
-                else:
-                    params, versions = link.fetch(params)
-            loss, grad = model.loss_and_grad(params, X, y)
-            fetched = link.fetch_end(params)
-            if fetched is not None:
-                params, versions = fetched
-            if acc is None:
-                acc = link.buffer()
-            acc += grad
-            acc_steps += 1
-            if acc_steps == plan.n_push:
-                link.push(acc, versions, wait_now=not plan.overlap)
-                acc, acc_steps = None, 0
-        except ServerLost:  # this step's gradient is lost with the shard; carry on with the next
-            link.recover()
-            params, versions = _connect(link, params)
-            acc, acc_steps = None, 0
+        loss = stepper.step(step, X, y)
+        if loss is None:
             continue
         losses.append(float(loss))
         samples += len(X)
@@ -398,25 +496,20 @@ def run_replica(model, plan: ReplicaPlan) -> dict:
             progress.set({"done": step, "attempt": attempt})
             now = time.time()
             events.emit(events.REPLICA, run=plan.run, replica=plan.replica, step=step,
-                        loss=float(np.mean(losses[-plan.report_every:])), worker=worker,
+                        loss=float(np.mean(losses)), worker=worker,
                         samples_per_s=plan.report_every * plan.batch_size / max(now - tick, 1e-9),
-                        staleness=float(np.mean(link.staleness[-20:])) if link.staleness else 0.0)
+                        staleness=float(np.mean(stepper.staleness[-20:])) if stepper.staleness else 0.0)
             tick = now
             if stop.is_set():
                 break
-    try:
-        if acc is not None:
-            link.push(acc, versions, wait_now=True)
-        link.drain()
-    except ServerLost:
-        link.pushes_lost += 1
+    stepper.finish()
     if plan.warmstart_steps:
         Event(plan.name("warm")).set()  # never leave the others waiting, however short the shard
     progress.set({"done": step, "attempt": attempt})
     return {"replica": plan.replica, "steps": step - done, "samples": samples, "worker": worker,
-            "attempt": attempt, "pushes_lost": link.pushes_lost,
-            "loss": float(np.mean(losses[-plan.report_every:])) if losses else float("nan"),
-            "staleness_mean": float(np.mean(link.staleness)) if link.staleness else 0.0}
+            "attempt": attempt, "pushes_lost": stepper.pushes_lost,
+            "loss": float(np.mean(losses)) if losses else float("nan"),
+            "staleness_mean": float(np.mean(stepper.staleness)) if stepper.staleness else 0.0}
 
 
 def _connect(link: _Link, out):

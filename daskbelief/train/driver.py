@@ -123,8 +123,8 @@ class Driver:
                "test_accuracy": (m["correct"] / m["n"]
                                  if self.test_store.task == "classification" else None)}
         self.test_rows.append(row)
-        events.emit(events.RUN, run=self.run, kind="eval",
-                    **{k: v for k, v in row.items() if v is not None})
+        events.emit(events.RUN, run=self.run, kind="eval", elapsed=row["time"],
+                    test_loss=row["test_loss"], test_accuracy=row["test_accuracy"])
 
     def checkpoint(self):
         """Write a checkpoint of every shard now; returns its path."""

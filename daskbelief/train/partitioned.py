@@ -29,6 +29,7 @@ from distributed import Event, get_worker
 from distributed.utils import sync
 
 from daskbelief.backend import namespace
+from daskbelief.cluster import start_actors
 from daskbelief.monitor import events
 from daskbelief.nn.activations import get_activation
 from daskbelief.nn.layers import Dense, Scratch, layer_from_dict
@@ -569,15 +570,10 @@ class Blocks:
         addresses = place_shards(workers[first_worker % len(workers):] + workers[:first_worker % len(workers)],
                                  plan.n_blocks)
         token = uuid.uuid4().hex[:8]
-        values = [client.scatter(block_values(plan, params, k), workers=[addr], hash=False)
-                  for k, addr in enumerate(addresses)]
-        futures = [client.submit(BlockActor, plan, k, v, ps, replica, overlap, max_in_flight,
-                                 actor=True, workers=[addr], allow_other_workers=False, pure=False,
-                                 key=f"partition-block-{k}-{token}")
-                   for k, (v, addr) in enumerate(zip(values, addresses))]
-        actors = [f.result() for f in futures]
-        for v in values:  # the actors hold their values now; cancelling would cancel them too
-            v.release()
+        actors, futures = start_actors(client, [
+            (BlockActor, addr, f"partition-block-{k}-{token}",
+             (plan, k, block_values(plan, params, k), ps, replica, overlap, max_in_flight))
+            for k, addr in enumerate(addresses)])
         for r in [a.connect(actors) for a in actors]:
             r.result()
         return cls(plan, actors, futures)
@@ -602,12 +598,21 @@ class Blocks:
         grads = [r.result() for r in [a.get_grad() for a in self.actors]]
         return float(sum(losses)), gather_ranges(self.plan, grads, self.plan.model.size, grads[0].dtype)
 
+    def _per_block(self, X, y) -> list[tuple]:
+        """Each block's share of a batch: its input slice (input blocks) and the labels (head)."""
+        xs = split_inputs(self.plan, np.asarray(X))
+        return [(xs.get(k), y if k == self.plan.head else None) for k in range(self.plan.n_blocks)]
+
     def step(self, X, y, *, tag=0, reduction: str = "mean", regularize: bool = True) -> list[float]:
         """One forward/backward pass on every block; each block's loss share."""
-        xs = split_inputs(self.plan, np.asarray(X))
-        head = self.plan.head
-        return self.call("step", [(tag, xs.get(k), y if k == head else None, len(X), reduction,
-                                   regularize) for k in range(self.plan.n_blocks)])
+        return self.call("step", [(tag, x, t, len(X), reduction, regularize)
+                                  for x, t in self._per_block(X, y)])
+
+    def train_step(self, X, y, *, tag, fetch: bool, push: bool) -> list[tuple[float, list[int]]]:
+        """One Downpour step on every block (see ``BlockActor.train_step``): per block, its loss
+        share and the staleness of the pushes it saw acknowledged."""
+        return self.call("train_step", [(tag, x, t, len(X), fetch, push)
+                                        for x, t in self._per_block(X, y)])
 
     def close(self) -> None:
         """Release the actors."""
