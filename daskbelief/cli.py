@@ -1,12 +1,15 @@
-"""The ``daskbelief`` command: build datasets, run TOML pipelines, evaluate and inspect.
+"""The ``daskbelief`` command: build datasets, run TOML pipelines, evaluate, predict and inspect.
 
 Errors a user can fix (bad config, missing store, existing run directory) print one clear line on
-stderr and exit with status 2; nothing is written before the inputs have been checked.
+stderr and exit with status 2; nothing is written before the inputs have been checked. Ctrl-C and
+SIGTERM stop training cleanly: the replicas stop, a final checkpoint is written, the cluster the
+command started is shut down, and the exit status is 130 (143 for SIGTERM).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -16,6 +19,27 @@ from daskbelief.config import ConfigError
 
 class UsageError(Exception):
     """A problem with what the user asked for (not a bug): reported without a traceback."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into the same clean stop as Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE read as an int, a float, or else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, value
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
@@ -37,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--out", required=True, help="where to write the zarr store")
     build.add_argument("--size", type=int, help="number of examples (recipe default if omitted)")
     build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--chunk-rows", type=int, help="rows per zarr chunk (recipe default if omitted)")
+    build.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                       help="a recipe option, e.g. classes=2048 (speech-frames) or side=64 (images)")
     build.add_argument("--overwrite", action="store_true", help="replace an existing store")
     ds_sub.add_parser("list", help="list the recipes")
 
@@ -45,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     _cluster_args(train)
     train.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/NAME-TIME)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out RUN_DIR from its latest complete checkpoint")
 
     ev = sub.add_parser("evaluate", help="loss and accuracy of a run's parameters on a store")
     ev.add_argument("run_dir", help="a run directory written by `daskbelief train`")
@@ -52,8 +81,21 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test")
     _cluster_args(ev)
 
-    info = sub.add_parser("info", help="describe a store or a run directory")
+    pr = sub.add_parser("predict", help="write a run's predictions for a store to zarr (through Dask)")
+    pr.add_argument("run_dir", help="a run directory written by `daskbelief train`")
+    pr.add_argument("--out", required=True, help="zarr store to write (predictions, labels)")
+    pr.add_argument("--data", help="store URL (default: the run's dataset)")
+    pr.add_argument("--split", default="test")
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _cluster_args(pr)
+
+    info = sub.add_parser("info", help="describe a store, a checkpoint or a run directory")
     info.add_argument("path")
+
+    rep = sub.add_parser("report", help="plot runs' metrics as PNGs (several runs: compared)")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories to plot")
+    rep.add_argument("--out", metavar="DIR",
+                     help="where to write the PNGs (default RUN_DIR/report, or ./report for several)")
     return parser
 
 
@@ -64,7 +106,8 @@ def _datasets(args) -> dict | None:
         for name in sorted(recipes.RECIPES):
             print(name)
         return None
-    path = recipes.build(args.name, args.out, size=args.size, seed=args.seed, overwrite=args.overwrite)
+    path = recipes.build(args.name, args.out, size=args.size, seed=args.seed,
+                         chunk_rows=args.chunk_rows, overwrite=args.overwrite, **dict(args.option))
     return {"store": str(path)}
 
 
@@ -79,8 +122,8 @@ def _train(args) -> dict:
     from daskbelief import pipeline
 
     config = _load_config(args.config)
-    run_dir = pipeline.prepare_run_dir(args.out, Path(args.config).stem, args.overwrite, config)
-    return pipeline.run(config, run_dir, **_client_options(args, config))
+    return pipeline.run(config, args.out, name=Path(args.config).stem, overwrite=args.overwrite,
+                        resume=args.resume, **_client_options(args, config))
 
 
 def _load_config(path) -> dict:
@@ -98,28 +141,45 @@ def _evaluate(args) -> dict:
     return pipeline.evaluate_run(Path(args.run_dir), args.data, args.split, **_client_options(args))
 
 
+def _predict(args) -> dict:
+    from daskbelief import pipeline
+
+    return pipeline.predict_run(Path(args.run_dir), args.data, args.split, args.out, args.overwrite,
+                                **_client_options(args))
+
+
 def _info(args) -> dict:
     from daskbelief import pipeline
 
     return pipeline.describe(Path(args.path))
 
 
-COMMANDS = {"datasets": _datasets, "train": _train, "evaluate": _evaluate, "info": _info}
+def _report(args) -> dict:
+    from daskbelief.monitor import report
+
+    return {"figures": [str(p) for p in report.render(args.run_dirs, args.out)]}
+
+
+COMMANDS = {"datasets": _datasets, "train": _train, "evaluate": _evaluate, "predict": _predict,
+            "info": _info, "report": _report}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; print its JSON summary as the last stdout line."""
     args = _parser().parse_args(argv)
     start = time.time()
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         out = COMMANDS[args.command](args)
     except (UsageError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"daskbelief {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"daskbelief {args.command}: interrupted after {time.time() - start:.1f}s",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"daskbelief {args.command}: {'terminated' if isinstance(e, Terminated) else 'interrupted'} "
+              f"after {time.time() - start:.1f}s", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if out is not None:
         print(json.dumps(out, default=str))
     return 0

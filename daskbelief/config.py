@@ -27,7 +27,8 @@ ALGORITHMS: dict[str, dict[str, object]] = {
                  "overlap": bool, "max_in_flight": int, "report_every": int, "eval_rows": int,
                  "partition": dict},
     "sandblaster": {"shards": int, "iterations": int, "history": int, "portion_size": int,
-                    "backups": bool, "tolerance": NUMBER, "batch_rows": int},
+                    "backups": bool, "tolerance": NUMBER, "ftol": NUMBER, "batch_rows": int,
+                    "push_every": int, "eval_rows": int},
     "reference": {"rule": dict, "batch_size": int, "epochs": int, "steps": int},
 }
 

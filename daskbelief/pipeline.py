@@ -1,34 +1,117 @@
 """Running a validated pipeline config: dataset, model, cluster, algorithm, run directory.
 
-A run directory holds what a later reader needs: the config, ``metrics.jsonl`` (one event per
-line), ``summary.json`` and the final parameters (``params.npy``) with the model description.
+Everything that can be checked is checked before any work starts (``prepare``): the model builds,
+the update rule and the partition plan parse, the recipe exists, a run to resume has a complete
+checkpoint. A run directory then holds what a later reader needs: ``config.json``,
+``metrics.jsonl`` (one event per line), ``summary.json``, the final parameters (``params.npy``)
+with ``model.json``, and for Downpour ``checkpoints/`` from which ``--resume`` continues.
 """
 from __future__ import annotations
 
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from daskbelief.cluster import client_or_local
+from daskbelief.cluster import client_or_local, default_local_workers
+from daskbelief.config import ConfigError
 from daskbelief.data import open_store
 from daskbelief.monitor.events import EventLog
+from daskbelief.monitor.progress import Progress
 from daskbelief.nn import Sequential
+from daskbelief.ps import checkpoint
+
+CHECKPOINT_EVERY = 60.0  # seconds, when [checkpoint] does not say
 
 
-def prepare_run_dir(out, name: str, overwrite: bool, config: dict) -> Path:
-    """Create the run directory; refuse to reuse an existing one unless ``overwrite``."""
+@dataclass
+class Pipeline:
+    """A config turned into what the run needs."""
+
+    config: dict
+    model: Sequential
+    algorithm: str
+    train: dict          # keyword arguments of the algorithm's entry point
+
+
+def prepare(config: dict) -> Pipeline:
+    """Check what a validated config describes (beyond keys and types), before any work starts."""
+    import daskbelief_datasets as recipes
+
+    recipe = config["dataset"]["recipe"]
+    if recipe not in recipes.RECIPES:
+        raise ConfigError(f"dataset.recipe {recipe!r} is unknown (known: {', '.join(sorted(recipes.RECIPES))})")
+    try:
+        model = Sequential.from_dict(config["model"])
+    except ValueError as e:
+        raise ConfigError(f"[model]: {e}") from None
+    train = dict(config["train"])
+    algorithm = train.pop("algorithm")
+    if algorithm not in ("downpour", "sandblaster"):
+        raise ConfigError(f"train.algorithm {algorithm!r} cannot run as a pipeline (use downpour or "
+                          "sandblaster; the reference trainers are library functions)")
+    if algorithm == "downpour":
+        from daskbelief.optim.rules import make_rule
+        from daskbelief.train.downpour import partition_plan
+
+        try:
+            make_rule(train.get("rule", "adagrad"))
+        except ValueError as e:
+            raise ConfigError(f"train.rule: {e}") from None
+        try:
+            partition_plan(model, train.get("partition"))
+        except ValueError as e:
+            raise ConfigError(f"train.partition: {e}") from None
+    return Pipeline(config, model, algorithm, train)
+
+
+def check_run_dir(out, name: str, *, overwrite: bool = False, resume: bool = False) -> Path:
+    """The run directory to use, checked without touching it: a new one (an existing non-empty
+    one only with ``overwrite``), or with ``resume`` one holding a complete checkpoint."""
+    if resume and overwrite:
+        raise ConfigError("--resume continues a run and --overwrite would delete it: choose one")
+    if resume:
+        if not out:
+            raise ConfigError("--resume needs --out RUN_DIR: the run directory to continue")
+        latest_checkpoint(Path(out))  # refuses a directory with nothing to resume
+        return Path(out)
     run_dir = Path(out) if out else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"run directory {run_dir} already exists and is not empty "
-                                  "(pass --overwrite to replace it, or choose another --out)")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"run directory {run_dir} already exists and is not empty "
+                              "(pass --overwrite to replace it, --resume to continue it, "
+                              "or choose another --out)")
     return run_dir
+
+
+def _open_run_dir(run_dir: Path, config: dict) -> None:
+    """Create a new run directory (replacing an old one the user chose to overwrite) and record
+    the config in it."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def _check_resumable(resume_from: Path, pipe: Pipeline) -> None:
+    """Only Downpour checkpoints of this very model can be resumed."""
+    if pipe.algorithm != "downpour":
+        raise ConfigError("--resume: only Downpour runs write checkpoints to resume from")
+    saved = checkpoint.describe(resume_from)["model"]
+    difference = checkpoint.model_difference(saved, pipe.model.to_dict(), ("checkpoint", "config"))
+    if difference:
+        raise ConfigError(f"cannot resume from {resume_from}: it holds a different model ({difference})")
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The newest complete checkpoint of a run; a clear error when there is none."""
+    path = checkpoint.latest(Path(run_dir) / "checkpoints")
+    if path is None:
+        raise FileNotFoundError(f"nothing to resume in {run_dir}: no complete checkpoint under "
+                                f"{Path(run_dir) / 'checkpoints'}")
+    return path
 
 
 def ensure_dataset(spec: dict) -> str:
@@ -43,43 +126,71 @@ def ensure_dataset(spec: dict) -> str:
     return path
 
 
-def _train(config: dict, model, path: str, client):
-    train = dict(config["train"])
-    algorithm = train.pop("algorithm")
-    if algorithm == "downpour":
+def _threads_needed(pipe: Pipeline, n_workers) -> int:
+    """Threads per local worker so that every Downpour replica runs at once."""
+    replicas = pipe.train.get("replicas", 1) if pipe.algorithm == "downpour" else 1
+    return max(1, -(-replicas // (n_workers or default_local_workers())))
+
+
+def _work(pipe: Pipeline, path: str) -> tuple[int, str]:
+    """How much work the run is, for the progress bar: (total, unit)."""
+    t = pipe.train
+    if pipe.algorithm == "sandblaster":
+        return t.get("iterations", 50), "iterations"
+    batch, replicas = t.get("batch_size", 32), t.get("replicas", 2)
+    warm = t.get("warmstart_steps", 0) * batch
+    if t.get("steps") is not None:
+        return replicas * t["steps"] * batch + warm, "samples"
+    return t.get("epochs", 1) * open_store(path).n + warm, "samples"
+
+
+def _train(pipe: Pipeline, path: str, client, run_dir: Path, resume_from):
+    if pipe.algorithm == "downpour":
         from daskbelief.train.downpour import downpour
 
-        return downpour(model, path, test=path, client=client, **train)
-    if algorithm == "sandblaster":
-        from daskbelief.train.sandblaster import sandblaster
+        every = pipe.config.get("checkpoint", {})
+        return downpour(pipe.model, path, test=path, client=client, config=pipe.config,
+                        checkpoint_dir=run_dir / "checkpoints",
+                        checkpoint_every=every.get("every_seconds", CHECKPOINT_EVERY),
+                        checkpoint_keep=every.get("keep", 3), resume_from=resume_from, **pipe.train)
+    from daskbelief.train.sandblaster import sandblaster
 
-        return sandblaster(model, path, test=path, client=client, **train)
-    raise ValueError(f"train.algorithm {algorithm!r} cannot run as a pipeline")
-
-
-def _threads_needed(config: dict, n_workers) -> int:
-    """Threads per local worker so that every Downpour replica runs at once."""
-    from daskbelief.cluster import default_local_workers
-
-    replicas = config["train"].get("replicas", 1)
-    workers = n_workers or default_local_workers()
-    return max(1, -(-replicas // workers))
+    return sandblaster(pipe.model, path, test=path, client=client, **pipe.train)
 
 
-def run(config: dict, run_dir: Path, *, n_workers=None, scheduler=None, scheduler_file=None) -> dict:
-    """Build the data if missing, train, evaluate, and write the run directory; return the summary."""
+def run(config: dict, out=None, *, name: str = "run", overwrite: bool = False, resume: bool = False,
+        n_workers=None, scheduler=None, scheduler_file=None, progress_stream=None) -> dict:
+    """Check everything, build the data if missing, train (or resume), evaluate, and write the
+    run directory (``out``, default ``runs/NAME-TIME``); return the summary.
+
+    Nothing is written into the run directory before the config, the run directory, the
+    dataset and the model's fit to it have all been checked; a resumed run keeps its original
+    ``config.json`` and appends to its ``metrics.jsonl``.
+    """
+    pipe = prepare(config)
+    run_dir = check_run_dir(out, name, overwrite=overwrite, resume=resume)
+    resume_from = latest_checkpoint(run_dir) if resume else None
+    if resume_from is not None:
+        _check_resumable(resume_from, pipe)
     path = ensure_dataset(config["dataset"])
-    model = Sequential.from_dict(config["model"])
+    store = open_store(path)
+    pipe.model.check_data(store.feature_shape, store.n_classes)
+    if resume_from is None:
+        _open_run_dir(run_dir, config)
+    progress = Progress(*_work(pipe, path), stream=progress_stream)
     with client_or_local(None, n_workers, scheduler, scheduler_file,
-                         threads_per_worker=_threads_needed(config, n_workers)) as client:
-        log = EventLog(client, path=run_dir / "metrics.jsonl")
+                         threads_per_worker=_threads_needed(pipe, n_workers)) as client:
+        log = EventLog(client, path=run_dir / "metrics.jsonl", listeners=[progress])
         try:
-            result = _train(config, model, path, client)
+            result = _train(pipe, path, client, run_dir, resume_from)
         finally:
             log.close()
+            progress.close()
     np.save(run_dir / "params.npy", result.params)
-    (run_dir / "model.json").write_text(json.dumps(model.to_dict(), indent=2))
+    (run_dir / "model.json").write_text(json.dumps(pipe.model.to_dict(), indent=2))
     summary = {**result.summary, "run_dir": str(run_dir), "dataset": path}
+    if resume_from is not None:
+        summary["resumed_from"] = str(resume_from)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
@@ -104,13 +215,34 @@ def evaluate_run(run_dir: Path, data, split: str, **cluster) -> dict:
         return evaluate(model, params, url, split=split, client=client)
 
 
+def predict_run(run_dir: Path, data, split: str, out, overwrite: bool, **cluster) -> dict:
+    """Predictions of a run's final parameters for a store's split, written to zarr via Dask."""
+    from daskbelief.train.predict import predict_store
+
+    model, params, config = load_run(run_dir)
+    with client_or_local(None, **cluster) as client:
+        return predict_store(model, params, data or config["dataset"]["path"], out, split=split,
+                             client=client, overwrite=overwrite)
+
+
 def describe(path: Path) -> dict:
-    """What a path holds: a run directory's summary, or a dataset store's splits."""
+    """What a path holds: a run directory's summary, a checkpoint, or a dataset store's splits."""
     if (path / "summary.json").exists():
         return json.loads((path / "summary.json").read_text())
+    if (path / "config.json").exists():
+        found = checkpoint.complete(path / "checkpoints")
+        return {"run_dir": str(path), "finished": False,
+                "checkpoints": [str(p) for p in found]}
+    if checkpoint.is_checkpoint(path):
+        return checkpoint.describe(path)
     out = {"store": str(path)}
     for split in ("train", "test"):
-        s = open_store(str(path), split=split)
+        try:
+            s = open_store(str(path), split=split)
+        except ValueError as e:
+            if "split" in str(e):
+                continue
+            raise
         out[split] = {"n": s.n, "feature_shape": list(s.feature_shape), "n_classes": s.n_classes,
-                      "chunk_rows": s.chunk_rows, "n_chunks": s.n_chunks}
+                      "task": s.task, "chunk_rows": s.chunk_rows, "n_chunks": s.n_chunks}
     return out

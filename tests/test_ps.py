@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from daskbelief.optim.rules import adagrad, make_rule
-from daskbelief.ps.policy import overlaps, place_shards, shard_ranges
+from daskbelief.ps.policy import overlaps, place_replicas, place_shards, shard_ranges
 from daskbelief.ps.server import ParameterServer
 
 
@@ -37,6 +37,14 @@ def test_place_shards_prefers_distinct_workers():
     assert place_shards(["a", "b"], 3) == ["a", "b", "a"]
     with pytest.raises(ValueError, match="no workers"):
         place_shards([], 1)
+
+
+def test_place_replicas_prefers_workers_without_shards():
+    assert place_replicas(["a", "b", "c"], ["a"], 2) == ["b", "c"]
+    assert place_replicas(["a", "b", "c"], ["a"], 4) == ["b", "c", "a", "b"]
+    assert place_replicas(["a", "b"], ["a", "b", "a"], 3) == ["b", "a", "b"]
+    with pytest.raises(ValueError, match="no workers"):
+        place_replicas([], [], 1)
 
 
 def test_push_and_fetch_apply_the_rule_exactly(client):
@@ -121,3 +129,14 @@ def test_state_dicts_round_trip(client):
                 np.testing.assert_array_equal(a["state"][k], b["state"][k])
     finally:
         ps.close()
+
+
+def test_updates_missing_from_a_restored_shard():
+    from daskbelief.train.driver import pick_worker, updates_missing
+
+    # Survivors went from versions 10 and 12 at the checkpoint to 17 and 18: 7 updates missing.
+    assert updates_missing({1: 17, 2: 18}, [9, 10, 12]) == 7
+    assert updates_missing({}, [5]) == 0  # nothing survived to compare with
+    assert updates_missing({0: 3}, [4, 0]) == 0
+    assert pick_worker(["a", "b", "c"], ["a", "b", "a"]) == "c"
+    assert pick_worker(["a", "b"], ["gone", "a"]) == "b"

@@ -309,12 +309,12 @@ def write_dataset(url, train, test=None, *, chunk_rows: int | None = None,
             shutil.rmtree(target, ignore_errors=True)
         raise
     if local is not None:
-        _move_into_place(Path(target), local)
+        move_into_place(Path(target), local)
         return str(local)
     return str(url)
 
 
-def _move_into_place(tmp: Path, dest: Path) -> None:
+def move_into_place(tmp: Path, dest: Path) -> None:
     """Rename a finished store to ``dest``; an old store there is removed only afterwards."""
     old = None
     if dest.exists():

@@ -8,8 +8,8 @@ Every event is a flat dict with ``run`` (the run's id) and ``time`` (absolute, `
 durations since the run started are called ``elapsed``. The fields per topic:
 
 * ``daskbelief-replica`` (Downpour, every ``report_every`` steps of a replica): ``replica``,
-  ``worker``, ``step``, ``loss`` (mean over the steps since the last report), ``samples_per_s``,
-  ``staleness`` (mean versions missed by its recent pushes).
+  ``worker``, ``step``, ``batch_size``, ``loss`` (mean over the steps since the last report),
+  ``samples_per_s``, ``staleness`` (mean versions missed by its recent pushes).
 * ``daskbelief-shard`` (the driver, about once a second): the shard's ``stats()``: ``shard``,
   ``start``, ``stop``, ``version``, ``applied``, ``rejected``, ``fetches``, ``bytes_in``,
   ``bytes_out``, ``uptime``, ``staleness_mean``, ``staleness_hist`` (a list of counts, bin i =
@@ -17,8 +17,9 @@ durations since the run started are called ``elapsed``. The fields per topic:
 * ``daskbelief-run`` (the driver / coordinator): ``kind`` is one of
   ``start`` (``algorithm`` and its settings), ``eval`` (``elapsed``, ``test_loss``,
   ``test_accuracy``), ``iteration`` (Sandblaster: ``iteration``, ``loss``, ``grad_norm``,
-  ``evaluations``, ``elapsed``), ``checkpoint`` (``path``), ``shard-recovered`` (``shard``,
-  ``updates_lost``), ``replica-restarted`` (``replica``), ``end`` (the summary figures).
+  ``evaluations``, ``elapsed``), ``checkpoint`` (``path``), ``checkpoint-failed`` (``error``),
+  ``shard-recovered`` (``shard``, ``updates_lost``), ``replica-restarted`` (``replica``),
+  ``end`` (the summary figures).
 * ``daskbelief-portion`` (Sandblaster, one per finished portion task): ``evaluation``,
   ``portion``, ``worker``, ``seconds`` (compute time), ``backup`` (this copy was a backup),
   ``counted`` (this copy's result was the one applied); and one per backup launch with
@@ -49,10 +50,11 @@ def emit(topic: str, **fields) -> None:
 
 
 class EventLog:
-    """Collects daskbelief events on the driver as they arrive, optionally into a JSON-lines file."""
+    """Collects daskbelief events on the driver as they arrive, optionally into a JSON-lines file
+    and to ``listeners`` (callables taking each record, e.g. a progress bar)."""
 
-    def __init__(self, client, path=None, topics=TOPICS):
-        self.client, self.topics = client, topics
+    def __init__(self, client, path=None, topics=TOPICS, listeners=()):
+        self.client, self.topics, self.listeners = client, topics, list(listeners)
         self.events: list[dict] = []
         self._lock = threading.Lock()
         self._file = open(path, "a", encoding="utf-8") if path else None
@@ -68,6 +70,8 @@ class EventLog:
                 if self._file:
                     self._file.write(json.dumps(record) + "\n")
                     self._file.flush()
+                for listener in self.listeners:
+                    listener(record)
         return handle
 
     def of(self, topic: str) -> list[dict]:

@@ -38,10 +38,12 @@ class Checkpoint:
     counters: dict
     shards: list[dict]
 
-    def replica_pushes(self) -> dict[str, int]:
-        """Pushes each replica had applied when the checkpoint was taken (fewest over shards)."""
-        names = set().union(*(s["per_replica"] for s in self.shards))
-        return {r: min(s["per_replica"].get(r, 0) for s in self.shards) for r in names}
+    def replica_steps(self) -> dict[str, int]:
+        """Steps each replica had pushed into the saved state: the fewest over the shards it
+        pushed to (a model-parallel block pushes only to the shards holding its ranges)."""
+        names = set().union(*(s["replica_steps"] for s in self.shards))
+        return {r: min(s["replica_steps"][r] for s in self.shards if r in s["replica_steps"])
+                for r in names}
 
 
 def _create(path: Path, ranges, state_names, attrs: dict) -> None:
@@ -56,11 +58,11 @@ def _create(path: Path, ranges, state_names, attrs: dict) -> None:
 
 
 def save(root, ps, *, model: dict, config: dict | None = None, counters: dict | None = None,
-         keep: int = 3) -> Path:
+         keep: int = 3, timeout: float | None = None) -> Path:
     """Write a checkpoint of every shard under ``root`` and return its path.
 
     Keeps the newest ``keep`` complete checkpoints and deletes older ones, so a long run does not
-    fill the disk.
+    fill the disk. ``timeout``: seconds to wait for the shards (a lost shard never answers).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -70,7 +72,11 @@ def save(root, ps, *, model: dict, config: dict | None = None, counters: dict | 
     _create(path, ps.ranges, names, {"model": model, "config": config or {},
                                      "ranges": [list(r) for r in ps.ranges],
                                      "counters": counters or {}, "time": time.time()})
-    shards = ps.write_checkpoint(str(path))
+    try:
+        shards = ps.write_checkpoint(str(path), timeout)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)  # incomplete: it would never count anyway
+        raise
     group = zarr.open_group(str(path), mode="r+")
     group.attrs.update({"versions": [s["version"] for s in shards], "shards": shards,
                         "complete": True})
@@ -103,6 +109,24 @@ def latest(root) -> Path | None:
     """The newest complete checkpoint under ``root``, or None."""
     found = complete(root)
     return found[-1] if found else None
+
+
+def is_checkpoint(path) -> bool:
+    """Whether ``path`` is a checkpoint group (complete or not)."""
+    try:
+        return "ranges" in zarr.open_group(str(path), mode="r").attrs
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+        return False
+
+
+def describe(path) -> dict:
+    """A checkpoint's metadata (no parameters): for ``daskbelief info``."""
+    attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    return {"checkpoint": str(path), "complete": bool(attrs.get("complete")),
+            "parameters": attrs["ranges"][-1][1], "shards": len(attrs["ranges"]),
+            "versions": attrs.get("versions"), "model": attrs.get("model"),
+            "counters": attrs.get("counters"), "time": attrs.get("time"),
+            "replica_steps": {k: v for s in attrs.get("shards", []) for k, v in s.get("replica_steps", {}).items()}}
 
 
 def load(path, start: int = 0, stop: int | None = None) -> Checkpoint:

@@ -1,4 +1,4 @@
-"""Which shard owns which part of the flat parameter vector, and which worker holds which shard.
+"""Which shard owns which part of the flat parameter vector, and where shards and replicas run.
 
 Small pure functions, kept apart from the actor machinery so they can be tested without a cluster.
 """
@@ -46,3 +46,19 @@ def place_shards(workers: list[str], n_shards: int) -> list[str]:
         raise ValueError("the Dask cluster has no workers: start at least one worker before training")
     ordered = sorted(workers)
     return [ordered[i % len(ordered)] for i in range(n_shards)]
+
+
+def place_replicas(workers: list[str], shard_holders: list[str], n_replicas: int) -> list[str]:
+    """The preferred worker of each replica: those holding the fewest shards first, round robin.
+
+    A replica computing on a worker whose actor thread also serves a shard slows that shard for
+    everyone, and a worker holding nothing but replicas can be lost without losing parameters.
+    """
+    if not workers:
+        raise ValueError("the Dask cluster has no workers: start at least one worker before training")
+    load = {w: 0 for w in workers}
+    for holder in shard_holders:
+        if holder in load:
+            load[holder] += 1
+    ordered = sorted(workers, key=lambda w: (load[w], w))
+    return [ordered[i % len(ordered)] for i in range(n_replicas)]

@@ -69,27 +69,32 @@ class ParameterServer:
         """Ask every shard for its slice; returns the pending replies in shard order."""
         return [s.fetch() for s in self.shards]
 
-    def gather(self, replies, out=None) -> tuple[np.ndarray, list[int]]:
-        """Wait for ``fetch_async`` replies and assemble them into ``out`` (allocated if None)."""
+    def gather(self, replies, out=None, wait=None) -> tuple[np.ndarray, list[int]]:
+        """Wait for ``fetch_async`` replies and assemble them into ``out`` (allocated if None);
+        ``wait(reply)`` waits for one reply (default: without a time limit)."""
         out = np.empty(self.size, dtype=np.float32) if out is None else out
+        wait = wait or _result
         versions = []
         for (a, b), reply in zip(self.ranges, replies):
-            values, version = reply.result()
+            values, version = wait(reply)
             out[a:b] = values
             versions.append(version)
         return out, versions
 
-    def fetch(self, out=None) -> tuple[np.ndarray, list[int]]:
+    def fetch(self, out=None, timeout: float | None = None) -> tuple[np.ndarray, list[int]]:
         """The whole parameter vector and the version of each shard it came from."""
-        return self.gather(self.fetch_async(), out)
+        return self.gather(self.fetch_async(), out, lambda r: r.result(timeout=timeout))
 
-    def push_async(self, grad, versions: list[int], replica: str = "") -> list:
-        """Send each shard its slice of ``grad``; returns the pending replies (new versions)."""
-        return [s.push(grad[a:b], v, replica) for s, (a, b), v in zip(self.shards, self.ranges, versions)]
+    def push_async(self, grad, versions: list[int], replica: str = "",
+                   steps_done: int | None = None) -> list:
+        """Send each shard its slice of ``grad``; returns the pending replies (new versions).
+        ``steps_done``: the replica's step count including this push (kept for resuming)."""
+        return [s.push(grad[a:b], v, replica, 0, steps_done)
+                for s, (a, b), v in zip(self.shards, self.ranges, versions)]
 
-    def push(self, grad, versions: list[int], replica: str = "") -> list[int]:
+    def push(self, grad, versions: list[int], replica: str = "", steps_done: int | None = None) -> list[int]:
         """Push and wait until every shard has applied its slice."""
-        return [r.result() for r in self.push_async(grad, versions, replica)]
+        return [r.result() for r in self.push_async(grad, versions, replica, steps_done)]
 
     # -- partial ranges (model-parallel blocks) ---------------------------------------------------
     def fetch_range(self, start: int, stop: int) -> tuple[np.ndarray, dict[int, int]]:
@@ -102,25 +107,26 @@ class ParameterServer:
             out[lo - start:hi - start], versions[i] = reply.result()
         return out, versions
 
-    def push_range_async(self, start: int, grad, versions: dict[int, int], replica: str = "") -> list:
+    def push_range_async(self, start: int, grad, versions: dict[int, int], replica: str = "",
+                         steps_done: int | None = None) -> list:
         """Push a gradient for ``[start, start + len(grad))`` to the shards that hold that range."""
         pieces = overlaps(self.ranges, start, start + len(grad))
         return [self.shards[i].push(grad[lo - start:hi - start], versions.get(i, 0), replica,
-                                    lo - self.ranges[i][0])
+                                    lo - self.ranges[i][0], steps_done)
                 for i, lo, hi in pieces]
 
     # -- inspection and checkpoints ---------------------------------------------------------------
-    def stats(self) -> list[dict]:
+    def stats(self, timeout: float | None = None) -> list[dict]:
         """Every shard's counters."""
-        return [r.result() for r in [s.stats() for s in self.shards]]
+        return [r.result(timeout=timeout) for r in [s.stats() for s in self.shards]]
 
     def state_dicts(self) -> list[dict]:
         """Every shard's parameters, rule state and version (for checkpoints)."""
         return [r.result() for r in [s.state_dict() for s in self.shards]]
 
-    def write_checkpoint(self, path: str) -> list[dict]:
+    def write_checkpoint(self, path: str, timeout: float | None = None) -> list[dict]:
         """Every shard writes its own arrays of the checkpoint at ``path``; returns their counters."""
-        return [r.result() for r in [s.write_checkpoint(path) for s in self.shards]]
+        return [r.result(timeout=timeout) for r in [s.write_checkpoint(path) for s in self.shards]]
 
     def state_names(self) -> list[str]:
         """Names of the update rule's state arrays."""
@@ -136,3 +142,7 @@ class ParameterServer:
         for f in self._futures or []:
             f.release()
         self._futures = None
+
+
+def _result(reply):
+    return reply.result()

@@ -41,18 +41,20 @@ class ParameterShard:
         self.applied = 0
         self.rejected = 0
         self.per_replica: dict[str, int] = {}
+        self.replica_steps: dict[str, int] = {}  # steps each replica had done by its last push
         self.staleness_hist = np.zeros(STALENESS_BINS, dtype=np.int64)
         self.staleness_sum = 0
         self.bytes_in = 0
         self.bytes_out = 0
         self.fetches = 0
         self.started = time.time()
-        self.vectors = LocalVectors(stop - start, dtype=np.float32)
+        self.vectors = LocalVectors(stop - start, dtype=np.float32, xp=xp)
         self.vectors.set("params", self.params)
-        self._accepting: dict[str, object] = {}
+        self._objective: ObjectiveSlice | None = None  # Sandblaster: set by ``prepare_objective``
 
     # -- Downpour -------------------------------------------------------------------------------
-    def push(self, grad, base_version: int, replica: str = "", offset: int = 0) -> int:
+    def push(self, grad, base_version: int, replica: str = "", offset: int = 0,
+             steps_done: int | None = None) -> int:
         """Apply one update from a gradient computed on parameters of version ``base_version``.
 
         ``grad`` covers ``[offset, offset + len(grad))`` of this shard's slice (a model-parallel
@@ -78,6 +80,8 @@ class ParameterShard:
         self.version += 1
         self.applied += 1
         self.per_replica[replica] = self.per_replica.get(replica, 0) + 1
+        if steps_done is not None:  # what a checkpoint needs to resume the replica exactly
+            self.replica_steps[replica] = max(self.replica_steps.get(replica, 0), int(steps_done))
         return self.version
 
     def fetch(self, offset: int = 0, length: int | None = None):
@@ -93,7 +97,7 @@ class ParameterShard:
         return {
             "shard": self.index, "start": self.start, "stop": self.stop, "version": self.version,
             "applied": self.applied, "rejected": self.rejected, "fetches": self.fetches,
-            "per_replica": dict(self.per_replica),
+            "per_replica": dict(self.per_replica), "replica_steps": dict(self.replica_steps),
             "staleness_hist": self.staleness_hist.tolist(),
             "staleness_mean": self.staleness_sum / self.applied if self.applied else 0.0,
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
@@ -123,7 +127,7 @@ class ParameterShard:
         for name, values in self.state.items():
             group[f"shard-{self.index}/state/{name}"][:] = to_numpy(values)
         return {"version": self.version, "applied": self.applied,
-                "per_replica": dict(self.per_replica)}
+                "per_replica": dict(self.per_replica), "replica_steps": dict(self.replica_steps)}
 
     def state_names(self) -> list[str]:
         """Names of the update rule's state arrays (what a checkpoint must hold besides params)."""
@@ -144,30 +148,118 @@ class ParameterShard:
 
     # -- Sandblaster: vectors held on the shard ---------------------------------------------------
     def run_ops(self, ops: list[tuple]) -> list:
-        """Execute vector operations in order and return the result of each (None or a scalar).
+        """Execute operations ``(name, *args)`` in order; return each one's result (None or a scalar).
 
-        Ops arrive in batches so that the coordinator pays one round trip for several of them;
-        a dot returns this shard's float64 partial sum, which the coordinator adds up.
+        Ops arrive in batches so that the coordinator pays one round trip for several of them
+        (``ShardedVectors`` queues the ones that return nothing and sends them with the next one
+        that returns something). A name is a vector operation (``LocalVectors``: copy, axpy,
+        scale, swap, mul, zeros, dot, dots; a dot returns this shard's float64 partial sum) or one
+        of the evaluation steps ``open_evaluation`` / ``finish_evaluation``.
         """
-        return [getattr(self.vectors, name)(*args) for name, *args in ops]
+        return [self._op(name, args) for name, *args in ops]
 
-    def open_accumulator(self, name: str, tag) -> None:
-        """Zero vector ``name`` and accept only contributions tagged ``tag`` from now on.
+    def _op(self, name: str, args):
+        if name in VECTOR_OPS:
+            return getattr(self.vectors, name)(*args)
+        if name in EVALUATION_OPS:
+            return getattr(self, name)(*args)
+        raise ValueError(f"shard {self.index}: unknown operation {name!r} (vector operations: "
+                         f"{', '.join(sorted(VECTOR_OPS))}; evaluation steps: "
+                         f"{', '.join(sorted(EVALUATION_OPS))})")
 
-        A new tag per gradient evaluation means a contribution from an abandoned evaluation (a
-        worker that was presumed lost, a restarted evaluation) can never leak into this one.
-        """
-        self.vectors.zeros(name)
-        self._accepting[name] = tag
-
-    def accumulate(self, name: str, tag, grad, offset: int = 0) -> bool:
-        """Add ``grad`` into vector ``name`` when ``tag`` is the one it accepts; True if added."""
+    def prepare_objective(self, model, n_rows: int) -> None:
+        """Get ready to hold this slice of Sandblaster's batch objective (see ``ObjectiveSlice``)."""
         xp = namespace(self.params)
-        grad = xp.asarray(grad)
-        self.bytes_in += grad.nbytes
-        if self._accepting.get(name) != tag or not bool(xp.isfinite(grad).all()):
-            self.rejected += 1
+        self._objective = ObjectiveSlice(
+            mask=xp.asarray(model.decay_mask()[self.start:self.stop]), n=int(n_rows),
+            l2=float(model.l2), acc=xp.zeros(self.stop - self.start, dtype=np.float64))
+
+    def _evaluation(self) -> ObjectiveSlice:
+        if self._objective is None:
+            raise RuntimeError(f"shard {self.index}: prepare_objective was not called")
+        return self._objective
+
+    def open_evaluation(self, tag, x_name: str) -> None:
+        """Start evaluating the objective at vector ``x_name``: zero the accumulator and accept
+        only contributions tagged ``tag`` from now on.
+
+        A new tag per evaluation (and per restart of one) means a contribution from an abandoned
+        evaluation -- a late copy, a worker presumed lost -- can never leak into this one.
+        """
+        ev = self._evaluation()
+        self.vectors.get(x_name)  # fail here, not in every worker, when the vector is missing
+        ev.acc.fill(0.0)
+        ev.tag, ev.x = tag, x_name
+
+    def read_evaluated(self, tag):
+        """This slice of the vector being evaluated under ``tag`` (a copy), or None when ``tag``
+        is not the open evaluation: the caller is a leftover of an abandoned one."""
+        ev = self._evaluation()
+        if ev.tag != tag:
+            return None
+        ev.reads += 1
+        values = self.vectors.get(ev.x).copy()
+        self.bytes_out += values.nbytes
+        return values
+
+    def read(self, name: str):
+        """A copy of this slice of vector ``name`` (results, test evaluations, tests)."""
+        values = self.vectors.get(name).copy()
+        self.bytes_out += values.nbytes
+        return values
+
+    def accumulate(self, tag, values, offset: int = 0) -> bool:
+        """Add float64 portion sums into the accumulator when ``tag`` is the open evaluation.
+
+        Returns whether they were added. Non-finite values are added like any others: the
+        reference objective lets them through too, and the line search backs off from them.
+        """
+        ev = self._evaluation()
+        values = namespace(self.params).asarray(values)
+        self.bytes_in += values.nbytes
+        if ev.tag != tag:
+            ev.refused += 1
             return False
-        target = self.vectors.get(name)
-        target[offset:offset + len(grad)] += grad
+        end = offset + len(values)
+        if not 0 <= offset < end <= len(ev.acc):
+            raise ValueError(f"shard {self.index}: {len(values)} values at offset {offset} do not "
+                             f"fit its {len(ev.acc)} elements")
+        ev.acc[offset:end] += values
+        ev.accepted += 1
         return True
+
+    def finish_evaluation(self, tag, x_name: str, g_name: str) -> float:
+        """Close evaluation ``tag``: vector ``g_name`` = this slice of the gradient at ``x_name``
+        (``finish_gradient``, exactly the reference's arithmetic); returns the slice's share of
+        the regulariser."""
+        from daskbelief.train.objective import finish_gradient  # the reference's own code
+
+        ev = self._evaluation()
+        if ev.tag != tag:
+            raise RuntimeError(f"shard {self.index}: cannot finish evaluation {tag!r}, the open "
+                               f"one is {ev.tag!r}")
+        ev.tag = None
+        return finish_gradient(ev.acc, self.vectors.get(x_name), ev.mask, ev.n, ev.l2,
+                               self.vectors.buffer(g_name))
+
+    def objective_stats(self) -> dict:
+        """Sandblaster counters: slice reads by workers, contributions accepted and refused."""
+        ev = self._evaluation()
+        return {"shard": self.index, "reads": ev.reads, "accepted": ev.accepted,
+                "refused": ev.refused, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out}
+
+
+VECTOR_OPS = frozenset({"zeros", "copy", "swap", "axpy", "scale", "mul", "dot", "dots"})
+EVALUATION_OPS = frozenset({"open_evaluation", "finish_evaluation"})
+
+
+class ObjectiveSlice:
+    """A shard's part of Sandblaster's batch objective: what finishing its slice of the gradient
+    needs (the slice's L2 mask, the batch size ``n``, ``l2``), the float64 accumulator the
+    workers' portion sums are added into, the open evaluation (``tag``, vector ``x``) and counters.
+    """
+
+    def __init__(self, mask, n: int, l2: float, acc):
+        self.mask, self.n, self.l2, self.acc = mask, n, l2, acc
+        self.tag, self.x = None, None
+        self.reads = self.accepted = self.refused = 0

@@ -28,6 +28,7 @@ from daskbelief.data import open_store
 from daskbelief.monitor import events
 from daskbelief.optim.rules import make_rule
 from daskbelief.ps import checkpoint
+from daskbelief.ps.policy import place_replicas
 from daskbelief.ps.server import ParameterServer
 from daskbelief.train.driver import Driver
 from daskbelief.train.partition import Plan, from_config
@@ -93,7 +94,8 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
              steps: int | None = None, warmstart_steps: int = 0, test=None, seed: int = 0,
              params=None, overlap: bool = True, max_in_flight: int = 2, report_every: int = 20,
              eval_every: float | None = None, eval_rows: int = 10_000, checkpoint_dir=None,
-             checkpoint_every: float | None = None, resume_from=None, partition=None,
+             checkpoint_every: float | None = None, checkpoint_keep: int = 3, resume_from=None,
+             partition=None,
              config: dict | None = None) -> TrainResult:
     """Train ``model`` with Downpour SGD on a Dask cluster and return a ``TrainResult``.
 
@@ -121,6 +123,7 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
     eval_rows : test rows used by the evaluations during training
     checkpoint_dir, checkpoint_every : write a checkpoint there every so many seconds and at the
         end; a shard lost with its worker is recreated from the latest one
+    checkpoint_keep : how many complete checkpoints to keep (older ones are deleted)
     resume_from : a checkpoint path: parameters, rule state and each replica's progress resume
     partition : a ``partition.Plan`` of ``model`` or a table such as ``{"kind": "horizontal",
         "k": 2}``: each replica is then spread over the plan's block actors (model parallelism),
@@ -155,8 +158,8 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
         ps = ParameterServer.create(c, start_point.params, shards, rule)
         if start_point.shards is not None:
             ps.load_state_dicts(start_point.shards(ps.ranges))
-        done = {p.replica: min(start_point.pushes.get(f"replica-{p.replica}", 0) * n_push,
-                               p.total_steps) for p in replica_plans}
+        done = {p.replica: min(start_point.steps.get(f"replica-{p.replica}", 0), p.total_steps)
+                for p in replica_plans}
         coordination = _coordinate(c, replica_plans[0], ps, done, warmstart_steps)
         events.emit(events.RUN, run=run, kind="start", algorithm="downpour",
                     **{k: v for k, v in asdict(replica_plans[0]).items()
@@ -166,12 +169,15 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
                                overlap=overlap, max_in_flight=max_in_flight,
                                first_worker=r * plan.n_blocks)
                   for r in range(replicas)]
+        homes = place_replicas(require_workers(c), ps.addresses(), replicas)
         futures = [c.submit(run_replica, model, p, b, key=f"{run}-replica-{p.replica}",
-                            pure=False, retries=0) for p, b in zip(replica_plans, blocks)]
+                            workers=[home], allow_other_workers=True, pure=False, retries=0)
+                   for p, b, home in zip(replica_plans, blocks, homes)]
         driver = Driver(c, run, ps, futures, model, test_store, coordination,
                         eval_every=eval_every, eval_rows=eval_rows, checkpoint_dir=checkpoint_dir,
                         checkpoint_every=checkpoint_every, initial=start_point.params,
-                        checkpoint_meta={"model": model.to_dict(), "config": config or {}})
+                        checkpoint_meta={"model": model.to_dict(), "config": config or {},
+                                         "keep": checkpoint_keep})
         try:
             outcomes = driver.wait()
             final, _ = driver.ps.fetch()
@@ -224,10 +230,10 @@ class _StartPoint:
 
     params: np.ndarray
     shards: object = None           # ranges -> per-shard snapshots, when resuming
-    pushes: dict = None             # replica name -> pushes applied before the checkpoint
+    steps: dict = None              # replica name -> steps pushed before the checkpoint
 
     def __post_init__(self):
-        self.pushes = self.pushes or {}
+        self.steps = self.steps or {}
 
 
 def _start_point(model, seed: int, params, resume_from) -> _StartPoint:
@@ -245,7 +251,7 @@ def _start_point(model, seed: int, params, resume_from) -> _StartPoint:
         return [{"params": ckpt.params[a:b], "state": {k: v[a:b] for k, v in ckpt.state.items()},
                  "version": max(ckpt.versions), "applied": 0} for a, b in ranges]
 
-    return _StartPoint(ckpt.params, snapshots, ckpt.replica_pushes())
+    return _StartPoint(ckpt.params, snapshots, ckpt.replica_steps())
 
 
 def _coordinate(client, plan: ReplicaPlan, ps, done: dict[int, int], warmstart_steps: int) -> dict:
@@ -289,6 +295,9 @@ class ServerLost(Exception):
     """A parameter-server call failed: a shard's worker is gone (or unreachable)."""
 
 
+WAIT_SLICE = 1.0  # seconds a replica waits for a shard before checking for a recovered server
+
+
 class _Link:
     """A replica's traffic with the parameter server: fetches, bounded pushes in flight, recovery.
 
@@ -296,6 +305,11 @@ class _Link:
     memory stays at ``limit + 1`` buffers however far the replica runs ahead. Any failure of a
     server call becomes ``ServerLost``; ``recover`` then waits for the driver to publish a server
     with the lost shard recreated, and drops what was in flight to the old one.
+
+    A call to a shard whose worker died may never be answered at all (distributed 2026.8 leaves
+    such an actor future pending when the actor's own future can no longer complete), so replies
+    are awaited in slices of ``WAIT_SLICE`` seconds, and between slices the replica gives up on
+    the call once the driver has published a newer server.
     """
 
     def __init__(self, plan: ReplicaPlan, size: int):
@@ -315,8 +329,16 @@ class _Link:
         except Exception as e:  # noqa: BLE001 -- any failure to reach a shard means: recover
             raise ServerLost(f"{type(e).__name__}: {e}") from e
 
+    def _wait(self, reply):
+        while True:
+            try:
+                return reply.result(timeout=WAIT_SLICE)
+            except TimeoutError:
+                if self.var.get()[0] > self.generation:
+                    raise ServerLost("a shard did not answer and the driver has replaced it") from None
+
     def fetch(self, out=None):
-        return self._call(self.ps.fetch, out)
+        return self._call(lambda: self.ps.gather(self.ps.fetch_async(), out, self._wait))
 
     def fetch_begin(self) -> None:
         self.pending = self._call(self.ps.fetch_async)
@@ -326,7 +348,7 @@ class _Link:
         if self.pending is None:
             return None
         pending, self.pending = self.pending, None
-        return self._call(self.ps.gather, pending, out)
+        return self._call(self.ps.gather, pending, out, self._wait)
 
     def buffer(self) -> np.ndarray:
         """A buffer (contents undefined) to accumulate the next push into, waiting for one if
@@ -339,16 +361,17 @@ class _Link:
         """Give back a buffer that will not be pushed (its gradient was lost with a shard)."""
         self.free.append(buf)
 
-    def push(self, grad, versions, wait_now: bool) -> None:
-        """Push ``grad`` (a buffer from ``buffer``) computed on parameters of ``versions``."""
-        self.flight.append((self._call(self.ps.push_async, grad, versions, self.replica),
+    def push(self, grad, versions, steps_done: int, wait_now: bool) -> None:
+        """Push ``grad`` (a buffer from ``buffer``) computed on parameters of ``versions``;
+        ``steps_done`` counts the replica's steps including those in ``grad``."""
+        self.flight.append((self._call(self.ps.push_async, grad, versions, self.replica, steps_done),
                             grad, versions))
         while len(self.flight) > (0 if wait_now else self.limit):
             self._settle_oldest()
 
     def _settle_oldest(self) -> None:
         replies, grad, versions = self.flight[0]
-        new = self._call(lambda: [r.result() for r in replies])
+        new = self._call(lambda: [self._wait(r) for r in replies])
         self.flight.popleft()
         self.staleness.extend(v - 1 - base for v, base in zip(new, versions))
         self.free.append(grad)
@@ -385,6 +408,7 @@ class _Stepper:
         self.params, self.versions = _connect(self.link, None)
         self.grad = np.empty_like(self.params) if plan.n_push > 1 else None
         self.acc, self.acc_steps = None, 0
+        self.steps_done = first_step
 
     @property
     def staleness(self) -> list[int]:
@@ -416,8 +440,9 @@ class _Stepper:
             if fetched is not None:
                 self.params, self.versions = fetched
             self.acc_steps += 1
+            self.steps_done = step + 1
             if self.acc_steps == plan.n_push:
-                link.push(self.acc, self.versions, wait_now=not plan.overlap)
+                link.push(self.acc, self.versions, self.steps_done, wait_now=not plan.overlap)
                 self.acc, self.acc_steps = None, 0
             return loss
         except ServerLost:
@@ -432,7 +457,7 @@ class _Stepper:
         """Push what is accumulated and wait for every push in flight."""
         try:
             if self.acc is not None:
-                self.link.push(self.acc, self.versions, wait_now=True)
+                self.link.push(self.acc, self.versions, self.steps_done, wait_now=True)
             self.link.drain()
         except ServerLost:
             self.link.pushes_lost += 1
@@ -446,6 +471,7 @@ class _PartitionedStepper:
         self.blocks, self.plan, self.first = blocks, plan, first_step
         self.staleness: list[int] = []
         self.pushes_lost = 0
+        self.steps_done = first_step
         self.n_blocks = blocks.plan.n_blocks
         blocks.call("fetch", [()] * self.n_blocks)
 
@@ -453,12 +479,14 @@ class _PartitionedStepper:
         plan = self.plan
         fetch = step > 0 and step % plan.n_fetch == 0
         push = (step - self.first + 1) % plan.n_push == 0
-        out = self.blocks.train_step(X, y, tag=(plan.run, plan.replica, step), fetch=fetch, push=push)
+        self.steps_done = step + 1
+        out = self.blocks.train_step(X, y, tag=(plan.run, plan.replica, step), fetch=fetch,
+                                     push=push, steps_done=self.steps_done)
         self.staleness.extend(s for _, st in out for s in st)
         return sum(loss for loss, _ in out)
 
     def finish(self) -> None:
-        for st in self.blocks.call("flush", [()] * self.n_blocks):
+        for st in self.blocks.call("flush", [(self.steps_done,)] * self.n_blocks):
             self.staleness.extend(st)
 
 
@@ -496,7 +524,7 @@ def run_replica(model, plan: ReplicaPlan, blocks=None) -> dict:
             progress.set({"done": step, "attempt": attempt})
             now = time.time()
             events.emit(events.REPLICA, run=plan.run, replica=plan.replica, step=step,
-                        loss=float(np.mean(losses)), worker=worker,
+                        batch_size=plan.batch_size, loss=float(np.mean(losses)), worker=worker,
                         samples_per_s=plan.report_every * plan.batch_size / max(now - tick, 1e-9),
                         staleness=float(np.mean(stepper.staleness[-20:])) if stepper.staleness else 0.0)
             tick = now

@@ -16,6 +16,16 @@ from daskbelief.ps import checkpoint
 from daskbelief.train.evaluate import evaluate_rows
 
 
+CALL_TIMEOUT = 30.0         # seconds the driver waits for a shard before giving up on it this time
+CHECKPOINT_TIMEOUT = 300.0  # seconds for every shard to write its part of a checkpoint
+
+
+def updates_missing(alive: dict[int, int], saved: list[int]) -> int:
+    """Updates a shard restored from a checkpoint lacks: the most any surviving shard received
+    since that checkpoint (``alive``: shard -> version now; ``saved``: versions at the checkpoint)."""
+    return max((max(v - saved[i], 0) for i, v in alive.items()), default=0)
+
+
 def pick_worker(live: list[str], holders: list[str]) -> str:
     """The live worker holding the fewest shards: where a recreated shard should go."""
     load = Counter(h for h in holders if h in live)
@@ -70,18 +80,21 @@ class Driver:
         if self.test_store is not None and self._every("eval", self.eval_every):
             self._evaluate()
         if self.checkpoint_dir is not None and self._every("checkpoint", self.checkpoint_every):
-            self.checkpoint()
+            try:
+                self.checkpoint()
+            except Exception as e:  # noqa: BLE001 -- a shard lost meanwhile: the next watch recovers it
+                events.emit(events.RUN, run=self.run, kind="checkpoint-failed", error=repr(e)[:500])
 
     def _watch(self) -> None:
         """Recreate shards whose worker left; otherwise publish the shards' counters."""
         live = list(self.client.scheduler_info(n_workers=-1)["workers"])
         lost = [i for i, addr in enumerate(self.ps.addresses()) if addr not in live]
         for i in lost:
-            self._recover(i, live)
+            self._recover(i, live, set(lost))
         if lost:
             return
         try:
-            stats = self.ps.stats()
+            stats = self.ps.stats(timeout=CALL_TIMEOUT)
         except Exception:  # noqa: BLE001 -- a worker dying right now; the next watch sees it
             return
         for s in stats:
@@ -89,32 +102,49 @@ class Driver:
             events.emit(events.SHARD, run=self.run, **{k: v for k, v in s.items()
                                                       if k not in ("per_replica",)})
 
-    def _recover(self, index: int, live: list[str]) -> None:
-        """Bring shard ``index`` back on a live worker from the latest checkpoint."""
+    def _recover(self, index: int, live: list[str], lost: set[int]) -> None:
+        """Bring shard ``index`` back on a live worker from the latest checkpoint.
+
+        The updates lost are those the surviving shards received since that checkpoint: every
+        push of a replica goes to every shard, so that is what the restored slice is missing.
+        """
         while not live:
             time.sleep(0.5)
             live = list(self.client.scheduler_info(n_workers=-1)["workers"])
         a, b = self.ps.ranges[index]
         path = checkpoint.latest(self.checkpoint_dir) if self.checkpoint_dir else None
+        saved = [0] * len(self.ps.shards)
         if path is not None:
             ckpt = checkpoint.load(path, a, b)
-            version = ckpt.versions[index] if len(ckpt.versions) == len(self.ps.shards) else 0
-            snapshot = {"params": ckpt.params, "state": ckpt.state, "version": version}
+            saved = ckpt.versions
+            snapshot = {"params": ckpt.params, "state": ckpt.state, "version": saved[index]}
         else:
             snapshot = {"params": self.initial[a:b], "state": {}, "version": 0}
-        lost = max(self.versions[index] - snapshot["version"], 0)
-        self.updates_lost += lost
+        missing = updates_missing(self._versions_now(lost), saved)
+        self.updates_lost += missing
         self.recoveries += 1
         self.ps = self.ps.replace_shard(self.client, index, snapshot, pick_worker(live, self.ps.addresses()))
         self.versions[index] = snapshot["version"]
         self.generation += 1
         self.coordination["ps"].set((self.generation, self.ps))
         events.emit(events.RUN, run=self.run, kind="shard-recovered", shard=index,
-                    updates_lost=lost, checkpoint=str(path) if path else "")
+                    updates_lost=missing, checkpoint=str(path) if path else "")
+
+    def _versions_now(self, lost: set[int]) -> dict[int, int]:
+        """Current versions of the shards that are alive (the last ones seen if they do not answer)."""
+        out = {}
+        for i, shard in enumerate(self.ps.shards):
+            if i in lost:
+                continue
+            try:
+                out[i] = shard.stats().result(timeout=CALL_TIMEOUT)["version"]
+            except Exception:  # noqa: BLE001 -- about to be found lost as well
+                out[i] = self.versions[i]
+        return out
 
     def _evaluate(self) -> None:
         try:
-            params, _ = self.ps.fetch()
+            params, _ = self.ps.fetch(timeout=CALL_TIMEOUT)
         except Exception:  # noqa: BLE001 -- a shard is being recovered; evaluate next time
             return
         m = evaluate_rows(self.model, params, self.test_store, 0, min(self.eval_rows, self.test_store.n))
@@ -130,7 +160,8 @@ class Driver:
         """Write a checkpoint of every shard now; returns its path."""
         path = checkpoint.save(self.checkpoint_dir, self.ps, model=self.meta.get("model", {}),
                                config=self.meta.get("config", {}),
-                               counters={"run": self.run, "seconds": time.time() - self.started})
+                               counters={"run": self.run, "seconds": time.time() - self.started},
+                               keep=self.meta.get("keep", 3), timeout=CHECKPOINT_TIMEOUT)
         events.emit(events.RUN, run=self.run, kind="checkpoint", path=str(path))
         return path
 

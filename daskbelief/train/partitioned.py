@@ -468,7 +468,8 @@ class BlockActor(Block):
     async def fetch(self) -> None:
         await self._finish_fetch(self._issue_fetch())
 
-    async def train_step(self, tag, x, y, n: int, fetch: bool, push: bool) -> tuple[float, list[int]]:
+    async def train_step(self, tag, x, y, n: int, fetch: bool, push: bool,
+                         steps_done: int | None = None) -> tuple[float, list[int]]:
         """Downpour's step on this block: fetch (before, or overlapped with, the pass), forward and
         backward, accumulate, push every ``n_push`` steps. Returns the loss share and the
         staleness of the pushes acknowledged meanwhile."""
@@ -484,7 +485,7 @@ class BlockActor(Block):
         await self._compute(np.add, self._acc, self.grad, self._acc)
         seen = len(self.staleness)
         if push:
-            await self._push()
+            await self._push(steps_done)
         return loss, self.staleness[seen:]
 
     async def _buffer(self):
@@ -497,11 +498,12 @@ class BlockActor(Block):
         buf.fill(0)
         return buf
 
-    async def _push(self) -> None:
+    async def _push(self, steps_done: int | None) -> None:
         acc, self._acc = self._acc, None
         offset, replies = 0, []
         for (a, b), versions in zip(self.ranges, self.versions):
-            futures = self.ps.push_range_async(a, acc[offset:offset + b - a], versions, self.replica)
+            futures = self.ps.push_range_async(a, acc[offset:offset + b - a], versions, self.replica,
+                                               steps_done)
             replies.append((a, b, dict(versions), futures))
             offset += b - a
         self._flight.append((replies, acc))
@@ -516,11 +518,11 @@ class BlockActor(Block):
                 self.staleness.append(version - 1 - versions.get(shard, 0))
         self._free.append(acc)
 
-    async def flush(self) -> list[int]:
+    async def flush(self, steps_done: int | None = None) -> list[int]:
         """Push what is accumulated and wait for every push in flight."""
         seen = len(self.staleness)
         if self._acc is not None:
-            await self._push()
+            await self._push(steps_done)
         while self._flight:
             await self._settle_oldest()
         return self.staleness[seen:]
@@ -608,10 +610,11 @@ class Blocks:
         return self.call("step", [(tag, x, t, len(X), reduction, regularize)
                                   for x, t in self._per_block(X, y)])
 
-    def train_step(self, X, y, *, tag, fetch: bool, push: bool) -> list[tuple[float, list[int]]]:
+    def train_step(self, X, y, *, tag, fetch: bool, push: bool,
+                   steps_done: int | None = None) -> list[tuple[float, list[int]]]:
         """One Downpour step on every block (see ``BlockActor.train_step``): per block, its loss
         share and the staleness of the pushes it saw acknowledged."""
-        return self.call("train_step", [(tag, x, t, len(X), fetch, push)
+        return self.call("train_step", [(tag, x, t, len(X), fetch, push, steps_done)
                                         for x, t in self._per_block(X, y)])
 
     def close(self) -> None:

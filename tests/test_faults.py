@@ -1,0 +1,115 @@
+"""Downpour under real failures: worker processes killed by pid with SIGKILL mid-training."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+
+from daskbelief.nn import Dense, Sequential
+from daskbelief.ps import checkpoint
+from daskbelief.train.downpour import downpour
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def mlp():
+    return Sequential((64,), [Dense(128, "relu"), Dense(10)], l2=1e-4)
+
+
+def actors_by_worker(client) -> dict[str, list[str]]:
+    """The actor keys each worker holds (parameter shards are ``parameter-shard-*``)."""
+    return client.run(lambda dask_worker: sorted(map(str, dask_worker.state.actors)))
+
+
+class Killer(threading.Thread):
+    """Waits until training is under way, picks a victim worker with ``choose`` and SIGKILLs its
+    process (the nanny then starts a fresh one, as a cluster manager would)."""
+
+    def __init__(self, client, choose, *, after_step: int = 30, timeout: float = 120):
+        super().__init__(daemon=True)
+        self.client, self.choose, self.after_step, self.timeout = client, choose, after_step, timeout
+        self.victim = None
+        self.error = None
+
+    def run(self):
+        try:
+            deadline = time.time() + self.timeout
+            while time.time() < deadline:
+                events = [m for _, m in self.client.get_events("daskbelief-replica")]
+                victim = self.choose(self.client, [m for m in events if m["step"] >= self.after_step])
+                if victim is not None:
+                    pid = self.client.run(os.getpid, workers=[victim])[victim]
+                    os.kill(pid, signal.SIGKILL)
+                    self.victim = victim
+                    return
+                time.sleep(0.1)
+            self.error = "training never reached the point to kill a worker"
+        except Exception as e:  # noqa: BLE001 -- reported by the test
+            self.error = repr(e)
+
+
+def replica_worker_without_shards(client, events):
+    """A worker that runs a replica and holds no parameter shard."""
+    holders = {w for w, keys in actors_by_worker(client).items()
+               if any(k.startswith("parameter-shard") for k in keys)}
+    busy = {m["worker"] for m in events} - holders
+    return min(busy) if busy else None
+
+
+def a_shard_holder_once_checkpointed(checkpoint_dir):
+    def choose(client, events):
+        if not events or checkpoint.latest(checkpoint_dir) is None:
+            return None
+        holders = [w for w, keys in actors_by_worker(client).items()
+                   if any(k.startswith("parameter-shard-0") for k in keys)]
+        return holders[0] if holders else None
+    return choose
+
+
+@pytest.fixture
+def three_workers():
+    with LocalCluster(n_workers=3, threads_per_worker=2, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        yield client
+
+
+def test_a_killed_replica_is_restarted_and_training_still_reaches_its_target(three_workers, digits_path):
+    killer = Killer(three_workers, replica_worker_without_shards)
+    killer.start()
+    result = downpour(mlp(), digits_path, test=digits_path, client=three_workers, replicas=2,
+                      shards=1, n_fetch=5, n_push=5, rule={"name": "adagrad", "lr": 0.05},
+                      batch_size=32, epochs=80, report_every=10, seed=0)
+    killer.join(timeout=10)
+    assert killer.error is None and killer.victim is not None, killer.error
+    assert result.summary["replica_restarts"] >= 1, result.replica_outcomes
+    assert result.summary["shard_recoveries"] == 0
+    assert sorted(o["replica"] for o in result.replica_outcomes) == [0, 1]
+    assert result.summary["test_accuracy"] >= 0.95, result.summary
+    assert np.isfinite(result.params).all()
+
+
+def test_a_lost_parameter_shard_is_recreated_from_the_latest_checkpoint(three_workers, digits_path,
+                                                                        tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    killer = Killer(three_workers, a_shard_holder_once_checkpointed(ckpts))
+    killer.start()
+    result = downpour(mlp(), digits_path, test=digits_path, client=three_workers, replicas=2,
+                      shards=2, n_fetch=5, n_push=5, rule={"name": "adagrad", "lr": 0.05},
+                      batch_size=32, epochs=80, report_every=10, seed=0,
+                      checkpoint_dir=ckpts, checkpoint_every=0.5)
+    killer.join(timeout=10)
+    assert killer.error is None and killer.victim is not None, killer.error
+    summary = result.summary
+    assert summary["shard_recoveries"] >= 1, summary
+    recovered = [m for _, m in three_workers.get_events("daskbelief-run")
+                 if m.get("kind") == "shard-recovered"]
+    assert recovered and all(m["checkpoint"].startswith(str(ckpts)) for m in recovered), recovered
+    assert summary["updates_lost"] == sum(m["updates_lost"] for m in recovered)
+    assert summary["test_accuracy"] >= 0.95, summary
+    assert np.isfinite(result.params).all()
+    assert all(s["params_finite"] for s in result.shard_stats)
