@@ -93,15 +93,18 @@ def test_a_killed_replica_is_restarted_and_training_still_reaches_its_target(thr
     assert np.isfinite(result.params).all()
 
 
+@pytest.mark.parametrize("partition", [None, {"kind": "horizontal", "k": 2}])
 def test_a_lost_parameter_shard_is_recreated_from_the_latest_checkpoint(three_workers, digits_path,
-                                                                        tmp_path):
+                                                                        tmp_path, partition):
+    """Plain replicas, and model-parallel ones whose blocks talk to the shards themselves."""
     ckpts = tmp_path / "checkpoints"
     killer = Killer(three_workers, a_shard_holder_once_checkpointed(ckpts))
     killer.start()
     result = downpour(mlp(), digits_path, test=digits_path, client=three_workers, replicas=2,
-                      shards=2, n_fetch=5, n_push=5, rule={"name": "adagrad", "lr": 0.05},
-                      batch_size=32, epochs=80, report_every=10, seed=0,
-                      checkpoint_dir=ckpts, checkpoint_every=0.5)
+                      shards=2 if partition is None else 1, n_fetch=5, n_push=5,
+                      rule={"name": "adagrad", "lr": 0.05},
+                      batch_size=32, epochs=80 if partition is None else 25, report_every=10,
+                      seed=0, checkpoint_dir=ckpts, checkpoint_every=0.5, partition=partition)
     killer.join(timeout=10)
     assert killer.error is None and killer.victim is not None, killer.error
     summary = result.summary

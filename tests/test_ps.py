@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from daskbelief.optim.rules import adagrad, make_rule
-from daskbelief.ps.policy import overlaps, place_replicas, place_shards, shard_ranges
+from daskbelief.ps.policy import overlaps, place_blocks, place_replicas, place_shards, shard_ranges
 from daskbelief.ps.server import ParameterServer
 
 
@@ -45,6 +45,13 @@ def test_place_replicas_prefers_workers_without_shards():
     assert place_replicas(["a", "b"], ["a", "b", "a"], 3) == ["b", "a", "b"]
     with pytest.raises(ValueError, match="no workers"):
         place_replicas([], [], 1)
+
+
+def test_place_blocks_keeps_them_off_shard_holders_when_it_can():
+    assert place_blocks(["a", "b", "c"], ["a"], 2, 2) == [["b", "c"], ["b", "c"]]
+    # Too few free workers for a replica's blocks to be apart: all workers, least loaded first.
+    assert place_blocks(["a", "b", "c"], ["a", "b"], 1, 2) == [["c", "a"]]
+    assert place_blocks(["a"], ["a"], 1, 2) == [["a", "a"]]
 
 
 def test_push_and_fetch_apply_the_rule_exactly(client):

@@ -56,9 +56,29 @@ def place_replicas(workers: list[str], shard_holders: list[str], n_replicas: int
     """
     if not workers:
         raise ValueError("the Dask cluster has no workers: start at least one worker before training")
+    ordered = _by_shard_load(workers, shard_holders)
+    return [ordered[i % len(ordered)] for i in range(n_replicas)]
+
+
+def place_blocks(workers: list[str], shard_holders: list[str], n_replicas: int,
+                 n_blocks: int) -> list[list[str]]:
+    """The worker of each block of each model-parallel replica.
+
+    Blocks, unlike shards, cannot be recreated, so they keep off the workers holding shards when
+    the others are enough to give every block of a replica its own worker; a replica's blocks
+    sit on distinct workers as far as possible, replicas taking turns over them.
+    """
+    if not workers:
+        raise ValueError("the Dask cluster has no workers: start at least one worker before training")
+    free = sorted(set(workers) - set(shard_holders))
+    pool = free if len(free) >= n_blocks else _by_shard_load(workers, shard_holders)
+    return [[pool[(r * n_blocks + k) % len(pool)] for k in range(n_blocks)] for r in range(n_replicas)]
+
+
+def _by_shard_load(workers: list[str], shard_holders: list[str]) -> list[str]:
+    """Workers ordered by how many shards they hold, then by address."""
     load = {w: 0 for w in workers}
     for holder in shard_holders:
         if holder in load:
             load[holder] += 1
-    ordered = sorted(workers, key=lambda w: (load[w], w))
-    return [ordered[i % len(ordered)] for i in range(n_replicas)]
+    return sorted(workers, key=lambda w: (load[w], w))

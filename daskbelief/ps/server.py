@@ -15,6 +15,14 @@ from daskbelief.ps.policy import overlaps, place_shards, shard_ranges
 from daskbelief.ps.shard import ParameterShard
 
 
+WAIT_SLICE = 1.0  # seconds a caller waits for a shard before checking for a recovered server
+RECOVERY_TIMEOUT = 300.0  # seconds a caller waits for the driver to recover a lost shard
+
+
+class ServerLost(Exception):
+    """A parameter-server call failed: a shard's worker is gone (or unreachable)."""
+
+
 class ParameterServer:
     """Client-side view of S ``ParameterShard`` actors holding one flat parameter vector."""
 

@@ -28,8 +28,8 @@ from daskbelief.data import open_store
 from daskbelief.monitor import events
 from daskbelief.optim.rules import make_rule
 from daskbelief.ps import checkpoint
-from daskbelief.ps.policy import place_replicas
-from daskbelief.ps.server import ParameterServer
+from daskbelief.ps.policy import place_blocks, place_replicas
+from daskbelief.ps.server import RECOVERY_TIMEOUT, WAIT_SLICE, ParameterServer, ServerLost
 from daskbelief.train.driver import Driver
 from daskbelief.train.partition import Plan, from_config
 from daskbelief.train.partitioned import Blocks
@@ -164,16 +164,18 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
         events.emit(events.RUN, run=run, kind="start", algorithm="downpour",
                     **{k: v for k, v in asdict(replica_plans[0]).items()
                        if isinstance(v, (int, str)) and k != "run"})
-        blocks = [None if plan is None else
-                  Blocks.start(c, plan, start_point.params, ps=ps, replica=f"replica-{r}",
-                               overlap=overlap, max_in_flight=max_in_flight,
-                               first_worker=r * plan.n_blocks)
-                  for r in range(replicas)]
-        homes = place_replicas(require_workers(c), ps.addresses(), replicas)
+        workers = require_workers(c)
+        blocks = [None] * replicas
+        if plan is not None:
+            where = place_blocks(workers, ps.addresses(), replicas, plan.n_blocks)
+            blocks = [Blocks.start(c, plan, start_point.params, ps=ps, replica=f"replica-{r}",
+                                   overlap=overlap, max_in_flight=max_in_flight, addresses=where[r])
+                      for r in range(replicas)]
+        homes = place_replicas(workers, ps.addresses(), replicas)
         futures = [c.submit(run_replica, model, p, b, key=f"{run}-replica-{p.replica}",
                             workers=[home], allow_other_workers=True, pure=False, retries=0)
                    for p, b, home in zip(replica_plans, blocks, homes)]
-        driver = Driver(c, run, ps, futures, model, test_store, coordination,
+        driver = Driver(c, run, ps, futures, model, test_store, coordination, blocks=blocks,
                         eval_every=eval_every, eval_rows=eval_rows, checkpoint_dir=checkpoint_dir,
                         checkpoint_every=checkpoint_every, initial=start_point.params,
                         checkpoint_meta={"model": model.to_dict(), "config": config or {},
@@ -291,11 +293,6 @@ def _batches(store, plan: ReplicaPlan, done: int):
         epoch, skip = epoch + 1, 0
 
 
-class ServerLost(Exception):
-    """A parameter-server call failed: a shard's worker is gone (or unreachable)."""
-
-
-WAIT_SLICE = 1.0  # seconds a replica waits for a shard before checking for a recovered server
 
 
 class _Link:
@@ -380,7 +377,7 @@ class _Link:
         while self.flight:
             self._settle_oldest()
 
-    def recover(self, timeout: float = 300.0) -> None:
+    def recover(self, timeout: float = RECOVERY_TIMEOUT) -> None:
         """Wait for a server newer than the one that failed; forget the old one's traffic."""
         deadline = time.time() + timeout
         while True:
@@ -475,19 +472,29 @@ class _PartitionedStepper:
         self.n_blocks = blocks.plan.n_blocks
         blocks.call("fetch", [()] * self.n_blocks)
 
-    def step(self, step: int, X, y) -> float:
+    def step(self, step: int, X, y) -> float | None:
+        """One minibatch; None when a shard was lost meanwhile (the driver has already handed
+        the blocks the recovered server: fetch from it and carry on)."""
         plan = self.plan
         fetch = step > 0 and step % plan.n_fetch == 0
         push = (step - self.first + 1) % plan.n_push == 0
+        try:
+            out = self.blocks.train_step(X, y, tag=(plan.run, plan.replica, step), fetch=fetch,
+                                         push=push, steps_done=step + 1)
+        except ServerLost:
+            self.pushes_lost += 1
+            self.blocks.call("fetch", [()] * self.n_blocks)
+            return None
         self.steps_done = step + 1
-        out = self.blocks.train_step(X, y, tag=(plan.run, plan.replica, step), fetch=fetch,
-                                     push=push, steps_done=self.steps_done)
         self.staleness.extend(s for _, st in out for s in st)
         return sum(loss for loss, _ in out)
 
     def finish(self) -> None:
-        for st in self.blocks.call("flush", [(self.steps_done,)] * self.n_blocks):
-            self.staleness.extend(st)
+        try:
+            for st in self.blocks.call("flush", [(self.steps_done,)] * self.n_blocks):
+                self.staleness.extend(st)
+        except ServerLost:
+            self.pushes_lost += 1
 
 
 def run_replica(model, plan: ReplicaPlan, blocks=None) -> dict:

@@ -36,10 +36,12 @@ class Driver:
     """Periodic duties around a running set of replica futures; see the module docstring."""
 
     def __init__(self, client, run: str, ps, futures, model, test_store, coordination: dict, *,
+                 blocks=(),
                  eval_every=None, eval_rows: int = 10_000, checkpoint_dir=None,
                  checkpoint_every=None, initial=None, checkpoint_meta=None,
                  watch_every: float = 1.0):
         self.client, self.run, self.ps, self.futures = client, run, ps, futures
+        self.blocks = [b for b in blocks if b is not None]  # model-parallel replicas' block actors
         self.model, self.test_store = model, test_store
         self.coordination, self.generation = coordination, 0
         self.eval_every, self.eval_rows = eval_every, eval_rows
@@ -127,6 +129,12 @@ class Driver:
         self.versions[index] = snapshot["version"]
         self.generation += 1
         self.coordination["ps"].set((self.generation, self.ps))
+        for blocks in self.blocks:  # they talk to the shards themselves
+            for actor in blocks.actors:
+                try:
+                    actor.set_server(self.ps).result(timeout=CALL_TIMEOUT)
+                except Exception:  # noqa: BLE001 -- a block lost too: its replica fails, reported
+                    continue
         events.emit(events.RUN, run=self.run, kind="shard-recovered", shard=index,
                     updates_lost=missing, checkpoint=str(path) if path else "")
 

@@ -35,6 +35,7 @@ from daskbelief.nn.activations import get_activation
 from daskbelief.nn.layers import Dense, Scratch, layer_from_dict
 from daskbelief.nn.losses import get_loss
 from daskbelief.ps.policy import overlaps, place_shards
+from daskbelief.ps.server import RECOVERY_TIMEOUT, WAIT_SLICE, ServerLost
 from daskbelief.train.partition import Plan, box_shape, box_size, intersect, relative
 
 
@@ -393,6 +394,7 @@ class BlockActor(Block):
         self._free: list = []  # gradient buffers not travelling; at most max_in_flight + 1 exist
         self._buffers = 0
         self._flight: deque = deque()
+        self.generation = 0  # bumped by ``set_server`` when the driver recovers a shard
         self._acc = None
         self.staleness: list[int] = []
         self.counters = {"messages": 0, "bytes_sent": 0, "compute_seconds": 0.0}
@@ -459,8 +461,39 @@ class BlockActor(Block):
             offset += b - a
         return calls
 
+    async def _replies(self, futures) -> list:
+        """The shards' replies, awaited in slices: a shard whose worker died may never answer, so
+        once the driver has handed this block a recovered server (``set_server``) the wait ends
+        with ``ServerLost`` and the replica retries the step against the new server."""
+        generation, failed_at = self.generation, None
+        waiting = asyncio.ensure_future(asyncio.gather(*futures))
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=WAIT_SLICE)
+            if done and waiting.exception() is None:
+                return waiting.result()
+            if self.generation != generation:
+                waiting.cancel()
+                raise ServerLost(f"block {self.index}: a shard did not answer and was replaced")
+            if done:  # the call failed outright: wait for the driver to recover the shard
+                failed_at = failed_at or time.time()
+                if time.time() - failed_at > RECOVERY_TIMEOUT:
+                    raise waiting.exception()
+
+    async def set_server(self, ps) -> int:
+        """Use a recovered parameter server from now on; returns the pushes in flight to the old
+        one, which are dropped (their buffers reused), as is the gradient being accumulated."""
+        self.ps, self.generation = ps, self.generation + 1
+        dropped = len(self._flight)
+        self._free.extend(acc for _, acc in self._flight)
+        self._flight.clear()
+        if self._acc is not None:
+            self._free.append(self._acc)
+            self._acc = None
+        self.versions = [{} for _ in self.ranges]
+        return dropped
+
     async def _finish_fetch(self, calls) -> None:
-        replies = await asyncio.gather(*(c[-1] for c in calls))
+        replies = await self._replies([c[-1] for c in calls])
         for (r, shard, at, length, _), (values, version) in zip(calls, replies):
             self.params[at:at + length] = values
             self.versions[r][shard] = version
@@ -511,11 +544,12 @@ class BlockActor(Block):
             await self._settle_oldest()
 
     async def _settle_oldest(self) -> None:
-        replies, acc = self._flight.popleft()
+        replies, acc = self._flight[0]
         for a, b, versions, futures in replies:
-            new = await asyncio.gather(*futures)
+            new = await self._replies(futures)
             for (shard, _, _), version in zip(overlaps(self.ps.ranges, a, b), new):
                 self.staleness.append(version - 1 - versions.get(shard, 0))
+        self._flight.popleft()
         self._free.append(acc)
 
     async def flush(self, steps_done: int | None = None) -> list[int]:
@@ -562,15 +596,14 @@ class Blocks:
 
     @classmethod
     def start(cls, client, plan: Plan, params, *, ps=None, replica: str = "", overlap: bool = False,
-              max_in_flight: int = 1, workers=None, first_worker: int = 0) -> "Blocks":
-        """One actor per block, on distinct workers while there are enough (starting at the
-        ``first_worker``-th, so that several replicas spread out), wired to each other."""
+              max_in_flight: int = 1, addresses=None) -> "Blocks":
+        """One actor per block, wired to each other; ``addresses``: the worker of each block
+        (default: distinct workers while there are enough)."""
         params = np.asarray(params)
         if len(params) != plan.model.size:
             raise ValueError(f"params has {len(params)} values, the model has {plan.model.size}")
-        workers = sorted(workers or client.scheduler_info(n_workers=-1)["workers"])
-        addresses = place_shards(workers[first_worker % len(workers):] + workers[:first_worker % len(workers)],
-                                 plan.n_blocks)
+        if addresses is None:
+            addresses = place_shards(list(client.scheduler_info(n_workers=-1)["workers"]), plan.n_blocks)
         token = uuid.uuid4().hex[:8]
         actors, futures = start_actors(client, [
             (BlockActor, addr, f"partition-block-{k}-{token}",
