@@ -21,7 +21,8 @@ def client_or_local(client: Client | None = None, n_workers: int | None = None,
 
     Precedence: an explicit ``client``; a ``scheduler`` address or ``scheduler_file``; the current
     client (``Client.current()``, e.g. one a notebook made); else a ``LocalCluster`` of worker
-    processes (one thread each unless asked otherwise), stopped on exit.
+    processes (one thread each unless asked otherwise), stopped on exit, whose dashboard has the
+    DistBelief page (``/individual-daskbelief``).
     """
     if client is not None:
         yield client
@@ -37,6 +38,9 @@ def client_or_local(client: Client | None = None, n_workers: int | None = None,
     if current is not None:
         yield current
         return
+    from daskbelief.monitor import dashboard  # here: workers importing this module skip bokeh
+
+    dashboard.register()  # the scheduler below runs in this process and serves the DistBelief page
     with LocalCluster(n_workers=n_workers or default_local_workers(), threads_per_worker=threads_per_worker,
                       processes=True, dashboard_address=":0") as cluster, Client(cluster) as local:
         yield local

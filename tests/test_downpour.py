@@ -98,3 +98,26 @@ def test_a_cluster_with_no_workers_is_refused(digits_path):
             Client(cluster) as c:
         with pytest.raises(RuntimeError, match="0 worker"):
             downpour(mlp(), digits_path, client=c, replicas=1, steps=1)
+
+
+def test_max_seconds_stops_every_replica_cleanly(client, digits_path):
+    result = downpour(mlp(), digits_path, client=client, replicas=2, shards=2, steps=10**7,
+                      max_seconds=1.0, report_every=5)
+    steps = [o["steps"] for o in result.replica_outcomes]
+    assert all(0 < s < 10**7 for s in steps)  # stopped, long before the end
+    assert result.summary["updates_applied"] > 0 and np.isfinite(result.params).all()
+
+
+def test_the_run_log_sees_every_event_from_start_to_end(client, digits_path):
+    from daskbelief.monitor.events import RUN, EventLog
+
+    log = EventLog(client)
+    try:
+        result = downpour(mlp(), digits_path, client=client, replicas=2, steps=20, report_every=5)
+    finally:
+        log.close()
+    kinds = [e["kind"] for e in log.of(RUN)]
+    assert kinds[0] == "start" and kinds[-1] == "end", kinds
+    end = log.of(RUN)[-1]
+    assert end["samples"] == result.summary["samples"] and end["algorithm"] == "downpour"
+    assert len(log.of("daskbelief-replica")) == 2 * 4  # every report of both replicas

@@ -123,3 +123,21 @@ def test_recipe_bad_options(tmp_path, name, kw, message):
     with pytest.raises(ValueError, match=message):
         recipes.build(name, tmp_path / "x.zarr", **kw)
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_train_sgd_callback_sees_every_report_with_the_live_parameters(digits_path):
+    model = Sequential((64,), [Dense(10)])
+    seen = []
+    final, history = train_sgd(model, digits_path, steps=100, report_every=10,
+                               callback=lambda row, params: seen.append((row, params.copy())))
+    assert [row["step"] for row, _ in seen] == list(range(10, 101, 10))
+    assert [row for row, _ in seen] == history
+    assert len({float(p.sum()) for _, p in seen}) == len(seen)  # parameters as they trained
+    np.testing.assert_array_equal(seen[-1][1], final)
+
+
+def test_train_sgd_callback_can_stop_training(digits_path):
+    model = Sequential((64,), [Dense(10)])
+    _, history = train_sgd(model, digits_path, steps=1000, report_every=10,
+                           callback=lambda row, params: row["step"] >= 30)
+    assert [h["step"] for h in history] == [10, 20, 30]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 
 from distributed import get_client, get_worker
 
@@ -53,13 +54,31 @@ class EventLog:
     """Collects daskbelief events on the driver as they arrive, optionally into a JSON-lines file
     and to ``listeners`` (callables taking each record, e.g. a progress bar)."""
 
-    def __init__(self, client, path=None, topics=TOPICS, listeners=()):
+    def __init__(self, client, path=None, topics=TOPICS, listeners=(), timeout: float = 30.0):
         self.client, self.topics, self.listeners = client, topics, list(listeners)
         self.events: list[dict] = []
         self._lock = threading.Lock()
         self._file = open(path, "a", encoding="utf-8") if path else None
         for topic in topics:
             client.subscribe_topic(topic, self._handler(topic))
+        self._probe, self._echo = f"daskbelief-eventlog-{uuid.uuid4().hex[:12]}", threading.Event()
+        client.subscribe_topic(self._probe, lambda event: self._echo.set())
+        self._round_trip(timeout)
+
+    def _round_trip(self, timeout: float) -> None:
+        """Return once an event sent now has come back through the scheduler.
+
+        Subscriptions and deliveries travel on the client's batched stream, in order, but
+        ``log_event`` is a separate call that can overtake them. An echo on a probe topic
+        (subscribed after the others) therefore proves that the subscriptions are in place, and,
+        sent at ``close``, that every event logged before it has been delivered here.
+        """
+        self._echo.clear()
+        deadline = time.time() + timeout
+        while not self._echo.wait(0.05):
+            if time.time() > deadline:
+                raise TimeoutError(f"the scheduler did not echo an event in {timeout:.0f}s")
+            self.client.log_event(self._probe, {"probe": True})
 
     def _handler(self, topic):
         def handle(event):
@@ -79,10 +98,13 @@ class EventLog:
         with self._lock:
             return [e for e in self.events if e["topic"] == topic]
 
-    def close(self) -> None:
-        """Stop listening and close the metrics file."""
-        for topic in self.topics:
-            self.client.unsubscribe_topic(topic)
-        if self._file:
-            self._file.close()
-            self._file = None
+    def close(self, timeout: float = 30.0) -> None:
+        """Take in what is still on its way, stop listening and close the metrics file."""
+        try:
+            self._round_trip(timeout)
+        finally:
+            for topic in (*self.topics, self._probe):
+                self.client.unsubscribe_topic(topic)
+            if self._file:
+                self._file.close()
+                self._file = None

@@ -91,7 +91,8 @@ def validate(*, replicas: int, shards: int, n_fetch: int, n_push: int, batch_siz
 
 def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_fetch: int = 5,
              n_push: int = 5, rule="adagrad", batch_size: int = 32, epochs: int | None = None,
-             steps: int | None = None, warmstart_steps: int = 0, test=None, seed: int = 0,
+             steps: int | None = None, max_seconds: float | None = None,
+             warmstart_steps: int = 0, test=None, seed: int = 0,
              params=None, overlap: bool = True, max_in_flight: int = 2, report_every: int = 20,
              eval_every: float | None = None, eval_rows: int = 10_000, checkpoint_dir=None,
              checkpoint_every: float | None = None, checkpoint_keep: int = 3, resume_from=None,
@@ -112,6 +113,7 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
     rule : "adagrad" | "sgd" | "momentum" | dict | UpdateRule -- applied by every shard
     batch_size : minibatch size of each replica step
     epochs, steps : exactly one: passes over each replica's shard, or steps per replica
+    max_seconds : stop every replica (cleanly, pushing what it holds) after this many seconds
     warmstart_steps : replica 0 trains alone for this many steps before the others start
     test : DataStore or str, optional -- evaluated every ``eval_every`` seconds and at the end
     seed : parameter init and data order
@@ -176,7 +178,8 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
                             workers=[home], allow_other_workers=True, pure=False, retries=0)
                    for p, b, home in zip(replica_plans, blocks, homes)]
         driver = Driver(c, run, ps, futures, model, test_store, coordination, blocks=blocks,
-                        eval_every=eval_every, eval_rows=eval_rows, checkpoint_dir=checkpoint_dir,
+                        eval_every=eval_every, eval_rows=eval_rows, max_seconds=max_seconds,
+                        checkpoint_dir=checkpoint_dir,
                         checkpoint_every=checkpoint_every, initial=start_point.params,
                         checkpoint_meta={"model": model.to_dict(), "config": config or {},
                                          "keep": checkpoint_keep})
@@ -207,6 +210,8 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
             summary.update({"test_loss": metrics["loss"], "test_accuracy": metrics.get("accuracy")})
             test_rows.append({"time": seconds, "step": None, "replica": None, "loss": None,
                               "test_loss": metrics["loss"], "test_accuracy": metrics.get("accuracy")})
+        events.emit(events.RUN, run=run, kind="end",
+                    **{k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
         history = _history(c.get_events(events.REPLICA), run, driver.started) + test_rows
     history.sort(key=lambda h: h["time"])
     result = TrainResult(model, final, history, summary)

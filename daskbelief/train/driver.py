@@ -37,14 +37,14 @@ class Driver:
 
     def __init__(self, client, run: str, ps, futures, model, test_store, coordination: dict, *,
                  blocks=(),
-                 eval_every=None, eval_rows: int = 10_000, checkpoint_dir=None,
+                 eval_every=None, eval_rows: int = 10_000, max_seconds=None, checkpoint_dir=None,
                  checkpoint_every=None, initial=None, checkpoint_meta=None,
                  watch_every: float = 1.0):
         self.client, self.run, self.ps, self.futures = client, run, ps, futures
         self.blocks = [b for b in blocks if b is not None]  # model-parallel replicas' block actors
         self.model, self.test_store = model, test_store
         self.coordination, self.generation = coordination, 0
-        self.eval_every, self.eval_rows = eval_every, eval_rows
+        self.eval_every, self.eval_rows, self.max_seconds = eval_every, eval_rows, max_seconds
         self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
         self.initial, self.meta = initial, checkpoint_meta or {}
         self.watch_every = watch_every
@@ -77,6 +77,8 @@ class Driver:
         return True
 
     def _tick(self) -> None:
+        if self.max_seconds is not None and time.time() - self.started > self.max_seconds:
+            self.coordination["stop"].set()  # replicas stop at their next report
         if self._every("watch", self.watch_every):
             self._watch()
         if self.test_store is not None and self._every("eval", self.eval_every):

@@ -42,10 +42,13 @@ def schedule(store, batch_size: int, seed: int, steps: int | None = None, epochs
 
 
 def train_sgd(model, data, rule="adagrad", *, batch_size: int = 32, steps: int | None = None,
-              epochs: int | None = None, seed: int = 0, params=None, report_every: int = 20):
+              epochs: int | None = None, seed: int = 0, params=None, report_every: int = 20,
+              callback=None):
     """Minibatch training with an update rule (SGD, momentum, Adagrad); returns
     ``(params, history)`` where history rows are ``{time, step, loss}`` every ``report_every``
-    steps (loss averaged over them)."""
+    steps (loss averaged over them). ``callback(row, params)`` is called with each row (e.g. to
+    evaluate a test set); the time it takes is left out of the rows' training ``time``, and a
+    true return value stops training there."""
     store = open_store(data, split="train")
     model.check_data(store.feature_shape, store.n_classes)
     rule = make_rule(rule)
@@ -61,6 +64,12 @@ def train_sgd(model, data, rule="adagrad", *, batch_size: int = 32, steps: int |
             history.append({"time": time.perf_counter() - start, "step": step,
                             "loss": float(np.mean(losses))})
             losses = []
+            if callback is not None:
+                paused = time.perf_counter()
+                stop = callback(history[-1], params)
+                start += time.perf_counter() - paused
+                if stop:
+                    break
     return params, history
 
 
