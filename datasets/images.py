@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from daskbelief.data import write_dataset
+from daskbelief_datasets.common import seeded_blocks, split_sizes
 
 CLASSES, BLOBS, DISTRACTORS, CHANNELS = 10, 3, 2, 3
 BLOCK = 4096
@@ -40,12 +41,10 @@ class Prototypes:
         img += rng.normal(0.0, 0.25, img.shape)
         return np.clip(img * 200, 0, 255).astype(np.uint8)
 
-
-def _blocks(protos: Prototypes, n: int, seed: int, split: int):
-    for i, start in enumerate(range(0, n, BLOCK)):
-        rng = np.random.default_rng([seed, 4, split, i])
-        y = rng.integers(0, CLASSES, min(BLOCK, n - start)).astype(np.int32)
-        yield protos.render(rng, y), y
+    def example_block(self, rng, rows: int):
+        """``rows`` labelled examples drawn from ``rng``."""
+        y = rng.integers(0, CLASSES, rows).astype(np.int32)
+        return self.render(rng, y), y
 
 
 def build(path: str, *, size: int | None, seed: int, chunk_rows: int | None, overwrite: bool,
@@ -53,12 +52,11 @@ def build(path: str, *, size: int | None, seed: int, chunk_rows: int | None, ove
     """``size`` images in all (default 10,000) of ``side`` x ``side`` x 3 uint8 pixels."""
     if isinstance(side, bool) or not isinstance(side, int) or side < 8:
         raise ValueError(f"side must be an integer >= 8 (pixels), got {side!r}")
-    size = 10_000 if size is None else size
-    n_test = max(1, int(size * test_fraction))
-    if size - n_test < 1:
-        raise ValueError(f"size={size} leaves no training images")
+    n_train, n_test = split_sizes(size, 10_000, test_fraction)
     protos = Prototypes(side, seed)
-    return write_dataset(path, _blocks(protos, size - n_test, seed, 0), _blocks(protos, n_test, seed, 1),
+    return write_dataset(path, seeded_blocks(n_train, BLOCK, seed, 4, 0, protos.example_block),
+                         seeded_blocks(n_test, BLOCK, seed, 4, 1, protos.example_block),
                          chunk_rows=chunk_rows, n_classes=CLASSES, overwrite=overwrite,
                          attrs={"recipe": "images",
-                                "recipe_options": {"size": size, "seed": seed, "side": side}})
+                                "recipe_options": {"size": n_train + n_test, "seed": seed,
+                                                   "side": side}})

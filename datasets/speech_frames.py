@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from daskbelief.data import write_dataset
+from daskbelief_datasets.common import seeded_blocks, split_sizes
 
 FRAMES, BANDS = 11, 40
 FEATURES = FRAMES * BANDS
@@ -37,12 +38,10 @@ class Teacher:
     def labels(self, X) -> np.ndarray:
         return np.argmax(np.tanh(X @ self.W1) @ self.W2, axis=1).astype(np.int32)
 
-
-def _blocks(teacher: Teacher, n: int, seed: int, split: int):
-    for i, start in enumerate(range(0, n, BLOCK)):
-        rng = np.random.default_rng([seed, 2, split, i])
-        X = teacher.features(rng, min(BLOCK, n - start))
-        yield X, teacher.labels(X)
+    def example_block(self, rng, rows: int):
+        """``rows`` labelled examples drawn from ``rng``."""
+        X = self.features(rng, rows)
+        return X, self.labels(X)
 
 
 def build(path: str, *, size: int | None, seed: int, chunk_rows: int | None, overwrite: bool,
@@ -50,14 +49,12 @@ def build(path: str, *, size: int | None, seed: int, chunk_rows: int | None, ove
     """``size`` rows in all (default 20,000), ``test_fraction`` of them in the test split."""
     if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2:
         raise ValueError(f"classes must be an integer >= 2, got {classes!r}")
-    size = 20_000 if size is None else size
-    n_test = max(1, int(size * test_fraction))
-    if size - n_test < 1:
-        raise ValueError(f"size={size} leaves no training rows")
+    n_train, n_test = split_sizes(size, 20_000, test_fraction)
     teacher = Teacher(classes, seed)
-    return write_dataset(path, _blocks(teacher, size - n_test, seed, 0),
-                         _blocks(teacher, n_test, seed, 1), chunk_rows=chunk_rows,
-                         n_classes=classes, overwrite=overwrite,
+    return write_dataset(path, seeded_blocks(n_train, BLOCK, seed, 2, 0, teacher.example_block),
+                         seeded_blocks(n_test, BLOCK, seed, 2, 1, teacher.example_block),
+                         chunk_rows=chunk_rows, n_classes=classes, overwrite=overwrite,
                          attrs={"recipe": "speech-frames",
-                                "recipe_options": {"size": size, "seed": seed, "classes": classes},
+                                "recipe_options": {"size": n_train + n_test, "seed": seed,
+                                                   "classes": classes},
                                 "frames": FRAMES, "bands": BANDS})

@@ -13,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from daskbelief.ranges import merge
+
 WINDOW_ROWS = 16384  # rows shuffled together: a few MB of features, dozens of minibatches
 
 
@@ -34,20 +36,9 @@ def window_order(shard: tuple[int, int], chunk_rows: int, seed: int, epoch: int,
         yield ranges, rng.permutation(sum(b - a for a, b in ranges))
 
 
-def _runs(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Adjacent row ranges merged, so neighbouring chunks are read in one call."""
-    out: list[tuple[int, int]] = []
-    for a, b in ranges:
-        if out and out[-1][1] == a:
-            out[-1] = (out[-1][0], b)
-        else:
-            out.append((a, b))
-    return out
-
-
 def read_window(store, ranges, perm) -> tuple[np.ndarray, np.ndarray]:
     """The window's rows, standardised, in shuffled order."""
-    parts = [store.read_raw(slice(a, b)) for a, b in _runs(ranges)]
+    parts = [store.read_raw(slice(a, b)) for a, b in merge(ranges)]  # neighbours: one read
     X = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts])
     y = parts[0][1] if len(parts) == 1 else np.concatenate([p[1] for p in parts])
     return store.standardise(X)[perm], y[perm]

@@ -14,6 +14,7 @@ import zarr
 
 from daskbelief.data.batches import minibatches, steps_per_epoch
 from daskbelief.data.write import FORMAT, local_path
+from daskbelief.ranges import split
 
 
 def _open_group(url: str):
@@ -81,13 +82,8 @@ class DataStore:
             raise ValueError(f"cannot cut {self.url} ({self.split}: {self.n_chunks} chunks of "
                              f"{self.chunk_rows} rows) into {k} data shards: a shard is at least "
                              "one chunk; rewrite the store with smaller chunk_rows")
-        base, extra = divmod(self.n_chunks, k)
-        out, chunk = [], 0
-        for i in range(k):
-            stop = chunk + base + (i < extra)
-            out.append((chunk * self.chunk_rows, min(stop * self.chunk_rows, self.n)))
-            chunk = stop
-        return out
+        return [(a * self.chunk_rows, min(b * self.chunk_rows, self.n))
+                for a, b in split(self.n_chunks, k)]
 
     def chunk_ranges(self, start: int, stop: int) -> list[tuple[int, int]]:
         """The chunks of rows ``[start, stop)`` (chunk-aligned) as ``(start_row, stop_row)``."""

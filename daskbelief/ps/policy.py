@@ -4,6 +4,8 @@ Small pure functions, kept apart from the actor machinery so they can be tested 
 """
 from __future__ import annotations
 
+from daskbelief.ranges import split
+
 
 def shard_ranges(size: int, n_shards: int) -> list[tuple[int, int]]:
     """Split ``range(size)`` into ``n_shards`` contiguous ranges whose lengths differ by at most one.
@@ -16,13 +18,7 @@ def shard_ranges(size: int, n_shards: int) -> list[tuple[int, int]]:
     if size < n_shards:
         raise ValueError(f"cannot split {size} parameters over {n_shards} shards: "
                          "need at least one parameter per shard")
-    base, extra = divmod(size, n_shards)
-    bounds, start = [], 0
-    for i in range(n_shards):
-        stop = start + base + (1 if i < extra else 0)
-        bounds.append((start, stop))
-        start = stop
-    return bounds
+    return split(size, n_shards)
 
 
 def overlaps(ranges: list[tuple[int, int]], start: int, stop: int) -> list[tuple[int, int, int]]:

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from numbers import Integral
 
 from daskbelief.nn.layers import Dense, receptive_field
+from daskbelief.ranges import Range, merge, split
 
 Box = tuple[tuple[int, int], ...]
-Range = tuple[int, int]
 ITEMSIZE = 4  # float32: what crosses a boundary
 
 
@@ -47,13 +47,7 @@ def split_evenly(n: int, k: int, what: str) -> list[Range]:
     if n < k:
         raise ValueError(f"{what} has {n} units along the split axis: cannot cut it into {k} "
                          "blocks (more blocks than units)")
-    base, extra = divmod(n, k)
-    bounds, start = [], 0
-    for i in range(k):
-        stop = start + base + (i < extra)
-        bounds.append((start, stop))
-        start = stop
-    return bounds
+    return split(n, k)
 
 
 def whole(shape: Sequence[int]) -> Box:
@@ -114,17 +108,6 @@ def _product(ranges: list[range]):
     for i in ranges[0]:
         for rest in _product(ranges[1:]):
             yield (i, *rest)
-
-
-def merge(ranges: Sequence[Range]) -> list[Range]:
-    """Adjacent ranges joined (the input is sorted and disjoint)."""
-    out: list[Range] = []
-    for a, b in ranges:
-        if out and out[-1][1] == a:
-            out[-1] = (out[-1][0], b)
-        else:
-            out.append((a, b))
-    return out
 
 
 # -- plan ------------------------------------------------------------------------------------
