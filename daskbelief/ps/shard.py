@@ -148,7 +148,7 @@ class ParameterShard:
 
     # -- Sandblaster: vectors held on the shard ---------------------------------------------------
     def run_ops(self, ops: list[tuple]) -> list:
-        """Execute operations ``(name, *args)`` in order; return each one's result (None or a scalar).
+        """Execute operations ``(name, *args)`` in order; return their results (None or scalars).
 
         Ops arrive in batches so that the coordinator pays one round trip for several of them
         (``ShardedVectors`` queues the ones that return nothing and sends them with the next one
@@ -168,7 +168,7 @@ class ParameterShard:
                          f"{', '.join(sorted(EVALUATION_OPS))})")
 
     def prepare_objective(self, model, n_rows: int) -> None:
-        """Get ready to hold this slice of Sandblaster's batch objective (see ``ObjectiveSlice``)."""
+        """Get ready to hold this slice of Sandblaster's batch objective (``ObjectiveSlice``)."""
         xp = namespace(self.params)
         self._objective = ObjectiveSlice(
             mask=xp.asarray(model.decay_mask()[self.start:self.stop]), n=int(n_rows),

@@ -187,6 +187,7 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
             outcomes = driver.wait()
             final, _ = driver.ps.fetch()
             shard_stats = driver.ps.stats()
+            driver.report_shards(shard_stats)  # the final counters, however short the run
             if checkpoint_dir is not None:
                 driver.checkpoint()
         finally:

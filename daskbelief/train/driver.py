@@ -101,10 +101,14 @@ class Driver:
             stats = self.ps.stats(timeout=CALL_TIMEOUT)
         except Exception:  # noqa: BLE001 -- a worker dying right now; the next watch sees it
             return
+        self.report_shards(stats)
+
+    def report_shards(self, stats: list[dict]) -> None:
+        """Remember the shards' versions and publish their counters as SHARD events."""
         for s in stats:
             self.versions[s["shard"]] = s["version"]
             events.emit(events.SHARD, run=self.run, **{k: v for k, v in s.items()
-                                                      if k not in ("per_replica",)})
+                                                      if k not in ("per_replica", "replica_steps")})
 
     def _recover(self, index: int, live: list[str], lost: set[int]) -> None:
         """Bring shard ``index`` back on a live worker from the latest checkpoint.

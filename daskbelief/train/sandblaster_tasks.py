@@ -1,0 +1,303 @@
+"""What Sandblaster runs on the workers: portion tasks, the flush, and the claim ledger.
+
+One *evaluation* of the batch objective (the loss and gradient at one point, tagged with an
+integer that grows through the run) is cut into portions of rows. A portion is an ordinary Dask
+task (``run_portion``), so whichever worker is free takes the next one. On its worker it
+
+1. fetches the vector being evaluated from every shard, at most once per evaluation and worker
+   process (the worker's cache is keyed by the evaluation tag; the other threads wait for it);
+2. reads its rows, once per run (a worker keeps the data it has read, as a DistBelief replica does);
+3. computes its summed float32 loss and gradient (``portion_gradient``);
+4. *claims* the portion at the ``PortionLedger``: the first copy to finish wins, later copies (a
+   backup, or the original a backup overtook) are dropped -- every portion counts exactly once;
+5. adds a won portion into the worker's float64 accumulator for the evaluation and, every
+   ``push_every`` won portions, pushes the accumulator to the shards (tagged), from the worker's
+   event loop while the thread goes on computing.
+
+What is still unpushed when every portion has been won is pushed by ``flush_worker``, which the
+coordinator runs on the holding workers' event loops (``Client.run``), not as a task: a worker
+whose only thread is busy with a straggler still flushes at once.
+
+Shards accept contributions for the open tag only, and the ledger claims for it only, so the
+leftovers of an abandoned evaluation -- late copies, a restarted evaluation's first attempt --
+can never leak into the next one.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from distributed import get_worker
+
+from daskbelief.monitor import events
+from daskbelief.train.objective import portion_gradient
+from daskbelief.train.sharded_vectors import assemble, call_all
+
+
+FLUSH_PATIENCE = 60.0  # seconds a flush waits for claims in flight before giving up
+
+
+@dataclass(frozen=True)
+class PortionPlan:
+    """Everything a portion task needs, shipped with each task (small: no arrays).
+
+    ``slow`` maps a worker address to a slowdown factor: a test and benchmark option only, which
+    makes that worker sleep ``(factor - 1)`` times its compute time after each portion.
+    """
+
+    run: str
+    model: object
+    store: object
+    shards: tuple
+    ranges: tuple
+    ledger: object
+    push_every: int
+    slow: dict = field(default_factory=dict)
+
+
+class PortionLedger:
+    """Dask actor: which copy of each portion counts, and when each portion started.
+
+    Its methods are coroutines, so they run on the worker's event loop and never queue behind the
+    shards' work on the actor thread. Times are this worker's clock, so start times and "now"
+    compare without any clock skew between machines.
+    """
+
+    def __init__(self):
+        self.tag = None
+        self._starts: dict[int, tuple[float, str]] = {}
+        self._winners: dict[int, tuple[str, float, bool]] = {}
+        self._finished: dict[int, tuple[float, float]] = {}
+
+    async def open(self, tag) -> None:
+        """Forget the previous evaluation; from now on only claims for ``tag`` can win."""
+        self.tag = tag
+        self._starts, self._winners, self._finished = {}, {}, {}
+
+    async def started(self, tag, portion: int, worker: str) -> None:
+        """A copy of ``portion`` started on ``worker`` (only the first start is kept)."""
+        if tag == self.tag:
+            self._starts.setdefault(portion, (time.time(), worker))
+
+    async def claim(self, tag, portion: int, worker: str, seconds: float, loss: float,
+                    backup: bool) -> bool:
+        """True for the first copy of ``portion`` to finish: its contribution is the one applied.
+        ``seconds``: how long that copy took on its worker."""
+        if tag != self.tag or portion in self._winners:
+            return False
+        self._winners[portion] = (worker, loss, backup)
+        self._finished[portion] = (time.time(), seconds)
+        return True
+
+    async def snapshot(self, tag) -> dict:
+        """What the backup policy needs: ``now``, the running portions' start times (and their
+        workers), the finished portions' end times and durations."""
+        if tag != self.tag:
+            return {"now": time.time(), "running": {}, "workers": {}, "finished": {}}
+        running = {p: s for p, s in self._starts.items() if p not in self._winners}
+        return {"now": time.time(), "running": {p: t for p, (t, _) in running.items()},
+                "workers": {p: w for p, (_, w) in running.items()},
+                "finished": dict(self._finished)}
+
+    async def winners(self, tag) -> dict:
+        """``{portion: (worker, loss, backup)}`` of the copies that counted in evaluation
+        ``tag``."""
+        return dict(self._winners) if tag == self.tag else {}
+
+
+class _WorkerRun:
+    """One run's state in one worker process, shared by the threads running its tasks.
+
+    ``lock`` guards the accumulator: the evaluation ``tag`` it is for, ``acc`` with the won
+    portions ``pending`` in it, the portions already ``pushed``, and ``in_flight``: claims asked
+    for but not yet added, and pushes not yet acknowledged. A flush waits for ``in_flight`` to
+    drop to 0, so it never misses a portion that was just won or is on its way to the shards.
+    ``fetch_lock`` makes the threads of one worker fetch an evaluation's vector once between them.
+    ``model`` is the first task's copy, kept so that its per-thread work buffers are reused rather
+    than allocated afresh for every portion (each task brings its own unpickled copy).
+    """
+
+    def __init__(self, model):
+        self.model, size = model, model.size
+        self.lock, self.fetch_lock = threading.Lock(), threading.Lock()
+        self.params, self.params_tag = np.empty(size, dtype=np.float32), None
+        self.rows: dict[tuple[int, int], tuple] = {}
+        self.tag, self.pending, self.pushed, self.in_flight = None, [], [], 0
+        self.acc = np.zeros(size, dtype=np.float64)
+        self.spare: list[np.ndarray] = []
+
+    def current(self, tag: int) -> bool:
+        """Make ``tag`` the accumulator's evaluation if it is newer; False if ``tag`` is older,
+        i.e. abandoned (call locked)."""
+        if self.tag is not None and self.tag > tag:
+            return False
+        if self.tag != tag:
+            self.tag, self.pending, self.pushed = tag, [], []
+            self.acc.fill(0.0)
+        return True
+
+    def take(self) -> tuple[np.ndarray, list[int]]:
+        """Hand the accumulator and its portions to a pusher; start an empty one (call locked)."""
+        acc, portions = self.acc, self.pending
+        self.acc = self.spare.pop() if self.spare else np.zeros_like(acc)
+        self.pending = []
+        return acc, portions
+
+    def pushed_back(self, tag: int, acc: np.ndarray, portions: list[int]) -> None:
+        """After a push: record the portions applied (none when refused), keep the buffer."""
+        acc.fill(0.0)
+        with self.lock:
+            self.spare.append(acc)
+            if self.tag == tag:
+                self.pushed.extend(portions)
+
+
+_RUNS: dict[str, _WorkerRun] = {}
+_RUNS_LOCK = threading.Lock()
+
+
+def _state(plan: PortionPlan) -> _WorkerRun:
+    with _RUNS_LOCK:
+        state = _RUNS.get(plan.run)
+        if state is None:
+            state = _RUNS[plan.run] = _WorkerRun(plan.model)
+        return state
+
+
+def forget_run(run: str) -> bool:
+    """Drop a finished run's cached parameters, rows and accumulators from this worker."""
+    with _RUNS_LOCK:
+        return _RUNS.pop(run, None) is not None
+
+
+def _parameters(plan: PortionPlan, state: _WorkerRun, tag: int):
+    """The vector evaluated under ``tag``, fetched once per evaluation; None when ``tag`` is not
+    the shards' open evaluation (this task is a leftover of an abandoned one)."""
+    with state.fetch_lock:
+        if state.params_tag != tag:
+            if state.params_tag is not None and state.params_tag > tag:
+                return None
+            slices = call_all(plan.shards, "read_evaluated", tag)
+            if any(s is None for s in slices):
+                return None
+            assemble(slices, plan.ranges, state.params)
+            state.params_tag = tag
+        return state.params
+
+
+def _rows(plan: PortionPlan, state: _WorkerRun, bounds: tuple[int, int]):
+    """The portion's rows, read from the store the first time this worker computes it."""
+    rows = state.rows.get(bounds)
+    if rows is None:
+        rows = state.rows[bounds] = plan.store.read(*bounds)
+    return rows
+
+
+async def _push(plan: PortionPlan, state: _WorkerRun, tag: int, acc: np.ndarray,
+                portions: list[int]) -> None:
+    """Add ``acc`` into every shard's accumulator (all shards at once, on the worker's event
+    loop); its portions count as applied only when every shard accepted them (a shard refuses
+    an abandoned evaluation's contributions)."""
+    accepted = await asyncio.gather(*[
+        s.accumulate(tag, acc[a:b]) for s, (a, b) in zip(plan.shards, plan.ranges)])
+    state.pushed_back(tag, acc, portions if all(accepted) else [])
+
+
+async def _push_in_background(plan: PortionPlan, state: _WorkerRun, tag: int, acc: np.ndarray,
+                              portions: list[int]) -> None:
+    """A push every ``push_every`` won portions, travelling while the task thread computes on."""
+    try:
+        await _push(plan, state, tag, acc, portions)
+    finally:
+        with state.lock:
+            state.in_flight -= 1
+
+
+def _claim_and_add(plan: PortionPlan, state: _WorkerRun, tag: int, portion: int, loss, grad,
+                   seconds: float, backup: bool) -> bool:
+    """Claim the portion; if this copy won, add it into the worker's accumulator, and every
+    ``push_every`` won portions send that to the shards in the background. Returns whether this
+    copy counted."""
+    worker = get_worker()
+    with state.lock:
+        state.in_flight += 1
+    try:
+        won = plan.ledger.claim(tag, portion, worker.address, seconds, float(loss),
+                                backup).result()
+        if not won:
+            return False
+        with state.lock:
+            if not state.current(tag):
+                return True  # counted in an evaluation abandoned meanwhile: nothing to add to
+            state.acc += grad
+            state.pending.append(portion)
+            if len(state.pending) < plan.push_every:
+                return True
+            acc, portions = state.take()
+            state.in_flight += 1  # the push: a flush waits for it to land
+        worker.loop.add_callback(_push_in_background, plan, state, tag, acc, portions)
+        return True
+    finally:
+        with state.lock:
+            state.in_flight -= 1
+
+
+def run_portion(plan: PortionPlan, tag: int, portion: int, bounds: tuple[int, int],
+                backup: bool = False) -> bool:
+    """Compute one portion of evaluation ``tag``, claim it, keep it if won (module docstring).
+
+    Returns whether this copy counted. The coordinator does not fetch it: it learns the winners
+    and their losses from the ledger in one call, not one result at a time.
+    """
+    start = time.perf_counter()
+    worker = get_worker().address
+    plan.ledger.started(tag, portion, worker)  # not awaited: the reply is of no use here
+    state = _state(plan)
+    params = _parameters(plan, state, tag)
+    if params is None:
+        return False
+    X, y = _rows(plan, state, bounds)
+    tick = time.perf_counter()
+    loss, grad = portion_gradient(state.model, params, X, y)
+    factor = plan.slow.get(worker, 1.0)
+    if factor > 1.0:  # test / benchmark only: a straggler machine
+        time.sleep((factor - 1.0) * (time.perf_counter() - tick))
+    compute = time.perf_counter() - tick
+    counted = _claim_and_add(plan, state, tag, portion, loss, grad,
+                             time.perf_counter() - start, backup)
+    events.emit(events.PORTION, run=plan.run, evaluation=tag, portion=portion, worker=worker,
+                seconds=compute, backup=backup, counted=counted)
+    return counted
+
+
+async def flush_worker(plan: PortionPlan, tag: int) -> list[int]:
+    """Push what this worker still holds for evaluation ``tag``; return every portion of ``tag``
+    this worker has applied on the shards.
+
+    Run by the coordinator through ``Client.run`` on the worker's event loop: it needs no task
+    thread, so a worker whose threads are all busy (with a straggler) flushes at once. It waits
+    only for claims and pushes in flight (round trips), never for a computation. The shard calls
+    are awaited, so the event loop keeps serving while they travel.
+    """
+    with _RUNS_LOCK:
+        state = _RUNS.get(plan.run)
+    if state is None:
+        return []
+    deadline = time.monotonic() + FLUSH_PATIENCE
+    while True:
+        with state.lock:  # task threads hold it only for an in-memory add
+            if state.in_flight == 0:
+                if state.tag != tag:
+                    return []
+                acc, portions = state.take() if state.pending else (None, [])
+                break
+        if time.monotonic() > deadline:  # a claim that never returns: report nothing applied,
+            return []                    # and the coordinator starts the evaluation again
+        await asyncio.sleep(0.001)
+    if acc is not None:
+        await _push(plan, state, tag, acc, portions)
+    with state.lock:
+        return list(state.pushed) if state.tag == tag else []

@@ -1,0 +1,234 @@
+"""Sandblaster L-BFGS on real LocalClusters of worker processes, against the reference L-BFGS.
+
+Why 1e-5 relative is an honest tolerance for "the same iterates": Sandblaster runs the
+reference's own L-BFGS code; every portion's float32 gradient comes from the same model code on
+the same rows and parameters; portions are added in float64 (in a worker's accumulator, then in
+the shards') and each shard finishes its slice with the reference's ``finish_gradient``; the loss
+adds the portion losses in portion order, as the reference does. What differs is only the order
+of float64 additions (the worker/shard grouping of the gradient sums, per-shard partial dot
+products): relative 1e-16 effects, which reach a float32 vector only where a value lies within
+1e-16 of a rounding boundary. In practice the runs agree bit for bit; 1e-5 leaves room for BLAS
+kernels that order a matmul's sums differently in another process, while a portion counted twice
+or lost would move the gradient by about 1/15 of itself -- four orders of magnitude above it.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections import Counter
+from pathlib import Path
+
+import cloudpickle
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+from scipy.optimize import minimize
+from threadpoolctl import threadpool_limits
+
+from daskbelief import config as pipeline_config
+from daskbelief import pipeline
+from daskbelief.data import open_store
+from daskbelief.monitor import events
+from daskbelief.nn import Dense, Sequential
+from daskbelief.optim.vectors import LocalVectors
+from daskbelief.ps.server import ParameterServer
+from daskbelief.train import sandblaster_tasks
+from daskbelief.train.reference import train_lbfgs
+from daskbelief.train.sandblaster import IDLE_RULE, sandblaster
+from daskbelief.train.sharded_vectors import ShardedVectors
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+PORTION = 100  # 15 portions over the 1437 training rows of digits
+PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "digits-sandblaster.toml"
+
+
+def mlp(cls=Sequential):
+    return cls(input_shape=(64,), layers=[Dense(16, activation="tanh"), Dense(10)], l2=1e-3)
+
+
+def reference(model, path, iterations):
+    with threadpool_limits(1):  # as a nanny-started worker runs its BLAS
+        return train_lbfgs(model, path, iterations=iterations, portion_size=PORTION, seed=0)
+
+
+def assert_same_iterates(result, expect):
+    """Per-iteration losses and final parameters equal to the reference's, to 1e-5 relative."""
+    params, ref = expect
+    ours = [h for h in result.history if h["loss"] is not None]
+    assert [h["step"] for h in ours] == [h["iteration"] for h in ref.history]
+    for mine, theirs in zip(ours, ref.history):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5), (mine, theirs)
+    assert not np.array_equal(params, mlp().init(0))  # the iterates moved
+    assert np.linalg.norm(result.params - params) <= 1e-5 * np.linalg.norm(params)
+    assert result.summary["evaluations"] == ref.evaluations
+
+
+def test_sharded_vectors_do_what_local_vectors_do(client):
+    values = np.random.default_rng(0).standard_normal(1001).astype(np.float32)
+    ps = ParameterServer.create(client, values, 3, IDLE_RULE)
+    try:
+        sharded, local = ShardedVectors(ps.shards, ps.ranges), LocalVectors(1001)
+        local.set("params", values.copy())
+        for space in (sharded, local):
+            space.copy("params", "a")
+            space.mul("a", "a", "b")
+            space.axpy(-0.3, "a", "b")
+            space.scale(1.7, "b")
+            space.zeros("c")
+            space.axpy(2.0, "b", "c")
+            space.swap("a", "c")
+            space.copy("b", "d")
+        assert sharded.flushes == 0  # operations that return nothing wait for the next dot
+        pairs = [("a", "b"), ("c", "c"), ("b", "d")]
+        np.testing.assert_allclose(sharded.dots(pairs), local.dots(pairs), rtol=1e-12)
+        assert sharded.flushes == 1  # ... and travel with it: one call per shard
+        for name in "abcd":
+            np.testing.assert_array_equal(sharded.gather(name), local.get(name))
+        assert sharded.dot("a", "c") == pytest.approx(local.dot("a", "c"), rel=1e-12)
+        with pytest.raises(KeyError, match="no vector named 'zz'"):
+            sharded.dot("zz", "a")
+        with pytest.raises(ValueError, match="unknown operation 'explode'"):
+            sharded.execute(("explode",))
+    finally:
+        ps.close()
+
+
+def test_iterates_match_the_reference_and_the_loss_scipy(client, digits_path):
+    iterations, model = 20, mlp()
+    result = sandblaster(model, digits_path, client=client, iterations=iterations,
+                         portion_size=PORTION, shards=2, test=digits_path, eval_every=0.5)
+    assert_same_iterates(result, reference(model, digits_path, iterations))
+
+    X, y = open_store(digits_path).read()
+    X64 = X.astype(np.float64)
+
+    def fun(p):  # the objective in float64, through the same model code
+        return model.loss_and_grad(p, X64, y)
+
+    scipy = minimize(fun, model.init(0).astype(np.float64), jac=True, method="L-BFGS-B",
+                     options={"maxiter": iterations, "maxcor": 10, "gtol": 0, "ftol": 0})
+    assert scipy.nit == iterations
+    ours = fun(result.params.astype(np.float64))[0]
+    assert ours == pytest.approx(result.summary["loss"], rel=1e-4)
+    assert abs(ours - scipy.fun) <= 0.01 * scipy.fun, (ours, scipy.fun)
+
+    s = result.summary
+    n_workers = len(client.scheduler_info()["workers"])
+    assert sum(s["portions_per_worker"].values()) == 15 * s["evaluations"]  # each exactly once
+    assert s["evaluations_restarted"] == 0 and s["contributions_refused"] == 0
+    assert s["vector_fetches"] <= n_workers * s["evaluations"]  # at most once per evaluation
+    assert s["samples"] == 1437 * s["evaluations"] and s["test_accuracy"] >= 0.9
+    assert any(h["test_accuracy"] is not None for h in result.history[:-1])  # during training
+    logged = [m for _, m in client.get_events(events.RUN) if m.get("run") == s["run"]]
+    assert [m["iteration"] for m in logged if m["kind"] == "iteration"] == list(range(1, 21))
+    assert {"start", "eval", "end"} <= {m["kind"] for m in logged}
+
+
+def test_a_slowed_worker_with_backups_changes_nothing(digits_path):
+    model = mlp()
+    with LocalCluster(n_workers=3, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as c:
+        workers = sorted(c.scheduler_info()["workers"])
+        slow = workers[2]
+        result = sandblaster(model, digits_path, client=c, iterations=6, portion_size=PORTION,
+                             shards=1, shard_workers=[workers[0]], _slow_workers={slow: 1000.0})
+        portion_events = [m for _, m in c.get_events(events.PORTION)
+                          if m.get("run") == result.summary["run"]]
+    assert_same_iterates(result, reference(model, digits_path, 6))  # exactly once, so unchanged
+    s = result.summary
+    assert s["backups_launched"] >= 1 and s["backups_won"] >= 1, s
+    assert s["evaluations_restarted"] == 0
+    done = s["portions_per_worker"]
+    assert done.get(slow, 0) < min(done[w] for w in workers if w != slow), done  # load balance
+    counted = Counter((m["evaluation"], m["portion"]) for m in portion_events
+                      if m.get("counted"))
+    assert counted and max(counted.values()) == 1
+    assert any(m.get("kind") == "backup-launched" for m in portion_events)
+
+
+class DiesHoldingPortions(Sequential):
+    """A real model whose worker process ``victim`` kills itself (SIGKILL) while it holds won
+    portions not yet pushed to the shards: the worst moment to lose a worker."""
+
+    victim = None
+
+    def loss_and_grad(self, params, X, y, **kw):
+        if os.getpid() == self.victim and any(s.pending for s in sandblaster_tasks._RUNS.values()):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().loss_and_grad(params, X, y, **kw)
+
+
+def test_a_worker_killed_mid_evaluation_changes_nothing(digits_path):
+    model = mlp(DiesHoldingPortions)
+    with LocalCluster(n_workers=3, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as c:
+        workers = sorted(c.scheduler_info()["workers"])
+        pids = c.run(os.getpid)
+        model.victim = pids[workers[2]]  # the shards and the ledger live on workers[0]
+        # push_every is large so that everything a worker wins waits for the final flush
+        result = sandblaster(model, digits_path, client=c, iterations=6, portion_size=PORTION,
+                             shards=2, shard_workers=[workers[0]], push_every=1000)
+        assert model.victim not in c.run(os.getpid).values()  # it really died
+    assert result.summary["evaluations_restarted"] >= 1, result.summary
+    assert_same_iterates(result, reference(mlp(), digits_path, 6))
+
+
+def test_max_seconds_stops_between_iterations(client, digits_path):
+    result = sandblaster(mlp(), digits_path, client=client, iterations=10**6, tolerance=0.0,
+                         portion_size=PORTION, max_seconds=1.0)
+    s = result.summary
+    assert 1 <= s["iterations"] < 10**6 and s["message"] == "reached max_seconds=1"
+    assert s["loss"] == result.history[-1]["loss"] and np.isfinite(result.params).all()
+    X, y = open_store(digits_path).read()  # the returned iterate is the one the loss belongs to
+    loss = result.model.loss_and_grad(result.params.astype(np.float64), X.astype(np.float64), y)[0]
+    assert loss == pytest.approx(s["loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"history": 0}, "history must be an integer >= 1"),
+    ({"portion_size": 5000}, "portion_size=5000 is larger than the batch"),
+    ({"portion_size": 200, "batch_rows": 100}, r"portion_size=200 is larger than the batch \(100"),
+    ({"portion_size": 0}, "portion_size must be an integer >= 1"),
+    ({"shards": 0}, "shards must be an integer >= 1"),
+    ({"shards": 10**6}, "more than the model's"),
+    ({"iterations": 0}, "iterations must be an integer >= 1"),
+    ({"batch_rows": 10**6}, "batch_rows=1000000 is more than the 1437 rows"),
+    ({"tolerance": -1.0}, "tolerance must be"),
+    ({"backups": "yes"}, "backups must be True or False"),
+    ({"push_every": 0}, "push_every must be"),
+    ({"eval_every": 0}, "eval_every must be"),
+    ({"max_seconds": -1}, "max_seconds must be"),
+    ({"params": np.zeros(5, np.float32)}, r"params has shape \(5,\)"),
+    ({"_slow_workers": {"tcp://x:1": 0.5}}, "_slow_workers"),
+])
+def test_bad_settings_are_refused_before_work_starts(client, digits_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        sandblaster(mlp(), digits_path, client=client, **kw)
+    assert not client.futures  # nothing was submitted
+
+
+def test_models_that_do_not_fit_the_data_are_refused(client, digits_path):
+    with pytest.raises(ValueError, match="input size does not fit"):
+        sandblaster(Sequential((32,), [Dense(10)]), digits_path, client=client)
+    with pytest.raises(ValueError, match="class count mismatch"):
+        sandblaster(Sequential((64,), [Dense(7)]), digits_path, client=client)
+
+
+def test_a_cluster_with_no_workers_is_refused(digits_path):
+    with LocalCluster(n_workers=0, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as c:
+        with pytest.raises(RuntimeError, match="0 worker"):
+            sandblaster(mlp(), digits_path, client=c, iterations=1)
+
+
+def test_the_digits_pipeline_reaches_90_percent(cluster, digits_path, tmp_path):
+    config = pipeline_config.load(PIPELINE)
+    config["dataset"]["path"] = digits_path
+    config["train"]["iterations"] = 15
+    summary = pipeline.run(config, tmp_path, scheduler=cluster.scheduler_address)
+    assert summary["algorithm"] == "sandblaster" and summary["iterations"] == 15
+    assert summary["test_accuracy"] >= 0.9
+    assert summary["seconds"] > 0 and summary["samples_per_second"] > 0
+    assert '"kind": "iteration"' in (tmp_path / "metrics.jsonl").read_text()
