@@ -84,12 +84,21 @@ def iteration_series(events) -> dict:
     return series
 
 
+def _started(e: dict) -> dict | None:
+    """A shard's counters when it started, from an event that says how long ago that was."""
+    if "uptime" not in e:
+        return None
+    return {"time": e["time"] - e["uptime"], "applied": 0, "rejected": 0, "fetches": 0,
+            "bytes_in": 0, "bytes_out": 0}
+
+
 def shard_rates(events, last=None):
     """Per ``(run, shard)`` traffic rates from successive counters; ``(series, last)``.
 
     A shard publishes cumulative counters, so a rate needs the shard's previous event: ``last``
-    maps ``(run, shard)`` to it (pass the returned one back in to continue incrementally). A
-    counter that went down means the shard was recreated from a checkpoint: that interval has
+    maps ``(run, shard)`` to it (pass the returned one back in to continue incrementally). Before
+    a shard's first event the baseline is the shard's start (``uptime`` ago, every counter 0).
+    A counter that went down means the shard was recreated from a checkpoint: that interval has
     no rate and the new counters become the baseline.
     """
     last = dict(last or {})
@@ -98,7 +107,7 @@ def shard_rates(events, last=None):
         if e["topic"] != SHARD:
             continue
         key = (e["run"], e["shard"])
-        before, last[key] = last.get(key), e
+        before, last[key] = last.get(key, _started(e)), e
         if before is None:
             continue
         dt = e["time"] - before["time"]
