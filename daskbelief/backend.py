@@ -18,6 +18,23 @@ def namespace(*arrays):
     return np
 
 
+def axpy(alpha: float, x, y) -> None:
+    """``y += alpha * x`` in place, in one pass and without a temporary.
+
+    On NumPy float arrays that are contiguous this is BLAS ``axpy`` (SciPy's wrapper; SciPy
+    comes with scikit-learn), about twice as fast as ``y += alpha * x``, which allocates
+    ``alpha * x`` and makes two more passes over memory. Anything else falls back to that.
+    """
+    kind = {np.float32: "saxpy", np.float64: "daxpy"}.get(y.dtype.type)
+    if (kind is None or namespace(x, y) is not np or x.dtype != y.dtype
+            or not (x.flags.c_contiguous and y.flags.c_contiguous)):
+        y += alpha * x
+        return
+    from scipy.linalg import blas
+
+    getattr(blas, kind)(x.reshape(-1), y.reshape(-1), a=alpha)
+
+
 def to_numpy(a) -> np.ndarray:
     """A host (NumPy) copy of ``a``; ``a`` itself when it already is one."""
     if type(a).__module__.startswith("cupy"):

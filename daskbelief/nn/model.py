@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from daskbelief.backend import namespace
+from daskbelief.backend import axpy, namespace
 from daskbelief.nn.layers import Layer, Scratch, layer_from_dict
 from daskbelief.nn.losses import get_loss
 
@@ -175,7 +175,7 @@ class Sequential:
             for layer, p, g in zip(self.layers, pviews, gviews):
                 for name in layer.decayed:
                     loss += 0.5 * self.l2 * float(xp.vdot(p[name], p[name]))
-                    g[name] += self.l2 * p[name]
+                    axpy(self.l2, p[name], g[name])
         return loss, out
 
     def predict(self, params, X, *, batch_size: int = 256):

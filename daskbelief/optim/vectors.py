@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from daskbelief.backend import namespace
+from daskbelief.backend import axpy, namespace
 
 DOT_BLOCK = 1 << 16  # elements converted to float64 at a time: bounded temporaries
 
@@ -82,8 +82,7 @@ class LocalVectors:
         self._v[a], self._v[b] = self.get(b), self.get(a)
 
     def axpy(self, alpha: float, x: str, y: str) -> None:
-        y_ = self.get(y)
-        y_ += self.dtype.type(alpha) * self.get(x)
+        axpy(self.dtype.type(alpha), self.get(x), self.get(y))
 
     def scale(self, alpha: float, x: str) -> None:
         x_ = self.get(x)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 
 import numpy as np
+from distributed import get_worker
 
 from daskbelief.cluster import start_actors
 from daskbelief.ps.policy import overlaps, place_shards, shard_ranges
@@ -21,6 +22,27 @@ RECOVERY_TIMEOUT = 300.0  # seconds a caller waits for the driver to recover a l
 
 class ServerLost(Exception):
     """A parameter-server call failed: a shard's worker is gone (or unreachable)."""
+
+
+class LocalActor:
+    """An actor that lives in this very worker process, called without leaving it.
+
+    A call from a task to an actor of the same worker would otherwise be serialised, sent over
+    loopback TCP and read back by the worker's own event loop, both ways, on the cores the
+    replica computes on. Here it is submitted straight to the worker's actor thread, the thread
+    distributed runs every actor method on, so the shard still sees one method at a time; arrays
+    travel by reference (a replica reuses a push buffer only after the push was acknowledged).
+    Calls return ``concurrent.futures.Future`` objects, which wait like actor futures.
+    """
+
+    def __init__(self, actor, worker):
+        self._obj = worker.state.actors[actor.key]
+        self._executor = worker.executors["actor"]
+        self._address = actor._address
+
+    def __getattr__(self, name):
+        method = getattr(self._obj, name)
+        return lambda *args: self._executor.submit(method, *args)
 
 
 class ParameterServer:
@@ -51,6 +73,17 @@ class ParameterServer:
             (ParameterShard, addr, f"parameter-shard-{i}-{token}", (i, a, b, params[a:b], rule_spec, backend))
             for i, ((a, b), addr) in enumerate(zip(ranges, addresses))])
         return cls(shards, ranges, futures, rule_spec, backend)
+
+    def here(self) -> "ParameterServer":
+        """This handle for use inside a worker task: shards held by this same worker process are
+        called directly (``LocalActor``), the others as usual."""
+        try:
+            worker = get_worker()
+        except ValueError:
+            return self
+        shards = [LocalActor(s, worker) if s._address == worker.address and s.key in worker.state.actors
+                  else s for s in self.shards]
+        return ParameterServer(shards, self.ranges, None, self.rule_spec, self.backend)
 
     def addresses(self) -> list[str]:
         """The worker holding each shard."""

@@ -317,7 +317,8 @@ class _Link:
 
     def __init__(self, plan: ReplicaPlan, size: int):
         self.var = Variable(plan.name("ps"))
-        self.generation, self.ps = self.var.get()
+        generation, ps = self.var.get()
+        self.generation, self.ps = generation, ps.here()
         self.limit = plan.max_in_flight if plan.overlap else 1
         self.replica = f"replica-{plan.replica}"
         self.free = [np.zeros(size, dtype=np.float32) for _ in range(self.limit + 1)]
@@ -394,7 +395,7 @@ class _Link:
                 raise RuntimeError(f"{self.replica}: the parameter server was lost and not "
                                    f"recovered within {timeout:.0f}s")
             time.sleep(0.2)
-        self.generation, self.ps = generation, ps
+        self.generation, self.ps = generation, ps.here()
         self.pushes_lost += len(self.flight)
         self.free.extend(grad for _, grad, _ in self.flight)
         self.flight.clear()

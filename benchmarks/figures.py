@@ -1,0 +1,63 @@
+"""PNG figures of benchmark results (matplotlib, Agg): what ``benchmarks all`` puts in RESULTS.md."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 -- after choosing the backend
+
+from benchmarks.paper import time_to  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def accuracy_vs_time(paper: dict, path: Path) -> Path:
+    """Figure 4: test accuracy vs wall time, one line per method."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for c in paper["curves"]:
+        style = "-" if c["family"] != "peer" else ":"
+        ax.plot(c["times"], c["accuracy"], style, marker=".", label=f"{c['name']}")
+    ax.axhline(paper["target_accuracy"], color="grey", lw=0.8, ls="--")
+    ax.set(xlabel="training time (s)", ylabel="test accuracy",
+           title="Figure 4 on this machine: speech-frames, accuracy vs time")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def time_to_target(paper: dict, path: Path) -> Path:
+    """Figure 5: time to the target accuracy vs cores, per method family."""
+    groups: dict[str, list] = {}
+    for c in paper["curves"]:
+        family = c["name"].split(",")[0]
+        t = time_to(c["times"], c["accuracy"], paper["target_accuracy"])
+        if t is not None:
+            groups.setdefault(family, []).append((c["cores"], t))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for family, points in sorted(groups.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=family)
+    ax.set(xlabel="cores (worker processes or threads)", ylabel="seconds",
+           title=f"Figure 5 on this machine: time to {paper['target_accuracy']:.0%} test accuracy",
+           xticks=sorted({c["cores"] for c in paper["curves"]}))
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def model_parallel_speedup(mp: dict, path: Path) -> Path:
+    """Figure 3: step-time speed-up vs partitions for each model."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model, label in (("lc", "locally connected image model"), ("mlp", "fully connected speech MLP")):
+        ms = mp["step_ms"][model]
+        ax.plot([1, 2], [1.0, ms["k1"] / ms["k2"]], marker="o", label=label)
+    ax.plot([1, 2], [1, 2], color="grey", lw=0.8, ls="--", label="linear")
+    ax.set(xlabel="partitions (workers per replica)", ylabel="speed-up over 1 partition",
+           title="Figure 3 on this machine: model parallelism", xticks=[1, 2])
+    ax.legend(fontsize=8)
+    return _save(fig, path)
