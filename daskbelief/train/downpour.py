@@ -23,7 +23,7 @@ import numpy as np
 from distributed import Event, Variable, get_worker
 
 from daskbelief.cluster import (client_or_local, default_local_workers, require_threads,
-                                require_workers)
+                                require_workers, warm_workers)
 from daskbelief.data import open_store
 from daskbelief.monitor import events
 from daskbelief.optim.rules import make_rule
@@ -152,6 +152,7 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
     with client_or_local(client, threads_per_worker=-(-replicas // default_local_workers())) as c:
         require_workers(c)
         require_threads(c, replicas, f"{replicas} Downpour replicas")
+        warm_workers(c, __name__)
         run = f"downpour-{uuid.uuid4().hex[:8]}"
         replica_plans = [ReplicaPlan(run, r, store.url, store.split, data_shards[r], batch_size, steps,
                              epochs, n_fetch, n_push, seed, overlap, max_in_flight, report_every,

@@ -35,7 +35,7 @@ from numbers import Real
 import numpy as np
 from distributed import wait
 
-from daskbelief.cluster import client_or_local, require_workers
+from daskbelief.cluster import client_or_local, require_workers, warm_workers
 from daskbelief.data import open_store
 from daskbelief.monitor import events
 from daskbelief.optim.lbfgs import LbfgsResult, lbfgs
@@ -396,6 +396,7 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
 
     with client_or_local(client) as c:
         workers = require_workers(c)
+        warm_workers(c, "daskbelief.train.sandblaster_tasks")
         unknown = sorted(set(shard_workers or ()) - set(workers))
         if unknown:
             raise ValueError(f"shard_workers names {', '.join(unknown)}, which are not workers of "
