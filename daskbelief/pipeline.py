@@ -23,6 +23,7 @@ from daskbelief.monitor.events import EventLog
 from daskbelief.monitor.progress import Progress
 from daskbelief.nn import Sequential
 from daskbelief.ps import checkpoint
+from daskbelief.train.partition import as_plan
 
 CHECKPOINT_EVERY = 60.0  # seconds, when [checkpoint] does not say
 
@@ -53,18 +54,17 @@ def prepare(config: dict) -> Pipeline:
     if algorithm not in ("downpour", "sandblaster"):
         raise ConfigError(f"train.algorithm {algorithm!r} cannot run as a pipeline (use downpour or "
                           "sandblaster; the reference trainers are library functions)")
+    try:
+        as_plan(model, train.get("partition"))
+    except ValueError as e:
+        raise ConfigError(f"train.partition: {e}") from None
     if algorithm == "downpour":
         from daskbelief.optim.rules import make_rule
-        from daskbelief.train.downpour import partition_plan
 
         try:
             make_rule(train.get("rule", "adagrad"))
         except ValueError as e:
             raise ConfigError(f"train.rule: {e}") from None
-        try:
-            partition_plan(model, train.get("partition"))
-        except ValueError as e:
-            raise ConfigError(f"train.partition: {e}") from None
     return Pipeline(config, model, algorithm, train)
 
 

@@ -147,3 +147,10 @@ def test_updates_missing_from_a_restored_shard():
     assert updates_missing({0: 3}, [4, 0]) == 0
     assert pick_worker(["a", "b", "c"], ["a", "b", "a"]) == "c"
     assert pick_worker(["a", "b"], ["gone", "a"]) == "b"
+
+
+def test_place_groups_homes_one_replica_per_worker_on_distinct_workers():
+    from daskbelief.ps.policy import place_groups
+
+    assert place_groups(["b", "a", "c"], 2) == {"a": ["a", "b"], "b": ["b", "c"], "c": ["c", "a"]}
+    assert place_groups(["a"], 2) == {"a": ["a", "a"]}

@@ -71,6 +71,16 @@ def place_blocks(workers: list[str], shard_holders: list[str], n_replicas: int,
     return [[pool[(r * n_blocks + k) % len(pool)] for k in range(n_blocks)] for r in range(n_replicas)]
 
 
+def place_groups(workers: list[str], n_blocks: int) -> dict[str, list[str]]:
+    """Sandblaster's model-parallel replicas: one per worker (portions that land on a worker run
+    on the replica homed there), its blocks on that worker and the next ones, wrapping around."""
+    if not workers:
+        raise ValueError("the Dask cluster has no workers: start at least one worker before training")
+    ordered = sorted(workers)
+    return {home: [ordered[(i + k) % len(ordered)] for k in range(n_blocks)]
+            for i, home in enumerate(ordered)}
+
+
 def _by_shard_load(workers: list[str], shard_holders: list[str]) -> list[str]:
     """Workers ordered by how many shards they hold, then by address."""
     load = {w: 0 for w in workers}

@@ -191,14 +191,16 @@ class ParameterShard:
         ev.acc.fill(0.0)
         ev.tag, ev.x = tag, x_name
 
-    def read_evaluated(self, tag):
-        """This slice of the vector being evaluated under ``tag`` (a copy), or None when ``tag``
-        is not the open evaluation: the caller is a leftover of an abandoned one."""
+    def read_evaluated(self, tag, offset: int = 0, length: int | None = None):
+        """This slice (or its ``[offset, offset + length)`` part, what a model-parallel block
+        owns) of the vector being evaluated under ``tag``, a copy; None when ``tag`` is not the
+        open evaluation: the caller is a leftover of an abandoned one."""
         ev = self._evaluation()
         if ev.tag != tag:
             return None
         ev.reads += 1
-        values = self.vectors.get(ev.x).copy()
+        vector = self.vectors.get(ev.x)
+        values = vector[offset:len(vector) if length is None else offset + length].copy()
         self.bytes_out += values.nbytes
         return values
 

@@ -31,7 +31,7 @@ from daskbelief.ps import checkpoint
 from daskbelief.ps.policy import place_blocks, place_replicas
 from daskbelief.ps.server import RECOVERY_TIMEOUT, WAIT_SLICE, ParameterServer, ServerLost
 from daskbelief.train.driver import Driver
-from daskbelief.train.partition import Plan, from_config
+from daskbelief.train.partition import as_plan
 from daskbelief.train.partitioned import Blocks
 from daskbelief.train.evaluate import evaluate
 from daskbelief.train.result import TrainResult
@@ -146,7 +146,7 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
                          "rewrite the store with smaller chunk_rows")
     data_shards = store.shards(replicas)
     rule = make_rule(rule)
-    plan = partition_plan(model, partition)
+    plan = as_plan(model, partition)
     start_point = _start_point(model, seed, params, resume_from)
 
     with client_or_local(client, threads_per_worker=-(-replicas // default_local_workers())) as c:
@@ -220,17 +220,6 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
     result.shard_stats = shard_stats
     result.replica_outcomes = outcomes
     return result
-
-
-def partition_plan(model, partition):
-    """``partition`` as a ``Plan`` of ``model`` (None stays None); a plan made for another model
-    is refused, naming the difference."""
-    if partition is None or isinstance(partition, Plan):
-        if partition is not None and partition.model.to_dict() != model.to_dict():
-            raise ValueError("the partition plan was made for another model: "
-                             f"{checkpoint.model_difference(partition.model.to_dict(), model.to_dict(), ('plan', 'model'))}")
-        return partition
-    return from_config(model, partition)
 
 
 @dataclass

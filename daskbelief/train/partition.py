@@ -411,3 +411,18 @@ def _stage_from_config(stage) -> tuple[int, object]:
     if "rows" in stage or "cols" in stage:
         return stage["layers"], (stage.get("rows", 1), stage.get("cols", 1))
     return stage["layers"], stage.get("k", 1)
+
+
+def as_plan(model, partition) -> Plan | None:
+    """``partition`` (a ``Plan``, a pipeline table, or None) as a ``Plan`` of ``model``; a plan
+    made for another model is refused, naming the difference."""
+    if partition is None:
+        return None
+    if not isinstance(partition, Plan):
+        return from_config(model, partition)
+    if partition.model.to_dict() != model.to_dict():
+        from daskbelief.ps.checkpoint import model_difference
+
+        raise ValueError("the partition plan was made for another model: "
+                         + model_difference(partition.model.to_dict(), model.to_dict(), ("plan", "model")))
+    return partition

@@ -395,6 +395,7 @@ class BlockActor(Block):
         self._buffers = 0
         self._flight: deque = deque()
         self.generation = 0  # bumped by ``set_server`` when the driver recovers a shard
+        self._evaluation, self._sums, self._pending, self._applied = None, None, [], []
         self._acc = None
         self.staleness: list[int] = []
         self.counters = {"messages": 0, "bytes_sent": 0, "compute_seconds": 0.0}
@@ -551,6 +552,62 @@ class BlockActor(Block):
                 self.staleness.append(version - 1 - versions.get(shard, 0))
         self._flight.popleft()
         self._free.append(acc)
+
+    # -- Sandblaster: this block's ranges of the evaluated vector and of the gradient sums ------
+    def _pieces(self):
+        """``(local offset, shard, offset in the shard, length)`` of every piece of this block's
+        ranges, in order."""
+        out, at = [], 0
+        for a, b in self.ranges:
+            for i, lo, hi in overlaps(self.ps.ranges, a, b):
+                out.append((at + lo - a, i, lo - self.ps.ranges[i][0], hi - lo))
+            at += b - a
+        return out
+
+    async def load_evaluated(self, tag) -> bool:
+        """Take this block's ranges of the vector Sandblaster evaluates under ``tag`` into its
+        parameters (once per tag) and start its gradient sums for it; False when ``tag`` is not
+        the shards' open evaluation (the portion is a leftover of an abandoned one)."""
+        if self._evaluation == tag:
+            return True
+        pieces = self._pieces()
+        replies = await self._replies([self.ps.shards[i].read_evaluated(tag, off, n)
+                                       for _, i, off, n in pieces])
+        if any(r is None for r in replies):
+            return False
+        for (at, _, _, n), values in zip(pieces, replies):
+            self.params[at:at + n] = values
+        if self._sums is None:
+            self._sums = np.zeros(self.size, dtype=np.float64)
+        self._sums.fill(0.0)
+        self._evaluation, self._pending, self._applied = tag, [], []
+        return True
+
+    async def add_portion(self, tag, portion: int, push_every: int) -> None:
+        """Add the gradient of the portion just computed (it won its claim) into this block's
+        float64 sums; every ``push_every`` portions, add those into the shards' accumulators."""
+        if tag != self._evaluation:
+            return
+        await self._compute(np.add, self._sums, self.grad, self._sums)
+        self._pending.append(portion)
+        if len(self._pending) >= push_every:
+            await self._push_sums(tag)
+
+    async def _push_sums(self, tag) -> None:
+        accepted = await self._replies([self.ps.shards[i].accumulate(tag, self._sums[at:at + n], off)
+                                        for at, i, off, n in self._pieces()])
+        if all(accepted):
+            self._applied.extend(self._pending)
+        self._sums.fill(0.0)
+        self._pending = []
+
+    async def flush_evaluation(self, tag) -> list[int]:
+        """Push what is still summed for ``tag``; the portions this block has applied."""
+        if tag != self._evaluation:
+            return []
+        if self._pending:
+            await self._push_sums(tag)
+        return list(self._applied)
 
     async def flush(self, steps_done: int | None = None) -> list[int]:
         """Push what is accumulated and wait for every push in flight."""

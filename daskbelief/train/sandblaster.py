@@ -39,10 +39,13 @@ from daskbelief.cluster import client_or_local, require_workers, warm_workers
 from daskbelief.data import open_store
 from daskbelief.monitor import events
 from daskbelief.optim.lbfgs import LbfgsResult, lbfgs
+from daskbelief.ps.policy import place_groups
 from daskbelief.ps.server import ParameterServer
 from daskbelief.train.backup import MIN_DONE_FRACTION, portions_to_back_up
 from daskbelief.train.evaluate import evaluate, evaluate_rows, finish
 from daskbelief.train.objective import portions
+from daskbelief.train.partition import as_plan
+from daskbelief.train.partitioned import Blocks
 from daskbelief.train.result import TrainResult
 from daskbelief.train.sandblaster_tasks import (PortionLedger, PortionPlan, flush_worker,
                                                 forget_run, run_portion)
@@ -350,7 +353,7 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
                 portion_size: int | None = None, batch_rows: int | None = None,
                 push_every: int = 4, backups: bool = True, test=None, seed: int = 0, params=None,
                 max_seconds: float | None = None, eval_every: float | None = None,
-                eval_rows: int = 10_000, shard_workers=None,
+                eval_rows: int = 10_000, shard_workers=None, partition=None,
                 _slow_workers: dict | None = None) -> TrainResult:
     """Train ``model`` with Sandblaster L-BFGS on a Dask cluster; returns a ``TrainResult``.
 
@@ -376,6 +379,10 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
     eval_every : seconds between test evaluations during training (None: only at the end)
     eval_rows : test rows used by the evaluations during training
     shard_workers : addresses the shards (and the claim ledger) may be placed on (default: all)
+    partition : a ``partition.Plan`` of ``model`` or a table such as ``{"kind": "horizontal",
+        "k": 2}``: every worker then homes a model-parallel replica (block actors on it and the
+        next workers) that computes the portions landing there, each block taking its own ranges
+        of the evaluated vector from the shards and pushing its own ranges of the gradient sums
     _slow_workers : TEST AND BENCHMARK ONLY -- ``{worker address: factor}``; portion tasks on
         that worker sleep ``(factor - 1)`` times their compute time, simulating a slow machine
 
@@ -393,6 +400,7 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
                       eval_every=eval_every, eval_rows=eval_rows, seed=seed,
                       max_seconds=max_seconds, slow_workers=_slow_workers)
     start = _start(model, params, seed)
+    plan_p = as_plan(model, partition)
 
     with client_or_local(client) as c:
         workers = require_workers(c)
@@ -406,20 +414,25 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
         bounds = portions(n_rows, size)
         run = f"sandblaster-{uuid.uuid4().hex[:8]}"
         ps = ParameterServer.create(c, start, shards, IDLE_RULE, workers=shard_workers)
+        groups = {} if plan_p is None else {
+            home: Blocks.start(c, plan_p, start, ps=ps, addresses=where)
+            for home, where in place_groups(workers, plan_p.n_blocks).items()}
         del start  # from here on the parameters live on the shards only
         ledger_future = c.submit(PortionLedger, actor=True, workers=[ps.addresses()[0]],
                                  allow_other_workers=False, pure=False, key=f"{run}-ledger")
         try:
             call_all(ps.shards, "prepare_objective", model, n_rows)
             plan = PortionPlan(run, model, store, tuple(ps.shards), tuple(ps.ranges),
-                               ledger_future.result(), push_every, dict(_slow_workers or {}))
+                               ledger_future.result(), push_every, dict(_slow_workers or {}),
+                               groups)
             space = ShardedVectors(ps.shards, ps.ranges)
             space.copy("params", "x")  # queued: travels with the first evaluation
             objective = BatchObjective(c, plan, space, bounds, n_rows, backups)
             monitor = _Monitor(c, run, model, ps, test_store, eval_every, eval_rows, max_seconds)
             settings = {"shards": shards, "iterations": iterations, "history": history,
                         "portion_size": size, "portions": len(bounds), "batch_rows": n_rows,
-                        "push_every": push_every, "backups": backups, "tolerance": tolerance}
+                        "push_every": push_every, "backups": backups, "tolerance": tolerance,
+                        "partition": "" if plan_p is None else f"{plan_p.kind}/{plan_p.n_blocks}"}
             events.emit(events.RUN, run=run, kind="start", algorithm="sandblaster", **settings)
             try:
                 result = lbfgs(space, objective, "x", m=history, max_iter=iterations,
@@ -431,6 +444,8 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
             shard_stats = call_all(ps.shards, "objective_stats")
         finally:
             ledger_future.release()
+            for blocks in groups.values():
+                blocks.close()
             ps.close()
             c.run(forget_run, run, on_error="ignore")
         summary = _summary(run, result, objective.counters, settings, seconds, n_rows, shard_stats)

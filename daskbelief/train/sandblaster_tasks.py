@@ -46,6 +46,8 @@ class PortionPlan:
 
     ``slow`` maps a worker address to a slowdown factor: a test and benchmark option only, which
     makes that worker sleep ``(factor - 1)`` times its compute time after each portion.
+    ``groups`` maps a worker address to the model-parallel replica (a ``partitioned.Blocks``)
+    that computes the portions landing on that worker (empty: each worker computes them alone).
     """
 
     run: str
@@ -56,6 +58,7 @@ class PortionPlan:
     ledger: object
     push_every: int
     slow: dict = field(default_factory=dict)
+    groups: dict = field(default_factory=dict)
 
 
 class PortionLedger:
@@ -123,6 +126,7 @@ class _WorkerRun:
     def __init__(self, model):
         self.model, size = model, model.size
         self.lock, self.fetch_lock = threading.Lock(), threading.Lock()
+        self.group_lock, self.group_steps = threading.Lock(), 0
         self.params, self.params_tag = np.empty(size, dtype=np.float32), None
         self.rows: dict[tuple[int, int], tuple] = {}
         self.tag, self.pending, self.pushed, self.in_flight = None, [], [], 0
@@ -256,36 +260,86 @@ def run_portion(plan: PortionPlan, tag: int, portion: int, bounds: tuple[int, in
     worker = get_worker().address
     plan.ledger.started(tag, portion, worker)  # not awaited: the reply is of no use here
     state = _state(plan)
+    group = plan.groups.get(worker)
+    if group is not None:
+        return _run_on_blocks(plan, state, group, tag, portion, bounds, backup, start, worker)
     params = _parameters(plan, state, tag)
     if params is None:
         return False
     X, y = _rows(plan, state, bounds)
     tick = time.perf_counter()
     loss, grad = portion_gradient(state.model, params, X, y)
-    factor = plan.slow.get(worker, 1.0)
-    if factor > 1.0:  # test / benchmark only: a straggler machine
-        time.sleep((factor - 1.0) * (time.perf_counter() - tick))
+    _straggle(plan, worker, tick)
     compute = time.perf_counter() - tick
     counted = _claim_and_add(plan, state, tag, portion, loss, grad,
                              time.perf_counter() - start, backup)
-    events.emit(events.PORTION, run=plan.run, evaluation=tag, portion=portion, worker=worker,
-                seconds=compute, backup=backup, counted=counted)
+    _report(plan, tag, portion, worker, compute, backup, counted)
     return counted
 
 
-async def flush_worker(plan: PortionPlan, tag: int) -> list[int]:
-    """Push what this worker still holds for evaluation ``tag``; return every portion of ``tag``
-    this worker has applied on the shards.
+def _straggle(plan: PortionPlan, worker: str, tick: float) -> None:
+    """Test / benchmark only: make a slowed worker a straggler machine."""
+    factor = plan.slow.get(worker, 1.0)
+    if factor > 1.0:
+        time.sleep((factor - 1.0) * (time.perf_counter() - tick))
+
+
+def _report(plan: PortionPlan, tag: int, portion: int, worker: str, compute: float, backup: bool,
+            counted: bool) -> None:
+    events.emit(events.PORTION, run=plan.run, evaluation=tag, portion=portion, worker=worker,
+                seconds=compute, backup=backup, counted=counted)
+
+
+def _run_on_blocks(plan: PortionPlan, state: _WorkerRun, group, tag: int, portion: int,
+                   bounds: tuple[int, int], backup: bool, start: float, worker: str) -> bool:
+    """The portion computed by this worker's model-parallel replica: its blocks take their own
+    ranges of the evaluated vector from the shards, compute the portion together and, when it
+    wins its claim, add their ranges of its gradient into their own float64 sums, which they
+    push to the shards themselves. One portion at a time: the blocks hold its gradient until
+    the claim is decided."""
+    k = group.plan.n_blocks
+    with state.group_lock:
+        if not all(group.call("load_evaluated", [(tag,)] * k)):
+            return False
+        X, y = _rows(plan, state, bounds)
+        tick = time.perf_counter()
+        state.group_steps += 1
+        loss = sum(group.step(X, y, tag=(tag, portion, state.group_steps), reduction="sum",
+                              regularize=False))
+        _straggle(plan, worker, tick)
+        compute = time.perf_counter() - tick
+        counted = plan.ledger.claim(tag, portion, worker, time.perf_counter() - start,
+                                    float(loss), backup).result()
+        if counted:
+            group.call("add_portion", [(tag, portion, plan.push_every)] * k)
+    _report(plan, tag, portion, worker, compute, backup, counted)
+    return counted
+
+
+async def flush_worker(plan: PortionPlan, tag: int, dask_worker=None) -> list[int]:
+    """Push what this worker still holds for evaluation ``tag`` -- its accumulator, and its
+    model-parallel replica's sums -- and return every portion of ``tag`` it has applied on the
+    shards.
 
     Run by the coordinator through ``Client.run`` on the worker's event loop: it needs no task
     thread, so a worker whose threads are all busy (with a straggler) flushes at once. It waits
     only for claims and pushes in flight (round trips), never for a computation. The shard calls
-    are awaited, so the event loop keeps serving while they travel.
+    are awaited, so the event loop keeps serving while they travel. ``dask_worker`` is the
+    worker, which ``Client.run`` passes in.
     """
     with _RUNS_LOCK:
         state = _RUNS.get(plan.run)
     if state is None:
         return []
+    applied = await _flush_accumulator(plan, state, tag)
+    group = plan.groups.get(dask_worker.address) if dask_worker is not None else None
+    if group is not None:  # a portion counts once every block of the replica has pushed it
+        replies = await asyncio.gather(*[a.flush_evaluation(tag) for a in group.actors])
+        applied += sorted(set.intersection(*map(set, replies)))
+    return applied
+
+
+async def _flush_accumulator(plan: PortionPlan, state: _WorkerRun, tag: int) -> list[int]:
     deadline = time.monotonic() + FLUSH_PATIENCE
     while True:
         with state.lock:  # task threads hold it only for an in-memory add
