@@ -35,6 +35,22 @@ def axpy(alpha: float, x, y) -> None:
     getattr(blas, kind)(x.reshape(-1), y.reshape(-1), a=alpha)
 
 
+def to_host(src, dst: np.ndarray) -> None:
+    """Copy ``src`` (NumPy or CuPy) into the host array ``dst`` without a temporary."""
+    if type(src).__module__.startswith("cupy"):
+        src.get(out=dst)
+    else:
+        dst[...] = src
+
+
+def to_device(src: np.ndarray, dst) -> None:
+    """Copy the host array ``src`` into ``dst`` (NumPy or CuPy) without a temporary."""
+    if type(dst).__module__.startswith("cupy"):
+        dst.set(src)
+    else:
+        dst[...] = src
+
+
 def to_numpy(a) -> np.ndarray:
     """A host (NumPy) copy of ``a``; ``a`` itself when it already is one."""
     if type(a).__module__.startswith("cupy"):

@@ -68,6 +68,16 @@ def require_threads(client: Client, minimum: int, what: str) -> None:
                            f"has {threads}: add workers or threads (e.g. --local-workers {minimum})")
 
 
+def require_gpus(client: Client) -> None:
+    """Fail clearly unless every worker can compute with CuPy on a GPU."""
+    from daskbelief.backend import gpu_available
+
+    missing = sorted(w for w, ok in client.run(gpu_available).items() if not ok)
+    if missing:
+        raise RuntimeError(f"device='cupy' needs CuPy and a CUDA device on every worker; "
+                           f"{len(missing)} worker(s) have none: {', '.join(missing)}")
+
+
 def warm_workers(client: Client, *modules: str) -> None:
     """Import ``modules`` on every worker now, so that a fresh worker's first task does not pay
     for the imports (zarr's and daskbelief's take a good part of a second) inside the timed run."""

@@ -121,3 +121,40 @@ def test_the_run_log_sees_every_event_from_start_to_end(client, digits_path):
     end = log.of(RUN)[-1]
     assert end["samples"] == result.summary["samples"] and end["algorithm"] == "downpour"
     assert len(log.of("daskbelief-replica")) == 2 * 4  # every report of both replicas
+
+
+def test_the_device_path_computes_exactly_what_the_host_path_does(client, digits_path):
+    """device="numpy" runs the GPU code path (parameters and gradient sums on the 'device',
+    fetches and pushes crossing to the host) on a second host copy: bit for bit the same."""
+    model, store = mlp(), open_store(digits_path, split="train")
+    rule = adagrad(lr=0.05)
+    args = dict(client=client, replicas=1, shards=2, rule=rule, batch_size=16, steps=30,
+                overlap=False, seed=3)
+    once = downpour(model, store, n_fetch=1, n_push=1, device="numpy", **args)
+    with threadpool_limits(1):
+        expect, _ = train_sgd(model, store, rule, batch_size=16, steps=30, seed=3)
+    np.testing.assert_allclose(once.params, expect, rtol=0, atol=1e-6)
+    host = downpour(model, store, n_fetch=3, n_push=3, **args)
+    device = downpour(model, store, n_fetch=3, n_push=3, device="numpy", **args)
+    np.testing.assert_array_equal(device.params, host.params)
+
+
+def test_device_cupy_is_refused_where_workers_have_no_gpu(client, digits_path):
+    from daskbelief.backend import gpu_available
+
+    if gpu_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(RuntimeError, match="device='cupy' needs CuPy and a CUDA device"):
+        downpour(mlp(), digits_path, client=client, replicas=1, steps=1, device="cupy")
+    with pytest.raises(ValueError, match="device must be"):
+        downpour(mlp(), digits_path, client=client, replicas=1, steps=1, device="tpu")
+
+
+def test_downpour_trains_on_gpus(client, digits_path):
+    from daskbelief.backend import gpu_available
+
+    if not all(client.run(gpu_available).values()):
+        pytest.skip("needs CuPy and a CUDA device on every worker")
+    result = downpour(mlp(hidden=128), digits_path, test=digits_path, client=client, replicas=2,
+                      shards=2, rule=adagrad(lr=0.05), batch_size=32, epochs=20, device="cupy")
+    assert result.summary["test_accuracy"] >= 0.95

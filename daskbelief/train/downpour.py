@@ -22,8 +22,9 @@ from itertools import islice
 import numpy as np
 from distributed import Event, Variable, get_worker
 
-from daskbelief.cluster import (client_or_local, default_local_workers, require_threads,
-                                require_workers, warm_workers)
+from daskbelief.backend import get_backend, to_device, to_host
+from daskbelief.cluster import (client_or_local, default_local_workers, require_gpus,
+                                require_threads, require_workers, warm_workers)
 from daskbelief.data import open_store
 from daskbelief.monitor import events
 from daskbelief.optim.rules import make_rule
@@ -56,6 +57,7 @@ class ReplicaPlan:
     max_in_flight: int
     report_every: int
     warmstart_steps: int
+    device: str | None = None
 
     def name(self, what: str) -> str:
         """Name of one of the run's coordination objects (Dask Events and Variables)."""
@@ -96,7 +98,7 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
              params=None, overlap: bool = True, max_in_flight: int = 2, report_every: int = 20,
              eval_every: float | None = None, eval_rows: int = 10_000, checkpoint_dir=None,
              checkpoint_every: float | None = None, checkpoint_keep: int = 3, resume_from=None,
-             partition=None,
+             partition=None, device: str | None = None,
              config: dict | None = None) -> TrainResult:
     """Train ``model`` with Downpour SGD on a Dask cluster and return a ``TrainResult``.
 
@@ -130,6 +132,9 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
     partition : a ``partition.Plan`` of ``model`` or a table such as ``{"kind": "horizontal",
         "k": 2}``: each replica is then spread over the plan's block actors (model parallelism),
         each block fetching and pushing only its own parameter ranges
+    device : None (replicas compute on host NumPy arrays) or "cupy": every replica computes on
+        its worker's GPU, its parameters and gradient sums on the device and only fetches and
+        pushes crossing to the host ("numpy" runs that same path on the host, for testing)
     config : the pipeline config, stored in checkpoints
     """
     store = open_store(data, split="train") if isinstance(data, str) else data
@@ -147,16 +152,23 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
     data_shards = store.shards(replicas)
     rule = make_rule(rule)
     plan = as_plan(model, partition)
+    if device not in (None, "numpy", "cupy"):
+        raise ValueError(f"device must be None, 'numpy' or 'cupy', got {device!r}")
+    if device is not None and plan is not None:
+        raise ValueError("device= and partition= cannot be combined: model-parallel blocks "
+                         "compute on the host")
     start_point = _start_point(model, seed, params, resume_from)
 
     with client_or_local(client, threads_per_worker=-(-replicas // default_local_workers())) as c:
         require_workers(c)
         require_threads(c, replicas, f"{replicas} Downpour replicas")
         warm_workers(c, __name__)
+        if device == "cupy":
+            require_gpus(c)
         run = f"downpour-{uuid.uuid4().hex[:8]}"
         replica_plans = [ReplicaPlan(run, r, store.url, store.split, data_shards[r], batch_size, steps,
                              epochs, n_fetch, n_push, seed, overlap, max_in_flight, report_every,
-                             warmstart_steps if r == 0 else 0)
+                             warmstart_steps if r == 0 else 0, device)
                          for r in range(replicas)]
         ps = ParameterServer.create(c, start_point.params, shards, rule)
         if start_point.shards is not None:
@@ -400,8 +412,7 @@ class _Stepper:
         self.model, self.plan, self.first = model, plan, first_step
         self.link = _Link(plan, model.size)
         self.params, self.versions = _connect(self.link, None)
-        self.grad = np.empty_like(self.params) if plan.n_push > 1 else None
-        self.acc, self.acc_steps = None, 0
+        self.grad, self.acc, self.acc_steps = None, None, 0
         self.steps_done = first_step
 
     @property
@@ -421,40 +432,98 @@ class _Stepper:
                     link.fetch_begin()
                 else:
                     self.params, self.versions = link.fetch(self.params)
-            # The first gradient of a push is computed straight into its buffer, later ones
-            # into one reused buffer and added: no per-step allocation of a model-sized array.
-            if self.acc is None:
-                self.acc = link.buffer()
-                loss, _ = self.model.loss_and_grad(self.params, X, y, out=self.acc,
-                                                   validate=step == self.first)
-            else:
-                loss, _ = self.model.loss_and_grad(self.params, X, y, out=self.grad, validate=False)
-                self.acc += self.grad
+                    self._fetched()
+            loss = self._gradient(step, X, y)
             fetched = link.fetch_end(self.params)
             if fetched is not None:
                 self.params, self.versions = fetched
+                self._fetched()
             self.acc_steps += 1
             self.steps_done = step + 1
             if self.acc_steps == plan.n_push:
-                link.push(self.acc, self.versions, self.steps_done, wait_now=not plan.overlap)
-                self.acc, self.acc_steps = None, 0
+                link.push(self._take_push(), self.versions, self.steps_done,
+                          wait_now=not plan.overlap)
             return loss
         except ServerLost:
             link.recover()
             self.params, self.versions = _connect(link, self.params)
-            if self.acc is not None:
-                link.release(self.acc)
-            self.acc, self.acc_steps = None, 0
+            self._fetched()
+            self._drop()
             return None
+
+    def _gradient(self, step: int, X, y) -> float:
+        """Add the minibatch's gradient into the accumulation; return its loss. The first
+        gradient of a push is computed straight into its buffer, later ones into one reused
+        buffer and added: no per-step allocation of a model-sized array."""
+        if self.acc is None:
+            self.acc = self.link.buffer()
+            loss, _ = self.model.loss_and_grad(self.params, X, y, out=self.acc,
+                                               validate=step == self.first)
+            return loss
+        if self.grad is None:
+            self.grad = np.empty_like(self.params)
+        loss, _ = self.model.loss_and_grad(self.params, X, y, out=self.grad, validate=False)
+        self.acc += self.grad
+        return loss
+
+    def _fetched(self) -> None:
+        """Fresh parameters arrived in ``self.params`` (nothing to do when computing there)."""
+
+    def _take_push(self) -> np.ndarray:
+        """The host buffer to push now; the next step starts a new accumulation."""
+        acc, self.acc, self.acc_steps = self.acc, None, 0
+        return acc
+
+    def _drop(self) -> None:
+        """Forget the accumulation: its gradient was lost with a shard."""
+        if self.acc is not None:
+            self.link.release(self.acc)
+        self.acc, self.acc_steps = None, 0
 
     def finish(self) -> None:
         """Push what is accumulated and wait for every push in flight."""
         try:
-            if self.acc is not None:
-                self.link.push(self.acc, self.versions, self.steps_done, wait_now=True)
+            if self.acc_steps:
+                self.link.push(self._take_push(), self.versions, self.steps_done, wait_now=True)
             self.link.drain()
         except ServerLost:
             self.link.pushes_lost += 1
+
+
+class _DeviceStepper(_Stepper):
+    """A plain replica computing on a device (``plan.device``: "cupy" for the worker's GPU;
+    "numpy" runs this very path on a second host copy, which is how it is tested without one).
+
+    The parameters and the gradient sums live on the device; only fetches (every ``n_fetch``
+    steps) and pushes (every ``n_push``) cross between host and device, each one copy.
+    """
+
+    def __init__(self, model, plan: ReplicaPlan, first_step: int):
+        super().__init__(model, plan, first_step)
+        xp = get_backend(plan.device)
+        self.dev_params = xp.array(self.params, copy=True)
+        self.dev_acc, self.dev_grad = xp.empty_like(self.dev_params), xp.empty_like(self.dev_params)
+
+    def _gradient(self, step: int, X, y) -> float:
+        first = self.acc_steps == 0
+        loss, _ = self.model.loss_and_grad(self.dev_params, X, y,
+                                           out=self.dev_acc if first else self.dev_grad,
+                                           validate=step == self.first)
+        if not first:
+            self.dev_acc += self.dev_grad
+        return loss
+
+    def _fetched(self) -> None:
+        to_device(self.params, self.dev_params)
+
+    def _take_push(self) -> np.ndarray:
+        buf = self.link.buffer()
+        to_host(self.dev_acc, buf)
+        self.acc_steps = 0
+        return buf
+
+    def _drop(self) -> None:
+        self.acc_steps = 0
 
 
 class _PartitionedStepper:
@@ -510,8 +579,10 @@ def run_replica(model, plan: ReplicaPlan, blocks=None) -> dict:
         Event(plan.name("warm")).wait()
     stop = Event(plan.name("stop"))
     store = open_store(plan.url, split=plan.split)
-    stepper = (_Stepper(model, plan, done) if blocks is None
-               else _PartitionedStepper(blocks, plan, done))
+    if blocks is not None:
+        stepper = _PartitionedStepper(blocks, plan, done)
+    else:
+        stepper = (_Stepper if plan.device is None else _DeviceStepper)(model, plan, done)
     losses: deque = deque(maxlen=plan.report_every)
     samples, step = 0, done
     tick, worker = time.time(), get_worker().address
