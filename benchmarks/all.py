@@ -45,6 +45,40 @@ def _paper_table(paper: dict) -> list[str]:
     return lines
 
 
+# The paper's orderings (Dean et al. 2012, Figures 4 and 5): (claim, faster method, slower one),
+# "faster" meaning it reaches the target test accuracy sooner.
+ORDERINGS = [
+    ("Downpour with Adagrad beats single-replica SGD", "Downpour Adagrad, 2 replicas",
+     "SGD, 1 replica (reference)"),
+    ("Adagrad beats plain SGD inside Downpour", "Downpour Adagrad, 2 replicas",
+     "Downpour SGD, 2 replicas"),
+    ("more replicas reach the target sooner (Figure 5)", "Downpour Adagrad, 2 replicas",
+     "Downpour Adagrad, 1 replica"),
+    ("Sandblaster L-BFGS gains from more workers (Figure 5)", "Sandblaster L-BFGS, 2 workers",
+     "Sandblaster L-BFGS, 1 worker"),
+    ("Downpour Adagrad beats Sandblaster L-BFGS at equal cores", "Downpour Adagrad, 2 replicas",
+     "Sandblaster L-BFGS, 2 workers"),
+]
+
+
+def orderings(paper: dict) -> list[str]:
+    """Each of the paper's orderings with what this run measured: holds, does not, or cannot
+    tell (neither method reached the target)."""
+    times = {r["method"]: r["time_to_target"] for r in paper["table"]}
+    lines = []
+    for claim, fast, slow in ORDERINGS:
+        a, b = times.get(fast), times.get(slow)
+        if a is None and b is None:
+            verdict = "cannot tell: neither reached the target"
+        elif b is None or (a is not None and a < b):
+            verdict = "holds"
+        else:
+            verdict = "does not hold"
+        shown = ", ".join(f"{m}: {'never' if t is None else f'{t:.1f} s'}" for m, t in ((fast, a), (slow, b)))
+        lines.append(f"- {claim}: **{verdict}** ({shown})")
+    return lines
+
+
 def write_results(results: dict, out: Path, quick: bool, seconds: float) -> Path:
     """RESULTS.md and the figures, from the benchmarks' returned figures."""
     out.mkdir(parents=True, exist_ok=True)
@@ -60,6 +94,7 @@ def write_results(results: dict, out: Path, quick: bool, seconds: float) -> Path
                              f"`python -m benchmarks {name}{flag}` |")
     if "paper" in results:
         lines += ["", "## The paper's figures and the peers", ""] + _paper_table(results["paper"])
+        lines += ["", "The paper's orderings, as measured in this run:", ""] + orderings(results["paper"])
         for title, fn, file in [("Figure 4: accuracy vs time", figures.accuracy_vs_time, "fig4.png"),
                                 ("Figure 5: time to target vs cores", figures.time_to_target, "fig5.png")]:
             fn(results["paper"], out / file)

@@ -111,7 +111,11 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
         runs as one long task, so the cluster needs R worker threads
     shards : number of parameter-server shards S (actors placed on distinct workers)
     n_fetch, n_push : a replica fetches parameters every ``n_fetch`` steps and pushes its
-        accumulated gradient every ``n_push`` steps
+        accumulated gradient (the sum of ``n_push`` minibatch gradients) every ``n_push`` steps.
+        Summed pushes computed on parameters up to ``n_fetch`` steps old, interleaved from several
+        replicas, are harsher on Adagrad than one replica's steps: expect to need a smaller
+        ``lr`` than the single-process trainer's (a third of it for 2 replicas in
+        ``benchmarks/paper.py``)
     rule : "adagrad" | "sgd" | "momentum" | dict | UpdateRule -- applied by every shard
     batch_size : minibatch size of each replica step
     epochs, steps : exactly one: passes over each replica's shard, or steps per replica
