@@ -4,7 +4,7 @@ Everything that can be checked is checked before any work starts (``prepare``): 
 the update rule and the partition plan parse, the recipe exists, a run to resume has a complete
 checkpoint. A run directory then holds what a later reader needs: ``config.json``,
 ``metrics.jsonl`` (one event per line), ``summary.json``, the final parameters (``params.npy``)
-with ``model.json``, and for Downpour ``checkpoints/`` from which ``--resume`` continues.
+with ``model.json``, and ``checkpoints/`` from which ``--resume`` continues.
 """
 from __future__ import annotations
 
@@ -96,11 +96,13 @@ def _open_run_dir(run_dir: Path, config: dict) -> None:
 
 
 def _check_resumable(resume_from: Path, pipe: Pipeline) -> None:
-    """Only Downpour checkpoints of this very model can be resumed."""
-    if pipe.algorithm != "downpour":
-        raise ConfigError("--resume: only Downpour runs write checkpoints to resume from")
-    saved = checkpoint.describe(resume_from)["model"]
-    difference = checkpoint.model_difference(saved, pipe.model.to_dict(), ("checkpoint", "config"))
+    """Only a checkpoint of this very model, written by the same algorithm, can be resumed."""
+    saved = checkpoint.describe(resume_from)
+    if saved["algorithm"] != pipe.algorithm:
+        raise ConfigError(f"cannot resume from {resume_from}: it was written by "
+                          f"{saved['algorithm']}, the config trains with {pipe.algorithm}")
+    difference = checkpoint.model_difference(saved["model"], pipe.model.to_dict(),
+                                             ("checkpoint", "config"))
     if difference:
         raise ConfigError(f"cannot resume from {resume_from}: it holds a different model ({difference})")
 
@@ -145,17 +147,20 @@ def _work(pipe: Pipeline, path: str) -> tuple[int, str]:
 
 
 def _train(pipe: Pipeline, path: str, client, run_dir: Path, resume_from):
+    every = pipe.config.get("checkpoint", {})
     if pipe.algorithm == "downpour":
         from daskbelief.train.downpour import downpour
 
-        every = pipe.config.get("checkpoint", {})
         return downpour(pipe.model, path, test=path, client=client, config=pipe.config,
                         checkpoint_dir=run_dir / "checkpoints",
                         checkpoint_every=every.get("every_seconds", CHECKPOINT_EVERY),
                         checkpoint_keep=every.get("keep", 3), resume_from=resume_from, **pipe.train)
     from daskbelief.train.sandblaster import sandblaster
 
-    return sandblaster(pipe.model, path, test=path, client=client, **pipe.train)
+    return sandblaster(pipe.model, path, test=path, client=client, config=pipe.config,
+                       checkpoint_dir=run_dir / "checkpoints",
+                       checkpoint_every=every.get("every_seconds", CHECKPOINT_EVERY),
+                       checkpoint_keep=every.get("keep", 3), resume_from=resume_from, **pipe.train)
 
 
 def run(config: dict, out=None, *, name: str = "run", overwrite: bool = False, resume: bool = False,

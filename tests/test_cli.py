@@ -177,19 +177,38 @@ def _children(pid: int) -> list[psutil.Process]:
         return []
 
 
-def _wait_for_progress(run_dir: Path, proc, steps: int, timeout: float = 120) -> None:
-    """Until a replica has reported ``steps`` steps in the run's metrics.jsonl."""
+def _wait_for_event(run_dir: Path, proc, match, timeout: float = 120) -> None:
+    """Until an event in the run's metrics.jsonl satisfies ``match``."""
     deadline = time.time() + timeout
     metrics = run_dir / "metrics.jsonl"
     while time.time() < deadline:
         assert proc.poll() is None, proc.stderr.read()
-        if metrics.exists():
-            for line in metrics.read_text().splitlines():
-                e = json.loads(line)
-                if e["topic"] == "daskbelief-replica" and e["step"] >= steps:
-                    return
-        time.sleep(0.2)
+        if metrics.exists() and any(match(json.loads(line))
+                                    for line in metrics.read_text().splitlines()):
+            return
+        time.sleep(0.05)
     raise AssertionError("training made no progress")
+
+
+def train_and_stop(cfg: Path, run_dir: Path, workers: int, match, sig, code: int) -> None:
+    """Run ``daskbelief train`` and send ``sig`` once an event satisfies ``match``: the command
+    exits with ``code``, without a traceback, and leaves none of its processes running."""
+    proc = subprocess.Popen([sys.executable, "-m", "daskbelief.cli", "train", str(cfg),
+                             "--local-workers", str(workers), "--out", str(run_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_event(run_dir, proc, match)
+        children = _children(proc.pid)
+        assert children  # the local cluster's processes
+        proc.send_signal(sig)
+        assert proc.wait(timeout=120) == code
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.stdout.close()
+        proc.stderr.close()
+    gone = psutil.wait_procs(children, timeout=30)[1]
+    assert not gone, f"left running: {gone}"
 
 
 def exact_config(tmp_path: Path, data: str) -> Path:
@@ -211,25 +230,63 @@ def test_interrupted_run_checkpoints_stops_cleanly_and_resumes_exactly(tmp_path,
     """Interrupted + resumed == uninterrupted, bit for bit; nothing left running."""
     cfg = exact_config(tmp_path, digits_path)
     run_dir = tmp_path / "stopped"
-    proc = subprocess.Popen([sys.executable, "-m", "daskbelief.cli", "train", str(cfg),
-                             "--local-workers", "1", "--out", str(run_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for_progress(run_dir, proc, 40)
-        children = _children(proc.pid)
-        assert children  # the local cluster's processes
-        proc.send_signal(sig)
-        assert proc.wait(timeout=120) == code
-        assert "Traceback" not in proc.stderr.read()
-    finally:
-        proc.kill()
-        proc.stdout.close()
-        proc.stderr.close()
-    gone = psutil.wait_procs(children, timeout=30)[1]
-    assert not gone, f"left running: {gone}"
+    train_and_stop(cfg, run_dir, 1, lambda e: e["topic"] == "daskbelief-replica" and e["step"] >= 40,
+                   sig, code)
     ckpt = last_json(cli("info", run_dir))["checkpoints"][-1]
     steps = last_json(cli("info", ckpt))["replica_steps"]["replica-0"]
     assert 40 <= steps < 300  # stopped part-way, every step so far saved
     resumed = last_json(cli("train", cfg, "--local-workers", 1, "--out", run_dir, "--resume"))
     assert resumed["resumed_from"] == ckpt
     np.testing.assert_array_equal(np.load(run_dir / "params.npy"), uninterrupted)
+
+
+SANDBLASTER = """
+[dataset]
+recipe = "digits"
+path = "{data}"
+
+[model]
+input_shape = [64]
+l2 = 1e-3
+layers = [{{ type = "dense", units = 16, activation = "tanh" }}, {{ type = "dense", units = 10 }}]
+
+[train]
+algorithm = "sandblaster"
+iterations = {iterations}
+tolerance = 0.0
+portion_size = 100
+seed = 0
+
+[checkpoint]
+every_seconds = 0.001
+"""
+
+
+def test_sandblaster_run_stopped_by_sigterm_resumes_to_the_reference(tmp_path, digits_path,
+                                                                      finished_run):
+    """SIGTERM mid-run: exit 143, a checkpoint of the L-BFGS state, nothing left running;
+    ``--resume`` ends on the reference L-BFGS's iterate (1e-5 relative, as in
+    test_sandblaster); a Downpour run's checkpoint is refused by a Sandblaster config."""
+    from daskbelief.train.reference import train_lbfgs
+
+    iterations = 40
+    cfg = tmp_path / "lbfgs.toml"
+    cfg.write_text(SANDBLASTER.format(data=digits_path, iterations=iterations))
+    run_dir = tmp_path / "stopped"
+    train_and_stop(cfg, run_dir, 2, lambda e: e.get("kind") == "iteration" and e["iteration"] >= 3,
+                   signal.SIGTERM, 143)
+    ckpt = last_json(cli("info", run_dir))["checkpoints"][-1]
+    saved = last_json(cli("info", ckpt))
+    assert saved["algorithm"] == "sandblaster" and 3 <= saved["lbfgs_iteration"] < iterations
+
+    resumed = last_json(cli("train", cfg, "--local-workers", 2, "--out", run_dir, "--resume"))
+    assert resumed["resumed_from"] == ckpt and resumed["iterations"] == iterations
+    assert resumed["resumed_at"] == saved["lbfgs_iteration"]
+    model = Sequential.from_dict(json.loads((run_dir / "model.json").read_text()))
+    expect, _ = train_lbfgs(model, digits_path, iterations=iterations, portion_size=100, seed=0)
+    got = np.load(run_dir / "params.npy")
+    assert np.linalg.norm(got - expect) <= 1e-5 * np.linalg.norm(expect)
+
+    downpour_run, _ = finished_run
+    wrong = cli("train", cfg, "--out", downpour_run, "--resume", check=False)
+    assert wrong.returncode == 2 and "written by downpour" in wrong.stderr

@@ -183,6 +183,33 @@ def test_lbfgs_same_iterations_same_loss_as_scipy_on_a_quadratic():
     assert res.loss - best < 1e-3 * abs(best)
 
 
+def test_lbfgs_resumed_from_a_saved_state_goes_on_exactly():
+    """Stop after iteration 9 keeping only the state and the vectors it names; a fresh space
+    resumed from them ends bit for bit where the uninterrupted run does."""
+    sp, objective = rosenbrock_space()
+    saved = {}
+
+    def keep(row):
+        if row["iteration"] == 9:
+            state = row["state"]
+            saved["state"] = state
+            saved["vectors"] = {n: sp.get(n).copy() for n in ["x", *state.vectors()]}
+
+    straight = lbfgs(sp, objective, m=4, max_iter=25, gtol=0, callback=keep)
+    state = saved["state"]
+    assert len(state.pairs) == 4 and state.iteration == 9  # the history is full by then
+    fresh, objective2 = rosenbrock_space()
+    for name, values in saved["vectors"].items():
+        fresh.set(name, values)
+    resumed = lbfgs(fresh, objective2, m=4, max_iter=25, gtol=0, resume=state)
+    np.testing.assert_array_equal(fresh.get("x"), sp.get("x"))
+    assert [r["iteration"] for r in resumed.history] == list(range(10, 26))
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history[9:]]
+    assert (resumed.iterations, resumed.evaluations) == (straight.iterations, straight.evaluations)
+    with pytest.raises(ValueError, match="history size 4, this run asks for 5"):
+        lbfgs(fresh, objective2, m=5, max_iter=25, resume=state)
+
+
 def test_lbfgs_bad_settings():
     sp, objective = rosenbrock_space()
     with pytest.raises(ValueError, match="history size m"):

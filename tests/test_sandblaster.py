@@ -31,9 +31,12 @@ from daskbelief import pipeline
 from daskbelief.data import open_store
 from daskbelief.monitor import events
 from daskbelief.nn import Dense, Sequential
+from daskbelief.optim.lbfgs import LbfgsState
 from daskbelief.optim.vectors import LocalVectors
+from daskbelief.ps import checkpoint
 from daskbelief.ps.server import ParameterServer
 from daskbelief.train import sandblaster_tasks
+from daskbelief.train.downpour import downpour
 from daskbelief.train.reference import train_lbfgs
 from daskbelief.train.sandblaster import IDLE_RULE, sandblaster
 from daskbelief.train.sharded_vectors import ShardedVectors
@@ -186,6 +189,48 @@ def test_max_seconds_stops_between_iterations(client, digits_path):
     assert loss == pytest.approx(s["loss"], rel=1e-4)
 
 
+def test_a_run_resumed_from_its_checkpoint_goes_on_as_if_never_stopped(client, digits_path,
+                                                                        tmp_path):
+    """Stop after 4 iterations (its final checkpoint), resume to 9 -- on 3 shards where the first
+    run had 2, so every shard reads its range across the saved slices: the iterations after the
+    stop are the reference's, as are the final parameters; nothing is evaluated twice."""
+    model, root = mlp(), tmp_path / "ckpts"
+    first = sandblaster(model, digits_path, client=client, iterations=4, portion_size=PORTION,
+                        shards=2, checkpoint_dir=root, checkpoint_every=1e9)
+    ckpt = checkpoint.latest(root)
+    saved = checkpoint.load(ckpt)
+    assert saved.lbfgs["iteration"] == 4 and len(checkpoint.complete(root)) == 1  # the final one
+    np.testing.assert_array_equal(saved.params, first.params)  # the iterate, as parameters
+    assert sorted(saved.vectors) == sorted(LbfgsState(**saved.lbfgs).vectors())
+    assert checkpoint.describe(ckpt)["algorithm"] == "sandblaster"
+
+    resumed = sandblaster(model, digits_path, client=client, iterations=9, portion_size=PORTION,
+                          shards=3, resume_from=ckpt, checkpoint_dir=root, checkpoint_every=1e-3)
+    params, ref = reference(model, digits_path, 9)
+    ours = [h for h in resumed.history if h["loss"] is not None]
+    assert [h["step"] for h in ours] == [5, 6, 7, 8, 9]
+    for mine, theirs in zip(ours, ref.history[4:]):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5), (mine, theirs)
+    assert np.linalg.norm(resumed.params - params) <= 1e-5 * np.linalg.norm(params)
+    s = resumed.summary
+    assert s["iterations"] == 9 and s["resumed_at"] == 4
+    assert first.summary["evaluations"] + s["evaluations"] == ref.evaluations
+    assert checkpoint.load(checkpoint.latest(root)).lbfgs["iteration"] == 9  # every iteration
+    assert len(checkpoint.complete(root)) == 3  # ... keeping the newest 3
+
+    ckpt = checkpoint.latest(root)
+    with pytest.raises(ValueError, match="history of size 10; history=5 cannot resume it"):
+        sandblaster(model, digits_path, client=client, history=5, resume_from=ckpt)
+    with pytest.raises(ValueError, match="different model"):
+        sandblaster(mlp_wider(), digits_path, client=client, resume_from=ckpt)
+    with pytest.raises(ValueError, match="written by Sandblaster; it cannot resume a Downpour"):
+        downpour(model, digits_path, client=client, steps=10, resume_from=ckpt)
+
+
+def mlp_wider():
+    return Sequential(input_shape=(64,), layers=[Dense(24, activation="tanh"), Dense(10)], l2=1e-3)
+
+
 @pytest.mark.parametrize("kw,message", [
     ({"history": 0}, "history must be an integer >= 1"),
     ({"portion_size": 5000}, "portion_size=5000 is larger than the batch"),
@@ -200,6 +245,8 @@ def test_max_seconds_stops_between_iterations(client, digits_path):
     ({"push_every": 0}, "push_every must be"),
     ({"eval_every": 0}, "eval_every must be"),
     ({"max_seconds": -1}, "max_seconds must be"),
+    ({"checkpoint_every": 0}, "checkpoint_every must be"),
+    ({"checkpoint_keep": 0}, "checkpoint_keep must be an integer >= 1"),
     ({"params": np.zeros(5, np.float32)}, r"params has shape \(5,\)"),
     ({"_slow_workers": {"tcp://x:1": 0.5}}, "_slow_workers"),
 ])

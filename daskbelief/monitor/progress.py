@@ -1,7 +1,7 @@
 """Progress of a training run on the driver: a tqdm bar on a terminal, plain log lines otherwise.
 
 It listens to the run's events (``EventLog`` listeners): Downpour replicas' step reports advance it
-by the samples they processed, Sandblaster iterations by one. Batch jobs whose stderr is a file
+by the samples they processed, Sandblaster iterations to the iteration reached. Batch jobs whose stderr is a file
 get one line every ``interval`` seconds instead of a bar redrawn in place.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ class Progress:
             self._advance(max(advance, 0))
         elif record["topic"] == RUN and record.get("kind") == "iteration" and self.unit == "iterations":
             self.loss = record["loss"]
-            self._advance(1)
+            self._advance(max(record["iteration"] - self.done, 0))  # a resumed run starts ahead
 
     def _advance(self, n: int) -> None:
         self.done += n

@@ -7,6 +7,10 @@ vector ``x_name`` and fills vector ``g_name`` with its gradient. Both implementa
 same operations in the same order, which is what lets Sandblaster be checked against the
 reference iterate by iterate.
 
+A run can stop after any iteration and continue later: each iteration's record carries an
+``LbfgsState`` (the scalars and the names of the vectors in use), which with those vectors is all
+``lbfgs(..., resume=state)`` needs to go on exactly as if it had never stopped.
+
 The line search is a pure function of scalars (``wolfe_search``): Nocedal & Wright, Numerical
 Optimization, Algorithms 3.5 and 3.6, with safeguarded cubic interpolation. A trial point whose
 loss or slope is not finite counts as "too far": the search backs off, so a NaN is never accepted.
@@ -112,6 +116,28 @@ class LbfgsResult:
     history: list[dict] = field(default_factory=list)
 
 
+@dataclass
+class LbfgsState:
+    """Where L-BFGS stands after iteration ``iteration``: besides the vectors it names (the
+    iterate, ``"g"`` and every pair's ``s``/``y``), all a later run needs to continue exactly.
+
+    ``pairs``: ``[s, y, rho]`` for the curvature pairs in use, oldest first; ``free``: the
+    ``[s, y]`` names not in use, in the order they will be taken (last first).
+    """
+
+    m: int
+    iteration: int
+    loss: float
+    gg: float
+    evaluations: int
+    pairs: list
+    free: list
+
+    def vectors(self) -> list[str]:
+        """The vectors besides the iterate that the state refers to."""
+        return ["g", *(name for s, y, _ in self.pairs for name in (s, y))]
+
+
 def _two_loop(space, pairs: deque, g: str, d: str) -> None:
     """``d = -H g`` from the history ``pairs`` of ``(s, y, rho)`` names and scalars, oldest first."""
     space.copy(g, d)
@@ -130,24 +156,37 @@ def _two_loop(space, pairs: deque, g: str, d: str) -> None:
 
 
 def lbfgs(space, objective, x: str = "x", *, m: int = 10, max_iter: int = 100, gtol: float = 1e-5,
-          ftol: float = 0.0, max_evals_per_search: int = 20, callback=None) -> LbfgsResult:
+          ftol: float = 0.0, max_evals_per_search: int = 20, callback=None,
+          resume: LbfgsState | None = None) -> LbfgsResult:
     """Minimise ``objective`` from the point held in vector ``x`` (updated in place).
 
-    Stops after ``max_iter`` iterations, when the gradient norm is at most ``gtol``, or when an
-    iteration lowers the loss by at most ``ftol * max(|f|, 1)``. ``callback(row)`` receives each
-    iteration's record (iteration, loss, grad_norm, step, evaluations).
+    Stops after ``max_iter`` iterations (counted from the very first, a resumed run included),
+    when the gradient norm is at most ``gtol``, or when an iteration lowers the loss by at most
+    ``ftol * max(|f|, 1)``. ``callback(row)`` receives each iteration's record (iteration, loss,
+    grad_norm, step, evaluations, and ``state``: the ``LbfgsState`` after it). ``resume``: a
+    state some earlier run reported, with the space holding the vectors it names; the run goes
+    on from the iteration after it without evaluating the starting point again.
     """
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"the L-BFGS history size m must be an integer >= 1, got {m!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
         raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
-    f = objective(x, "g")
-    if not math.isfinite(f):
-        raise ValueError(f"the objective is not finite at the starting point ({f})")
-    (gg,) = space.dots([("g", "g")])
-    pairs: deque = deque()
-    free = [(f"s{i}", f"y{i}") for i in range(m)]
-    evaluations, history = 1, []
+    if resume is None:
+        f = objective(x, "g")
+        if not math.isfinite(f):
+            raise ValueError(f"the objective is not finite at the starting point ({f})")
+        (gg,) = space.dots([("g", "g")])
+        pairs: deque = deque()
+        free = [(f"s{i}", f"y{i}") for i in range(m)]
+        evaluations, done = 1, 0
+    else:
+        if resume.m != m:
+            raise ValueError(f"cannot resume: the saved L-BFGS state has history size "
+                             f"{resume.m}, this run asks for {m}")
+        f, gg, evaluations, done = resume.loss, resume.gg, resume.evaluations, resume.iteration
+        pairs = deque(tuple(p) for p in resume.pairs)
+        free = [tuple(p) for p in resume.free]
+    history = []
     message, converged = "reached max_iter", False
 
     def phi(alpha):
@@ -157,7 +196,7 @@ def lbfgs(space, objective, x: str = "x", *, m: int = 10, max_iter: int = 100, g
         (slope,) = space.dots([("gt", "d")])
         return ft, slope
 
-    for k in range(1, max_iter + 1):
+    for k in range(done + 1, max_iter + 1):
         if math.sqrt(gg) <= gtol:
             message, converged = "gradient norm below gtol", True
             break
@@ -188,13 +227,15 @@ def lbfgs(space, objective, x: str = "x", *, m: int = 10, max_iter: int = 100, g
             pairs.append((s, y, 1.0 / sy))
         else:
             free.append((s, y))
-        f_old, f = f, f_new
+        f_old, f, done = f, f_new, k
         row = {"iteration": k, "loss": f, "grad_norm": math.sqrt(gg), "step": alpha,
-               "evaluations": evaluations}
+               "evaluations": evaluations,
+               "state": LbfgsState(m, k, f, gg, evaluations, [list(p) for p in pairs],
+                                   [list(p) for p in free])}
         history.append(row)
         if callback is not None:
             callback(row)
         if ftol and f_old - f <= ftol * max(abs(f_old), abs(f), 1.0):
             message, converged = "loss decrease below ftol", True
             break
-    return LbfgsResult(x, f, math.sqrt(gg), len(history), evaluations, converged, message, history)
+    return LbfgsResult(x, f, math.sqrt(gg), done, evaluations, converged, message, history)

@@ -2,8 +2,12 @@
 
 Layout of one checkpoint (``RUN_DIR/checkpoints/ckpt-000003``)::
 
-    attrs: complete, model, config, ranges, versions, counters, time
-    shard-0/params, shard-0/state/<name>, shard-1/params, ...
+    attrs: complete, model, config, ranges, versions, counters, time (and lbfgs, Sandblaster's)
+    shard-0/params, shard-0/state/<name>, shard-0/vectors/<name>, shard-1/params, ...
+
+Downpour saves the parameters and the update rule's state; Sandblaster saves its iterate as the
+parameters, the L-BFGS vectors in use (gradient, s/y pairs) under ``vectors/`` and the L-BFGS
+scalars (``LbfgsState``) in the ``lbfgs`` attribute.
 
 The driver creates the group and empty arrays, each shard actor fills its own (in parallel, with
 no data through the driver), and the driver marks the group ``complete`` last: a checkpoint that
@@ -37,6 +41,8 @@ class Checkpoint:
     config: dict
     counters: dict
     shards: list[dict]
+    vectors: dict[str, np.ndarray]
+    lbfgs: dict | None
 
     def replica_steps(self) -> dict[str, int]:
         """Steps each replica had pushed into the saved state: the fewest over the shards it
@@ -46,34 +52,36 @@ class Checkpoint:
                 for r in names}
 
 
-def _create(path: Path, ranges, state_names, attrs: dict) -> None:
+def _create(path: Path, ranges, arrays: list[str], attrs: dict) -> None:
     root = zarr.open_group(str(path), mode="w")
     for i, (a, b) in enumerate(ranges):
         n = b - a
-        root.create_array(f"shard-{i}/params", shape=(n,), chunks=(max(n, 1),), dtype="float32")
-        for name in state_names:
-            root.create_array(f"shard-{i}/state/{name}", shape=(n,), chunks=(max(n, 1),),
+        for name in arrays:
+            root.create_array(f"shard-{i}/{name}", shape=(n,), chunks=(max(n, 1),),
                               dtype="float32")
     root.attrs.update({**attrs, "complete": False})
 
 
 def save(root, ps, *, model: dict, config: dict | None = None, counters: dict | None = None,
-         keep: int = 3, timeout: float | None = None) -> Path:
+         keep: int = 3, timeout: float | None = None, vectors=(), lbfgs: dict | None = None) -> Path:
     """Write a checkpoint of every shard under ``root`` and return its path.
 
     Keeps the newest ``keep`` complete checkpoints and deletes older ones, so a long run does not
     fill the disk. ``timeout``: seconds to wait for the shards (a lost shard never answers).
+    ``vectors``: names of Sandblaster vectors the shards save too; ``lbfgs``: the L-BFGS state.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     existing = _numbers(root)
     path = root / f"{PREFIX}{(max(existing) + 1 if existing else 0):06d}"
-    names = sorted(ps.state_names())
-    _create(path, ps.ranges, names, {"model": model, "config": config or {},
-                                     "ranges": [list(r) for r in ps.ranges],
-                                     "counters": counters or {}, "time": time.time()})
+    vectors = list(vectors)
+    arrays = ["params", *(f"state/{n}" for n in sorted(ps.state_names())),
+              *(f"vectors/{n}" for n in vectors)]
+    attrs = {"model": model, "config": config or {}, "ranges": [list(r) for r in ps.ranges],
+             "counters": counters or {}, "time": time.time()}
+    _create(path, ps.ranges, arrays, attrs if lbfgs is None else {**attrs, "lbfgs": lbfgs})
     try:
-        shards = ps.write_checkpoint(str(path), timeout)
+        shards = ps.write_checkpoint(str(path), timeout, vectors)
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)  # incomplete: it would never count anyway
         raise
@@ -126,27 +134,54 @@ def describe(path) -> dict:
             "parameters": attrs["ranges"][-1][1], "shards": len(attrs["ranges"]),
             "versions": attrs.get("versions"), "model": attrs.get("model"),
             "counters": attrs.get("counters"), "time": attrs.get("time"),
+            "algorithm": algorithm(attrs),
+            "lbfgs_iteration": attrs["lbfgs"]["iteration"] if "lbfgs" in attrs else None,
             "replica_steps": {k: v for s in attrs.get("shards", []) for k, v in s.get("replica_steps", {}).items()}}
 
 
-def load(path, start: int = 0, stop: int | None = None) -> Checkpoint:
-    """Read a complete checkpoint; ``[start, stop)`` limits it to one range of the vector."""
+def load(path, start: int = 0, stop: int | None = None, *, vectors: bool = True) -> Checkpoint:
+    """Read a complete checkpoint; ``[start, stop)`` limits it to one range of the vector;
+    ``vectors=False`` leaves Sandblaster's vectors on disk (each shard reads its own)."""
     group = zarr.open_group(str(path), mode="r")
     attrs = dict(group.attrs)
     if not attrs.get("complete"):
         raise ValueError(f"checkpoint {path} is incomplete (it was interrupted while being written)")
     ranges = [tuple(r) for r in attrs["ranges"]]
     stop = ranges[-1][1] if stop is None else stop
-    names = sorted(group[f"shard-0/state"].array_keys()) if "state" in group["shard-0"] else []
-    params = np.empty(stop - start, dtype=np.float32)
-    state = {n: np.empty(stop - start, dtype=np.float32) for n in names}
+    parts = {kind: sorted(group[f"shard-0/{kind}"].array_keys()) if kind in group["shard-0"] else []
+             for kind in ("state", "vectors") if kind == "state" or vectors}
+    parts.setdefault("vectors", [])
+    arrays = {name: np.empty(stop - start, dtype=np.float32)
+              for name in ["params", *(f"{k}/{n}" for k, names in parts.items() for n in names)]}
     for i, lo, hi in overlaps(ranges, start, stop):
         a = ranges[i][0]
-        params[lo - start:hi - start] = group[f"shard-{i}/params"][lo - a:hi - a]
-        for n in names:
-            state[n][lo - start:hi - start] = group[f"shard-{i}/state/{n}"][lo - a:hi - a]
-    return Checkpoint(Path(path), params, state, list(attrs["versions"]), attrs["model"],
-                      attrs.get("config", {}), attrs.get("counters", {}), attrs.get("shards", []))
+        for name, out in arrays.items():
+            out[lo - start:hi - start] = group[f"shard-{i}/{name}"][lo - a:hi - a]
+    state = {n: arrays[f"state/{n}"] for n in parts["state"]}
+    vectors = {n: arrays[f"vectors/{n}"] for n in parts["vectors"]}
+    return Checkpoint(Path(path), arrays["params"], state, list(attrs["versions"]),
+                      attrs["model"], attrs.get("config", {}), attrs.get("counters", {}),
+                      attrs.get("shards", []), vectors, attrs.get("lbfgs"))
+
+
+def algorithm(attrs: dict) -> str:
+    """Which algorithm wrote a checkpoint (its attributes): only Sandblaster saves L-BFGS state."""
+    return "sandblaster" if attrs.get("lbfgs") is not None else "downpour"
+
+
+def load_to_resume(path, model: dict, resuming: str, *, vectors: bool = True) -> Checkpoint:
+    """Load checkpoint ``path`` to resume algorithm ``resuming`` on the model described by
+    ``model``; one of another model, or written by the other algorithm, is refused with the
+    difference named."""
+    ckpt = load(path, vectors=vectors)
+    written = algorithm({"lbfgs": ckpt.lbfgs})
+    if written != resuming:
+        raise ValueError(f"checkpoint {path} was written by {written.title()}; it cannot resume "
+                         f"a {resuming.title()} run")
+    difference = model_difference(ckpt.model, model)
+    if difference:
+        raise ValueError(f"checkpoint {path} is of a different model: {difference}")
+    return ckpt
 
 
 def model_difference(saved: dict, current: dict, names=("checkpoint", "model")) -> str | None:

@@ -165,9 +165,12 @@ class ParameterServer:
         """Every shard's parameters, rule state and version (for checkpoints)."""
         return [r.result() for r in [s.state_dict() for s in self.shards]]
 
-    def write_checkpoint(self, path: str, timeout: float | None = None) -> list[dict]:
-        """Every shard writes its own arrays of the checkpoint at ``path``; returns their counters."""
-        return [r.result(timeout=timeout) for r in [s.write_checkpoint(path) for s in self.shards]]
+    def write_checkpoint(self, path: str, timeout: float | None = None, vectors=()) -> list[dict]:
+        """Every shard writes its own arrays of the checkpoint at ``path`` (with the named
+        Sandblaster ``vectors``); returns their counters."""
+        vectors = list(vectors)
+        return [r.result(timeout=timeout)
+                for r in [s.write_checkpoint(path, vectors) for s in self.shards]]
 
     def state_names(self) -> list[str]:
         """Names of the update rule's state arrays."""

@@ -112,8 +112,9 @@ class ParameterShard:
                 "state": {k: to_numpy(v).copy() for k, v in self.state.items()},
                 "version": self.version, "applied": self.applied}
 
-    def write_checkpoint(self, path: str) -> dict:
-        """Write this shard's slice and rule state into the checkpoint group at ``path``.
+    def write_checkpoint(self, path: str, vectors=()) -> dict:
+        """Write this shard's slice, rule state and the named ``vectors`` (Sandblaster's) into
+        the checkpoint group at ``path``.
 
         The driver created the arrays; each shard fills only its own, so a checkpoint costs one
         parallel write and no parameter ever passes through the driver. Returns the version and
@@ -126,6 +127,8 @@ class ParameterShard:
         group[f"shard-{self.index}/params"][:] = to_numpy(self.params)
         for name, values in self.state.items():
             group[f"shard-{self.index}/state/{name}"][:] = to_numpy(values)
+        for name in vectors:
+            group[f"shard-{self.index}/vectors/{name}"][:] = to_numpy(self.vectors.get(name))
         return {"version": self.version, "applied": self.applied,
                 "per_replica": dict(self.per_replica), "replica_steps": dict(self.replica_steps)}
 
@@ -147,6 +150,17 @@ class ParameterShard:
         return self.version
 
     # -- Sandblaster: vectors held on the shard ---------------------------------------------------
+    def restore_vectors(self, path: str) -> list[str]:
+        """Load this shard's range of every vector a checkpoint saved (a resumed Sandblaster run;
+        the checkpoint may have been cut into other ranges); returns their names."""
+        from daskbelief.ps import checkpoint
+
+        xp = namespace(self.params)
+        saved = checkpoint.load(path, self.start, self.stop).vectors
+        for name, values in saved.items():
+            self.vectors.set(name, xp.asarray(values))
+        return sorted(saved)
+
     def run_ops(self, ops: list[tuple]) -> list:
         """Execute operations ``(name, *args)`` in order; return their results (None or scalars).
 

@@ -256,10 +256,7 @@ def _start_point(model, seed: int, params, resume_from) -> _StartPoint:
         if len(init) != model.size:
             raise ValueError(f"params has {len(init)} values, the model has {model.size} parameters")
         return _StartPoint(init)
-    ckpt = checkpoint.load(resume_from)
-    difference = checkpoint.model_difference(ckpt.model, model.to_dict())
-    if difference:
-        raise ValueError(f"checkpoint {resume_from} is of a different model: {difference}")
+    ckpt = checkpoint.load_to_resume(resume_from, model.to_dict(), "downpour")
 
     def snapshots(ranges):
         return [{"params": ckpt.params[a:b], "state": {k: v[a:b] for k, v in ckpt.state.items()},

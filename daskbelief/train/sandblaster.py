@@ -22,6 +22,11 @@ an evaluation: Dask reruns its tasks elsewhere; if it took won-but-unpushed cont
 it, the evaluation starts again under a new tag (the shards refuse the old tag's contributions),
 so the iterates are unchanged. Losing a *shard* is out of scope here (Downpour's driver handles
 that); ``shard_workers`` puts the shards on machines you trust.
+
+Checkpoints (``checkpoint_dir``): between iterations, every ``checkpoint_every`` seconds, at the
+end, and when Ctrl-C / SIGTERM interrupts an evaluation, each shard writes its slice of the
+iterate and of the L-BFGS vectors in use, with the L-BFGS scalars (``LbfgsState``) beside them;
+``resume_from`` continues from one exactly where the run stood.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import math
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from numbers import Real
 
 import numpy as np
@@ -38,7 +43,8 @@ from distributed import wait
 from daskbelief.cluster import client_or_local, require_workers, warm_workers
 from daskbelief.data import open_store
 from daskbelief.monitor import events
-from daskbelief.optim.lbfgs import LbfgsResult, lbfgs
+from daskbelief.optim.lbfgs import LbfgsResult, LbfgsState, lbfgs
+from daskbelief.ps import checkpoint
 from daskbelief.ps.policy import place_groups
 from daskbelief.ps.server import ParameterServer
 from daskbelief.train.backup import MIN_DONE_FRACTION, portions_to_back_up
@@ -79,7 +85,7 @@ def _number(name: str, value, minimum: float, *, strict: bool = False) -> None:
 
 def validate(model, store, test_store, *, shards, iterations, tolerance, ftol, history,
              portion_size, batch_rows, push_every, backups, eval_every, eval_rows, seed,
-             max_seconds, slow_workers) -> int:
+             max_seconds, slow_workers, checkpoint_every=None, checkpoint_keep=1) -> int:
     """Reject impossible settings before any work starts, naming the argument; returns the
     number of rows in the batch."""
     _integer("shards", shards, 1)
@@ -88,9 +94,11 @@ def validate(model, store, test_store, *, shards, iterations, tolerance, ftol, h
     _integer("push_every", push_every, 1)
     _integer("eval_rows", eval_rows, 1)
     _integer("seed", seed, 0)
+    _integer("checkpoint_keep", checkpoint_keep, 1)
     _number("tolerance", tolerance, 0.0)
     _number("ftol", ftol, 0.0)
-    for name, value in (("eval_every", eval_every), ("max_seconds", max_seconds)):
+    for name, value in (("eval_every", eval_every), ("max_seconds", max_seconds),
+                        ("checkpoint_every", checkpoint_every)):
         if value is not None:
             _number(name, value, 0.0, strict=True)
     if not isinstance(backups, bool):
@@ -113,11 +121,20 @@ def validate(model, store, test_store, *, shards, iterations, tolerance, ftol, h
     return n_rows
 
 
-def _start(model, params, seed: int) -> np.ndarray:
+def _start(model, params, seed: int, resume_from, history: int) -> tuple[np.ndarray, LbfgsState | None]:
+    """The starting iterate, and the L-BFGS state to go on from when resuming a checkpoint
+    (its vectors stay on disk: each shard loads its own range)."""
+    if resume_from is not None:
+        ckpt = checkpoint.load_to_resume(resume_from, model.to_dict(), "sandblaster", vectors=False)
+        state = LbfgsState(**ckpt.lbfgs)
+        if state.m != history:
+            raise ValueError(f"checkpoint {resume_from} holds an L-BFGS history of size {state.m}; "
+                             f"history={history} cannot resume it")
+        return ckpt.params, state
     start = model.init(seed) if params is None else np.array(params, dtype=np.float32)
     if start.shape != (model.size,):
         raise ValueError(f"params has shape {start.shape}, the model has {model.size} parameters")
-    return start
+    return start, None
 
 
 @dataclass
@@ -148,8 +165,10 @@ class BatchObjective:
         self.bounds, self.n_rows, self.backups = bounds, n_rows, backups
         self.tag = 0
         self.counters = Counters()
+        self.busy = False  # from an evaluation's start until it returns: still set if interrupted
 
     def __call__(self, x_name: str, g_name: str) -> float:
+        self.busy = True
         for _ in range(MAX_RESTARTS + 1):
             self._open(x_name)
             losses = _Evaluation(self, self.tag).run()
@@ -164,8 +183,10 @@ class BatchObjective:
         total = 0.0
         for loss in losses:  # left to right, exactly as the reference adds them
             total += loss
-        return total / self.n_rows + sum(self.space.execute(
+        loss = total / self.n_rows + sum(self.space.execute(
             ("finish_evaluation", self.tag, x_name, g_name)))
+        self.busy = False
+        return loss
 
     def _open(self, x_name: str) -> None:
         """A new tag: the ledger and the shards accept nothing older from now on."""
@@ -298,13 +319,51 @@ class OutOfTime(Exception):
     iterations, when the shards' "x" is the accepted iterate and nothing is in flight."""
 
 
+class _Checkpoints:
+    """Sandblaster's checkpoints, written when the shards hold exactly the vectors named by the
+    last iteration's ``LbfgsState``: after an iteration (every ``every`` seconds), at the end,
+    and during an evaluation (which touches only the trial vectors), e.g. when interrupted.
+
+    The iterate is first copied into the shards' ``params``, so a checkpoint's parameters are
+    the iterate, as with Downpour's. ``root`` None: no checkpoints.
+    """
+
+    def __init__(self, root, every: float | None, keep: int, space: ShardedVectors, ps,
+                 meta: dict, run: str, state: LbfgsState | None):
+        self.root, self.keep, self.space, self.ps = root, keep, space, ps
+        self.every = math.inf if every is None else every
+        self.meta, self.run, self.state = meta, run, state
+        self.written = None if state is None else state.iteration  # the one resumed from
+        self._due = time.time() + self.every
+
+    def after_iteration(self, state: LbfgsState) -> None:
+        self.state = state
+        if time.time() >= self._due:
+            self.write()
+
+    def write(self):
+        """A checkpoint of the latest state, unless there is none or it is saved already."""
+        if self.root is None or self.state is None or self.written == self.state.iteration:
+            return None
+        self.space.execute(("copy", "x", "params"))
+        path = checkpoint.save(self.root, self.ps, model=self.meta["model"],
+                               config=self.meta["config"],
+                               counters={"iteration": self.state.iteration}, keep=self.keep,
+                               vectors=self.state.vectors(), lbfgs=asdict(self.state))
+        self.written, self._due = self.state.iteration, time.time() + self.every
+        events.emit(events.RUN, run=self.run, kind="checkpoint", path=str(path),
+                    iteration=self.state.iteration)
+        return path
+
+
 class _Monitor:
-    """The per-iteration duties: history rows, RUN events, test evaluations every ``eval_every``,
-    the time budget."""
+    """The per-iteration duties: history rows, RUN events, checkpoints, test evaluations every
+    ``eval_every``, the time budget."""
 
     def __init__(self, client, run: str, model, ps, test_store, eval_every, eval_rows: int,
-                 max_seconds: float | None):
+                 max_seconds: float | None, checkpoints: _Checkpoints):
         self.client, self.run, self.model, self.ps = client, run, model, ps
+        self.checkpoints = checkpoints
         self.test_store, self.eval_every, self.eval_rows = test_store, eval_every, eval_rows
         self.max_seconds = max_seconds
         self.started = time.time()
@@ -313,7 +372,8 @@ class _Monitor:
         self._next_eval = self.started + (eval_every or 0.0)
 
     def __call__(self, row: dict) -> None:
-        elapsed = time.time() - self.started
+        self.checkpoints.after_iteration(row["state"])  # before reporting it: a reported
+        elapsed = time.time() - self.started            # iteration is saved, when one is due
         self.iterations.append(row)
         self.rows.append({"time": elapsed, "step": row["iteration"], "replica": None,
                           "loss": row["loss"], "grad_norm": row["grad_norm"],
@@ -331,7 +391,7 @@ class _Monitor:
     def result(self) -> LbfgsResult:
         """What ``lbfgs`` would have returned, for a run the time budget stopped."""
         last = self.iterations[-1]
-        return LbfgsResult("x", last["loss"], last["grad_norm"], len(self.iterations),
+        return LbfgsResult("x", last["loss"], last["grad_norm"], last["iteration"],
                            last["evaluations"], False,
                            f"reached max_seconds={self.max_seconds:g}", list(self.iterations))
 
@@ -354,6 +414,8 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
                 push_every: int = 4, backups: bool = True, test=None, seed: int = 0, params=None,
                 max_seconds: float | None = None, eval_every: float | None = None,
                 eval_rows: int = 10_000, shard_workers=None, partition=None,
+                checkpoint_dir=None, checkpoint_every: float | None = None,
+                checkpoint_keep: int = 3, resume_from=None, config: dict | None = None,
                 _slow_workers: dict | None = None) -> TrainResult:
     """Train ``model`` with Sandblaster L-BFGS on a Dask cluster; returns a ``TrainResult``.
 
@@ -383,6 +445,14 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
         "k": 2}``: every worker then homes a model-parallel replica (block actors on it and the
         next workers) that computes the portions landing there, each block taking its own ranges
         of the evaluated vector from the shards and pushing its own ranges of the gradient sums
+    checkpoint_dir, checkpoint_every : write a checkpoint there after the first iteration that
+        ends this many seconds after the last one (None: only at the end), at the end, and when
+        Ctrl-C / SIGTERM interrupts an evaluation
+    checkpoint_keep : how many complete checkpoints to keep (older ones are deleted)
+    resume_from : a Sandblaster checkpoint of this model: the run goes on from the iteration
+        after it (``iterations`` counts from the very first) with the saved L-BFGS history, as
+        if it had never stopped; ``history`` must be the saved one
+    config : the pipeline config, stored in checkpoints
     _slow_workers : TEST AND BENCHMARK ONLY -- ``{worker address: factor}``; portion tasks on
         that worker sleep ``(factor - 1)`` times their compute time, simulating a slow machine
 
@@ -398,8 +468,9 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
                       tolerance=tolerance, ftol=ftol, history=history, portion_size=portion_size,
                       batch_rows=batch_rows, push_every=push_every, backups=backups,
                       eval_every=eval_every, eval_rows=eval_rows, seed=seed,
-                      max_seconds=max_seconds, slow_workers=_slow_workers)
-    start = _start(model, params, seed)
+                      max_seconds=max_seconds, slow_workers=_slow_workers,
+                      checkpoint_every=checkpoint_every, checkpoint_keep=checkpoint_keep)
+    start, resumed = _start(model, params, seed, resume_from, history)
     plan_p = as_plan(model, partition)
 
     with client_or_local(client) as c:
@@ -422,23 +493,35 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
                                  allow_other_workers=False, pure=False, key=f"{run}-ledger")
         try:
             call_all(ps.shards, "prepare_objective", model, n_rows)
+            if resumed is not None:
+                call_all(ps.shards, "restore_vectors", str(resume_from))
             plan = PortionPlan(run, model, store, tuple(ps.shards), tuple(ps.ranges),
                                ledger_future.result(), push_every, dict(_slow_workers or {}),
                                groups)
             space = ShardedVectors(ps.shards, ps.ranges)
             space.copy("params", "x")  # queued: travels with the first evaluation
             objective = BatchObjective(c, plan, space, bounds, n_rows, backups)
-            monitor = _Monitor(c, run, model, ps, test_store, eval_every, eval_rows, max_seconds)
+            checkpoints = _Checkpoints(checkpoint_dir, checkpoint_every, checkpoint_keep, space,
+                                       ps, {"model": model.to_dict(), "config": config or {}},
+                                       run, resumed)
+            monitor = _Monitor(c, run, model, ps, test_store, eval_every, eval_rows, max_seconds,
+                               checkpoints)
             settings = {"shards": shards, "iterations": iterations, "history": history,
                         "portion_size": size, "portions": len(bounds), "batch_rows": n_rows,
                         "push_every": push_every, "backups": backups, "tolerance": tolerance,
-                        "partition": "" if plan_p is None else f"{plan_p.kind}/{plan_p.n_blocks}"}
+                        "partition": "" if plan_p is None else f"{plan_p.kind}/{plan_p.n_blocks}",
+                        "resumed_at": 0 if resumed is None else resumed.iteration}
             events.emit(events.RUN, run=run, kind="start", algorithm="sandblaster", **settings)
             try:
                 result = lbfgs(space, objective, "x", m=history, max_iter=iterations,
-                               gtol=tolerance, ftol=ftol, callback=monitor)
+                               gtol=tolerance, ftol=ftol, callback=monitor, resume=resumed)
             except OutOfTime:
                 result = monitor.result()
+            except KeyboardInterrupt:
+                if objective.busy:  # the shards hold the last iteration's vectors untouched
+                    checkpoints.write()
+                raise
+            checkpoints.write()
             seconds = time.time() - monitor.started
             final = space.gather("x")
             shard_stats = call_all(ps.shards, "objective_stats")
@@ -475,7 +558,7 @@ def _summary(run: str, result, counters: Counters, settings: dict, seconds: floa
             "evaluations": counters.evaluations, "loss": result.loss,
             "grad_norm": result.grad_norm, "converged": result.converged,
             "message": result.message, "seconds": seconds,
-            "seconds_per_iteration": seconds / max(result.iterations, 1),
+            "seconds_per_iteration": seconds / max(result.iterations - settings["resumed_at"], 1),
             "samples": samples, "samples_per_second": samples / seconds,
             "evaluations_restarted": counters.evaluations_restarted,
             "portion_runs": counters.portion_runs,
