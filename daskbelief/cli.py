@@ -180,7 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command; print its JSON summary as the last stdout line."""
     args = _parser().parse_args(argv)
     start = time.time()
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    # Ctrl-C stops training even where the shell started us with SIGINT ignored (a background
+    # job of a script, some CI runners): Python then leaves SIGINT ignored unless told.
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate),
+                signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
     logging.getLogger("tornado.application").addFilter(_InterruptRace())
     try:
         out = COMMANDS[args.command](args)
@@ -192,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
               f"after {time.time() - start:.1f}s", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if out is not None:
         print(json.dumps(out, default=str))
     return 0
