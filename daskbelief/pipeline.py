@@ -97,14 +97,10 @@ def _open_run_dir(run_dir: Path, config: dict) -> None:
 
 def _check_resumable(resume_from: Path, pipe: Pipeline) -> None:
     """Only a checkpoint of this very model, written by the same algorithm, can be resumed."""
-    saved = checkpoint.describe(resume_from)
-    if saved["algorithm"] != pipe.algorithm:
-        raise ConfigError(f"cannot resume from {resume_from}: it was written by "
-                          f"{saved['algorithm']}, the config trains with {pipe.algorithm}")
-    difference = checkpoint.model_difference(saved["model"], pipe.model.to_dict(),
-                                             ("checkpoint", "config"))
-    if difference:
-        raise ConfigError(f"cannot resume from {resume_from}: it holds a different model ({difference})")
+    problem = checkpoint.resume_problem(checkpoint.describe(resume_from), pipe.model.to_dict(),
+                                        pipe.algorithm, ("checkpoint", "config"))
+    if problem:
+        raise ConfigError(f"cannot resume from {resume_from}: {problem}")
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
@@ -149,18 +145,13 @@ def _work(pipe: Pipeline, path: str) -> tuple[int, str]:
 def _train(pipe: Pipeline, path: str, client, run_dir: Path, resume_from):
     every = pipe.config.get("checkpoint", {})
     if pipe.algorithm == "downpour":
-        from daskbelief.train.downpour import downpour
-
-        return downpour(pipe.model, path, test=path, client=client, config=pipe.config,
-                        checkpoint_dir=run_dir / "checkpoints",
-                        checkpoint_every=every.get("every_seconds", CHECKPOINT_EVERY),
-                        checkpoint_keep=every.get("keep", 3), resume_from=resume_from, **pipe.train)
-    from daskbelief.train.sandblaster import sandblaster
-
-    return sandblaster(pipe.model, path, test=path, client=client, config=pipe.config,
-                       checkpoint_dir=run_dir / "checkpoints",
-                       checkpoint_every=every.get("every_seconds", CHECKPOINT_EVERY),
-                       checkpoint_keep=every.get("keep", 3), resume_from=resume_from, **pipe.train)
+        from daskbelief.train.downpour import downpour as algorithm
+    else:
+        from daskbelief.train.sandblaster import sandblaster as algorithm
+    return algorithm(pipe.model, path, test=path, client=client, config=pipe.config,
+                     checkpoint_dir=run_dir / "checkpoints",
+                     checkpoint_every=every.get("every_seconds", CHECKPOINT_EVERY),
+                     checkpoint_keep=every.get("keep", 3), resume_from=resume_from, **pipe.train)
 
 
 def run(config: dict, out=None, *, name: str = "run", overwrite: bool = False, resume: bool = False,

@@ -223,7 +223,7 @@ def test_a_run_resumed_from_its_checkpoint_goes_on_as_if_never_stopped(client, d
         sandblaster(model, digits_path, client=client, history=5, resume_from=ckpt)
     with pytest.raises(ValueError, match="different model"):
         sandblaster(mlp_wider(), digits_path, client=client, resume_from=ckpt)
-    with pytest.raises(ValueError, match="written by Sandblaster; it cannot resume a Downpour"):
+    with pytest.raises(ValueError, match="written by sandblaster, the run trains with downpour"):
         downpour(model, digits_path, client=client, steps=10, resume_from=ckpt)
 
 

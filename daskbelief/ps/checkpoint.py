@@ -134,7 +134,7 @@ def describe(path) -> dict:
             "parameters": attrs["ranges"][-1][1], "shards": len(attrs["ranges"]),
             "versions": attrs.get("versions"), "model": attrs.get("model"),
             "counters": attrs.get("counters"), "time": attrs.get("time"),
-            "algorithm": algorithm(attrs),
+            "algorithm": "sandblaster" if "lbfgs" in attrs else "downpour",  # L-BFGS state
             "lbfgs_iteration": attrs["lbfgs"]["iteration"] if "lbfgs" in attrs else None,
             "replica_steps": {k: v for s in attrs.get("shards", []) for k, v in s.get("replica_steps", {}).items()}}
 
@@ -148,9 +148,9 @@ def load(path, start: int = 0, stop: int | None = None, *, vectors: bool = True)
         raise ValueError(f"checkpoint {path} is incomplete (it was interrupted while being written)")
     ranges = [tuple(r) for r in attrs["ranges"]]
     stop = ranges[-1][1] if stop is None else stop
+    kinds = ("state", "vectors") if vectors else ("state",)
     parts = {kind: sorted(group[f"shard-0/{kind}"].array_keys()) if kind in group["shard-0"] else []
-             for kind in ("state", "vectors") if kind == "state" or vectors}
-    parts.setdefault("vectors", [])
+             for kind in kinds}
     arrays = {name: np.empty(stop - start, dtype=np.float32)
               for name in ["params", *(f"{k}/{n}" for k, names in parts.items() for n in names)]}
     for i, lo, hi in overlaps(ranges, start, stop):
@@ -158,30 +158,29 @@ def load(path, start: int = 0, stop: int | None = None, *, vectors: bool = True)
         for name, out in arrays.items():
             out[lo - start:hi - start] = group[f"shard-{i}/{name}"][lo - a:hi - a]
     state = {n: arrays[f"state/{n}"] for n in parts["state"]}
-    vectors = {n: arrays[f"vectors/{n}"] for n in parts["vectors"]}
+    saved = {n: arrays[f"vectors/{n}"] for n in parts.get("vectors", [])}
     return Checkpoint(Path(path), arrays["params"], state, list(attrs["versions"]),
                       attrs["model"], attrs.get("config", {}), attrs.get("counters", {}),
-                      attrs.get("shards", []), vectors, attrs.get("lbfgs"))
+                      attrs.get("shards", []), saved, attrs.get("lbfgs"))
 
 
-def algorithm(attrs: dict) -> str:
-    """Which algorithm wrote a checkpoint (its attributes): only Sandblaster saves L-BFGS state."""
-    return "sandblaster" if attrs.get("lbfgs") is not None else "downpour"
+def resume_problem(saved: dict, model: dict, resuming: str,
+                   names=("checkpoint", "model")) -> str | None:
+    """Why a checkpoint (``describe`` of it) cannot resume algorithm ``resuming`` on the model
+    described by ``model`` -- written by the other algorithm, or of another model -- or None."""
+    if saved["algorithm"] != resuming:
+        return f"it was written by {saved['algorithm']}, the run trains with {resuming}"
+    difference = model_difference(saved["model"], model, names)
+    return f"it holds a different model ({difference})" if difference else None
 
 
 def load_to_resume(path, model: dict, resuming: str, *, vectors: bool = True) -> Checkpoint:
     """Load checkpoint ``path`` to resume algorithm ``resuming`` on the model described by
-    ``model``; one of another model, or written by the other algorithm, is refused with the
-    difference named."""
-    ckpt = load(path, vectors=vectors)
-    written = algorithm({"lbfgs": ckpt.lbfgs})
-    if written != resuming:
-        raise ValueError(f"checkpoint {path} was written by {written.title()}; it cannot resume "
-                         f"a {resuming.title()} run")
-    difference = model_difference(ckpt.model, model)
-    if difference:
-        raise ValueError(f"checkpoint {path} is of a different model: {difference}")
-    return ckpt
+    ``model``; ``resume_problem`` refusals raise ``ValueError``."""
+    problem = resume_problem(describe(path), model, resuming)
+    if problem:
+        raise ValueError(f"cannot resume from checkpoint {path}: {problem}")
+    return load(path, vectors=vectors)
 
 
 def model_difference(saved: dict, current: dict, names=("checkpoint", "model")) -> str | None:

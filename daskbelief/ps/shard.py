@@ -150,16 +150,14 @@ class ParameterShard:
         return self.version
 
     # -- Sandblaster: vectors held on the shard ---------------------------------------------------
-    def restore_vectors(self, path: str) -> list[str]:
+    def restore_vectors(self, path: str) -> None:
         """Load this shard's range of every vector a checkpoint saved (a resumed Sandblaster run;
-        the checkpoint may have been cut into other ranges); returns their names."""
+        the checkpoint may have been cut into other ranges)."""
         from daskbelief.ps import checkpoint
 
         xp = namespace(self.params)
-        saved = checkpoint.load(path, self.start, self.stop).vectors
-        for name, values in saved.items():
+        for name, values in checkpoint.load(path, self.start, self.stop).vectors.items():
             self.vectors.set(name, xp.asarray(values))
-        return sorted(saved)
 
     def run_ops(self, ops: list[tuple]) -> list:
         """Execute operations ``(name, *args)`` in order; return their results (None or scalars).
