@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from daskbelief.data import write_dataset
-from daskbelief_datasets.common import seeded_blocks, split_sizes
+from daskbelief_datasets.common import split_sizes, write_generated
 
 CLASSES, BLOBS, DISTRACTORS, CHANNELS = 10, 3, 2, 3
 BLOCK = 4096
@@ -54,9 +53,6 @@ def build(path: str, *, size: int | None, seed: int, chunk_rows: int | None, ove
         raise ValueError(f"side must be an integer >= 8 (pixels), got {side!r}")
     n_train, n_test = split_sizes(size, 10_000, test_fraction)
     protos = Prototypes(side, seed)
-    return write_dataset(path, seeded_blocks(n_train, BLOCK, seed, 4, 0, protos.example_block),
-                         seeded_blocks(n_test, BLOCK, seed, 4, 1, protos.example_block),
-                         chunk_rows=chunk_rows, n_classes=CLASSES, overwrite=overwrite,
-                         attrs={"recipe": "images",
-                                "recipe_options": {"size": n_train + n_test, "seed": seed,
-                                                   "side": side}})
+    return write_generated(path, "images", protos.example_block, n_train=n_train, n_test=n_test,
+                           seed=seed, stream=4, block_rows=BLOCK, n_classes=CLASSES,
+                           chunk_rows=chunk_rows, overwrite=overwrite, options={"side": side})

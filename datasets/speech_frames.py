@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from daskbelief.data import write_dataset
-from daskbelief_datasets.common import seeded_blocks, split_sizes
+from daskbelief_datasets.common import split_sizes, write_generated
 
 FRAMES, BANDS = 11, 40
 FEATURES = FRAMES * BANDS
@@ -51,10 +50,7 @@ def build(path: str, *, size: int | None, seed: int, chunk_rows: int | None, ove
         raise ValueError(f"classes must be an integer >= 2, got {classes!r}")
     n_train, n_test = split_sizes(size, 20_000, test_fraction)
     teacher = Teacher(classes, seed)
-    return write_dataset(path, seeded_blocks(n_train, BLOCK, seed, 2, 0, teacher.example_block),
-                         seeded_blocks(n_test, BLOCK, seed, 2, 1, teacher.example_block),
-                         chunk_rows=chunk_rows, n_classes=classes, overwrite=overwrite,
-                         attrs={"recipe": "speech-frames",
-                                "recipe_options": {"size": n_train + n_test, "seed": seed,
-                                                   "classes": classes},
-                                "frames": FRAMES, "bands": BANDS})
+    return write_generated(path, "speech-frames", teacher.example_block, n_train=n_train,
+                           n_test=n_test, seed=seed, stream=2, block_rows=BLOCK,
+                           n_classes=classes, chunk_rows=chunk_rows, overwrite=overwrite,
+                           options={"classes": classes}, attrs={"frames": FRAMES, "bands": BANDS})

@@ -102,18 +102,24 @@ def _finish(ax, ylabel: str, what: str) -> None:
         _no_data(ax, what)
 
 
+def _plot_series(ax, run: RunEvents, series: dict, column: str, label, *fmt, **style):
+    """Plot ``column`` vs time for each of a run's ``series`` (one per replica, say); only the
+    first line carries ``label``, so a run has one legend entry however many replicas it had.
+    Returns the label still unused (None once a line took it)."""
+    for columns in series.values():
+        ax.plot(run.elapsed(columns["time"]), columns[column], *fmt, label=label, **style)
+        label = None
+    return label
+
+
 def draw_loss(ax, runs: list[RunEvents]) -> None:
     """Training loss vs time: Downpour replicas (thin lines), Sandblaster iterations (markers)."""
     for i, run in enumerate(runs):
         color, label = f"C{i % 10}", run.label
-        for columns in shaping.replica_series(run.events).values():
-            ax.plot(run.elapsed(columns["time"]), columns["loss"], color=color, lw=1, alpha=0.8,
-                    label=label)
-            label = None  # one legend entry per run, however many replicas
-        for columns in shaping.iteration_series(run.events).values():
-            ax.plot(run.elapsed(columns["time"]), columns["loss"], "o-", color=color, ms=3,
-                    label=label)
-            label = None
+        label = _plot_series(ax, run, shaping.replica_series(run.events), "loss", label,
+                             color=color, lw=1, alpha=0.8)
+        _plot_series(ax, run, shaping.iteration_series(run.events), "loss", label, "o-",
+                     color=color, ms=3)
     ax.set_title("Training loss")
     _finish(ax, "loss", "training loss")
 
@@ -122,10 +128,8 @@ def draw_accuracy(ax, runs: list[RunEvents]) -> None:
     """Test accuracy vs time; a star at the end for the final evaluation of the summary."""
     for i, run in enumerate(runs):
         color, label = f"C{i % 10}", run.label
-        for columns in shaping.eval_series(run.events).values():
-            ax.plot(run.elapsed(columns["time"]), columns["test_accuracy"], "o-", color=color,
-                    ms=3, label=label)
-            label = None
+        label = _plot_series(ax, run, shaping.eval_series(run.events), "test_accuracy", label,
+                             "o-", color=color, ms=3)
         if run.summary.get("test_accuracy") is not None and "seconds" in run.summary:
             ax.plot([run.summary["seconds"]], [run.summary["test_accuracy"]], "*", color=color,
                     ms=12, label=label)
@@ -138,11 +142,9 @@ def draw_accuracy(ax, runs: list[RunEvents]) -> None:
 def draw_throughput(ax, runs: list[RunEvents]) -> None:
     """Samples/s of each replica vs time; dashed: the whole run's samples/s from its summary."""
     for i, run in enumerate(runs):
-        color, label = f"C{i % 10}", run.label
-        for columns in shaping.replica_series(run.events).values():
-            ax.plot(run.elapsed(columns["time"]), columns["samples_per_s"], color=color, lw=1,
-                    label=label)
-            label = None
+        color = f"C{i % 10}"
+        _plot_series(ax, run, shaping.replica_series(run.events), "samples_per_s", run.label,
+                     color=color, lw=1)
         if run.summary.get("samples_per_second"):
             ax.axhline(run.summary["samples_per_second"], color=color, ls="--", lw=1,
                        label=f"{run.label}: whole run")
