@@ -47,9 +47,19 @@ def client_or_local(client: Client | None = None, n_workers: int | None = None,
         yield local
 
 
+def worker_info(client: Client) -> dict[str, dict]:
+    """The scheduler's record of every worker (address -> info), fetched now.
+
+    Not ``client.scheduler_info()``: in distributed 2026.8 it returns a cache that the client's
+    periodic refresh (which asks for no workers) can overwrite between the fetch and the return,
+    so it sometimes reports a cluster with no workers.
+    """
+    return client.sync(client.scheduler.identity, n_workers=-1)["workers"]
+
+
 def require_workers(client: Client, minimum: int = 1) -> list[str]:
     """The workers' addresses; a clear error when the cluster has fewer than ``minimum``."""
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    workers = sorted(worker_info(client))
     if len(workers) < minimum:
         raise RuntimeError(f"the Dask cluster at {client.scheduler.address} has {len(workers)} "
                            f"worker(s); this run needs at least {minimum}")
@@ -62,7 +72,7 @@ def require_threads(client: Client, minimum: int, what: str) -> None:
     Downpour replicas are long-running tasks that must all run together; on too few worker
     threads the later ones would wait for the earlier ones to finish, which is not Downpour.
     """
-    threads = sum(w["nthreads"] for w in client.scheduler_info(n_workers=-1)["workers"].values())
+    threads = sum(w["nthreads"] for w in worker_info(client).values())
     if threads < minimum:
         raise RuntimeError(f"{what} need {minimum} worker threads running at once, but the cluster "
                            f"has {threads}: add workers or threads (e.g. --local-workers {minimum})")

@@ -28,6 +28,7 @@ from threadpoolctl import threadpool_limits
 
 from daskbelief import config as pipeline_config
 from daskbelief import pipeline
+from daskbelief.cluster import worker_info
 from daskbelief.data import open_store
 from daskbelief.monitor import events
 from daskbelief.nn import Dense, Sequential
@@ -118,7 +119,7 @@ def test_iterates_match_the_reference_and_the_loss_scipy(client, digits_path):
     assert abs(ours - scipy.fun) <= 0.01 * scipy.fun, (ours, scipy.fun)
 
     s = result.summary
-    n_workers = len(client.scheduler_info()["workers"])
+    n_workers = len(worker_info(client))
     assert sum(s["portions_per_worker"].values()) == 15 * s["evaluations"]  # each exactly once
     assert s["evaluations_restarted"] == 0 and s["contributions_refused"] == 0
     assert s["vector_fetches"] <= n_workers * s["evaluations"]  # at most once per evaluation
@@ -133,7 +134,7 @@ def test_a_slowed_worker_with_backups_changes_nothing(digits_path):
     model = mlp()
     with LocalCluster(n_workers=3, threads_per_worker=1, processes=True,
                       dashboard_address=":0") as cluster, Client(cluster) as c:
-        workers = sorted(c.scheduler_info()["workers"])
+        workers = sorted(worker_info(c))
         slow = workers[2]
         result = sandblaster(model, digits_path, client=c, iterations=6, portion_size=PORTION,
                              shards=1, shard_workers=[workers[0]], _slow_workers={slow: 1000.0})
@@ -167,7 +168,7 @@ def test_a_worker_killed_mid_evaluation_changes_nothing(digits_path):
     model = mlp(DiesHoldingPortions)
     with LocalCluster(n_workers=3, threads_per_worker=1, processes=True,
                       dashboard_address=":0") as cluster, Client(cluster) as c:
-        workers = sorted(c.scheduler_info()["workers"])
+        workers = sorted(worker_info(c))
         pids = c.run(os.getpid)
         model.victim = pids[workers[2]]  # the shards and the ledger live on workers[0]
         # push_every is large so that everything a worker wins waits for the final flush

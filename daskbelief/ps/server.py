@@ -11,7 +11,7 @@ import uuid
 import numpy as np
 from distributed import get_worker
 
-from daskbelief.cluster import start_actors
+from daskbelief.cluster import start_actors, worker_info
 from daskbelief.ps.policy import overlaps, place_shards, shard_ranges
 from daskbelief.ps.shard import ParameterShard
 
@@ -65,7 +65,7 @@ class ParameterServer:
         """Start ``n_shards`` shard actors on distinct workers, seeded with ``params``."""
         params = np.asarray(params, dtype=np.float32)
         ranges = shard_ranges(len(params), n_shards)
-        addresses = place_shards(list(workers or client.scheduler_info(n_workers=-1)["workers"]),
+        addresses = place_shards(list(workers or worker_info(client)),
                                  n_shards)
         rule_spec = rule if isinstance(rule, (str, dict)) else rule.to_dict()
         token = uuid.uuid4().hex[:8]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 
+from daskbelief.cluster import worker_info
 from daskbelief.monitor import events
 from daskbelief.ps import checkpoint
 from daskbelief.train.evaluate import evaluate_rows
@@ -91,7 +92,7 @@ class Driver:
 
     def _watch(self) -> None:
         """Recreate shards whose worker left; otherwise publish the shards' counters."""
-        live = list(self.client.scheduler_info(n_workers=-1)["workers"])
+        live = list(worker_info(self.client))
         lost = [i for i, addr in enumerate(self.ps.addresses()) if addr not in live]
         for i in lost:
             self._recover(i, live, set(lost))
@@ -118,7 +119,7 @@ class Driver:
         """
         while not live:
             time.sleep(0.5)
-            live = list(self.client.scheduler_info(n_workers=-1)["workers"])
+            live = list(worker_info(self.client))
         a, b = self.ps.ranges[index]
         path = checkpoint.latest(self.checkpoint_dir) if self.checkpoint_dir else None
         saved = [0] * len(self.ps.shards)

@@ -29,7 +29,7 @@ from distributed import Event, get_worker
 from distributed.utils import sync
 
 from daskbelief.backend import namespace
-from daskbelief.cluster import start_actors
+from daskbelief.cluster import start_actors, worker_info
 from daskbelief.monitor import events
 from daskbelief.nn.activations import get_activation
 from daskbelief.nn.layers import Dense, Scratch, layer_from_dict
@@ -660,7 +660,7 @@ class Blocks:
         if len(params) != plan.model.size:
             raise ValueError(f"params has {len(params)} values, the model has {plan.model.size}")
         if addresses is None:
-            addresses = place_shards(list(client.scheduler_info(n_workers=-1)["workers"]), plan.n_blocks)
+            addresses = place_shards(list(worker_info(client)), plan.n_blocks)
         token = uuid.uuid4().hex[:8]
         actors, futures = start_actors(client, [
             (BlockActor, addr, f"partition-block-{k}-{token}",

@@ -40,7 +40,7 @@ from numbers import Real
 import numpy as np
 from distributed import wait
 
-from daskbelief.cluster import client_or_local, require_workers, warm_workers
+from daskbelief.cluster import client_or_local, require_workers, warm_workers, worker_info
 from daskbelief.data import open_store
 from daskbelief.monitor import events
 from daskbelief.optim.lbfgs import LbfgsResult, LbfgsState, lbfgs
@@ -196,7 +196,7 @@ class BatchObjective:
         ledger.result()
 
     def live_workers(self) -> list[str]:
-        return list(self.client.scheduler_info(n_workers=-1)["workers"])
+        return list(worker_info(self.client))
 
 
 class _Evaluation:
@@ -480,7 +480,7 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
         if unknown:
             raise ValueError(f"shard_workers names {', '.join(unknown)}, which are not workers of "
                              f"the cluster (its workers: {', '.join(workers)})")
-        threads = sum(w["nthreads"] for w in c.scheduler_info(n_workers=-1)["workers"].values())
+        threads = sum(w["nthreads"] for w in worker_info(c).values())
         size = portion_size or default_portion_size(n_rows, threads)
         bounds = portions(n_rows, size)
         run = f"sandblaster-{uuid.uuid4().hex[:8]}"
