@@ -1,8 +1,9 @@
 """Every benchmark in one run: ``python -m benchmarks all [--quick] [--out DIR]``.
 
-Runs core, downpour, sandblaster, model_parallel and paper one after another (each prints its own
-table), then writes ``DIR/RESULTS.md`` (default ``results/``): a table of the figures that matter
-with the command that produced them, and the PNG figures (the paper's Figures 3, 4 and 5).
+Runs core, downpour, sandblaster, model_parallel, paper and gpu (which only says "no GPU" on a
+machine without one) one after another, each printing its own table, then writes
+``DIR/RESULTS.md`` (default ``results/``): a table of the figures that matter with the command
+that produced them, and the PNG figures (the paper's Figures 3, 4 and 5).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from benchmarks import figures
 
-ORDER = ("core", "downpour", "sandblaster", "model_parallel", "paper")
+ORDER = ("core", "downpour", "sandblaster", "model_parallel", "paper", "gpu")
 
 KEY_FIGURES = {
     "core": ["blas_peak_gflops", "mlp_gflops", "mlp_peak_ratio", "lc_gflops", "torch_ratio"],
@@ -24,6 +25,7 @@ KEY_FIGURES = {
                  "push_gbps", "fetch_gbps", "soak_rss_growth"],
     "sandblaster": ["straggler_ratio_backup", "straggler_ratio_nobackup", "overhead_ratio"],
     "model_parallel": ["speedup_k2_lc", "speedup_k2_mlp", "boundary_bytes_per_example_lc"],
+    "gpu": ["gpu", "core_gpu_vs_1thread_b256", "core_gpu_vs_1thread_b4096", "downpour_gpu_vs_numpy_r1"],
 }
 
 
@@ -135,6 +137,16 @@ def explanations(paper: dict) -> list[str]:
     return lines
 
 
+def beyond_two(results: dict) -> list[tuple[str, str, float]]:
+    """(benchmark, figure, value) for R and k above 2: timed only where the machine had the cores."""
+    found = [("downpour", f"scaling_{key}", value)
+             for key, value in results.get("downpour", {}).get("scaling", {}).items() if int(key[1:]) > 2]
+    for model, speedups in results.get("model_parallel", {}).get("speedup", {}).items():
+        found += [("model_parallel", f"speedup_{key}_{model}", value)
+                  for key, value in speedups.items() if int(key[1:]) > 2]
+    return found
+
+
 def write_results(results: dict, out: Path, quick: bool, seconds: float) -> Path:
     """RESULTS.md and the figures, from the benchmarks' returned figures."""
     out.mkdir(parents=True, exist_ok=True)
@@ -148,6 +160,8 @@ def write_results(results: dict, out: Path, quick: bool, seconds: float) -> Path
             if name in results:
                 lines.append(f"| {name} | `{key}` | {_fmt(results[name].get(key))} | "
                              f"`python -m benchmarks {name}{flag}` |")
+    for name, key, value in beyond_two(results):
+        lines.append(f"| {name} | `{key}` | {_fmt(value)} | `python -m benchmarks {name}{flag}` |")
     if "paper" in results:
         lines += ["", "## The paper's figures and the peers", ""] + _paper_table(results["paper"])
         lines += ["", "The paper's orderings, as measured in this run:", ""] + orderings(results["paper"])

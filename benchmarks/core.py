@@ -39,7 +39,7 @@ def lc_model() -> Sequential:
                                     LocallyConnected2D(32, 4, 2, "relu"), Dense(10)])
 
 
-def _interleaved(steps: dict, rounds: int, calls: int) -> dict:
+def interleaved(steps: dict, rounds: int, calls: int) -> dict:
     """Seconds per call of each step, per round; rounds alternate between the steps, so a burst
     of load from another process slows one round of each rather than all rounds of one."""
     for step in steps.values():
@@ -62,29 +62,30 @@ def matmul_step(n: int = 2048):
     return (lambda: np.matmul(a, b, out=c)), 2 * n**3
 
 
-def model_step(model: Sequential):
-    """A training step of ``model`` at batch ``BATCH`` (validated once, as a trainer does)."""
+def model_step(model: Sequential, batch: int = BATCH, xp=np):
+    """A training step of ``model`` on arrays of ``xp`` (numpy or cupy), validated once as a
+    trainer does, and its FLOPs."""
     rng = np.random.default_rng(0)
-    params = model.init(0)
-    X = rng.standard_normal((BATCH, *model.input_shape), dtype=np.float32)
-    y = rng.integers(0, model.n_outputs, BATCH)
-    grad = np.empty_like(params)
+    params = xp.asarray(model.init(0))
+    X = xp.asarray(rng.standard_normal((batch, *model.input_shape), dtype=np.float32))
+    y = xp.asarray(rng.integers(0, model.n_outputs, batch))
+    grad = xp.empty_like(params)
     model.loss_and_grad(params, X, y, out=grad)
     return (lambda: model.loss_and_grad(params, X, y, out=grad, validate=False),
-            model.flops_per_example() * BATCH)
+            model.flops_per_example() * batch)
 
 
-def torch_mlp_step():
+def torch_mlp_step(batch: int = BATCH, device: str = "cpu"):
     """The same MLP step in PyTorch (gradients only, as ``loss_and_grad``)."""
     torch.manual_seed(0)
     sizes = (440, 1024, 1024, 1024, 2048)
     layers = []
     for a, b in zip(sizes[:-1], sizes[1:]):
         layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
-    net = torch.nn.Sequential(*layers[:-1])
+    net = torch.nn.Sequential(*layers[:-1]).to(device)
     loss_fn = torch.nn.CrossEntropyLoss()
-    X = torch.randn(BATCH, sizes[0])
-    y = torch.randint(0, sizes[-1], (BATCH,))
+    X = torch.randn(batch, sizes[0], device=device)
+    y = torch.randint(0, sizes[-1], (batch,), device=device)
 
     def step():
         net.zero_grad(set_to_none=False)
@@ -105,7 +106,7 @@ def run(quick: bool) -> dict:
         else:
             torch.set_num_threads(1)
             steps["torch"] = torch_mlp_step()
-        times = _interleaved({k: step for k, (step, _) in steps.items()}, rounds, calls)
+        times = interleaved({k: step for k, (step, _) in steps.items()}, rounds, calls)
     best = {k: min(ts) for k, ts in times.items()}
     median = {k: statistics.median(ts) for k, ts in times.items()}
     gflops = {k: flops / best[k] / 1e9 for k, (_, flops) in steps.items() if flops}

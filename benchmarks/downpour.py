@@ -2,9 +2,9 @@
 alone, and memory.
 
 ``python -m benchmarks downpour [--quick]`` on speech-frames with the paper-sized
-440-1024-1024-1024-2048 MLP (18.6M parameters). Every figure is measured in this one run, side
-by side: the reference trainer runs in this process pinned to one BLAS thread, exactly like a
-nanny-started worker process.
+440-1024-1024-1024-2048 MLP (4.65M parameters, 18.6 MB). Every figure is measured in this one
+run, side by side: the reference trainer runs in this process pinned to one BLAS thread, exactly
+like a nanny-started worker process. R = 4 and 8 are timed too where the machine has the cores.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from distributed import Client, LocalCluster, get_worker
 from threadpoolctl import threadpool_limits
 
 import daskbelief_datasets as recipes
+from daskbelief.cluster import worker_info
 from daskbelief.data import open_store
 from daskbelief.nn import Dense, Sequential
 from daskbelief.ps.server import ParameterServer
@@ -32,6 +33,17 @@ def speech_mlp() -> Sequential:
     return Sequential(input_shape=(440,), layers=[Dense(1024, activation="relu"),
                                                   Dense(1024, activation="relu"),
                                                   Dense(1024, activation="relu"), Dense(2048)])
+
+
+def replica_counts(cores: int) -> list[int]:
+    """The R to time: 1 and 2 always, then 4 and 8 while the machine has a core per replica."""
+    return [1, 2] + [r for r in (4, 8) if r <= cores]
+
+
+def shards_for(replicas: int) -> int:
+    """Parameter shards for R replicas: two, and one more per two replicas beyond four, so the
+    shards' updates keep up with the pushes as R grows."""
+    return max(2, replicas // 2)
 
 
 def _reference_rate(model, store, batch_size: int, steps: int) -> float:
@@ -76,7 +88,7 @@ class RssSampler:
 def _server_rates(client, sizes: list[int], n_calls: int) -> list[dict]:
     """Push/fetch GB/s per shard and calls/s, measured from a task on a worker (worker to actor)."""
     rows = []
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    workers = sorted(worker_info(client))
     for S in sizes:
         n = 4_000_000  # 16 MB of float32 over S shards
         ps = ParameterServer.create(client, np.zeros(n, np.float32), S, {"name": "sgd", "lr": 0.0})
@@ -113,7 +125,7 @@ def _measure_server(ps, n_calls: int) -> dict:
 
 def _soak(client, pushes: int) -> float:
     """RSS growth of the shard's worker over ``pushes`` pushes of a 1M-parameter vector."""
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    workers = sorted(worker_info(client))
     ps = ParameterServer.create(client, np.zeros(1_000_000, np.float32), 1, "adagrad",
                                 workers=[workers[0]])
     try:
@@ -154,7 +166,8 @@ def run(quick: bool = False) -> dict:
         ref = _reference_rate(model, store, batch, steps)
         print(f"reference trainer (1 thread): {ref:,.0f} samples/s")
         out = {"reference_samples_per_s": ref}
-        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+        counts = replica_counts(os.cpu_count() or 1)
+        with LocalCluster(n_workers=max(counts), threads_per_worker=1, processes=True,
                           dashboard_address=":0") as cluster, Client(cluster) as client:
             sampler = RssSampler(client)
             for n in (1, 5, 20):
@@ -163,12 +176,13 @@ def run(quick: bool = False) -> dict:
                 out[f"overhead_ratio_n{n}"] = rate / ref
                 print(f"downpour R=1 n_fetch=n_push={n:>2}: {rate:,.0f} samples/s, "
                       f"ratio to reference {rate / ref:.2f}")
-            r1 = _downpour_rate(client, model, store, replicas=1, n=5, batch_size=batch, steps=steps,
-                                shards=2)
-            r2 = _downpour_rate(client, model, store, replicas=2, n=5, batch_size=batch, steps=steps,
-                                shards=2)
-            out["scaling_r2"] = r2 / r1
-            print(f"scaling (S=2, n=5): R=1 {r1:,.0f}, R=2 {r2:,.0f} samples/s: {r2 / r1:.2f}x")
+            rates = {r: _downpour_rate(client, model, store, replicas=r, n=5, batch_size=batch,
+                                       steps=steps, shards=shards_for(r)) for r in counts}
+            out["scaling"] = {f"r{r}": rate / rates[1] for r, rate in rates.items()}
+            out["scaling_r2"] = out["scaling"]["r2"]
+            for r, rate in rates.items():
+                print(f"scaling (n=5): R={r} S={shards_for(r)} {rate:,.0f} samples/s: "
+                      f"{rate / rates[1]:.2f}x R=1")
             peaks = sampler.stop()
             out["peak_rss_mb"] = {w: round(v / 2**20) for w, v in peaks.items()}
             print("peak worker RSS (MB):", out["peak_rss_mb"])

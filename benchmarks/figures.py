@@ -53,11 +53,13 @@ def time_to_target(paper: dict, path: Path) -> Path:
 def model_parallel_speedup(mp: dict, path: Path) -> Path:
     """Figure 3: step-time speed-up vs partitions for each model."""
     fig, ax = plt.subplots(figsize=(6, 4))
+    ks = []
     for model, label in (("lc", "locally connected image model"), ("mlp", "fully connected speech MLP")):
         ms = mp["step_ms"][model]
-        ax.plot([1, 2], [1.0, ms["k1"] / ms["k2"]], marker="o", label=label)
-    ax.plot([1, 2], [1, 2], color="grey", lw=0.8, ls="--", label="linear")
+        ks = sorted(int(key[1:]) for key in ms if key.startswith("k"))
+        ax.plot(ks, [ms["k1"] / ms[f"k{k}"] for k in ks], marker="o", label=label)
+    ax.plot(ks, ks, color="grey", lw=0.8, ls="--", label="linear")
     ax.set(xlabel="partitions (workers per replica)", ylabel="speed-up over 1 partition",
-           title="Figure 3 on this machine: model parallelism", xticks=[1, 2])
+           title="Figure 3 on this machine: model parallelism", xticks=ks)
     ax.legend(fontsize=8)
     return _save(fig, path)

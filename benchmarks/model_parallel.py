@@ -5,7 +5,8 @@ replica task on a worker exactly as training drives it: the task hands each bloc
 and the labels, the blocks exchange activations, partial sums and deltas directly, the task waits
 for the loss. k=1 is the same actor machinery with one block; k=2 cuts the model horizontally
 (locally connected layers into bands of output rows, dense layers by input rows) over two
-single-threaded worker processes, one per core. The single-process ``model.loss_and_grad`` with
+single-threaded worker processes, one per core; k=4 and k=8 likewise where the machine has that
+many cores. The single-process ``model.loss_and_grad`` with
 BLAS pinned to one thread is printed beside them.
 
 Models: a large locally connected image model (64x64x3 -> LC 32@5x5 -> LC 64@4x4 stride 2 ->
@@ -17,6 +18,7 @@ estimate on a machine other work shares (the median is printed beside it).
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -65,13 +67,19 @@ def _plain(model, params, X, y, rounds: int, calls: int) -> list[float]:
     return out
 
 
-def measure(client, model, batch: int, rounds: int, calls: int) -> dict:
-    """Step times of k=1 and k=2 (interleaved rounds) and of the plain single process."""
+def partition_counts(cores: int) -> list[int]:
+    """The k to time: 1 and 2 always, then 4 and 8 while the machine has a core per block."""
+    return [1, 2] + [k for k in (4, 8) if k <= cores]
+
+
+def measure(client, model, batch: int, rounds: int, calls: int, ks: list[int]) -> dict:
+    """Step times of each k in ``ks`` (interleaved rounds) and of the plain single process."""
     rng = np.random.default_rng(0)
     X = rng.standard_normal((batch, *model.input_shape), dtype=np.float32)
     y = rng.integers(0, model.n_outputs, batch)
     params = model.init(0)
-    plans = {1: partition.vertical(model, 1), 2: partition.horizontal(model, 2)}
+    plans = {k: partition.vertical(model, 1) if k == 1 else partition.horizontal(model, k)
+             for k in ks}
     blocks = {k: Blocks.start(client, plan, params) for k, plan in plans.items()}
     X_remote = client.scatter(X, broadcast=True)
     times = {k: [] for k in plans}
@@ -82,51 +90,58 @@ def measure(client, model, batch: int, rounds: int, calls: int) -> dict:
                     a.stats(True).result()
                 ts = client.submit(_time_steps, b, X_remote, y, calls, r, pure=False).result()
                 times[k].append(statistics.median(ts))
-        sent = sum(a.stats().result()["bytes_sent"] for a in blocks[2].actors) / (calls + 1)
+        sent = {k: sum(a.stats().result()["bytes_sent"] for a in b.actors) / (calls + 1)
+                for k, b in blocks.items()}
     finally:
         for b in blocks.values():
             b.close()
         client.cancel(X_remote)
     plain = _plain(model, params, X, y, max(2, rounds // 2), calls)
-    return {"plan": plans[2], "k1": times[1], "k2": times[2], "plain": plain,
-            "bytes_per_step": sent, "batch": batch}
+    return {"plans": plans, "times": times, "plain": plain, "bytes_per_step": sent, "batch": batch}
 
 
-def _row(name: str, m: dict) -> dict:
-    best = {k: min(m[k]) for k in ("k1", "k2", "plain")}
-    med = {k: statistics.median(m[k]) for k in ("k1", "k2", "plain")}
-    out = {"ms": {k: 1e3 * v for k, v in best.items()},
-           "speedup": best["k1"] / best["k2"], "speedup_median": med["k1"] / med["k2"],
-           "vs_plain": best["plain"] / best["k2"], "k1_overhead": best["k1"] / best["plain"],
-           "bytes_per_example": m["plan"].bytes_per_example(), "bytes_per_step": m["bytes_per_step"]}
-    print(f"{name:<30} {m['batch']:>5} {1e3 * best['plain']:>8.1f} {1e3 * best['k1']:>8.1f} "
-          f"{1e3 * best['k2']:>8.1f} {out['speedup']:>7.2f} {out['speedup_median']:>7.2f} "
-          f"{out['vs_plain']:>7.2f} {m['bytes_per_step'] / 1e6:>9.2f}")
+def _rows(name: str, m: dict) -> dict:
+    """Print one line per k; the figures of each k (keys ``k1``, ``k2``, ...)."""
+    best = {k: min(ts) for k, ts in m["times"].items()}
+    med = {k: statistics.median(ts) for k, ts in m["times"].items()}
+    plain = min(m["plain"])
+    out = {"ms": {"plain": 1e3 * plain, **{f"k{k}": 1e3 * v for k, v in best.items()}},
+           "speedup": {f"k{k}": best[1] / v for k, v in best.items()},
+           "speedup_median": {f"k{k}": med[1] / v for k, v in med.items()},
+           "vs_plain": {f"k{k}": plain / v for k, v in best.items()},
+           "bytes_per_example": {f"k{k}": p.bytes_per_example() for k, p in m["plans"].items()}}
+    for k in best:
+        key = f"k{k}"
+        print(f"{name:<30} {m['batch']:>5} {k:>3} {1e3 * plain:>8.1f} {out['ms'][key]:>8.1f} "
+              f"{out['speedup'][key]:>7.2f} {out['speedup_median'][key]:>7.2f} "
+              f"{out['vs_plain'][key]:>8.2f} {m['bytes_per_step'][k] / 1e6:>9.2f}")
     return out
 
 
 def run(quick: bool = False) -> dict:
     rounds, calls = (3, 3) if quick else (6, 6)
     lc, mlp = lc_model(quick), mlp_model(quick)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+    ks = partition_counts(os.cpu_count() or 1)
+    with LocalCluster(n_workers=max(ks), threads_per_worker=1, processes=True,
                       dashboard_address=":0") as cluster, Client(cluster) as client:
         results = {}
         for name, model, batch in [("lc", lc, 32 if quick else 64), ("mlp", mlp, 256)]:
             print(model.describe())
-            results[name] = measure(client, model, batch, rounds, calls)
-            print(results[name]["plan"].describe())
+            results[name] = measure(client, model, batch, rounds, calls, ks)
+            print(results[name]["plans"][2].describe())
     print(f"\nstep time, best of {rounds} interleaved rounds (median of {calls} steps each)")
-    print(f"{'model':<30} {'batch':>5} {'plain ms':>8} {'k=1 ms':>8} {'k=2 ms':>8} {'k2/k1':>7} "
-          f"{'median':>7} {'k2/plain':>8} {'MB/step':>9}")
-    rows = {"lc": _row("locally connected (image)", results["lc"]),
-            "mlp": _row("fully connected (speech MLP)", results["mlp"])}
-    print("k2/k1: speed-up of two partitions over the same machinery with one; k2/plain: over "
+    print(f"{'model':<30} {'batch':>5} {'k':>3} {'plain ms':>8} {'step ms':>8} {'vs k=1':>7} "
+          f"{'median':>7} {'vs plain':>8} {'MB/step':>9}")
+    rows = {"lc": _rows("locally connected (image)", results["lc"]),
+            "mlp": _rows("fully connected (speech MLP)", results["mlp"])}
+    print("vs k=1: speed-up of k partitions over the same machinery with one; vs plain: over "
           "the single-process step; MB/step: bytes the blocks sent each other per step")
-    return {"speedup_k2_lc": rows["lc"]["speedup"], "speedup_k2_mlp": rows["mlp"]["speedup"],
-            "speedup_k2_lc_median": rows["lc"]["speedup_median"],
-            "speedup_k2_mlp_median": rows["mlp"]["speedup_median"],
-            "speedup_k2_lc_vs_plain": rows["lc"]["vs_plain"],
-            "speedup_k2_mlp_vs_plain": rows["mlp"]["vs_plain"],
-            "boundary_bytes_per_example_lc": rows["lc"]["bytes_per_example"],
-            "boundary_bytes_per_example_mlp": rows["mlp"]["bytes_per_example"],
-            "step_ms": {"lc": rows["lc"]["ms"], "mlp": rows["mlp"]["ms"]}}
+    return {"speedup_k2_lc": rows["lc"]["speedup"]["k2"], "speedup_k2_mlp": rows["mlp"]["speedup"]["k2"],
+            "speedup_k2_lc_median": rows["lc"]["speedup_median"]["k2"],
+            "speedup_k2_mlp_median": rows["mlp"]["speedup_median"]["k2"],
+            "speedup_k2_lc_vs_plain": rows["lc"]["vs_plain"]["k2"],
+            "speedup_k2_mlp_vs_plain": rows["mlp"]["vs_plain"]["k2"],
+            "boundary_bytes_per_example_lc": rows["lc"]["bytes_per_example"]["k2"],
+            "boundary_bytes_per_example_mlp": rows["mlp"]["bytes_per_example"]["k2"],
+            "speedup": {name: row["speedup"] for name, row in rows.items()},
+            "step_ms": {name: row["ms"] for name, row in rows.items()}}

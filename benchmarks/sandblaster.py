@@ -28,6 +28,7 @@ from distributed import Client, LocalCluster
 from threadpoolctl import threadpool_limits
 
 import daskbelief_datasets as recipes
+from daskbelief.cluster import worker_info
 from daskbelief.data import open_store
 from daskbelief.monitor import events
 from daskbelief.nn import Dense, Sequential
@@ -63,7 +64,7 @@ def _reference(model, store, iterations: int) -> tuple[float, np.ndarray, int]:
 
 
 def _sandblaster(client, model, store, iterations: int, *, slow=None, backups=True) -> dict:
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    workers = sorted(worker_info(client))
     result = sandblaster(model, store, client=client, iterations=iterations, tolerance=0.0,
                          portion_size=PORTION, shards=2, shard_workers=workers[:2],
                          backups=backups, _slow_workers=slow)
@@ -140,7 +141,7 @@ def run(quick: bool = False) -> dict:
               f"workers on {os.cpu_count()} cores; {n_rounds} round(s)")
         with LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True,
                           dashboard_address=":0") as cluster, Client(cluster) as client:
-            workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+            workers = sorted(worker_info(client))
             slow = {workers[-1]: SLOWDOWN}  # the shards live on the other two
             rounds = [_round(client, model, store, iterations, slow) for _ in range(n_rounds)]
     _report(rounds)

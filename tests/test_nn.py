@@ -340,6 +340,26 @@ def test_softmax_is_stable_for_huge_logits():
     assert loss == pytest.approx(1000) and np.all(np.isfinite(g))
 
 
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softmax_gradient_has_no_subnormals_for_a_sharp_softmax(dtype):
+    # Logits 0, -1, ..., -799: the softmax underflows through the subnormal range (float32 near
+    # -88..-103, float64 near -708..-745), which slows every matmul of the backward pass on Intel
+    # CPUs. Those entries become exact zeros; everything the float can resolve is unchanged.
+    model = Sequential((1,), [Dense(800)])
+    p = np.zeros(model.size, dtype=dtype)
+    model.views(p)[0]["b"][...] = -np.arange(800)
+    X, y = np.zeros((2, 1), dtype=dtype), np.array([0, 5])
+    _, g = model.loss_and_grad(p, X, y)
+    info = np.finfo(dtype)
+    assert not np.any((g != 0) & (np.abs(g) < info.tiny)), "subnormal entries in the gradient"
+    share = np.exp(-np.arange(800.0) - np.log(np.exp(-np.arange(800.0)).sum())) / 2  # p / batch
+    kept = share >= info.tiny / info.eps
+    assert kept[:60].all() and not kept[-10:].any()  # both kinds of entries are exercised
+    grad_b = model.views(g)[0]["b"][6:]  # classes 6.. are nobody's label: gradient 2 * share
+    np.testing.assert_allclose(grad_b[kept[6:]], 2 * share[6:][kept[6:]], rtol=1e-5)
+    assert np.all(grad_b[~kept[6:]] == 0)
+
 def test_mse_loss_and_raw_predictions():
     model = Sequential((5,), [Dense(4, "tanh"), Dense(2)], loss="mean_squared_error")
     assert model.loss == "mse"

@@ -1,7 +1,9 @@
-"""RESULTS.md's verdicts on the paper's orderings: a pure function of the measured table."""
+"""The benchmark suite's pure parts: RESULTS.md's verdicts and rows, what a machine times."""
 from __future__ import annotations
 
-from benchmarks.all import ORDERINGS, explanations, orderings
+import pytest
+
+from benchmarks.all import ORDERINGS, beyond_two, explanations, orderings
 
 
 def paper(times: dict, rates: dict | None = None) -> dict:
@@ -30,3 +32,33 @@ def test_explanations_quote_the_measured_figures_and_follow_the_outcome():
     assert "raises its throughput 1.70x" in slower and "1 worker never, 2 workers never" in slower
     faster = "\n".join(explanations(paper({ref: 8.0, dp2: 6.0}, rates)))
     assert "throughput buys back" in faster and "Sandblaster" not in faster
+
+
+def test_results_list_the_replica_and_partition_counts_a_bigger_machine_timed():
+    assert beyond_two({"downpour": {"scaling": {"r1": 1.0, "r2": 1.8}},
+                       "model_parallel": {"speedup": {"lc": {"k1": 1.0, "k2": 1.6}}}}) == []
+    rows = beyond_two({"downpour": {"scaling": {"r1": 1.0, "r2": 1.8, "r4": 3.4, "r8": 6.7}},
+                       "model_parallel": {"speedup": {"lc": {"k1": 1.0, "k2": 1.6, "k4": 2.4},
+                                                      "mlp": {"k1": 1.0, "k2": 1.0, "k4": 0.9}}}})
+    assert rows == [("downpour", "scaling_r4", 3.4), ("downpour", "scaling_r8", 6.7),
+                    ("model_parallel", "speedup_k4_lc", 2.4), ("model_parallel", "speedup_k4_mlp", 0.9)]
+
+
+def test_bigger_machines_time_more_replicas_and_partitions():
+    from benchmarks.downpour import replica_counts, shards_for
+    from benchmarks.model_parallel import partition_counts
+
+    assert replica_counts(2) == partition_counts(2) == [1, 2]
+    assert replica_counts(4) == partition_counts(4) == [1, 2, 4]
+    assert replica_counts(16) == partition_counts(16) == [1, 2, 4, 8]
+    assert [shards_for(r) for r in (1, 2, 4, 8)] == [2, 2, 2, 4]
+
+
+def test_the_gpu_benchmark_says_no_gpu_where_there_is_none(capsys):
+    from benchmarks import gpu
+    from daskbelief.backend import gpu_available
+
+    if gpu_available():
+        pytest.skip("this machine has a GPU: the benchmark would run")
+    assert gpu.run(quick=True) == {"gpu": None}
+    assert "no GPU" in capsys.readouterr().out
