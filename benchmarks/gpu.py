@@ -1,8 +1,8 @@
 """The network core and Downpour on a GPU through CuPy, beside NumPy on the same machine.
 
 ``python -m benchmarks gpu [--quick]`` needs CuPy and a CUDA device (the ``gpu`` extra on a
-machine with an NVIDIA GPU); without them it says so and returns ``{"gpu": null}``. It is not part
-of ``all``, which runs on any machine.
+machine with an NVIDIA GPU); without them it says so and returns ``{"gpu": null}``, which is all
+it does inside ``all`` on a machine without a GPU.
 
 (a) Core: a training step (``loss_and_grad``, float32, no update) of the speech MLP
 440-1024x3-2048 at batch 256 and 4096, on the GPU against NumPy on one BLAS thread (how a Dask
