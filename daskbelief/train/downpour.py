@@ -34,7 +34,7 @@ from daskbelief.ps.server import RECOVERY_TIMEOUT, WAIT_SLICE, ParameterServer, 
 from daskbelief.train.driver import Driver
 from daskbelief.train.partition import as_plan
 from daskbelief.train.partitioned import Blocks
-from daskbelief.train.evaluate import evaluate
+from daskbelief.train.evaluate import evaluate, test_row
 from daskbelief.train.result import TrainResult
 
 
@@ -226,8 +226,7 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
         if test_store is not None:
             metrics = evaluate(model, final, test_store, client=c)
             summary.update({"test_loss": metrics["loss"], "test_accuracy": metrics.get("accuracy")})
-            test_rows.append({"time": seconds, "step": None, "replica": None, "loss": None,
-                              "test_loss": metrics["loss"], "test_accuracy": metrics.get("accuracy")})
+            test_rows.append(test_row(seconds, None, metrics))
         events.emit(events.RUN, run=run, kind="end",
                     **{k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
         history = _history(c.get_events(events.REPLICA), run, driver.started) + test_rows

@@ -14,7 +14,7 @@ from collections import Counter
 from daskbelief.cluster import worker_info
 from daskbelief.monitor import events
 from daskbelief.ps import checkpoint
-from daskbelief.train.evaluate import evaluate_rows
+from daskbelief.train.evaluate import announce_test, evaluate_rows, finish, test_row
 
 
 CALL_TIMEOUT = 30.0         # seconds the driver waits for a shard before giving up on it this time
@@ -162,14 +162,11 @@ class Driver:
             params, _ = self.ps.fetch(timeout=CALL_TIMEOUT)
         except Exception:  # noqa: BLE001 -- a shard is being recovered; evaluate next time
             return
-        m = evaluate_rows(self.model, params, self.test_store, 0, min(self.eval_rows, self.test_store.n))
-        row = {"time": time.time() - self.started, "step": None, "replica": None, "loss": None,
-               "test_loss": m["loss_sum"] / m["n"],
-               "test_accuracy": (m["correct"] / m["n"]
-                                 if self.test_store.task == "classification" else None)}
+        part = evaluate_rows(self.model, params, self.test_store, 0,
+                             min(self.eval_rows, self.test_store.n))
+        row = test_row(time.time() - self.started, None, finish([part], self.test_store.task))
         self.test_rows.append(row)
-        events.emit(events.RUN, run=self.run, kind="eval", elapsed=row["time"],
-                    test_loss=row["test_loss"], test_accuracy=row["test_accuracy"])
+        announce_test(self.run, row)
 
     def checkpoint(self):
         """Write a checkpoint of every shard now; returns its path."""

@@ -6,6 +6,7 @@ import numpy as np
 from daskbelief.backend import namespace, to_numpy
 from daskbelief.cluster import client_or_local, require_workers
 from daskbelief.data import open_store
+from daskbelief.monitor import events
 
 
 def output_metrics(task: str, outputs, y) -> dict:
@@ -44,6 +45,18 @@ def evaluate_rows(model, params, store, start: int, stop: int, block: int = 4096
 
 def _evaluate_shard(model, params, url, split, start, stop) -> dict:
     return evaluate_rows(model, params, open_store(url, split=split), start, stop)
+
+
+def test_row(elapsed: float, step, metrics: dict) -> dict:
+    """The history row of a test evaluation (``metrics`` as ``finish`` returns them)."""
+    return {"time": elapsed, "step": step, "replica": None, "loss": None,
+            "test_loss": metrics["loss"], "test_accuracy": metrics.get("accuracy")}
+
+
+def announce_test(run: str, row: dict) -> None:
+    """Publish a test evaluation's row as the run's "eval" event (dashboard, metrics.jsonl)."""
+    events.emit(events.RUN, run=run, kind="eval", elapsed=row["time"],
+                test_loss=row["test_loss"], test_accuracy=row["test_accuracy"])
 
 
 def evaluate(model, params, data, *, split: str = "test", client=None, n_parts: int | None = None) -> dict:

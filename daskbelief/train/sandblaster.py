@@ -48,7 +48,7 @@ from daskbelief.ps import checkpoint
 from daskbelief.ps.policy import place_groups
 from daskbelief.ps.server import ParameterServer
 from daskbelief.train.backup import MIN_DONE_FRACTION, portions_to_back_up
-from daskbelief.train.evaluate import evaluate, evaluate_rows, finish
+from daskbelief.train.evaluate import announce_test, evaluate, evaluate_rows, finish, test_row
 from daskbelief.train.objective import portions
 from daskbelief.train.partition import as_plan
 from daskbelief.train.partitioned import Blocks
@@ -400,12 +400,9 @@ class _Monitor:
         stop = min(self.eval_rows, self.test_store.n)
         part = self.client.submit(_evaluate_current, self.model, self.ps.shards, self.ps.ranges,
                                   self.test_store, stop, pure=False).result()
-        metrics = finish([part], self.test_store.task)
-        elapsed = time.time() - self.started
-        self.rows.append({"time": elapsed, "step": iteration, "replica": None, "loss": None,
-                          "test_loss": metrics["loss"], "test_accuracy": metrics.get("accuracy")})
-        events.emit(events.RUN, run=self.run, kind="eval", elapsed=elapsed,
-                    test_loss=metrics["loss"], test_accuracy=metrics.get("accuracy"))
+        row = test_row(time.time() - self.started, iteration, finish([part], self.test_store.task))
+        self.rows.append(row)
+        announce_test(self.run, row)
 
 
 def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 50,
@@ -536,11 +533,8 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
         if test_store is not None:
             metrics = evaluate(model, final, test_store, client=c)
             summary.update({"test_loss": metrics["loss"], "test_accuracy": metrics.get("accuracy")})
-            history_rows.append({"time": seconds, "step": result.iterations, "replica": None,
-                                 "loss": None, "test_loss": metrics["loss"],
-                                 "test_accuracy": metrics.get("accuracy")})
-            events.emit(events.RUN, run=run, kind="eval", elapsed=seconds,
-                        test_loss=metrics["loss"], test_accuracy=metrics.get("accuracy"))
+            history_rows.append(test_row(seconds, result.iterations, metrics))
+            announce_test(run, history_rows[-1])
         events.emit(events.RUN, kind="end",  # the summary's scalars, its run id included
                     **{k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
     return TrainResult(model, final, history_rows, summary)
