@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from daskbelief.checks import check_integer
 from daskbelief.ranges import merge
 
 WINDOW_ROWS = 16384  # rows shuffled together: a few MB of features, dozens of minibatches
@@ -46,8 +47,7 @@ def read_window(store, ranges, perm) -> tuple[np.ndarray, np.ndarray]:
 
 def _check(store, shard, batch_size, seed, epoch) -> None:
     for name, value, low in (("batch_size", batch_size, 1), ("seed", seed, 0), ("epoch", epoch, 0)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        check_integer(name, value, low)
     start, stop = shard
     if not 0 <= start < stop <= store.n:
         raise ValueError(f"data shard [{start}, {stop}) is outside the {store.split} split "

@@ -23,6 +23,7 @@ import numpy as np
 from distributed import Event, Variable, get_worker
 
 from daskbelief.backend import get_backend, to_device, to_host
+from daskbelief.checks import check_integer
 from daskbelief.cluster import (client_or_local, default_local_workers, require_gpus,
                                 require_threads, require_workers, warm_workers)
 from daskbelief.data import open_store
@@ -32,9 +33,9 @@ from daskbelief.ps import checkpoint
 from daskbelief.ps.policy import place_blocks, place_replicas
 from daskbelief.ps.server import RECOVERY_TIMEOUT, WAIT_SLICE, ParameterServer, ServerLost
 from daskbelief.train.driver import Driver
+from daskbelief.train.evaluate import evaluate, test_row
 from daskbelief.train.partition import as_plan
 from daskbelief.train.partitioned import Blocks
-from daskbelief.train.evaluate import evaluate, test_row
 from daskbelief.train.result import TrainResult
 
 
@@ -81,8 +82,7 @@ def validate(*, replicas: int, shards: int, n_fetch: int, n_push: int, batch_siz
     for name, value in [("replicas", replicas), ("shards", shards), ("n_fetch", n_fetch),
                         ("n_push", n_push), ("batch_size", batch_size),
                         ("max_in_flight", max_in_flight)]:
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_integer(name, value, 1)
     if (epochs is None) == (steps is None):
         raise ValueError("give exactly one of epochs= or steps= (how long each replica trains)")
     if (epochs is not None and epochs < 1) or (steps is not None and steps < 1):

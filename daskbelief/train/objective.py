@@ -13,13 +13,13 @@ from __future__ import annotations
 import numpy as np
 
 from daskbelief.backend import namespace
+from daskbelief.checks import check_integer
 from daskbelief.optim.vectors import dot64
 
 
 def portions(n_rows: int, portion_size: int) -> list[tuple[int, int]]:
     """Consecutive ``(start, stop)`` row ranges of at most ``portion_size`` covering ``n_rows``."""
-    if isinstance(portion_size, bool) or not isinstance(portion_size, (int, np.integer)) or portion_size < 1:
-        raise ValueError(f"portion_size must be an integer >= 1, got {portion_size!r}")
+    check_integer("portion_size", portion_size, 1)
     if portion_size > n_rows:
         raise ValueError(f"portion_size={portion_size} is larger than the batch ({n_rows} rows): "
                          "a portion is a small part of a batch")

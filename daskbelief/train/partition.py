@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Integral
 
+from daskbelief.checks import check_integer
 from daskbelief.nn.layers import Dense, receptive_field
 from daskbelief.ranges import Range, merge, split
 
@@ -316,9 +317,7 @@ class Plan:
 # -- constructors ----------------------------------------------------------------------------
 
 def _count(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-        raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
-    return int(value)
+    return check_integer(what, value, 1)
 
 
 def _grid(parts) -> tuple[int, ...]:

@@ -40,6 +40,7 @@ from numbers import Real
 import numpy as np
 from distributed import wait
 
+from daskbelief.checks import check_integer
 from daskbelief.cluster import client_or_local, require_workers, warm_workers, worker_info
 from daskbelief.data import open_store
 from daskbelief.monitor import events
@@ -70,11 +71,6 @@ def default_portion_size(n_rows: int, threads: int) -> int:
     return min(n_rows, max(MIN_PORTION_ROWS, math.ceil(n_rows / (PORTIONS_PER_THREAD * threads))))
 
 
-def _integer(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 def _number(name: str, value, minimum: float, *, strict: bool = False) -> None:
     ok = not isinstance(value, bool) and isinstance(value, Real) and math.isfinite(value) and (
         value > minimum if strict else value >= minimum)
@@ -88,13 +84,13 @@ def validate(model, store, test_store, *, shards, iterations, tolerance, ftol, h
              max_seconds, slow_workers, checkpoint_every=None, checkpoint_keep=1) -> int:
     """Reject impossible settings before any work starts, naming the argument; returns the
     number of rows in the batch."""
-    _integer("shards", shards, 1)
-    _integer("iterations", iterations, 1)
-    _integer("history", history, 1)
-    _integer("push_every", push_every, 1)
-    _integer("eval_rows", eval_rows, 1)
-    _integer("seed", seed, 0)
-    _integer("checkpoint_keep", checkpoint_keep, 1)
+    check_integer("shards", shards, 1)
+    check_integer("iterations", iterations, 1)
+    check_integer("history", history, 1)
+    check_integer("push_every", push_every, 1)
+    check_integer("eval_rows", eval_rows, 1)
+    check_integer("seed", seed, 0)
+    check_integer("checkpoint_keep", checkpoint_keep, 1)
     _number("tolerance", tolerance, 0.0)
     _number("ftol", ftol, 0.0)
     for name, value in (("eval_every", eval_every), ("max_seconds", max_seconds),
@@ -109,7 +105,7 @@ def validate(model, store, test_store, *, shards, iterations, tolerance, ftol, h
     if test_store is not None:
         model.check_data(test_store.feature_shape, test_store.n_classes)
     if batch_rows is not None:
-        _integer("batch_rows", batch_rows, 1)
+        check_integer("batch_rows", batch_rows, 1)
         if batch_rows > store.n:
             raise ValueError(f"batch_rows={batch_rows} is more than the {store.n} rows of "
                              f"{store.url} ({store.split})")
