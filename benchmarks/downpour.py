@@ -54,10 +54,12 @@ def _reference_rate(model, store, batch_size: int, steps: int) -> float:
         return steps * batch_size / (time.perf_counter() - t)
 
 
-def _downpour_rate(client, model, store, *, replicas: int, n: int, batch_size: int, steps: int,
-                   shards: int = 1) -> float:
+def downpour_rate(client, model, store, *, replicas: int, n: int, batch_size: int, steps: int,
+                  shards: int = 1, device: str | None = None) -> float:
+    """Samples/s of one Downpour run with n_fetch = n_push = ``n``."""
     result = downpour(model, store, client=client, replicas=replicas, shards=shards, n_fetch=n,
-                      n_push=n, rule=RULE, batch_size=batch_size, steps=steps, report_every=10)
+                      n_push=n, rule=RULE, batch_size=batch_size, steps=steps, report_every=10,
+                      device=device)
     return result.summary["samples_per_second"]
 
 
@@ -171,13 +173,13 @@ def run(quick: bool = False) -> dict:
                           dashboard_address=":0") as cluster, Client(cluster) as client:
             sampler = RssSampler(client)
             for n in (1, 5, 20):
-                rate = _downpour_rate(client, model, store, replicas=1, n=n, batch_size=batch,
-                                      steps=steps)
+                rate = downpour_rate(client, model, store, replicas=1, n=n, batch_size=batch,
+                                     steps=steps)
                 out[f"overhead_ratio_n{n}"] = rate / ref
                 print(f"downpour R=1 n_fetch=n_push={n:>2}: {rate:,.0f} samples/s, "
                       f"ratio to reference {rate / ref:.2f}")
-            rates = {r: _downpour_rate(client, model, store, replicas=r, n=5, batch_size=batch,
-                                       steps=steps, shards=shards_for(r)) for r in counts}
+            rates = {r: downpour_rate(client, model, store, replicas=r, n=5, batch_size=batch,
+                                      steps=steps, shards=shards_for(r)) for r in counts}
             out["scaling"] = {f"r{r}": rate / rates[1] for r, rate in rates.items()}
             out["scaling_r2"] = out["scaling"]["r2"]
             for r, rate in rates.items():

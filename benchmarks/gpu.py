@@ -22,9 +22,8 @@ from threadpoolctl import threadpool_limits
 
 import daskbelief_datasets as recipes
 from benchmarks.core import interleaved, mlp_model, model_step, torch, torch_mlp_step
-from benchmarks.downpour import RULE, shards_for, speech_mlp
+from benchmarks.downpour import downpour_rate, shards_for, speech_mlp
 from daskbelief.backend import gpu_available
-from daskbelief.train.downpour import downpour
 
 
 def synchronized(step, sync):
@@ -72,10 +71,8 @@ def downpour_rates(replicas: tuple[int, ...], steps: int, batch: int) -> dict:
                              size=max(replicas) * steps * batch, classes=2048)
         for r in replicas:
             for device in (None, "cupy"):
-                result = downpour(model, path, client=client, replicas=r, shards=shards_for(r),
-                                  n_fetch=5, n_push=5, rule=RULE, batch_size=batch, steps=steps,
-                                  report_every=10, device=device)
-                rate = result.summary["samples_per_second"]
+                rate = downpour_rate(client, model, path, replicas=r, n=5, batch_size=batch,
+                                     steps=steps, shards=shards_for(r), device=device)
                 out[f"{device or 'numpy'} r{r}"] = rate
                 print(f"downpour R={r} S={shards_for(r)} batch {batch} on {device or 'numpy'}: "
                       f"{rate:,.0f} samples/s")
