@@ -103,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="describe a store, a checkpoint or a run directory")
     info.add_argument("path")
+    info.add_argument("--verify", action="store_true",
+                      help="read every chunk of a dataset store and check it (checksums, "
+                           "missing chunks, lengths, dtypes, label range)")
 
     rep = sub.add_parser("report", help="plot runs' metrics as PNGs (several runs: compared)")
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories to plot")
@@ -163,6 +166,10 @@ def _predict(args) -> dict:
 def _info(args) -> dict:
     from daskbelief import pipeline
 
+    if args.verify:
+        from daskbelief.data.verify import verify
+
+        return verify(args.path)
     return pipeline.describe(Path(args.path))
 
 

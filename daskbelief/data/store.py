@@ -6,6 +6,7 @@ shard* is a run of consecutive chunks; ``shards(k)`` cuts the split into k of th
 """
 from __future__ import annotations
 
+import copy
 import math
 from functools import cached_property
 
@@ -13,6 +14,9 @@ import numpy as np
 import zarr
 
 from daskbelief.data.batches import minibatches, steps_per_epoch
+from daskbelief.data.integrity import (EVERY_CHUNK, bad_label, check_arrays, damaged_chunk,
+                                       label_error, open_arrays)
+from daskbelief.data.normalise import Normaliser
 from daskbelief.data.write import FORMAT, local_path
 from daskbelief.ranges import split
 
@@ -45,18 +49,12 @@ class DataStore:
         self.n = int(attrs["splits"][split])
         self.n_chunks = math.ceil(self.n / self.chunk_rows)
         self.n_features = math.prod(self.feature_shape)
-        mean, std = attrs.get("mean"), attrs.get("std")
-        if mean is not None:
-            self.mean = np.asarray(mean, dtype=np.float32)
-            # A constant feature (std 0) is left centred rather than divided by zero.
-            std = np.asarray(std, dtype=np.float32)
-            self.inv_std = np.where(std > 0, 1.0 / np.where(std > 0, std, 1.0), 1.0).astype(np.float32)
-        else:
-            self.mean = self.inv_std = None
+        self.normaliser = Normaliser(attrs.get("mean"), attrs.get("std"))
+        self.strict = bool(attrs.get(EVERY_CHUNK))  # absent chunks are errors, not zeros
         self.attrs = {k: v for k, v in attrs.items() if k not in ("mean", "std")}
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ("_X", "_y")}
+        return {k: v for k, v in self.__dict__.items() if k != "_arrays"}
 
     def __repr__(self) -> str:
         return (f"DataStore({self.url!r}, split={self.split!r}: {self.n:,} examples of "
@@ -65,12 +63,24 @@ class DataStore:
                 f"{self.n_chunks} chunks of {self.chunk_rows} rows)")
 
     @cached_property
-    def _X(self):
-        return _open_group(self.url)[f"{self.split}/X"]
+    def _arrays(self):
+        """The split's ``(X, y)`` zarr arrays, checked against the store's metadata."""
+        X, y = open_arrays(self.url, self.split, self.strict)
+        check_arrays(self.url, self.split, X, y, n=self.n, feature_shape=self.feature_shape,
+                     task=self.task, chunk_rows=self.chunk_rows, n_features=self.n_features,
+                     mean=self.normaliser.mean)
+        return X, y
 
-    @cached_property
-    def _y(self):
-        return _open_group(self.url)[f"{self.split}/y"]
+    def check(self) -> None:
+        """Open the arrays now, so that one disagreeing with the metadata is found before work
+        starts rather than in the middle of a step."""
+        self._arrays
+
+    def with_normaliser(self, normaliser: Normaliser) -> "DataStore":
+        """This split read with another standardisation (a model's, trained on another store)."""
+        other = copy.copy(self)
+        other.normaliser = normaliser
+        return other
 
     # -- data shards ------------------------------------------------------------------------
     def shards(self, k: int) -> list[tuple[int, int]]:
@@ -92,20 +102,30 @@ class DataStore:
 
     # -- reading ----------------------------------------------------------------------------
     def standardise(self, X) -> np.ndarray:
-        """Raw stored rows as float32 features standardised with the train statistics."""
-        X = np.asarray(X)
-        out = X.astype(np.float32, copy=X.dtype != np.float32 or not X.flags.writeable)
-        if self.mean is not None:
-            flat = out.reshape(len(out), -1)
-            flat -= self.mean
-            flat *= self.inv_std
-        return out
+        """Raw stored rows, just read, as float32 features standardised (in place when they are
+        float32 already) with the store's normaliser."""
+        return self.normaliser(X, in_place=True)
 
     def read_raw(self, rows) -> tuple[np.ndarray, np.ndarray]:
-        """Stored values of ``rows`` (a slice or sorted row indices), as stored."""
-        if isinstance(rows, slice):
-            return self._X[rows], self._y[rows]
-        return self._X.get_orthogonal_selection((rows,)), self._y.get_orthogonal_selection((rows,))
+        """Stored values of ``rows`` (a slice or sorted row indices), as stored; a damaged or
+        missing chunk, or a label outside the class range, is a ``DataError`` naming it."""
+        X, y = self._arrays
+        at = range(self.n)[rows] if isinstance(rows, slice) else np.asarray(rows)
+        try:
+            if isinstance(rows, slice):
+                Xr, yr = X[rows], y[rows]
+            else:
+                Xr, yr = X.get_orthogonal_selection((rows,)), y.get_orthogonal_selection((rows,))
+        except Exception as e:
+            span = range(int(at[0]), int(at[-1]) + 1) if len(at) else range(0)
+            raise (damaged_chunk(self.url, self.split, {"X": X, "y": y}, span, self.chunk_rows,
+                                 self.n) or e) from None
+        if self.task == "classification":
+            bad = bad_label(yr, self.n_classes)
+            if bad is not None:
+                raise label_error(self.url, self.split, int(at[bad]), int(yr[bad]), self.n_classes,
+                                  self.chunk_rows, self.n)
+        return Xr, yr
 
     def read(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(X, y)`` of rows ``[start, stop)``: X float32 standardised, y labels or targets."""
@@ -136,14 +156,9 @@ class DataStore:
             epoch += 1
 
 
-def open_store(url, split: str = "train") -> DataStore:
-    """Open one split of a complete store; a clear error for anything else.
-
-    ``url``: a path or an fsspec URL (``file://``, ``s3://``, ...), or a ``DataStore`` (returned
-    as is when it is of the requested split).
-    """
-    if isinstance(url, DataStore):
-        return url if url.split == split else open_store(url.url, split)
+def store_attrs(url) -> tuple[str, dict]:
+    """The resolved URL and root attributes of a complete dataset store; a clear error for
+    anything else (nothing there, a foreign group, a store interrupted while being written)."""
     url = _resolved(url)
     attrs = dict(_open_group(url).attrs)
     if attrs.get("format") != FORMAT:
@@ -151,7 +166,22 @@ def open_store(url, split: str = "train") -> DataStore:
     if not attrs.get("complete"):
         raise ValueError(f"the dataset store {url} is incomplete: it was interrupted while being "
                          "written; build it again")
+    return url, attrs
+
+
+def open_store(url, split: str = "train") -> DataStore:
+    """Open one split of a complete store, its arrays checked against its metadata; a clear error
+    for anything else.
+
+    ``url``: a path or an fsspec URL (``file://``, ``s3://``, ...), or a ``DataStore`` (returned
+    as is when it is of the requested split).
+    """
+    if isinstance(url, DataStore):
+        return url if url.split == split else open_store(url.url, split)
+    url, attrs = store_attrs(url)
     if split not in attrs.get("splits", {}):
         raise ValueError(f"the dataset store {url} has no {split!r} split (it has: "
                          f"{', '.join(attrs.get('splits', {})) or 'none'})")
-    return DataStore(url, split, attrs)
+    store = DataStore(url, split, attrs)
+    store.check()
+    return store

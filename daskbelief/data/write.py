@@ -2,8 +2,10 @@
 
 Layout (zarr v3)::
 
-    attrs: format, complete, task, n_classes, feature_shape, normalize, mean, std, chunk_rows, ...
-    train/X  (n, *feature_shape) float32 or uint8, chunked along samples only
+    attrs: format, complete, task, n_classes, feature_shape, normalize, mean, std, chunk_rows,
+           every_chunk_written, ...
+    train/X  (n, *feature_shape) float32 or uint8, chunked along samples only, every chunk
+             written and checksummed (zstd, then crc32c: see ``integrity``)
     train/y  (n,) int32 labels, or (n,) / (n, k) float32 targets, same chunking
     test/X, test/y  (optional)
 
@@ -25,6 +27,7 @@ import zarr
 
 from daskbelief.data.checks import (check_block, check_features, check_finite, check_label_range,
                                     check_targets)
+from daskbelief.data.integrity import ARRAY_OPTIONS, EVERY_CHUNK
 
 FORMAT = "daskbelief-dataset/1"
 TARGET_CHUNK_BYTES = 1 << 20
@@ -117,9 +120,11 @@ class _SplitWriter:
             self.chunk_rows = default_chunk_rows(math.prod(self.feature_shape) * np.dtype(self.x_dtype).itemsize)
         c = self.chunk_rows
         self.X = self.group.create_array(f"{self.name}/X", shape=(0, *self.feature_shape),
-                                         chunks=(c, *self.feature_shape), dtype=self.x_dtype)
+                                         chunks=(c, *self.feature_shape), dtype=self.x_dtype,
+                                         **ARRAY_OPTIONS)
         self.y = self.group.create_array(f"{self.name}/y", shape=(0, *self.y_tail),
-                                         chunks=(c, *self.y_tail), dtype=self.y_dtype)
+                                         chunks=(c, *self.y_tail), dtype=self.y_dtype,
+                                         **ARRAY_OPTIONS)
 
     def add(self, X, y, checked: bool = False) -> None:
         X, y = np.asarray(X), np.asarray(y)
@@ -197,8 +202,10 @@ def _write_dask(group, name: str, X, y, chunk_rows, n_classes, want_stats: bool)
     if task == "classification" and n_classes is not None:
         check_label_range(int(got["lo"]), int(got["hi"]), n_classes, what)
     y_dtype = np.int32 if task == "classification" else np.float32
-    zX = group.create_array(f"{name}/X", shape=X.shape, chunks=(c, *feature_shape), dtype=x_dtype)
-    zy = group.create_array(f"{name}/y", shape=y.shape, chunks=(c, *y.shape[1:]), dtype=y_dtype)
+    zX = group.create_array(f"{name}/X", shape=X.shape, chunks=(c, *feature_shape), dtype=x_dtype,
+                            **ARRAY_OPTIONS)
+    zy = group.create_array(f"{name}/y", shape=y.shape, chunks=(c, *y.shape[1:]), dtype=y_dtype,
+                            **ARRAY_OPTIONS)
     da.store([X.astype(x_dtype).rechunk((c, *feature_shape)),
               y.astype(y_dtype).rechunk((c, *y.shape[1:]))], [zX, zy], lock=False)
     meta = {"n": int(X.shape[0]), "task": task, "feature_shape": feature_shape,
@@ -300,7 +307,7 @@ def write_dataset(url, train, test=None, *, chunk_rows: int | None = None,
         info = _summary(written["metas"], n_classes)
         mean, std = written["stats"] if written["stats"] is not None else (None, None)
         group.attrs.update({**(attrs or {}), **info, "chunk_rows": int(written["chunk_rows"]),
-                            "normalize": bool(normalize),
+                            "normalize": bool(normalize), EVERY_CHUNK: True,
                             "mean": None if mean is None else mean.astype(np.float32).tolist(),
                             "std": None if std is None else std.astype(np.float32).tolist(),
                             "complete": True})
