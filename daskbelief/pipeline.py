@@ -4,7 +4,8 @@ Everything that can be checked is checked before any work starts (``prepare``): 
 the update rule and the partition plan parse, the recipe exists, a run to resume has a complete
 checkpoint. A run directory then holds what a later reader needs: ``config.json``,
 ``metrics.jsonl`` (one event per line), ``summary.json``, the final parameters (``params.npy``)
-with ``model.json``, and ``checkpoints/`` from which ``--resume`` continues.
+with ``model.json`` and ``normaliser.json`` (the standardisation of the raw features the model
+was trained with), and ``checkpoints/`` from which ``--resume`` continues.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from daskbelief.cluster import client_or_local, default_local_workers
 from daskbelief.config import ConfigError
-from daskbelief.data import open_store
+from daskbelief.data import Normaliser, open_store
 from daskbelief.monitor.events import EventLog
 from daskbelief.monitor.progress import Progress
 from daskbelief.nn import Sequential
@@ -183,6 +184,7 @@ def run(config: dict, out=None, *, name: str = "run", overwrite: bool = False, r
             log.close()
             progress.close()
     np.save(run_dir / "params.npy", result.params)
+    (run_dir / "normaliser.json").write_text(json.dumps(result.normaliser.to_dict()))
     (run_dir / "model.json").write_text(json.dumps(pipe.model.to_dict(), indent=2))
     summary = {**result.summary, "run_dir": str(run_dir), "dataset": path}
     if resume_from is not None:
@@ -192,33 +194,43 @@ def run(config: dict, out=None, *, name: str = "run", overwrite: bool = False, r
 
 
 def load_run(run_dir: Path):
-    """(model, params, config) of a finished run directory."""
+    """(model, params, config, normaliser) of a finished run directory."""
     for name in ("model.json", "params.npy", "config.json"):
         if not (run_dir / name).exists():
             raise FileNotFoundError(f"{run_dir} is not a finished run directory (no {name})")
     model = Sequential.from_dict(json.loads((run_dir / "model.json").read_text()))
     params = np.load(run_dir / "params.npy")
-    return model, params, json.loads((run_dir / "config.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
+    return model, params, config, run_normaliser(run_dir, config)
+
+
+def run_normaliser(run_dir: Path, config: dict) -> Normaliser:
+    """The standardisation a run trained with: saved beside its parameters or, in a run directory
+    written before it was, its dataset store's."""
+    saved = run_dir / "normaliser.json"
+    if saved.exists():
+        return Normaliser.from_dict(json.loads(saved.read_text()))
+    return open_store(config["dataset"]["path"]).normaliser
 
 
 def evaluate_run(run_dir: Path, data, split: str, **cluster) -> dict:
     """Loss and accuracy of a run's final parameters on a store."""
     from daskbelief.train.evaluate import evaluate
 
-    model, params, config = load_run(run_dir)
+    model, params, config, normaliser = load_run(run_dir)
     url = data or config["dataset"]["path"]
     with client_or_local(None, **cluster) as client:
-        return evaluate(model, params, url, split=split, client=client)
+        return evaluate(model, params, url, split=split, client=client, normaliser=normaliser)
 
 
 def predict_run(run_dir: Path, data, split: str, out, overwrite: bool, **cluster) -> dict:
     """Predictions of a run's final parameters for a store's split, written to zarr via Dask."""
     from daskbelief.train.predict import predict_store
 
-    model, params, config = load_run(run_dir)
+    model, params, config, normaliser = load_run(run_dir)
     with client_or_local(None, **cluster) as client:
         return predict_store(model, params, data or config["dataset"]["path"], out, split=split,
-                             client=client, overwrite=overwrite)
+                             client=client, overwrite=overwrite, normaliser=normaliser)
 
 
 def describe(path: Path) -> dict:

@@ -2,7 +2,8 @@
 
 Layout of one checkpoint (``RUN_DIR/checkpoints/ckpt-000003``)::
 
-    attrs: complete, model, config, ranges, versions, counters, time (and lbfgs, Sandblaster's)
+    attrs: complete, model, config, ranges, versions, counters, time, normaliser (the features'
+           standardisation the model was trained with), and lbfgs (Sandblaster's)
     shard-0/params, shard-0/state/<name>, shard-0/vectors/<name>, shard-1/params, ...
 
 Downpour saves the parameters and the update rule's state; Sandblaster saves its iterate as the
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from daskbelief.data.normalise import Normaliser
 from daskbelief.ps.policy import overlaps
 
 PREFIX = "ckpt-"
@@ -43,6 +45,7 @@ class Checkpoint:
     shards: list[dict]
     vectors: dict[str, np.ndarray]
     lbfgs: dict | None
+    normaliser: Normaliser | None = None  # None in checkpoints written before it was saved
 
     def replica_steps(self) -> dict[str, int]:
         """Steps each replica had pushed into the saved state: the fewest over the shards it
@@ -63,12 +66,15 @@ def _create(path: Path, ranges, arrays: list[str], attrs: dict) -> None:
 
 
 def save(root, ps, *, model: dict, config: dict | None = None, counters: dict | None = None,
-         keep: int = 3, timeout: float | None = None, vectors=(), lbfgs: dict | None = None) -> Path:
+         keep: int = 3, timeout: float | None = None, vectors=(), lbfgs: dict | None = None,
+         normaliser: dict | None = None) -> Path:
     """Write a checkpoint of every shard under ``root`` and return its path.
 
     Keeps the newest ``keep`` complete checkpoints and deletes older ones, so a long run does not
     fill the disk. ``timeout``: seconds to wait for the shards (a lost shard never answers).
-    ``vectors``: names of Sandblaster vectors the shards save too; ``lbfgs``: the L-BFGS state.
+    ``vectors``: names of Sandblaster vectors the shards save too; ``lbfgs``: the L-BFGS state;
+    ``normaliser``: ``Normaliser.to_dict()`` of the training data, so that the checkpoint alone
+    predicts from raw features.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -78,7 +84,7 @@ def save(root, ps, *, model: dict, config: dict | None = None, counters: dict | 
     arrays = ["params", *(f"state/{n}" for n in sorted(ps.state_names())),
               *(f"vectors/{n}" for n in vectors)]
     attrs = {"model": model, "config": config or {}, "ranges": [list(r) for r in ps.ranges],
-             "counters": counters or {}, "time": time.time()}
+             "counters": counters or {}, "time": time.time(), "normaliser": normaliser}
     _create(path, ps.ranges, arrays, attrs if lbfgs is None else {**attrs, "lbfgs": lbfgs})
     try:
         shards = ps.write_checkpoint(str(path), timeout, vectors)
@@ -161,7 +167,8 @@ def load(path, start: int = 0, stop: int | None = None, *, vectors: bool = True)
     saved = {n: arrays[f"vectors/{n}"] for n in parts.get("vectors", [])}
     return Checkpoint(Path(path), arrays["params"], state, list(attrs["versions"]),
                       attrs["model"], attrs.get("config", {}), attrs.get("counters", {}),
-                      attrs.get("shards", []), saved, attrs.get("lbfgs"))
+                      attrs.get("shards", []), saved, attrs.get("lbfgs"),
+                      None if attrs.get("normaliser") is None else Normaliser.from_dict(attrs["normaliser"]))
 
 
 def resume_problem(saved: dict, model: dict, resuming: str,

@@ -199,6 +199,7 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
                         checkpoint_dir=checkpoint_dir,
                         checkpoint_every=checkpoint_every, initial=start_point.params,
                         checkpoint_meta={"model": model.to_dict(), "config": config or {},
+                                         "normaliser": store.normaliser.to_dict(),
                                          "keep": checkpoint_keep})
         try:
             outcomes = driver.wait()
@@ -231,7 +232,7 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
                     **{k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
         history = _history(c.get_events(events.REPLICA), run, driver.started) + test_rows
     history.sort(key=lambda h: h["time"])
-    result = TrainResult(model, final, history, summary)
+    result = TrainResult(model, final, history, summary, store.normaliser)
     result.shard_stats = shard_stats
     result.replica_outcomes = outcomes
     return result

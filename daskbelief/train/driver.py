@@ -172,6 +172,7 @@ class Driver:
         """Write a checkpoint of every shard now; returns its path."""
         path = checkpoint.save(self.checkpoint_dir, self.ps, model=self.meta.get("model", {}),
                                config=self.meta.get("config", {}),
+                               normaliser=self.meta.get("normaliser"),
                                counters={"run": self.run, "seconds": time.time() - self.started},
                                keep=self.meta.get("keep", 3), timeout=CHECKPOINT_TIMEOUT)
         events.emit(events.RUN, run=self.run, kind="checkpoint", path=str(path))

@@ -43,10 +43,6 @@ def evaluate_rows(model, params, store, start: int, stop: int, block: int = 4096
     return {k: sum(p[k] for p in parts) for k in ("loss_sum", "correct", "n")}
 
 
-def _evaluate_shard(model, params, url, split, start, stop) -> dict:
-    return evaluate_rows(model, params, open_store(url, split=split), start, stop)
-
-
 def test_row(elapsed: float, step, metrics: dict) -> dict:
     """The history row of a test evaluation (``metrics`` as ``finish`` returns them)."""
     return {"time": elapsed, "step": step, "replica": None, "loss": None,
@@ -59,20 +55,25 @@ def announce_test(run: str, row: dict) -> None:
                 test_loss=row["test_loss"], test_accuracy=row["test_accuracy"])
 
 
-def evaluate(model, params, data, *, split: str = "test", client=None, n_parts: int | None = None) -> dict:
+def evaluate(model, params, data, *, split: str = "test", client=None, n_parts: int | None = None,
+             normaliser=None) -> dict:
     """Mean loss (and accuracy) of ``model`` at ``params`` over a store, one task per data shard.
 
     ``data`` is a ``DataStore`` or a store URL (``split`` picks train or test). The parameters are
-    scattered once to every worker rather than shipped with each task.
+    scattered once to every worker rather than shipped with each task. ``normaliser``: the
+    standardisation the model was trained with (``TrainResult.normaliser``), when the store's
+    own differs (a store of new raw features); default: the store's.
     """
     store = open_store(data, split=split) if isinstance(data, str) else data
+    if normaliser is not None:
+        store = store.with_normaliser(normaliser)
     model.check_data(store.feature_shape, store.n_classes)
     params = to_numpy(params)
     with client_or_local(client) as c:
         workers = require_workers(c)
         k = min(n_parts or len(workers), store.n_chunks)
         shared = c.scatter(params, broadcast=True, hash=False)
-        futures = [c.submit(_evaluate_shard, model, shared, store.url, store.split, a, b, pure=False)
+        futures = [c.submit(evaluate_rows, model, shared, store, a, b, pure=False)
                    for a, b in store.shards(k)]
         parts = c.gather(futures)
     return finish(parts, store.task)

@@ -1,7 +1,7 @@
 """Predictions for a whole store: a Dask graph over its chunks, written to zarr chunk by chunk.
 
-Each block of the store's features (one zarr chunk) becomes one block of predictions on the worker
-that reads it; the parameters are scattered once to every worker. The output store has the same
+Each chunk of the store's rows becomes one block of predictions on the worker that reads it
+(through the store, so a damaged chunk is a ``DataError`` naming it); the parameters are scattered once to every worker. The output store has the same
 chunking along samples, so every task writes exactly its own chunk, and it is written like a
 dataset store: into a hidden sibling directory, renamed into place only when complete.
 """
@@ -23,32 +23,39 @@ from daskbelief.data.write import local_path, move_into_place
 FORMAT = "daskbelief-predictions/1"
 
 
-def _predict_block(X, store, model, params):
-    return model.predict(params, store.standardise(X)).astype(np.float32)
+def _predict_rows(rows, store, model, params):
+    X, _ = store.read(int(rows[0]), int(rows[-1]) + 1)
+    return model.predict(params, X).astype(np.float32)
+
+
+def _labels_rows(rows, store):
+    return store.read_raw(slice(int(rows[0]), int(rows[-1]) + 1))[1]
 
 
 def predict_store(model, params, data, out, *, split: str = "test", client=None,
-                  overwrite: bool = False) -> dict:
+                  overwrite: bool = False, normaliser=None) -> dict:
     """Write ``predictions`` (n, outputs) float32 and, for classification, ``labels`` (n,) int32
     to a zarr store at ``out``; returns its path, the row count and the accuracy when the store
-    has labels."""
+    has labels. ``normaliser``: the standardisation the model was trained with, when it is not
+    the store's own (a store of new raw features)."""
     store = open_store(data, split=split)
+    if normaliser is not None:
+        store = store.with_normaliser(normaliser)
     model.check_data(store.feature_shape, store.n_classes)
     dest = local_path(str(out))
     if dest is None:
         raise ValueError(f"predictions are written to a local path, got the URL {out}")
     if dest.exists() and not overwrite:
         raise FileExistsError(f"{dest} already exists (pass --overwrite to replace it)")
-    X = da.from_zarr(store.url, component=f"{split}/X")
+    rows = da.arange(store.n, chunks=store.chunk_rows)
     c = store.chunk_rows
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         with client_or_local(client) as cl:
             shared = cl.scatter(to_numpy(params), broadcast=True, hash=False)
-            P = X.map_blocks(_predict_block, store, model, shared, dtype=np.float32,
-                             chunks=(X.chunks[0], (model.n_outputs,)),
-                             drop_axis=list(range(2, X.ndim)))
+            P = rows.map_blocks(_predict_rows, store, model, shared, dtype=np.float32,
+                                chunks=(rows.chunks[0], (model.n_outputs,)), new_axis=1)
             group = zarr.open_group(str(tmp), mode="w")
             group.attrs.update({"format": FORMAT, "complete": False, "source": store.url,
                                 "split": split, "model": model.to_dict()})
@@ -63,7 +70,7 @@ def predict_store(model, params, data, out, *, split: str = "test", client=None,
             da.store(targets, arrays, lock=False)
             result = {"predictions": str(dest), "n": int(P.shape[0])}
             if store.task == "classification":
-                y = da.from_zarr(store.url, component=f"{split}/y")
+                y = rows.map_blocks(_labels_rows, store, dtype=np.int32)
                 result["accuracy"] = float((da.from_zarr(arrays[1]) == y).mean().compute())
         group.attrs["complete"] = True
     except BaseException:

@@ -12,17 +12,21 @@ class TrainResult:
     """A trained model (``predict``) with its history and the run's summary figures.
 
     ``history`` holds one dict per report: ``time`` (seconds since start), ``step``, ``replica``,
-    ``loss``, and ``test_loss``/``test_accuracy`` where the test set was evaluated.
+    ``loss``, and ``test_loss``/``test_accuracy`` where the test set was evaluated. ``normaliser``:
+    the standardisation the training store applied to its features (``data.Normaliser``), which
+    ``predict`` applies to the raw features it is given.
     """
 
     model: object
     params: np.ndarray
     history: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
+    normaliser: object = None
 
     def predict(self, X):
-        """Class probabilities (classification) or outputs (regression) for ``X``."""
-        return self.model.predict(self.params, X)
+        """Class probabilities (classification) or outputs (regression) for ``X``: raw features as
+        written to the store (standardised here as the store did for training)."""
+        return self.model.predict(self.params, X if self.normaliser is None else self.normaliser(X))
 
     def curve(self, key: str = "loss", replica="any") -> tuple[np.ndarray, np.ndarray]:
         """(time, value) arrays of one history column, for plotting (one replica's rows only when

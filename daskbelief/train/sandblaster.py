@@ -343,7 +343,7 @@ class _Checkpoints:
             return None
         self.space.execute(("copy", "x", "params"))
         path = checkpoint.save(self.root, self.ps, model=self.meta["model"],
-                               config=self.meta["config"],
+                               config=self.meta["config"], normaliser=self.meta["normaliser"],
                                counters={"iteration": self.state.iteration}, keep=self.keep,
                                vectors=self.state.vectors(), lbfgs=asdict(self.state))
         self.written, self._due = self.state.iteration, time.time() + self.every
@@ -495,7 +495,8 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
             space.copy("params", "x")  # queued: travels with the first evaluation
             objective = BatchObjective(c, plan, space, bounds, n_rows, backups)
             checkpoints = _Checkpoints(checkpoint_dir, checkpoint_every, checkpoint_keep, space,
-                                       ps, {"model": model.to_dict(), "config": config or {}},
+                                       ps, {"model": model.to_dict(), "config": config or {},
+                                            "normaliser": store.normaliser.to_dict()},
                                        run, resumed)
             monitor = _Monitor(c, run, model, ps, test_store, eval_every, eval_rows, max_seconds,
                                checkpoints)
@@ -533,7 +534,7 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
             announce_test(run, history_rows[-1])
         events.emit(events.RUN, kind="end",  # the summary's scalars, its run id included
                     **{k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
-    return TrainResult(model, final, history_rows, summary)
+    return TrainResult(model, final, history_rows, summary, store.normaliser)
 
 
 def _summary(run: str, result, counters: Counters, settings: dict, seconds: float, n_rows: int,
