@@ -43,6 +43,13 @@ def damage_shorten_y(path):
     meta.write_text(json.dumps(doc))
 
 
+def damage_y_dtype(path):
+    meta = Path(path, "train/y/zarr.json")
+    doc = json.loads(meta.read_text())
+    doc["data_type"] = "int64"  # what the chunks hold no longer matches what the metadata says
+    meta.write_text(json.dumps(doc))
+
+
 def damage_label(path):
     zarr.open_array(str(Path(path, "train/y")), mode="r+")[200] = 99  # a valid chunk, a bad label
 
@@ -53,6 +60,8 @@ DAMAGE = {
     "flipped": (damage_flip, CHUNK_3 + " fails its crc32c checksum"),
     "deleted": (damage_delete, CHUNK_3 + r" is missing \(no train/X/c/3/0"),
     "y-short": (damage_shorten_y, "train/y has 1427 rows but train/X and the store's metadata have 1437"),
+    "y-int64": (damage_y_dtype, r"train/y is int64 of shape \(1437,\); a classification store "
+                                r"holds int32 labels"),
     "label-99": (damage_label, r"train/y chunk 3 \(rows 192-255\) holds the label 99 at row 200, "
                                r"outside \[0, 10\)"),
 }
