@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from daskbelief.data.normalise import Normaliser
+
 
 @dataclass
 class TrainResult:
@@ -21,7 +23,7 @@ class TrainResult:
     params: np.ndarray
     history: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
-    normaliser: object = None
+    normaliser: Normaliser | None = None
 
     def predict(self, X):
         """Class probabilities (classification) or outputs (regression) for ``X``: raw features as
