@@ -20,6 +20,7 @@ import numpy as np
 from daskbelief.cluster import client_or_local, default_local_workers
 from daskbelief.config import ConfigError
 from daskbelief.data import Normaliser, open_store
+from daskbelief.data.store import store_attrs
 from daskbelief.monitor.events import EventLog
 from daskbelief.monitor.progress import Progress
 from daskbelief.nn import Sequential
@@ -121,7 +122,8 @@ def ensure_dataset(spec: dict) -> str:
     if not Path(path).exists():
         recipes.build(spec["recipe"], path, size=spec.get("size"), seed=spec.get("seed", 0),
                       chunk_rows=spec.get("chunk_rows"), **spec.get("options", {}))
-    open_store(path, split="train")  # refuses an incomplete or foreign store with a clear error
+    for split in store_attrs(path)[1]["splits"]:  # refuses an incomplete or foreign store, and
+        open_store(path, split=split)               # arrays at odds with its metadata, up front
     return path
 
 

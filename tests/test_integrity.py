@@ -214,3 +214,5 @@ def test_train_on_a_damaged_store_exits_2_with_one_line(digits_path, tmp_path, c
     assert "DataError" not in done.stderr and "Compute Failed" not in done.stderr  # said once
     if pipeline == "digits-sandblaster" or case == "y-short":
         assert done.stderr.count("\n") == 1, done.stderr  # nothing else at all
+    if case == "y-short":  # found before any work: nothing written
+        assert not (tmp_path / "run").exists()
