@@ -205,7 +205,7 @@ def test_train_on_a_damaged_store_exits_2_with_one_line(digits_path, tmp_path, c
     path, message = damaged(digits_path, tmp_path, case)
     # Downpour on a cluster of its own: a replica failing during the warm start leaves the other
     # replicas' threads blocked on a cluster that outlives the run (see notes/data.md).
-    where = (("--local-workers", 2) if pipeline == "digits-downpour"
+    where = (("--local-workers", 1) if pipeline == "digits-downpour"
              else ("--scheduler", cluster.scheduler_address))
     done = cli("train", pipeline_toml(tmp_path, pipeline, path), *where, "--out", tmp_path / "run")
     assert done.returncode == 2, done.stderr[-3000:]

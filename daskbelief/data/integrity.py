@@ -68,9 +68,11 @@ class StrictStore(WrapperStore):
 def open_arrays(url: str, split: str, strict: bool):
     """``(X, y)`` zarr arrays of one split; ``strict``: absent chunks raise ``MissingChunk``."""
     if strict:
-        base = (LocalStore(url[len("file://"):] if url.startswith("file://") else url, read_only=True)
-                if "://" not in url or url.startswith("file://")
-                else FsspecStore.from_url(url, read_only=True))
+        from daskbelief.data.write import local_path  # write.py imports this module
+
+        path = local_path(url)
+        base = (FsspecStore.from_url(url, read_only=True) if path is None
+                else LocalStore(path, read_only=True))
         group = zarr.open_group(store=StrictStore(base), mode="r")
     else:
         group = zarr.open_group(url, mode="r")
