@@ -23,7 +23,7 @@ def client_or_local(client: Client | None = None, n_workers: int | None = None,
     Precedence: an explicit ``client``; a ``scheduler`` address or ``scheduler_file``; the current
     client (``Client.current()``, e.g. one a notebook made); else a ``LocalCluster`` of worker
     processes (one thread each unless asked otherwise), stopped on exit, whose dashboard has the
-    DistBelief page (``/individual-daskbelief``).
+    DistBelief page (``/individual-daskbelief``) and whose ``/metrics`` has daskbelief's figures.
     """
     if client is not None:
         yield client
@@ -43,7 +43,9 @@ def client_or_local(client: Client | None = None, n_workers: int | None = None,
 
     dashboard.register()  # the scheduler below runs in this process and serves the DistBelief page
     with LocalCluster(n_workers=n_workers or default_local_workers(), threads_per_worker=threads_per_worker,
-                      processes=True, dashboard_address=":0") as cluster, Client(cluster) as local:
+                      processes=True, dashboard_address=":0",
+                      scheduler_kwargs={"preload": [dashboard.__name__]},  # /metrics too
+                      ) as cluster, Client(cluster) as local:
         yield local
 
 
