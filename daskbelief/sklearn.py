@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, is_classifier
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, clone, is_classifier
 from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
@@ -260,6 +260,17 @@ class _DaskbeliefEstimator(BaseEstimator):
         tags = super().__sklearn_tags__()
         tags.target_tags.required = True
         return tags
+
+    def __sklearn_clone__(self):
+        """scikit-learn's clone, except that the Dask client is shared, not copied: a
+        connection cannot be deep-copied, and the clone should train on the same cluster."""
+        return type(self)(**{name: value if name == "client" else clone(value, safe=False)
+                             for name, value in self.get_params(deep=False).items()})
+
+    def __getstate__(self):
+        """Pickled without the client (a connection does not travel): an unpickled estimator
+        trains with the current client of wherever it is."""
+        return {**super().__getstate__(), "client": None}
 
 
 class _ClassifierPart(ClassifierMixin):

@@ -9,6 +9,7 @@ import pickle
 import dask.array as da
 import numpy as np
 import pytest
+from sklearn.base import clone
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LinearRegression
 from sklearn.model_selection import GridSearchCV
@@ -127,6 +128,7 @@ def test_downpour_regressor_partial_fit_and_named_client(client):
     X = rng.normal(size=(600, 4)).astype(np.float32)
     y = np.stack([np.sin(X[:, 0]) + X[:, 1], X[:, 2] * X[:, 3]], axis=1) * 50 + 10
     est = DownpourRegressor(hidden_layer_sizes=(32,), max_iter=1, client=client, random_state=0)
+    assert clone(est).client is client and pickle.loads(pickle.dumps(est)).client is None
     scores = [est.partial_fit(X, y).score(X, y) for _ in range(6)]
     assert est.predict(X).shape == (600, 2)
     assert scores[-1] > scores[0] and scores[-1] > 0.6
