@@ -25,11 +25,11 @@ from daskbelief.sklearn import (EXPECTED_FAILED_CHECKS, DownpourClassifier, Down
 
 # Small networks and short fits: scikit-learn's checks fit each estimator about 50 times, on
 # at most a few hundred rows (so Sandblaster's batches are cut into a few portions of 100 rows).
-CHECKED = [DownpourClassifier(hidden_layer_sizes=(16,), max_iter=10, random_state=0),
-           DownpourRegressor(hidden_layer_sizes=(16,), max_iter=10, random_state=0),
-           SandblasterClassifier(hidden_layer_sizes=(8,), max_iter=6, portion_size=100,
+CHECKED = [DownpourClassifier(hidden_layer_sizes=(16,), max_iter=6, random_state=0),
+           DownpourRegressor(hidden_layer_sizes=(16,), max_iter=6, random_state=0),
+           SandblasterClassifier(hidden_layer_sizes=(8,), max_iter=3, portion_size=100,
                                  random_state=0),
-           SandblasterRegressor(hidden_layer_sizes=(8,), max_iter=6, portion_size=100,
+           SandblasterRegressor(hidden_layer_sizes=(8,), max_iter=3, portion_size=100,
                                 random_state=0)]
 
 
