@@ -9,6 +9,7 @@ import pickle
 import dask.array as da
 import numpy as np
 import pytest
+from distributed import get_worker
 from sklearn.base import clone
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LinearRegression
@@ -68,11 +69,19 @@ def test_expected_failures_pass_once_downpour_is_synchronous(cls, name):
     getattr(estimator_checks, name)(cls.__name__, estimator)
 
 
+def on_a_worker(block):
+    """Identity that fails outside a Dask worker: a collection built with it cannot be
+    computed on the client."""
+    get_worker()
+    return block
+
+
 def test_dask_array_in_dask_array_out(digits, tmp_path):
-    """Data shards follow the Dask chunks; predictions are lazy Dask arrays equal to the
-    in-process predictor's; score is a lazy Dask scalar."""
+    """The workers write the store, its data shards following the Dask chunks; predictions
+    are lazy Dask arrays equal to the in-process predictor's; score is a lazy Dask scalar."""
     X, y = digits
-    dX, dy = da.from_array(X, chunks=(300, 64)), da.from_array(y, chunks=300)
+    dX = da.from_array(X, chunks=(300, 64)).map_blocks(on_a_worker, dtype=X.dtype)
+    dy = da.from_array(y, chunks=300).map_blocks(on_a_worker, dtype=y.dtype)
     est = DownpourClassifier(hidden_layer_sizes=(32,), max_iter=15, replicas=2, shards=2,
                              directory=str(tmp_path), random_state=0).fit(dX, dy)
     assert open_store(str(tmp_path / "train.zarr")).chunk_rows == 300

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from daskbelief.jobqueue import check
 from daskbelief.testing.slurm import SingleNodeSlurm, ensure_installed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,10 +63,23 @@ def test_digits_downpour_on_slurm_jobs_through_the_cli(slurm, tmp_path):
     assert slurm.jobs() == []  # the run cancelled its jobs
 
 
-def test_a_bad_slurm_key_is_one_line_before_any_work(slurm, tmp_path):
+def test_a_bad_slurm_key_is_one_line_before_any_work(tmp_path):
     config = pipeline(tmp_path, 'jobs = 2\ncores = 1\nmemory = "1GB"\nwaltime = "00:10:00"\n')
-    done = train(config, tmp_path / "run", slurm.env())
+    done = train(config, tmp_path / "run", os.environ)
     assert done.returncode == 2
     assert "cluster.slurm.waltime" in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists() and not (tmp_path / "digits.zarr").exists()
+
+
+@pytest.mark.parametrize("section, message", [
+    ({}, "exactly one of slurm"),
+    ({"slurm": {"cores": 1}}, "cluster.slurm.memory is required"),
+    ({"slurm": {"cores": 1, "memory": "1GB", "jobs": 0}}, "cluster.slurm.jobs must be a positive"),
+    ({"slurm": {"cores": 1, "memory": "1GB", "prcesses": 2}}, "unknown key cluster.slurm.prcesses"),
+])
+def test_cluster_section_errors_name_the_key(section, message):
+    with pytest.raises(ValueError, match=message):
+        check(section)
+    assert check({"slurm": {"cores": 2, "memory": "2GB", "queue": "debug", "jobs": 3}}) == (
+        "slurm", {"cores": 2, "memory": "2GB", "queue": "debug", "jobs": 3})
