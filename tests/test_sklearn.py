@@ -166,3 +166,18 @@ def test_bad_input_is_refused_before_training(digits):
     est.fit(X[:200], y[:200])
     with pytest.raises(ValueError, match="X has 10 features, but DownpourClassifier is expecting 64"):
         est.predict(da.from_array(X[:, :10], chunks=(100, 10)))
+
+
+def test_eval_set_curves_match_score_after_fit_and_partial_fit(digits):
+    """The last validation point is the final evaluation of the held-out set, written with the
+    training scaling: it equals score() on the raw held-out rows, also after partial_fit
+    (whose stores hold rows scaled with the first fit's statistics)."""
+    X, y = digits
+    held = (X[1400:], y[1400:])
+    est = DownpourClassifier(hidden_layer_sizes=(32,), max_iter=5, random_state=0)
+    for step in (est.fit, est.partial_fit):
+        step(X[:1400], y[:1400], eval_set=held)
+        valid = est.evals_result_["valid"]
+        assert valid["accuracy"][-1] == pytest.approx(est.score(*held), abs=1e-9)
+        assert len(valid["loss"]) == len(valid["accuracy"])
+    assert est.n_iter_ == 1 and est.score(*held) > 0.85
