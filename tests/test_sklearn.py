@@ -9,7 +9,7 @@ import pickle
 import dask.array as da
 import numpy as np
 import pytest
-from distributed import get_worker
+from distributed import Client, get_worker
 from sklearn.base import clone
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LinearRegression
@@ -34,10 +34,12 @@ CHECKED = [DownpourClassifier(hidden_layer_sizes=(16,), max_iter=6, random_state
                                 random_state=0)]
 
 
-@pytest.fixture(autouse=True)
-def current_client(client):
-    """Every test here runs with the session cluster's client as the current one."""
-    return client
+@pytest.fixture(scope="module", autouse=True)
+def current_client(cluster):
+    """One client of the session's cluster, current for every test here (the ~230 checks
+    would otherwise each connect anew)."""
+    with Client(cluster) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +134,8 @@ def test_partial_fit_continues_from_the_fitted_parameters(digits):
     assert refit.summary_["loss"] == pytest.approx(first)  # fit starts afresh, partial_fit did not
 
 
-def test_downpour_regressor_partial_fit_and_named_client(client):
+def test_downpour_regressor_partial_fit_and_named_client(current_client):
+    client = current_client
     rng = np.random.default_rng(0)
     X = rng.normal(size=(600, 4)).astype(np.float32)
     y = np.stack([np.sin(X[:, 0]) + X[:, 1], X[:, 2] * X[:, 3]], axis=1) * 50 + 10
