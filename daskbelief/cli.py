@@ -128,7 +128,9 @@ def _datasets(args) -> dict | None:
 
 def _client_options(args, config: dict | None = None) -> dict:
     cluster = (config or {}).get("cluster", {})
-    return {"n_workers": args.local_workers or cluster.get("local_workers"),
+    chosen = args.local_workers or args.scheduler or args.scheduler_file  # the command line wins
+    return {"jobqueue": None if chosen else {k: cluster[k] for k in ("slurm",) if k in cluster},
+            "n_workers": args.local_workers or cluster.get("local_workers"),
             "scheduler": args.scheduler or cluster.get("scheduler"),
             "scheduler_file": args.scheduler_file or cluster.get("scheduler_file")}
 

@@ -17,13 +17,14 @@ def default_local_workers() -> int:
 @contextlib.contextmanager
 def client_or_local(client: Client | None = None, n_workers: int | None = None,
                     scheduler: str | None = None, scheduler_file: str | None = None,
-                    threads_per_worker: int = 1):
+                    threads_per_worker: int = 1, jobqueue: dict | None = None):
     """Yield a usable ``Client``; close only what this call started.
 
-    Precedence: an explicit ``client``; a ``scheduler`` address or ``scheduler_file``; the current
+    Precedence: an explicit ``client``; a ``scheduler`` address or ``scheduler_file``; a batch
+    system's jobs from a ``[cluster]`` section (``jobqueue``, see ``daskbelief.jobqueue``); the current
     client (``Client.current()``, e.g. one a notebook made); else a ``LocalCluster`` of worker
     processes (one thread each unless asked otherwise), stopped on exit, whose dashboard has the
-    DistBelief page (``/individual-daskbelief``).
+    DistBelief page (``/individual-daskbelief``) and whose ``/metrics`` has daskbelief's figures.
     """
     if client is not None:
         yield client
@@ -31,6 +32,12 @@ def client_or_local(client: Client | None = None, n_workers: int | None = None,
     if scheduler or scheduler_file:
         with Client(scheduler, scheduler_file=scheduler_file) as remote:
             yield remote
+        return
+    if jobqueue:
+        from daskbelief.jobqueue import jobqueue_client
+
+        with jobqueue_client(jobqueue) as batch:
+            yield batch
         return
     try:
         current = Client.current()
@@ -43,7 +50,9 @@ def client_or_local(client: Client | None = None, n_workers: int | None = None,
 
     dashboard.register()  # the scheduler below runs in this process and serves the DistBelief page
     with LocalCluster(n_workers=n_workers or default_local_workers(), threads_per_worker=threads_per_worker,
-                      processes=True, dashboard_address=":0") as cluster, Client(cluster) as local:
+                      processes=True, dashboard_address=":0",
+                      scheduler_kwargs={"preload": [dashboard.__name__]},  # /metrics too
+                      ) as cluster, Client(cluster) as local:
         yield local
 
 

@@ -15,7 +15,8 @@ SCHEMA: dict[str, dict[str, object]] = {
     "dataset": {"recipe": str, "path": str, "size": int, "seed": int, "chunk_rows": int,
                 "options": dict},
     "model": {"input_shape": list, "layers": list, "loss": str, "l2": NUMBER},
-    "cluster": {"local_workers": int, "scheduler": str, "scheduler_file": str},
+    "cluster": {"local_workers": int, "scheduler": str, "scheduler_file": str,
+                "slurm": dict},  # [cluster.slurm]: checked by daskbelief.jobqueue
     "checkpoint": {"every_seconds": NUMBER, "keep": int},
 }
 
@@ -77,6 +78,13 @@ def validate(config: dict) -> dict:
         raise ConfigError(f"train.algorithm must be one of {', '.join(sorted(ALGORITHMS))}, "
                           f"got {algorithm!r}")
     _check_section("train", train, TRAIN_COMMON | ALGORITHMS[algorithm])
+    if "slurm" in config.get("cluster", {}):  # the batch system's keywords, before any work
+        from daskbelief.jobqueue import check
+
+        try:
+            check(config["cluster"])
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if "recipe" not in config["dataset"] or "path" not in config["dataset"]:
         raise ConfigError("[dataset] needs both recipe (e.g. \"digits\") and path (where the store lives)")
     return config

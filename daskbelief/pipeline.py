@@ -158,7 +158,8 @@ def _train(pipe: Pipeline, path: str, client, run_dir: Path, resume_from):
 
 
 def run(config: dict, out=None, *, name: str = "run", overwrite: bool = False, resume: bool = False,
-        n_workers=None, scheduler=None, scheduler_file=None, progress_stream=None) -> dict:
+        n_workers=None, scheduler=None, scheduler_file=None, jobqueue=None,
+        progress_stream=None) -> dict:
     """Check everything, build the data if missing, train (or resume), evaluate, and write the
     run directory (``out``, default ``runs/NAME-TIME``); return the summary.
 
@@ -178,7 +179,8 @@ def run(config: dict, out=None, *, name: str = "run", overwrite: bool = False, r
         _open_run_dir(run_dir, config)
     progress = Progress(*_work(pipe, path), stream=progress_stream)
     with client_or_local(None, n_workers, scheduler, scheduler_file,
-                         threads_per_worker=_threads_needed(pipe, n_workers)) as client:
+                         threads_per_worker=_threads_needed(pipe, n_workers),
+                         jobqueue=jobqueue) as client:
         log = EventLog(client, path=run_dir / "metrics.jsonl", listeners=[progress])
         try:
             result = _train(pipe, path, client, run_dir, resume_from)

@@ -13,6 +13,9 @@ just before that; importing this module registers the page. So:
 * clusters daskbelief starts (``daskbelief.cluster.client_or_local``) call ``register()``;
 * for a scheduler you start: ``dask scheduler --preload daskbelief.monitor.dashboard`` (or
   ``LocalCluster(scheduler_kwargs={"preload": ["daskbelief.monitor.dashboard"]})``).
+
+The same preload hook (``dask_setup``) puts daskbelief's figures on the scheduler's Prometheus
+endpoint, ``/metrics`` (``daskbelief.monitor.prometheus``).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from distributed.dashboard import scheduler as dashboard_scheduler
 from distributed.dashboard.components.scheduler import BOKEH_THEME
 from distributed.utils import format_dashboard_link
 
-from daskbelief.monitor import shaping
+from daskbelief.monitor import prometheus, shaping
 from daskbelief.monitor.events import PORTION, REPLICA, RUN, SHARD, TOPICS
 
 ROUTE = "/individual-daskbelief"
@@ -238,13 +241,16 @@ def _served_paths(scheduler) -> set[str]:
 
 
 def dask_setup(scheduler) -> None:
-    """Scheduler preload hook: say where the page is, or why it is missing.
+    """Scheduler preload hook: put daskbelief's figures on ``/metrics``
+    (``daskbelief.monitor.prometheus``) and say where the page is, or why it is missing.
 
     The page was registered when this module was imported, before the scheduler built its
     dashboard; a scheduler started without a dashboard, or before the import, has no page. The
     message goes to the preloading logger, which ``dask scheduler`` shows.
     """
     log = logging.getLogger("distributed.preloading")
+    if prometheus.install(scheduler):
+        log.info("daskbelief figures on the scheduler's /metrics (Prometheus)")
     if ROUTE in _served_paths(scheduler):
         host, port = get_address_host(scheduler.address), scheduler.http_server.port
         log.info("daskbelief dashboard page at %s", page_url(format_dashboard_link(host, port)))
