@@ -181,9 +181,9 @@ class _DaskbeliefEstimator(BaseEstimator):
                           n_classes=len(self.classes_) if self._loss == CLASSIFICATION else None,
                           normalize=not continuing, overwrite=True)
             if not continuing:
-                store = open_store(url)
-                self.x_mean_ = store.mean if store.mean is not None else np.float32(0)
-                self.x_inv_std_ = store.inv_std if store.inv_std is not None else np.float32(1)
+                norm = open_store(url).normaliser
+                self.x_mean_ = norm.mean if norm.mean is not None else np.float32(0)
+                self.x_inv_std_ = norm.inv_std if norm.inv_std is not None else np.float32(1)
             result = self._train(model, url, url if test is not None else None,
                                  self.params_ if continuing else None, client, continuing)
         self.model_, self.params_ = model, result.params
