@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import uuid
 
+import dask.config
 import numpy as np
+from dask.utils import parse_bytes
 from distributed import get_worker
 
 from daskbelief.cluster import start_actors, worker_info
 from daskbelief.ps.policy import overlaps, place_shards, shard_ranges
-from daskbelief.ps.shard import ParameterShard
+from daskbelief.ps.shard import ParameterShard, pieces
 
 
 WAIT_SLICE = 1.0  # seconds a caller waits for a shard before checking for a recovered server
@@ -108,7 +110,8 @@ class ParameterServer:
     # -- whole-vector traffic ---------------------------------------------------------------------
     def fetch_async(self) -> list:
         """Ask every shard for its slice; returns the pending replies in shard order."""
-        return [s.fetch() for s in self.shards]
+        limit = frame_values()
+        return [s.fetch(0, None, limit) for s in self.shards]
 
     def gather(self, replies, out=None, wait=None) -> tuple[np.ndarray, list[int]]:
         """Wait for ``fetch_async`` replies and assemble them into ``out`` (allocated if None);
@@ -116,9 +119,9 @@ class ParameterServer:
         out = np.empty(self.size, dtype=np.float32) if out is None else out
         wait = wait or _result
         versions = []
-        for (a, b), reply in zip(self.ranges, replies):
+        for (a, _), reply in zip(self.ranges, replies):
             values, version = wait(reply)
-            out[a:b] = values
+            place(out, a, values)
             versions.append(version)
         return out, versions
 
@@ -130,7 +133,8 @@ class ParameterServer:
                    steps_done: int | None = None) -> list:
         """Send each shard its slice of ``grad``; returns the pending replies (new versions).
         ``steps_done``: the replica's step count including this push (kept for resuming)."""
-        return [s.push(grad[a:b], v, replica, 0, steps_done)
+        limit = frame_values()
+        return [s.push(pieces(grad[a:b], limit), v, replica, 0, steps_done)
                 for s, (a, b), v in zip(self.shards, self.ranges, versions)]
 
     def push(self, grad, versions: list[int], replica: str = "", steps_done: int | None = None) -> list[int]:
@@ -140,21 +144,22 @@ class ParameterServer:
     # -- partial ranges (model-parallel blocks) ---------------------------------------------------
     def fetch_range(self, start: int, stop: int) -> tuple[np.ndarray, dict[int, int]]:
         """Parameters ``[start, stop)`` from the shards that hold them, and those shards' versions."""
-        pieces = overlaps(self.ranges, start, stop)
-        replies = [self.shards[i].fetch(lo - self.ranges[i][0], hi - lo) for i, lo, hi in pieces]
+        parts, limit = overlaps(self.ranges, start, stop), frame_values()
+        replies = [self.shards[i].fetch(lo - self.ranges[i][0], hi - lo, limit) for i, lo, hi in parts]
         out = np.empty(stop - start, dtype=np.float32)
         versions = {}
-        for (i, lo, hi), reply in zip(pieces, replies):
-            out[lo - start:hi - start], versions[i] = reply.result()
+        for (i, lo, _), reply in zip(parts, replies):
+            values, versions[i] = reply.result()
+            place(out, lo - start, values)
         return out, versions
 
     def push_range_async(self, start: int, grad, versions: dict[int, int], replica: str = "",
                          steps_done: int | None = None) -> list:
         """Push a gradient for ``[start, start + len(grad))`` to the shards that hold that range."""
-        pieces = overlaps(self.ranges, start, start + len(grad))
-        return [self.shards[i].push(grad[lo - start:hi - start], versions.get(i, 0), replica,
-                                    lo - self.ranges[i][0], steps_done)
-                for i, lo, hi in pieces]
+        parts, limit = overlaps(self.ranges, start, start + len(grad)), frame_values()
+        return [self.shards[i].push(pieces(grad[lo - start:hi - start], limit), versions.get(i, 0),
+                                    replica, lo - self.ranges[i][0], steps_done)
+                for i, lo, hi in parts]
 
     # -- inspection and checkpoints ---------------------------------------------------------------
     def stats(self, timeout: float | None = None) -> list[dict]:
@@ -186,6 +191,20 @@ class ParameterServer:
         for f in self._futures or []:
             f.release()
         self._futures = None
+
+
+def frame_values() -> int:
+    """float32 values in one comm frame (``distributed.comm.shard``): the largest piece a slice
+    travels in without being split and copied back together on arrival."""
+    return max(parse_bytes(dask.config.get("distributed.comm.shard")) // 4, 1)
+
+
+def place(out, start: int, values) -> None:
+    """Copy a fetched slice (one array or a list of ``pieces``) into ``out`` from ``start`` on:
+    the one copy a fetch makes on the receiving side."""
+    for piece in values if isinstance(values, list) else [values]:
+        out[start:start + len(piece)] = piece
+        start += len(piece)
 
 
 def _result(reply):

@@ -59,21 +59,25 @@ class ParameterShard:
 
         ``grad`` covers ``[offset, offset + len(grad))`` of this shard's slice (a model-parallel
         block pushes only its own ranges); updating a sub-slice is exact because every rule is
-        elementwise. Non-finite gradients are counted and dropped: one bad replica must never
-        poison the shared parameters.
+        elementwise. It is one array or a list of consecutive ``pieces``: a slice larger than one
+        comm frame travels that way so that each piece arrives in a buffer of its own and is
+        applied where it landed, never copied. Non-finite gradients are counted and dropped: one
+        bad replica must never poison the shared parameters.
         """
         xp = namespace(self.params)
-        grad = xp.asarray(grad)
-        self.bytes_in += grad.nbytes
-        if not bool(xp.isfinite(grad).all()):
+        parts = [xp.asarray(g) for g in (grad if isinstance(grad, list) else [grad])]
+        self.bytes_in += sum(g.nbytes for g in parts)
+        if not all(bool(xp.isfinite(g).all()) for g in parts):
             self.rejected += 1
             return self.version
-        end = offset + len(grad)
+        end = offset + sum(len(g) for g in parts)
         if not 0 <= offset < end <= len(self.params):
-            raise ValueError(f"shard {self.index}: push of {len(grad)} values at offset {offset} "
+            raise ValueError(f"shard {self.index}: push of {end - offset} values at offset {offset} "
                              f"does not fit its {len(self.params)} parameters")
-        part = slice(offset, end)
-        self.rule.apply(self.params[part], grad, {k: v[part] for k, v in self.state.items()})
+        for g in parts:
+            part = slice(offset, offset + len(g))
+            self.rule.apply(self.params[part], g, {k: v[part] for k, v in self.state.items()})
+            offset += len(g)
         staleness = max(self.version - int(base_version), 0)
         self.staleness_hist[min(staleness, STALENESS_BINS - 1)] += 1
         self.staleness_sum += staleness
@@ -84,13 +88,14 @@ class ParameterShard:
             self.replica_steps[replica] = max(self.replica_steps.get(replica, 0), int(steps_done))
         return self.version
 
-    def fetch(self, offset: int = 0, length: int | None = None):
-        """A copy of ``params[offset:offset+length]`` of this slice and the shard's version."""
+    def fetch(self, offset: int = 0, length: int | None = None, piece: int | None = None):
+        """A copy of ``params[offset:offset+length]`` of this slice and the shard's version;
+        with ``piece``, the copy as ``pieces`` of at most that many values (see ``push``)."""
         stop = len(self.params) if length is None else offset + length
         values = self.params[offset:stop].copy()
         self.bytes_out += values.nbytes
         self.fetches += 1
-        return values, self.version
+        return (values if piece is None else pieces(values, piece)), self.version
 
     def stats(self) -> dict:
         """Counters for monitoring and tests: updates applied/rejected, staleness, traffic."""
@@ -261,6 +266,19 @@ class ParameterShard:
         ev = self._evaluation()
         return {"shard": self.index, "reads": ev.reads, "accepted": ev.accepted,
                 "refused": ev.refused, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out}
+
+
+def pieces(values, limit: int):
+    """``values`` itself when it has at most ``limit`` elements, else a list of consecutive views
+    of at most ``limit`` elements each.
+
+    distributed splits a frame larger than ``distributed.comm.shard`` into several, and the
+    receiver reads each into its own buffer and then copies them into one array; arrays no larger
+    than a frame are used in the buffer they arrived in.
+    """
+    if len(values) <= limit:
+        return values
+    return [values[i:i + limit] for i in range(0, len(values), limit)]
 
 
 VECTOR_OPS = frozenset({"zeros", "copy", "swap", "axpy", "scale", "mul", "dot", "dots"})
