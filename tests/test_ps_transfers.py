@@ -1,4 +1,4 @@
-"""Slices larger than one comm frame: pushed and fetched in pieces, applied exactly.
+"""Slices larger than one comm frame: pushed in pieces and fetched frame by frame, exactly.
 
 The cluster's ``distributed.comm.shard`` is set to 256 KiB so that a 1 MB slice already takes the
 large-slice path (four pieces) without moving hundreds of megabytes on a shared machine; the
@@ -13,21 +13,20 @@ from distributed import Client, LocalCluster
 
 from daskbelief.cluster import worker_info
 from daskbelief.optim.rules import adagrad
-from daskbelief.ps.server import ParameterServer, frame_values, place
+from daskbelief.ps.server import ParameterServer, frame_values, frames
 from daskbelief.ps.shard import pieces
 
 FRAME = "256KiB"  # 65,536 float32 values
 
 
-def test_pieces_are_views_that_place_puts_back_together():
+def test_pieces_are_views_no_larger_than_a_frame():
     values = np.arange(10, dtype=np.float32)
     assert pieces(values, 10) is values
     parts = pieces(values, 4)
-    assert [len(p) for p in parts] == [4, 4, 2] and all(p.base is values for p in parts)
-    out = np.zeros(12, np.float32)
-    place(out, 1, parts)
-    np.testing.assert_array_equal(out[1:11], values)
-    assert out[0] == out[11] == 0
+    assert [len(p) for p in parts] == [4, 3, 3] and all(p.base is values for p in parts)
+    np.testing.assert_array_equal(np.concatenate(parts), values)
+    with dask.config.set({"distributed.comm.shard": "16B"}):  # four float32 values
+        assert frames(10) == [(0, 4), (4, 7), (7, 10)] and frames(4) == [(0, 4)]
 
 
 @pytest.fixture(scope="module")

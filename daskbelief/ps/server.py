@@ -16,6 +16,7 @@ from distributed import get_worker
 from daskbelief.cluster import start_actors, worker_info
 from daskbelief.ps.policy import overlaps, place_shards, shard_ranges
 from daskbelief.ps.shard import ParameterShard, pieces
+from daskbelief.ranges import split
 
 
 WAIT_SLICE = 1.0  # seconds a caller waits for a shard before checking for a recovered server
@@ -109,9 +110,14 @@ class ParameterServer:
 
     # -- whole-vector traffic ---------------------------------------------------------------------
     def fetch_async(self) -> list:
-        """Ask every shard for its slice; returns the pending replies in shard order."""
-        limit = frame_values()
-        return [s.fetch(0, None, limit) for s in self.shards]
+        """Ask every shard for its slice; returns the pending replies in shard order.
+
+        A slice larger than one comm frame is asked for frame by frame, all at once: the shard
+        copies one frame while the previous one travels, and the caller places each one as it
+        arrives, so the two copies a fetch makes overlap the transfer instead of adding to it.
+        """
+        return [[(lo, s.fetch(lo, hi - lo)) for lo, hi in frames(b - a)]
+                for s, (a, b) in zip(self.shards, self.ranges)]
 
     def gather(self, replies, out=None, wait=None) -> tuple[np.ndarray, list[int]]:
         """Wait for ``fetch_async`` replies and assemble them into ``out`` (allocated if None);
@@ -119,10 +125,13 @@ class ParameterServer:
         out = np.empty(self.size, dtype=np.float32) if out is None else out
         wait = wait or _result
         versions = []
-        for (a, _), reply in zip(self.ranges, replies):
-            values, version = wait(reply)
-            place(out, a, values)
-            versions.append(version)
+        for (a, _), parts in zip(self.ranges, replies):
+            seen = []
+            for lo, reply in parts:
+                values, version = wait(reply)
+                out[a + lo:a + lo + len(values)] = values
+                seen.append(version)
+            versions.append(min(seen))  # the oldest part is what the replica's update is based on
         return out, versions
 
     def fetch(self, out=None, timeout: float | None = None) -> tuple[np.ndarray, list[int]]:
@@ -144,13 +153,15 @@ class ParameterServer:
     # -- partial ranges (model-parallel blocks) ---------------------------------------------------
     def fetch_range(self, start: int, stop: int) -> tuple[np.ndarray, dict[int, int]]:
         """Parameters ``[start, stop)`` from the shards that hold them, and those shards' versions."""
-        parts, limit = overlaps(self.ranges, start, stop), frame_values()
-        replies = [self.shards[i].fetch(lo - self.ranges[i][0], hi - lo, limit) for i, lo, hi in parts]
+        replies = [(i, lo + f_lo, self.shards[i].fetch(lo - self.ranges[i][0] + f_lo, f_hi - f_lo))
+                   for i, lo, hi in overlaps(self.ranges, start, stop)
+                   for f_lo, f_hi in frames(hi - lo)]
         out = np.empty(stop - start, dtype=np.float32)
         versions = {}
-        for (i, lo, _), reply in zip(parts, replies):
-            values, versions[i] = reply.result()
-            place(out, lo - start, values)
+        for i, lo, reply in replies:
+            values, version = reply.result()
+            out[lo - start:lo - start + len(values)] = values
+            versions[i] = min(version, versions.get(i, version))
         return out, versions
 
     def push_range_async(self, start: int, grad, versions: dict[int, int], replica: str = "",
@@ -199,12 +210,9 @@ def frame_values() -> int:
     return max(parse_bytes(dask.config.get("distributed.comm.shard")) // 4, 1)
 
 
-def place(out, start: int, values) -> None:
-    """Copy a fetched slice (one array or a list of ``pieces``) into ``out`` from ``start`` on:
-    the one copy a fetch makes on the receiving side."""
-    for piece in values if isinstance(values, list) else [values]:
-        out[start:start + len(piece)] = piece
-        start += len(piece)
+def frames(n: int) -> list[tuple[int, int]]:
+    """``range(n)`` cut into as few runs as fit in one comm frame each."""
+    return split(n, -(-n // frame_values()))
 
 
 def _result(reply):

@@ -16,8 +16,10 @@ import numpy as np
 from daskbelief.backend import get_backend, namespace, to_numpy
 from daskbelief.optim.rules import make_rule
 from daskbelief.optim.vectors import LocalVectors
+from daskbelief.ranges import split
 
 STALENESS_BINS = 64  # staleness >= this lands in the last histogram bin
+APPLY_BLOCK = 1 << 20  # values the update rule is applied to at a time (4 MB of float32)
 
 
 class ParameterShard:
@@ -61,20 +63,23 @@ class ParameterShard:
         block pushes only its own ranges); updating a sub-slice is exact because every rule is
         elementwise. It is one array or a list of consecutive ``pieces``: a slice larger than one
         comm frame travels that way so that each piece arrives in a buffer of its own and is
-        applied where it landed, never copied. Non-finite gradients are counted and dropped: one
+        applied where it landed, never copied. The rule runs over blocks of ``APPLY_BLOCK`` values,
+        so its temporaries stay in cache and are reused instead of being allocated (and
+        page-faulted) at the size of the push. Non-finite gradients are counted and dropped: one
         bad replica must never poison the shared parameters.
         """
         xp = namespace(self.params)
         parts = [xp.asarray(g) for g in (grad if isinstance(grad, list) else [grad])]
         self.bytes_in += sum(g.nbytes for g in parts)
-        if not all(bool(xp.isfinite(g).all()) for g in parts):
+        blocks = [g[i:i + APPLY_BLOCK] for g in parts for i in range(0, len(g), APPLY_BLOCK)]
+        if not all(bool(xp.isfinite(g).all()) for g in blocks):
             self.rejected += 1
             return self.version
         end = offset + sum(len(g) for g in parts)
         if not 0 <= offset < end <= len(self.params):
             raise ValueError(f"shard {self.index}: push of {end - offset} values at offset {offset} "
                              f"does not fit its {len(self.params)} parameters")
-        for g in parts:
+        for g in blocks:
             part = slice(offset, offset + len(g))
             self.rule.apply(self.params[part], g, {k: v[part] for k, v in self.state.items()})
             offset += len(g)
@@ -88,14 +93,13 @@ class ParameterShard:
             self.replica_steps[replica] = max(self.replica_steps.get(replica, 0), int(steps_done))
         return self.version
 
-    def fetch(self, offset: int = 0, length: int | None = None, piece: int | None = None):
-        """A copy of ``params[offset:offset+length]`` of this slice and the shard's version;
-        with ``piece``, the copy as ``pieces`` of at most that many values (see ``push``)."""
+    def fetch(self, offset: int = 0, length: int | None = None):
+        """A copy of ``params[offset:offset+length]`` of this slice and the shard's version."""
         stop = len(self.params) if length is None else offset + length
         values = self.params[offset:stop].copy()
         self.bytes_out += values.nbytes
         self.fetches += 1
-        return (values if piece is None else pieces(values, piece)), self.version
+        return values, self.version
 
     def stats(self) -> dict:
         """Counters for monitoring and tests: updates applied/rejected, staleness, traffic."""
@@ -278,7 +282,7 @@ def pieces(values, limit: int):
     """
     if len(values) <= limit:
         return values
-    return [values[i:i + limit] for i in range(0, len(values), limit)]
+    return [values[a:b] for a, b in split(len(values), -(-len(values) // limit))]
 
 
 VECTOR_OPS = frozenset({"zeros", "copy", "swap", "axpy", "scale", "mul", "dot", "dots"})
