@@ -1,7 +1,7 @@
-"""Slices larger than one comm frame: pushed in pieces and fetched frame by frame, exactly.
+"""Slices larger than one comm frame: pushed and fetched frame by frame, exactly.
 
-The cluster's ``distributed.comm.shard`` is set to 256 KiB so that a 1 MB slice already takes the
-large-slice path (four pieces) without moving hundreds of megabytes on a shared machine; the
+The cluster's ``distributed.comm.shard`` is set to 256 KiB so that a 4 MB slice already takes the
+large-slice path (sixteen frames) without moving hundreds of megabytes on a shared machine; the
 benchmark ``python -m benchmarks scale`` measures the same path at 100 MB - 1 GB.
 """
 from __future__ import annotations
@@ -14,19 +14,15 @@ from distributed import Client, LocalCluster
 from daskbelief.cluster import worker_info
 from daskbelief.optim.rules import adagrad
 from daskbelief.ps.server import ParameterServer, frame_values, frames
-from daskbelief.ps.shard import pieces
 
 FRAME = "256KiB"  # 65,536 float32 values
 
 
-def test_pieces_are_views_no_larger_than_a_frame():
-    values = np.arange(10, dtype=np.float32)
-    assert pieces(values, 10) is values
-    parts = pieces(values, 4)
-    assert [len(p) for p in parts] == [4, 3, 3] and all(p.base is values for p in parts)
-    np.testing.assert_array_equal(np.concatenate(parts), values)
+def test_a_slice_is_cut_into_as_few_runs_as_fit_one_frame_each():
     with dask.config.set({"distributed.comm.shard": "16B"}):  # four float32 values
-        assert frames(10) == [(0, 4), (4, 7), (7, 10)] and frames(4) == [(0, 4)]
+        assert frame_values() == 4
+        assert frames(10) == [(0, 4), (4, 7), (7, 10)]
+        assert frames(4) == [(0, 4)] and frames(1) == [(0, 1)]
 
 
 @pytest.fixture(scope="module")
@@ -61,21 +57,23 @@ def test_a_slice_of_several_frames_is_pushed_and_fetched_exactly(small_frames):
         stats = ps.stats()[0]
     finally:
         ps.close()
-    assert limit == 65_536 and len(pieces(params, limit)) == 16  # the piecewise path was taken
+    assert limit == 65_536 and -(-n // limit) == 16  # the frame-by-frame path was taken
     expect, state = params.copy(), rule.init(params)
     for g in grads:
         rule.apply(expect, g, state)
     np.testing.assert_array_equal(whole, expect)
     np.testing.assert_array_equal(middle, expect[100_000:900_000])
-    assert stats["applied"] == 2 and stats["bytes_in"] == 2 * 4 * n
+    # one update per push, however many frames it took
+    assert stats["applied"] == 2 and stats["version"] == 2 and stats["bytes_in"] == 2 * 4 * n
 
 
-def test_a_non_finite_value_in_any_piece_rejects_the_whole_push(small_frames):
+def test_a_frame_with_a_non_finite_value_is_dropped_and_the_parameters_stay_finite(small_frames):
+    """Each frame is checked on its own, as each shard checks its own slice of a push."""
     client = small_frames
-    n = 300_000
+    n = 300_000  # five frames of 60,000 values
     params = np.ones(n, np.float32)
     grad = np.full(n, 0.5, np.float32)
-    grad[-1] = np.inf  # in the last of five pieces
+    grad[-1] = np.inf  # in the last frame, the one that counts the update
     shard_worker, caller = sorted(worker_info(client))
     ps = ParameterServer.create(client, params, 1, adagrad(lr=0.05), workers=[shard_worker])
     try:
@@ -84,5 +82,7 @@ def test_a_non_finite_value_in_any_piece_rejects_the_whole_push(small_frames):
         stats = ps.stats()[0]
     finally:
         ps.close()
-    np.testing.assert_array_equal(values, params)
+    assert np.isfinite(values).all()
+    np.testing.assert_array_equal(values[240_000:], params[240_000:])
+    assert (values[:240_000] < 1).all()  # the four finite frames were applied
     assert stats["rejected"] == 1 and stats["applied"] == 0

@@ -6,7 +6,10 @@ issued to all shards before any reply is awaited, so S shards cost one round tri
 """
 from __future__ import annotations
 
+import functools
 import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import dask.config
 import numpy as np
@@ -15,10 +18,11 @@ from distributed import get_worker
 
 from daskbelief.cluster import start_actors, worker_info
 from daskbelief.ps.policy import overlaps, place_shards, shard_ranges
-from daskbelief.ps.shard import ParameterShard, pieces
+from daskbelief.ps.shard import ParameterShard
 from daskbelief.ranges import split
 
 
+PUSH_WINDOW = 2  # frames of one large push in flight at once
 WAIT_SLICE = 1.0  # seconds a caller waits for a shard before checking for a recovered server
 RECOVERY_TIMEOUT = 300.0  # seconds a caller waits for the driver to recover a lost shard
 
@@ -141,9 +145,9 @@ class ParameterServer:
     def push_async(self, grad, versions: list[int], replica: str = "",
                    steps_done: int | None = None) -> list:
         """Send each shard its slice of ``grad``; returns the pending replies (new versions).
-        ``steps_done``: the replica's step count including this push (kept for resuming)."""
-        limit = frame_values()
-        return [s.push(pieces(grad[a:b], limit), v, replica, 0, steps_done)
+        ``steps_done``: the replica's step count including this push (kept for resuming).
+        A slice larger than one comm frame goes frame by frame (``push_slice``)."""
+        return [push_slice(s, grad[a:b], v, replica, 0, steps_done)
                 for s, (a, b), v in zip(self.shards, self.ranges, versions)]
 
     def push(self, grad, versions: list[int], replica: str = "", steps_done: int | None = None) -> list[int]:
@@ -167,10 +171,9 @@ class ParameterServer:
     def push_range_async(self, start: int, grad, versions: dict[int, int], replica: str = "",
                          steps_done: int | None = None) -> list:
         """Push a gradient for ``[start, start + len(grad))`` to the shards that hold that range."""
-        parts, limit = overlaps(self.ranges, start, start + len(grad)), frame_values()
-        return [self.shards[i].push(pieces(grad[lo - start:hi - start], limit), versions.get(i, 0),
-                                    replica, lo - self.ranges[i][0], steps_done)
-                for i, lo, hi in parts]
+        return [push_slice(self.shards[i], grad[lo - start:hi - start], versions.get(i, 0),
+                           replica, lo - self.ranges[i][0], steps_done)
+                for i, lo, hi in overlaps(self.ranges, start, start + len(grad))]
 
     # -- inspection and checkpoints ---------------------------------------------------------------
     def stats(self, timeout: float | None = None) -> list[dict]:
@@ -213,6 +216,44 @@ def frame_values() -> int:
 def frames(n: int) -> list[tuple[int, int]]:
     """``range(n)`` cut into as few runs as fit in one comm frame each."""
     return split(n, -(-n // frame_values()))
+
+
+def push_slice(shard, grad, version: int, replica: str, offset: int, steps_done):
+    """Push ``grad`` into ``shard`` at ``offset``; a reply to wait on.
+
+    A slice that fits one comm frame is one call. A larger one goes frame by frame from a helper
+    thread, ``PUSH_WINDOW`` frames in flight, so the shard applies one frame while the next
+    arrives (one message would be applied only once all of it had arrived, and distributed would
+    copy its split frames back together first); the last frame, sent once the others are
+    applied, counts the update.
+    """
+    spans = frames(len(grad))
+    if len(spans) == 1:
+        return shard.push(grad, version, replica, offset, steps_done)
+    # the first frames leave from this thread: the actor handle binds to this worker or client
+    # here (a helper thread could not), and the transfer starts at once
+    first = spans[:min(PUSH_WINDOW, len(spans) - 1)]
+    pending = deque(shard.push(grad[lo:hi], version, replica, offset + lo, None, False)
+                    for lo, hi in first)
+    return _pusher().submit(_push_frames, shard, grad, spans[len(first):], pending, version,
+                            replica, offset, steps_done)
+
+
+def _push_frames(shard, grad, spans, pending, version, replica, offset, steps_done) -> int:
+    for lo, hi in spans[:-1]:
+        pending.popleft().result(timeout=RECOVERY_TIMEOUT)
+        pending.append(shard.push(grad[lo:hi], version, replica, offset + lo, None, False))
+    for reply in pending:
+        reply.result(timeout=RECOVERY_TIMEOUT)
+    lo, hi = spans[-1]
+    return shard.push(grad[lo:hi], version, replica, offset + lo, steps_done).result(
+        timeout=RECOVERY_TIMEOUT)
+
+
+@functools.cache
+def _pusher() -> ThreadPoolExecutor:
+    """This process's threads for frame-by-frame pushes (one per push in flight)."""
+    return ThreadPoolExecutor(max_workers=32, thread_name_prefix="daskbelief-push")
 
 
 def _result(reply):

@@ -16,7 +16,6 @@ import numpy as np
 from daskbelief.backend import get_backend, namespace, to_numpy
 from daskbelief.optim.rules import make_rule
 from daskbelief.optim.vectors import LocalVectors
-from daskbelief.ranges import split
 
 STALENESS_BINS = 64  # staleness >= this lands in the last histogram bin
 APPLY_BLOCK = 1 << 20  # values the update rule is applied to at a time (4 MB of float32)
@@ -56,26 +55,26 @@ class ParameterShard:
 
     # -- Downpour -------------------------------------------------------------------------------
     def push(self, grad, base_version: int, replica: str = "", offset: int = 0,
-             steps_done: int | None = None) -> int:
+             steps_done: int | None = None, count: bool = True) -> int:
         """Apply one update from a gradient computed on parameters of version ``base_version``.
 
         ``grad`` covers ``[offset, offset + len(grad))`` of this shard's slice (a model-parallel
         block pushes only its own ranges); updating a sub-slice is exact because every rule is
-        elementwise. It is one array or a list of consecutive ``pieces``: a slice larger than one
-        comm frame travels that way so that each piece arrives in a buffer of its own and is
-        applied where it landed, never copied. The rule runs over blocks of ``APPLY_BLOCK`` values,
-        so its temporaries stay in cache and are reused instead of being allocated (and
+        elementwise. ``count=False``: one part of a push that travels in several calls (a slice
+        larger than one comm frame, see ``ParameterServer.push_async``), applied but counted as
+        an update only by the part sent last. The rule runs over blocks of ``APPLY_BLOCK``
+        values, so its temporaries stay in cache and are reused instead of being allocated (and
         page-faulted) at the size of the push. Non-finite gradients are counted and dropped: one
         bad replica must never poison the shared parameters.
         """
         xp = namespace(self.params)
-        parts = [xp.asarray(g) for g in (grad if isinstance(grad, list) else [grad])]
-        self.bytes_in += sum(g.nbytes for g in parts)
-        blocks = [g[i:i + APPLY_BLOCK] for g in parts for i in range(0, len(g), APPLY_BLOCK)]
+        grad = xp.asarray(grad)
+        self.bytes_in += grad.nbytes
+        blocks = [grad[i:i + APPLY_BLOCK] for i in range(0, len(grad), APPLY_BLOCK)]
         if not all(bool(xp.isfinite(g).all()) for g in blocks):
             self.rejected += 1
             return self.version
-        end = offset + sum(len(g) for g in parts)
+        end = offset + len(grad)
         if not 0 <= offset < end <= len(self.params):
             raise ValueError(f"shard {self.index}: push of {end - offset} values at offset {offset} "
                              f"does not fit its {len(self.params)} parameters")
@@ -83,6 +82,8 @@ class ParameterShard:
             part = slice(offset, offset + len(g))
             self.rule.apply(self.params[part], g, {k: v[part] for k, v in self.state.items()})
             offset += len(g)
+        if not count:
+            return self.version
         staleness = max(self.version - int(base_version), 0)
         self.staleness_hist[min(staleness, STALENESS_BINS - 1)] += 1
         self.staleness_sum += staleness
@@ -270,19 +271,6 @@ class ParameterShard:
         ev = self._evaluation()
         return {"shard": self.index, "reads": ev.reads, "accepted": ev.accepted,
                 "refused": ev.refused, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out}
-
-
-def pieces(values, limit: int):
-    """``values`` itself when it has at most ``limit`` elements, else a list of consecutive views
-    of at most ``limit`` elements each.
-
-    distributed splits a frame larger than ``distributed.comm.shard`` into several, and the
-    receiver reads each into its own buffer and then copies them into one array; arrays no larger
-    than a frame are used in the buffer they arrived in.
-    """
-    if len(values) <= limit:
-        return values
-    return [values[a:b] for a, b in split(len(values), -(-len(values) // limit))]
 
 
 VECTOR_OPS = frozenset({"zeros", "copy", "swap", "axpy", "scale", "mul", "dot", "dots"})

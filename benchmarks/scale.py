@@ -1,0 +1,162 @@
+"""DistBelief's size: the parameter server moving 100 MB - 1 GB slices (issue 14, item 2).
+
+``python -m benchmarks scale [--quick]``. One shard (Adagrad) holds a slice on one worker
+process; a task on a second worker process pushes a gradient of the slice's size and fetches the
+slice back, as a replica does. In the same run, between the same two processes, a plain TCP
+socket moves the same number of bytes each way (``daskbelief.testing.tcp``: one socket, a
+preallocated and touched buffer, nothing else). Rounds alternate socket, push, socket, fetch, so
+a burst of load from another process slows one round of each rather than all rounds of one; each
+figure is the best round (the least disturbed), the median beside it. Push runs against the
+caller-to-shard socket, fetch against the shard-to-caller one.
+
+The CPU seconds each process spends per GB moved (psutil, both processes) do not depend on how
+busy the machine is: they show the copies. A shard's peak RSS (sampled every 0.1 s) is printed
+against its slice: parameters + Adagrad's accumulator are two slices, a push in flight a third, a
+fetch's snapshot a fourth.
+
+Not here yet: the 400M-parameter model trained over memory-limited workers (item 1), whose keys
+(``params``, ``worker_memory_limit_bytes``, ...) this benchmark leaves out.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import numpy as np
+import psutil
+from distributed import Client, LocalCluster
+
+from benchmarks.downpour import RssSampler
+from daskbelief.cluster import start_actors, worker_info
+from daskbelief.ps.server import ParameterServer
+from daskbelief.ps.shard import ParameterShard
+from daskbelief.testing.tcp import tcp_gbps
+
+RULE = {"name": "adagrad", "lr": 1e-4}
+MB = 10**6
+
+
+def _cpu(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return t.user + t.system
+
+
+def one_shard(client, n: int, worker: str) -> ParameterServer:
+    """A one-shard server of ``n`` zeros on ``worker``, the values made there (not sent)."""
+    zeros = client.submit(np.zeros, n, np.float32, workers=[worker], pure=False)
+    (shard,), futures = start_actors(client, [(ParameterShard, worker, f"scale-shard-{n}",
+                                               (0, 0, n, zeros, RULE, "numpy"))])
+    zeros.release()
+    return ParameterServer([shard], [(0, n)], futures, RULE)
+
+
+def _push(ps, grad) -> float:
+    """On the caller's worker: seconds of one push of the whole slice."""
+    t = time.perf_counter()
+    ps.push(grad, [0])
+    return time.perf_counter() - t
+
+
+def _fetch(ps, out) -> float:
+    """On the caller's worker: seconds of one fetch of the whole slice into ``out``, the
+    replica's parameter buffer (a value the worker holds, reused by every round)."""
+    t = time.perf_counter()
+    ps.fetch(out=out)
+    return time.perf_counter() - t
+
+
+def measure(client, n: int, rounds: int) -> dict:
+    """GB/s and CPU s/GB of socket, push and fetch for one slice of ``n`` float32 values."""
+    shard_w, caller_w = sorted(worker_info(client))
+    pids = client.run(os.getpid)
+    procs = {"shard": psutil.Process(pids[shard_w]), "caller": psutil.Process(pids[caller_w])}
+    baseline = procs["shard"].memory_info().rss
+    sampler = RssSampler(client, period=0.1)
+    ps = one_shard(client, n, shard_w)
+    grad = client.submit(_gradient, n, workers=[caller_w], pure=False)
+    out = client.submit(np.ones, n, np.float32, workers=[caller_w], pure=False)
+    nbytes = 4 * n
+    ops = {"tcp_in": lambda: nbytes / tcp_gbps(client, caller_w, shard_w, nbytes) / 1e9,
+           "push": lambda: client.submit(_push, ps, grad, workers=[caller_w], pure=False).result(),
+           "tcp_out": lambda: nbytes / tcp_gbps(client, shard_w, caller_w, nbytes) / 1e9,
+           "fetch": lambda: client.submit(_fetch, ps, out, workers=[caller_w], pure=False).result()}
+    gbps = {k: [] for k in ops}
+    cpu = {k: {"shard": [], "caller": []} for k in ops}
+    try:
+        for op in ops.values():
+            op()  # warm-up: connections, buffers, first touch
+        for _ in range(rounds):
+            for name, op in ops.items():
+                before = {k: _cpu(p) for k, p in procs.items()}
+                seconds = op()
+                gbps[name].append(nbytes / seconds / 1e9)
+                for k, p in procs.items():
+                    cpu[name][k].append((_cpu(p) - before[k]) / (nbytes / 1e9))
+    finally:
+        ps.close()
+        client.cancel([grad, out])
+        peaks = sampler.stop()
+    return {"bytes": nbytes, "gbps": gbps, "cpu_s_per_gb": cpu,
+            "shard_peak_rss_bytes": peaks[shard_w], "shard_baseline_rss_bytes": baseline}
+
+
+def _gradient(n: int) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal(n, dtype=np.float32)
+
+
+def summarise(m: dict) -> dict:
+    """Best and median of each figure, the ratios to the socket, the shard's memory."""
+    best = {k: max(v) for k, v in m["gbps"].items()}
+    median = {k: statistics.median(v) for k, v in m["gbps"].items()}
+    cpu = {op: {side: statistics.median(v) for side, v in sides.items()}
+           for op, sides in m["cpu_s_per_gb"].items()}
+    return {"mb": m["bytes"] / MB, "best": best, "median": median, "cpu_s_per_gb": cpu,
+            "push_ratio_to_tcp": best["push"] / best["tcp_in"],
+            "fetch_ratio_to_tcp": best["fetch"] / best["tcp_out"],
+            "push_ratio_median": median["push"] / median["tcp_in"],
+            "fetch_ratio_median": median["fetch"] / median["tcp_out"],
+            "shard_peak_rss_bytes": m["shard_peak_rss_bytes"],
+            "shard_rss_over_slice": m["shard_peak_rss_bytes"] / m["bytes"],
+            "shard_growth_over_slice": (m["shard_peak_rss_bytes"] - m["shard_baseline_rss_bytes"])
+            / m["bytes"]}
+
+
+def _print(rows: list[dict], rounds: int) -> None:
+    print(f"\nGB/s, best of {rounds} interleaved rounds (median); tcp_in: caller->shard socket, "
+          f"tcp_out: shard->caller")
+    print(f"{'slice MB':>9} {'tcp_in':>13} {'push':>13} {'tcp_out':>13} {'fetch':>13} "
+          f"{'push/tcp':>9} {'fetch/tcp':>9} {'shard RSS/slice':>15}")
+    for r in rows:
+        cells = " ".join(f"{r['best'][k]:>6.2f} ({r['median'][k]:.2f})"
+                         for k in ("tcp_in", "push", "tcp_out", "fetch"))
+        print(f"{r['mb']:>9.0f} {cells} {r['push_ratio_to_tcp']:>9.2f} "
+              f"{r['fetch_ratio_to_tcp']:>9.2f} {r['shard_rss_over_slice']:>15.2f}")
+    print("\nCPU seconds per GB moved (median), shard process / caller process")
+    for r in rows:
+        cells = "  ".join(f"{k} {c['shard']:.3f}/{c['caller']:.3f}" for k, c in r["cpu_s_per_gb"].items())
+        print(f"{r['mb']:>9.0f} MB: {cells}")
+
+
+def run(quick: bool = False) -> dict:
+    sizes = [100 * MB] if quick else [100 * MB, 1000 * MB]
+    rounds = 3 if quick else 5
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit=0,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        rows = [summarise(measure(client, nbytes // 4, rounds)) for nbytes in sizes]
+    _print(rows, rounds)
+    print("one machine: the socket and the parameter server share its cores and memory bus, "
+          "and other work on it; the ratios are measured side by side")
+    large = rows[-1]
+    return {"push_gbps_large": large["best"]["push"], "fetch_gbps_large": large["best"]["fetch"],
+            "tcp_gbps_same_run": large["best"]["tcp_in"],
+            "tcp_gbps_same_run_reverse": large["best"]["tcp_out"],
+            "push_ratio_to_tcp": large["push_ratio_to_tcp"],
+            "fetch_ratio_to_tcp": large["fetch_ratio_to_tcp"],
+            "push_ratio_median": large["push_ratio_median"],
+            "fetch_ratio_median": large["fetch_ratio_median"],
+            "slice_bytes_large": int(large["mb"] * MB),
+            "shard_peak_rss_bytes": large["shard_peak_rss_bytes"],
+            "shard_rss_over_slice": large["shard_rss_over_slice"],
+            "shard_growth_over_slice": large["shard_growth_over_slice"],
+            "sizes": rows, "rounds": rounds}
