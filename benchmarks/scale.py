@@ -19,6 +19,10 @@ on emulated 10 Gbit/s links (``daskbelief.testing.netns``; where namespaces cann
 output says why and only loopback is measured). The JSON's headline keys come from the link
 (``"link"`` says which); ``"loopback"`` holds the same keys for loopback.
 
+Then (item 6) one Downpour epoch over a speech-frames store larger than the sum of two workers'
+memory limits, with every worker's RSS sampled through the epoch: peak against the limit, and
+growth (the last third's peak minus the first third's).
+
 Not here yet: the 400M-parameter model trained over memory-limited workers (item 1), whose keys
 (``params``, ``worker_memory_limit_bytes``, ...) this benchmark leaves out.
 """
@@ -26,6 +30,8 @@ from __future__ import annotations
 
 import os
 import statistics
+import tempfile
+import threading
 import time
 
 import numpy as np
@@ -133,6 +139,76 @@ def ps_point(client, sizes: list[int], rounds: int) -> list[dict]:
     return [summarise(measure(client, nbytes // 4, rounds)) for nbytes in sizes]
 
 
+class RssSeries:
+    """Every worker's RSS every ``period`` seconds (psutil by pid), for telling flat from growing."""
+
+    def __init__(self, client, period: float = 0.5):
+        self.procs = {w: psutil.Process(pid) for w, pid in client.run(os.getpid).items()}
+        self.rows: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(period,), daemon=True)
+        self._thread.start()
+
+    def _loop(self, period: float) -> None:
+        while not self._stop.wait(period):
+            row = {}
+            for w, proc in self.procs.items():
+                try:
+                    row[w] = proc.memory_info().rss
+                except psutil.NoSuchProcess:
+                    row[w] = 0
+            self.rows.append(row)
+
+    def stop(self) -> dict:
+        """Each worker's peak, and its growth: the peak of the last third of the samples minus
+        the peak of the first third."""
+        self._stop.set()
+        self._thread.join()
+        third = max(len(self.rows) // 3, 1)
+        return {w: {"peak": max(r[w] for r in self.rows),
+                    "growth": max(r[w] for r in self.rows[-third:])
+                    - max(r[w] for r in self.rows[:third])} for w in self.procs}
+
+
+def data_epoch(quick: bool, tmp: str) -> dict:
+    """Item 6: one Downpour epoch over a speech-frames store larger than the sum of the two
+    workers' memory limits; the workers' RSS must stay flat (and below the limits: the nanny
+    would kill a worker past 95% of its limit)."""
+    import daskbelief_datasets as recipes
+    from daskbelief.data import open_store
+    from daskbelief.nn import Dense, Sequential
+    from daskbelief.train.downpour import downpour
+
+    limit, rows = (250 * MB, 320_000) if quick else (400 * MB, 560_000)
+    t = time.perf_counter()
+    path = recipes.build("speech-frames", os.path.join(tmp, "big.zarr"), size=rows, classes=64)
+    store = open_store(path, split="train")
+    data_bytes = store.n * int(np.prod(store.feature_shape)) * 4
+    print(f"\nspeech-frames: {store.n:,} train rows, {data_bytes / MB:,.0f} MB of features "
+          f"(written in {time.perf_counter() - t:.0f} s); 2 workers of {limit / MB:.0f} MB each")
+    model = Sequential((440,), [Dense(256, activation="relu"), Dense(64)])
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit=limit,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        series = RssSeries(client)
+        result = downpour(model, store, client=client, replicas=2, shards=2, n_fetch=5, n_push=5,
+                          rule={"name": "adagrad", "lr": 0.01}, batch_size=256, epochs=1,
+                          report_every=50)
+        rss = series.stop()
+    losses = [h["loss"] for h in result.history if h.get("loss") is not None]
+    out = {"data_bytes": data_bytes, "data_workers_memory_limit_sum": 2 * limit,
+           "data_epoch_seconds": result.summary["seconds"],
+           "data_epoch_samples": result.summary["samples"],
+           "data_peak_rss_bytes_max_worker": max(r["peak"] for r in rss.values()),
+           "data_rss_growth_bytes_max_worker": max(r["growth"] for r in rss.values()),
+           "data_loss_first": losses[0], "data_loss_last": losses[-1]}
+    print(f"one epoch, {out['data_epoch_samples']:,} samples in {out['data_epoch_seconds']:.0f} s; "
+          f"peak worker RSS {out['data_peak_rss_bytes_max_worker'] / MB:.0f} MB of a "
+          f"{limit / MB:.0f} MB limit; RSS growth, last third vs first third of the epoch: "
+          f"{out['data_rss_growth_bytes_max_worker'] / MB:+.0f} MB; loss "
+          f"{out['data_loss_first']:.3f} -> {out['data_loss_last']:.3f}")
+    return out
+
+
 def _print(where: str, rows: list[dict], rounds: int) -> None:
     print(f"\n{where}: GB/s, best of {rounds} interleaved rounds (median); tcp_in: caller->shard "
           f"socket, tcp_out: shard->caller")
@@ -172,6 +248,8 @@ def run(quick: bool = False) -> dict:
     out = _keys(tables[link][-1])
     out.update({"link": link, "rounds": rounds, "tables": tables,
                 "loopback": _keys(tables["loopback"][-1])})
+    with tempfile.TemporaryDirectory() as tmp:
+        out.update(data_epoch(quick, tmp))
     return out
 
 
