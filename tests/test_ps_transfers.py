@@ -73,7 +73,7 @@ def test_a_frame_with_a_non_finite_value_is_dropped_and_the_parameters_stay_fini
     n = 300_000  # five frames of 60,000 values
     params = np.ones(n, np.float32)
     grad = np.full(n, 0.5, np.float32)
-    grad[-1] = np.inf  # in the last frame, the one that counts the update
+    grad[-1] = np.inf  # in the last of the five frames
     shard_worker, caller = sorted(worker_info(client))
     ps = ParameterServer.create(client, params, 1, adagrad(lr=0.05), workers=[shard_worker])
     try:
@@ -85,4 +85,4 @@ def test_a_frame_with_a_non_finite_value_is_dropped_and_the_parameters_stay_fini
     assert np.isfinite(values).all()
     np.testing.assert_array_equal(values[240_000:], params[240_000:])
     assert (values[:240_000] < 1).all()  # the four finite frames were applied
-    assert stats["rejected"] == 1 and stats["applied"] == 0
+    assert stats["rejected"] == 1 and stats["applied"] == 0  # a push with a dropped frame is not counted

@@ -6,10 +6,7 @@ issued to all shards before any reply is awaited, so S shards cost one round tri
 """
 from __future__ import annotations
 
-import functools
 import uuid
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 
 import dask.config
 import numpy as np
@@ -22,7 +19,6 @@ from daskbelief.ps.shard import ParameterShard
 from daskbelief.ranges import split
 
 
-PUSH_WINDOW = 2  # frames of one large push in flight at once
 WAIT_SLICE = 1.0  # seconds a caller waits for a shard before checking for a recovered server
 RECOVERY_TIMEOUT = 300.0  # seconds a caller waits for the driver to recover a lost shard
 
@@ -221,39 +217,28 @@ def frames(n: int) -> list[tuple[int, int]]:
 def push_slice(shard, grad, version: int, replica: str, offset: int, steps_done):
     """Push ``grad`` into ``shard`` at ``offset``; a reply to wait on.
 
-    A slice that fits one comm frame is one call. A larger one goes frame by frame from a helper
-    thread, ``PUSH_WINDOW`` frames in flight, so the shard applies one frame while the next
-    arrives (one message would be applied only once all of it had arrived, and distributed would
-    copy its split frames back together first); the last frame, sent once the others are
-    applied, counts the update.
+    A slice that fits one comm frame is one call. A larger one is sent frame by frame, all
+    frames at once: each arrives in its own buffer and is applied there while the others are
+    still arriving (one message would be applied only once all of it had arrived, and
+    distributed would first copy its split frames back together); the shard counts the update
+    when the last frame is in.
     """
     spans = frames(len(grad))
     if len(spans) == 1:
         return shard.push(grad, version, replica, offset, steps_done)
-    # the first frames leave from this thread: the actor handle binds to this worker or client
-    # here (a helper thread could not), and the transfer starts at once
-    first = spans[:min(PUSH_WINDOW, len(spans) - 1)]
-    pending = deque(shard.push(grad[lo:hi], version, replica, offset + lo, None, False)
-                    for lo, hi in first)
-    return _pusher().submit(_push_frames, shard, grad, spans[len(first):], pending, version,
-                            replica, offset, steps_done)
+    part = (uuid.uuid4().hex, len(spans))
+    return Replies([shard.push(grad[lo:hi], version, replica, offset + lo, steps_done, part)
+                    for lo, hi in spans])
 
 
-def _push_frames(shard, grad, spans, pending, version, replica, offset, steps_done) -> int:
-    for lo, hi in spans[:-1]:
-        pending.popleft().result(timeout=RECOVERY_TIMEOUT)
-        pending.append(shard.push(grad[lo:hi], version, replica, offset + lo, None, False))
-    for reply in pending:
-        reply.result(timeout=RECOVERY_TIMEOUT)
-    lo, hi = spans[-1]
-    return shard.push(grad[lo:hi], version, replica, offset + lo, steps_done).result(
-        timeout=RECOVERY_TIMEOUT)
+class Replies:
+    """The replies to the frames of one push, waited on as one: ``result`` is the newest version."""
 
+    def __init__(self, replies):
+        self.replies = replies
 
-@functools.cache
-def _pusher() -> ThreadPoolExecutor:
-    """This process's threads for frame-by-frame pushes (one per push in flight)."""
-    return ThreadPoolExecutor(max_workers=32, thread_name_prefix="daskbelief-push")
+    def result(self, timeout: float | None = None) -> int:
+        return max(r.result(timeout=timeout) for r in self.replies)
 
 
 def _result(reply):

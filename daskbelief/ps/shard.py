@@ -43,6 +43,7 @@ class ParameterShard:
         self.rejected = 0
         self.per_replica: dict[str, int] = {}
         self.replica_steps: dict[str, int] = {}  # steps each replica had done by its last push
+        self._parts: dict[str, tuple[int, bool]] = {}  # frames seen of pushes still arriving
         self.staleness_hist = np.zeros(STALENESS_BINS, dtype=np.int64)
         self.staleness_sum = 0
         self.bytes_in = 0
@@ -55,14 +56,15 @@ class ParameterShard:
 
     # -- Downpour -------------------------------------------------------------------------------
     def push(self, grad, base_version: int, replica: str = "", offset: int = 0,
-             steps_done: int | None = None, count: bool = True) -> int:
+             steps_done: int | None = None, part: tuple[str, int] | None = None) -> int:
         """Apply one update from a gradient computed on parameters of version ``base_version``.
 
         ``grad`` covers ``[offset, offset + len(grad))`` of this shard's slice (a model-parallel
         block pushes only its own ranges); updating a sub-slice is exact because every rule is
-        elementwise. ``count=False``: one part of a push that travels in several calls (a slice
-        larger than one comm frame, see ``ParameterServer.push_async``), applied but counted as
-        an update only by the part sent last. The rule runs over blocks of ``APPLY_BLOCK``
+        elementwise. ``part=(token, n)``: one of the ``n`` frames of a push that travels as several
+        calls (a slice larger than one comm frame, see ``server.push_slice``), arriving in any
+        order; each is applied on arrival, and the push counts as one update once all have
+        arrived, none of them dropped. The rule runs over blocks of ``APPLY_BLOCK``
         values, so its temporaries stay in cache and are reused instead of being allocated (and
         page-faulted) at the size of the push. Non-finite gradients are counted and dropped: one
         bad replica must never poison the shared parameters.
@@ -71,7 +73,9 @@ class ParameterShard:
         grad = xp.asarray(grad)
         self.bytes_in += grad.nbytes
         blocks = [grad[i:i + APPLY_BLOCK] for i in range(0, len(grad), APPLY_BLOCK)]
-        if not all(bool(xp.isfinite(g).all()) for g in blocks):
+        finite = all(bool(xp.isfinite(g).all()) for g in blocks)
+        complete = part is None or self._arrived(*part, finite)
+        if not finite:
             self.rejected += 1
             return self.version
         end = offset + len(grad)
@@ -82,7 +86,7 @@ class ParameterShard:
             part = slice(offset, offset + len(g))
             self.rule.apply(self.params[part], g, {k: v[part] for k, v in self.state.items()})
             offset += len(g)
-        if not count:
+        if not complete:
             return self.version
         staleness = max(self.version - int(base_version), 0)
         self.staleness_hist[min(staleness, STALENESS_BINS - 1)] += 1
@@ -93,6 +97,16 @@ class ParameterShard:
         if steps_done is not None:  # what a checkpoint needs to resume the replica exactly
             self.replica_steps[replica] = max(self.replica_steps.get(replica, 0), int(steps_done))
         return self.version
+
+    def _arrived(self, token: str, n: int, applied: bool) -> bool:
+        """Record one frame of push ``token``: True when it is the last of its ``n`` frames to
+        arrive and every one of them was applied."""
+        seen, good = self._parts.pop(token, (0, True))
+        seen, good = seen + 1, good and applied
+        if seen < n:
+            self._parts[token] = (seen, good)
+            return False
+        return good
 
     def fetch(self, offset: int = 0, length: int | None = None):
         """A copy of ``params[offset:offset+length]`` of this slice and the shard's version."""
