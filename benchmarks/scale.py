@@ -179,7 +179,7 @@ def data_epoch(quick: bool, tmp: str) -> dict:
     from daskbelief.nn import Dense, Sequential
     from daskbelief.train.downpour import downpour
 
-    limit, rows = (250 * MB, 320_000) if quick else (400 * MB, 560_000)
+    limit, rows = (300 * MB, 380_000) if quick else (400 * MB, 560_000)
     t = time.perf_counter()
     path = recipes.build("speech-frames", os.path.join(tmp, "big.zarr"), size=rows, classes=64)
     store = open_store(path, split="train")

@@ -83,8 +83,8 @@ class ParameterShard:
             raise ValueError(f"shard {self.index}: push of {end - offset} values at offset {offset} "
                              f"does not fit its {len(self.params)} parameters")
         for g in blocks:
-            part = slice(offset, offset + len(g))
-            self.rule.apply(self.params[part], g, {k: v[part] for k, v in self.state.items()})
+            span = slice(offset, offset + len(g))
+            self.rule.apply(self.params[span], g, {k: v[span] for k, v in self.state.items()})
             offset += len(g)
         if not complete:
             return self.version
