@@ -14,6 +14,8 @@ bandwidth a driver inside the emulated network measures:
   from the network instead of from cores.
 * Sandblaster L-BFGS's steady time per iteration (``benchmarks.sandblaster``'s model and portions,
   two shards).
+* At 1 Gbit/s, the time ``benchmarks.paper``'s Downpour Adagrad run (R=2) takes to reach that
+  benchmark's target test accuracy (``time_to_target_1gbit_exact``).
 
 Latency: this machine's kernel may lack the ``netem`` qdisc; the links then add no delay beyond
 the queueing the bandwidth limit makes (the output says which). All hosts share one machine's
@@ -41,9 +43,10 @@ def downpour_mlp():
                                Dense(2048)])
 
 
-def point(client, speech: str, frames64: str, quick: bool) -> dict:
-    """The driver's part at one bandwidth (runs inside the emulated network)."""
-    from benchmarks import model_parallel, sandblaster
+def point(client, speech: str, frames64: str, quick: bool, to_target: bool = False) -> dict:
+    """The driver's part at one bandwidth (runs inside the emulated network); ``to_target``:
+    also time Downpour to ``benchmarks.paper``'s target accuracy."""
+    from benchmarks import model_parallel, paper, sandblaster
     from daskbelief.data import open_store
     from daskbelief.train.downpour import downpour
 
@@ -67,6 +70,12 @@ def point(client, speech: str, frames64: str, quick: bool) -> dict:
     store = open_store(frames64, split="train")
     sb = sandblaster._sandblaster(client, sandblaster.speech_mlp(), store, 3 if quick else 5)
     out["sandblaster_s_per_iteration"] = sb["per_iteration"]
+    if to_target:  # benchmarks.paper's Downpour Adagrad run, R=2, exact transfers
+        budget = 8.0 if quick else 40.0
+        curve = paper._downpour(client, "exact", frames64, paper.DOWNPOUR_ADAGRAD, 2, budget, 1_000)
+        out["time_to_target_exact"] = paper.time_to(curve.times, curve.accuracy,
+                                                    paper.TARGET[quick])
+        out["target_accuracy"], out["target_budget_s"] = paper.TARGET[quick], budget
     return out
 
 
@@ -103,12 +112,18 @@ def run(quick: bool = False) -> dict:
                 rates = {e["rate_bits"] for ends in net.links().values() for e in ends.values()}
                 print(f"links at {bw}: tc reports {sorted(rates)} bit/s; added latency: {latency}")
                 points[bw] = net.call(f"{__name__}:point", timeout=600, speech=speech,
-                                      frames64=frames64, quick=quick)
+                                      frames64=frames64, quick=quick, to_target=bw == "1gbit")
     _table(points)
+    tt = points["1gbit"]["time_to_target_exact"]
+    print(f"Downpour Adagrad R=2 (benchmarks.paper's run) at 1gbit: "
+          f"{'never' if tt is None else f'{tt:.1f} s'} to {points['1gbit']['target_accuracy']:.0%} "
+          f"test accuracy within {points['1gbit']['target_budget_s']:.0f} s")
     return {"downpour_r2_samples_per_s": {bw: p["downpour"]["n1"] for bw, p in points.items()},
             "downpour_r2_n5_samples_per_s": {bw: p["downpour"]["n5"] for bw, p in points.items()},
             "mp_k2_speedup_lc": {bw: p["mp_lc"]["speedup"] for bw, p in points.items()},
             "mp_k2_speedup_mlp": {bw: p["mp_mlp"]["speedup"] for bw, p in points.items()},
             "sandblaster_s_per_iteration": {bw: p["sandblaster_s_per_iteration"]
                                             for bw, p in points.items()},
+            "time_to_target_1gbit_exact": points["1gbit"]["time_to_target_exact"],
+            "target_accuracy": points["1gbit"]["target_accuracy"],
             "points": points, "latency": latency, "note": netns.LOOPBACK_NOTE}
