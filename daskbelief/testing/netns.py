@@ -179,7 +179,7 @@ class Network:
         self.scheduler = f"tcp://{self.address['sched']}:{SCHEDULER_PORT}"
         self.setting = (bandwidth, latency_ms)
         self.procs: list[subprocess.Popen] = []
-        self.logs = Path(tempfile.mkdtemp(prefix=self.name + "-"))
+        self.logs: Path | None = None  # the processes' output, made by ``start``
         self._made: list[str] = []
         self._open = False
 
@@ -206,6 +206,7 @@ class Network:
         remove_leftovers()
         atexit.register(self.close)
         self._open = True
+        self.logs = Path(tempfile.mkdtemp(prefix=self.name + "-"))
         try:
             self._make_links()
             self.shape(*self.setting)
