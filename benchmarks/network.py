@@ -6,6 +6,7 @@ its own network namespace (``daskbelief.testing.netns``), on links that ``tc`` s
 1 Gbit/s and 100 Mbit/s in turn; the cluster stays up and only the links change. At each
 bandwidth a driver inside the emulated network measures:
 
+* A plain TCP socket between two workers (``daskbelief.testing.tcp``): what the link carries.
 * Downpour R=2 samples/s, one parameter shard (on w0) and the replicas on w1 and w2, for
   n_fetch = n_push = 1 (the paper's setting) and 5, on speech-frames with a 440-512-512-2048 MLP
   (1.5M parameters: 6 MB each way per fetch or push). Each run stops after a few seconds.
@@ -50,8 +51,12 @@ def point(client, speech: str, frames64: str, quick: bool, to_target: bool = Fal
     from daskbelief.data import open_store
     from daskbelief.train.downpour import downpour
 
+    from daskbelief.cluster import worker_info
+    from daskbelief.testing.tcp import tcp_gbps
+
     seconds = 4.0 if quick else 8.0
-    out = {"downpour": {}}
+    workers = sorted(worker_info(client))
+    out = {"downpour": {}, "socket_gbps": tcp_gbps(client, workers[1], workers[2], 20 * 10**6)}
     for n in (1, 5):
         result = downpour(downpour_mlp(), speech, client=client, replicas=2, shards=1, n_fetch=n,
                           n_push=n, rule=RULE, batch_size=256, steps=10**6, max_seconds=seconds,
@@ -80,15 +85,15 @@ def point(client, speech: str, frames64: str, quick: bool, to_target: bool = Fal
 
 
 def _table(points: dict) -> None:
-    print(f"\n{'link':>8} {'downpour n=1':>13} {'n=5':>8} {'mp k2 lc':>9} {'mp k2 mlp':>10} "
+    print(f"\n{'link':>8} {'socket GB/s':>11} {'downpour n=1':>13} {'n=5':>8} {'mp k2 lc':>9} {'mp k2 mlp':>10} "
           f"{'lc ms k1/k2':>14} {'mlp ms k1/k2':>14} {'sandblaster s/it':>17}")
     for bw, p in points.items():
         lc, mlp = p["mp_lc"], p["mp_mlp"]
-        print(f"{bw:>8} {p['downpour']['n1']:>13,.0f} {p['downpour']['n5']:>8,.0f} "
+        print(f"{bw:>8} {p['socket_gbps']:>11.3f} {p['downpour']['n1']:>13,.0f} {p['downpour']['n5']:>8,.0f} "
               f"{lc['speedup']:>9.2f} {mlp['speedup']:>10.2f} "
               f"{lc['ms_k1']:>6.0f}/{lc['ms_k2']:<7.0f} {mlp['ms_k1']:>6.0f}/{mlp['ms_k2']:<7.0f} "
               f"{p['sandblaster_s_per_iteration']:>17.3f}")
-    print("downpour: R=2 samples/s, one shard; mp: k=2 speed-up over k=1 (best of rounds); "
+    print("socket: a plain TCP socket between two workers (20 MB); downpour: R=2 samples/s, one shard; mp: k=2 speed-up over k=1 (best of rounds); "
           f"{netns.LOOPBACK_NOTE}")
 
 
@@ -124,6 +129,7 @@ def run(quick: bool = False) -> dict:
             "mp_k2_speedup_mlp": {bw: p["mp_mlp"]["speedup"] for bw, p in points.items()},
             "sandblaster_s_per_iteration": {bw: p["sandblaster_s_per_iteration"]
                                             for bw, p in points.items()},
+            "socket_gbps": {bw: p["socket_gbps"] for bw, p in points.items()},
             "time_to_target_1gbit_exact": points["1gbit"]["time_to_target_exact"],
             "target_accuracy": points["1gbit"]["target_accuracy"],
             "points": points, "latency": latency, "note": netns.LOOPBACK_NOTE}
