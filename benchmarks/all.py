@@ -1,7 +1,8 @@
 """Every benchmark in one run: ``python -m benchmarks all [--quick] [--out DIR]``.
 
-Runs core, downpour, sandblaster, model_parallel, paper and gpu (which only says "no GPU" on a
-machine without one) one after another, each printing its own table, then writes
+Runs core, downpour, sandblaster, model_parallel, paper, gpu (which only says "no GPU" on a
+machine without one), scale and network (which says why where network namespaces cannot be
+made) one after another, each printing its own table, then writes
 ``DIR/RESULTS.md`` (default ``results/``): a table of the figures that matter with the command
 that produced them, and the PNG figures (the paper's Figures 3, 4 and 5).
 """
@@ -17,7 +18,7 @@ import numpy as np
 
 from benchmarks import figures
 
-ORDER = ("core", "downpour", "sandblaster", "model_parallel", "paper", "gpu")
+ORDER = ("core", "downpour", "sandblaster", "model_parallel", "paper", "gpu", "scale", "network")
 
 KEY_FIGURES = {
     "core": ["blas_peak_gflops", "mlp_gflops", "mlp_peak_ratio", "lc_gflops", "torch_ratio"],
@@ -26,10 +27,28 @@ KEY_FIGURES = {
     "sandblaster": ["straggler_ratio_backup", "straggler_ratio_nobackup", "overhead_ratio"],
     "model_parallel": ["speedup_k2_lc", "speedup_k2_mlp", "boundary_bytes_per_example_lc"],
     "gpu": ["gpu", "core_gpu_vs_1thread_b256", "core_gpu_vs_1thread_b4096", "downpour_gpu_vs_numpy_r1"],
+    "scale": ["link", "push_gbps_large", "fetch_gbps_large", "tcp_gbps_same_run", "push_ratio_to_tcp",
+              "fetch_ratio_to_tcp", "shard_rss_over_slice"],
+    "network": ["downpour_r2_samples_per_s", "downpour_r2_n5_samples_per_s",
+                "time_to_target_1gbit_exact", "sandblaster_s_per_iteration", "skipped"],
 }
 
 
+def _network_table(network: dict, model_parallel: dict | None) -> list[str]:
+    """The paper's Figure 3 from the network (k=2 speed-up by link bandwidth), beside the same
+    speed-up on this machine's cores over loopback."""
+    lines = ["| link | locally connected k=2 | fully connected k=2 |", "|---|---|---|"]
+    if model_parallel:
+        lines.append(f"| loopback (cores) | {_fmt(model_parallel.get('speedup_k2_lc'))} | "
+                     f"{_fmt(model_parallel.get('speedup_k2_mlp'))} |")
+    for bw, lc in network["mp_k2_speedup_lc"].items():
+        lines.append(f"| {bw} | {_fmt(lc)} | {_fmt(network['mp_k2_speedup_mlp'][bw])} |")
+    return lines + ["", network["note"]]
+
+
 def _fmt(value) -> str:
+    if isinstance(value, dict):  # a figure by link bandwidth
+        return ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
     if isinstance(value, float):
         return f"{value:.3g}"
     return "-" if value is None else str(value)
@@ -173,6 +192,9 @@ def write_results(results: dict, out: Path, quick: bool, seconds: float) -> Path
     if "model_parallel" in results:
         figures.model_parallel_speedup(results["model_parallel"], out / "fig3.png")
         lines += ["", "### Figure 3: model-parallel speed-up", "", "![Figure 3](fig3.png)"]
+    if "mp_k2_speedup_lc" in results.get("network", {}):
+        lines += ["", "### Figure 3 by link bandwidth (emulated hosts)", ""]
+        lines += _network_table(results["network"], results.get("model_parallel"))
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
     return out / "RESULTS.md"

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import uuid
 
+import dask.config
 import numpy as np
+from dask.utils import parse_bytes
 from distributed import get_worker
 
 from daskbelief.cluster import start_actors, worker_info
 from daskbelief.ps.policy import overlaps, place_shards, shard_ranges
 from daskbelief.ps.shard import ParameterShard
+from daskbelief.ranges import split
 
 
 WAIT_SLICE = 1.0  # seconds a caller waits for a shard before checking for a recovered server
@@ -107,8 +110,14 @@ class ParameterServer:
 
     # -- whole-vector traffic ---------------------------------------------------------------------
     def fetch_async(self) -> list:
-        """Ask every shard for its slice; returns the pending replies in shard order."""
-        return [s.fetch() for s in self.shards]
+        """Ask every shard for its slice; returns the pending replies in shard order.
+
+        A slice larger than one comm frame is asked for frame by frame, all at once: the shard
+        copies one frame while the previous one travels, and the caller places each one as it
+        arrives, so the two copies a fetch makes overlap the transfer instead of adding to it.
+        """
+        return [[(lo, s.fetch(lo, hi - lo)) for lo, hi in frames(b - a)]
+                for s, (a, b) in zip(self.shards, self.ranges)]
 
     def gather(self, replies, out=None, wait=None) -> tuple[np.ndarray, list[int]]:
         """Wait for ``fetch_async`` replies and assemble them into ``out`` (allocated if None);
@@ -116,10 +125,13 @@ class ParameterServer:
         out = np.empty(self.size, dtype=np.float32) if out is None else out
         wait = wait or _result
         versions = []
-        for (a, b), reply in zip(self.ranges, replies):
-            values, version = wait(reply)
-            out[a:b] = values
-            versions.append(version)
+        for (a, _), parts in zip(self.ranges, replies):
+            seen = []
+            for lo, reply in parts:
+                values, version = wait(reply)
+                out[a + lo:a + lo + len(values)] = values
+                seen.append(version)
+            versions.append(min(seen))  # the oldest part is what the replica's update is based on
         return out, versions
 
     def fetch(self, out=None, timeout: float | None = None) -> tuple[np.ndarray, list[int]]:
@@ -129,8 +141,9 @@ class ParameterServer:
     def push_async(self, grad, versions: list[int], replica: str = "",
                    steps_done: int | None = None) -> list:
         """Send each shard its slice of ``grad``; returns the pending replies (new versions).
-        ``steps_done``: the replica's step count including this push (kept for resuming)."""
-        return [s.push(grad[a:b], v, replica, 0, steps_done)
+        ``steps_done``: the replica's step count including this push (kept for resuming).
+        A slice larger than one comm frame goes frame by frame (``push_slice``)."""
+        return [push_slice(s, grad[a:b], v, replica, 0, steps_done)
                 for s, (a, b), v in zip(self.shards, self.ranges, versions)]
 
     def push(self, grad, versions: list[int], replica: str = "", steps_done: int | None = None) -> list[int]:
@@ -140,21 +153,23 @@ class ParameterServer:
     # -- partial ranges (model-parallel blocks) ---------------------------------------------------
     def fetch_range(self, start: int, stop: int) -> tuple[np.ndarray, dict[int, int]]:
         """Parameters ``[start, stop)`` from the shards that hold them, and those shards' versions."""
-        pieces = overlaps(self.ranges, start, stop)
-        replies = [self.shards[i].fetch(lo - self.ranges[i][0], hi - lo) for i, lo, hi in pieces]
+        replies = [(i, lo + f_lo, self.shards[i].fetch(lo - self.ranges[i][0] + f_lo, f_hi - f_lo))
+                   for i, lo, hi in overlaps(self.ranges, start, stop)
+                   for f_lo, f_hi in frames(hi - lo)]
         out = np.empty(stop - start, dtype=np.float32)
         versions = {}
-        for (i, lo, hi), reply in zip(pieces, replies):
-            out[lo - start:hi - start], versions[i] = reply.result()
+        for i, lo, reply in replies:
+            values, version = reply.result()
+            out[lo - start:lo - start + len(values)] = values
+            versions[i] = min(version, versions.get(i, version))
         return out, versions
 
     def push_range_async(self, start: int, grad, versions: dict[int, int], replica: str = "",
                          steps_done: int | None = None) -> list:
         """Push a gradient for ``[start, start + len(grad))`` to the shards that hold that range."""
-        pieces = overlaps(self.ranges, start, start + len(grad))
-        return [self.shards[i].push(grad[lo - start:hi - start], versions.get(i, 0), replica,
-                                    lo - self.ranges[i][0], steps_done)
-                for i, lo, hi in pieces]
+        return [push_slice(self.shards[i], grad[lo - start:hi - start], versions.get(i, 0),
+                           replica, lo - self.ranges[i][0], steps_done)
+                for i, lo, hi in overlaps(self.ranges, start, start + len(grad))]
 
     # -- inspection and checkpoints ---------------------------------------------------------------
     def stats(self, timeout: float | None = None) -> list[dict]:
@@ -186,6 +201,44 @@ class ParameterServer:
         for f in self._futures or []:
             f.release()
         self._futures = None
+
+
+def frame_values() -> int:
+    """float32 values in one comm frame (``distributed.comm.shard``): the largest piece a slice
+    travels in without being split and copied back together on arrival."""
+    return max(parse_bytes(dask.config.get("distributed.comm.shard")) // 4, 1)
+
+
+def frames(n: int) -> list[tuple[int, int]]:
+    """``range(n)`` cut into as few runs as fit in one comm frame each."""
+    return split(n, -(-n // frame_values()))
+
+
+def push_slice(shard, grad, version: int, replica: str, offset: int, steps_done):
+    """Push ``grad`` into ``shard`` at ``offset``; a reply to wait on.
+
+    A slice that fits one comm frame is one call. A larger one is sent frame by frame, all
+    frames at once: each arrives in its own buffer and is applied there while the others are
+    still arriving (one message would be applied only once all of it had arrived, and
+    distributed would first copy its split frames back together); the shard counts the update
+    when the last frame is in.
+    """
+    spans = frames(len(grad))
+    if len(spans) == 1:
+        return shard.push(grad, version, replica, offset, steps_done)
+    part = (uuid.uuid4().hex, len(spans))
+    return Replies([shard.push(grad[lo:hi], version, replica, offset + lo, steps_done, part)
+                    for lo, hi in spans])
+
+
+class Replies:
+    """The replies to the frames of one push, waited on as one: ``result`` is the newest version."""
+
+    def __init__(self, replies):
+        self.replies = replies
+
+    def result(self, timeout: float | None = None) -> int:
+        return max(r.result(timeout=timeout) for r in self.replies)
 
 
 def _result(reply):

@@ -18,6 +18,7 @@ from daskbelief.optim.rules import make_rule
 from daskbelief.optim.vectors import LocalVectors
 
 STALENESS_BINS = 64  # staleness >= this lands in the last histogram bin
+APPLY_BLOCK = 1 << 20  # values the update rule is applied to at a time (4 MB of float32)
 
 
 class ParameterShard:
@@ -42,6 +43,7 @@ class ParameterShard:
         self.rejected = 0
         self.per_replica: dict[str, int] = {}
         self.replica_steps: dict[str, int] = {}  # steps each replica had done by its last push
+        self._parts: dict[str, tuple[int, bool]] = {}  # frames seen of pushes still arriving
         self.staleness_hist = np.zeros(STALENESS_BINS, dtype=np.int64)
         self.staleness_sum = 0
         self.bytes_in = 0
@@ -54,26 +56,38 @@ class ParameterShard:
 
     # -- Downpour -------------------------------------------------------------------------------
     def push(self, grad, base_version: int, replica: str = "", offset: int = 0,
-             steps_done: int | None = None) -> int:
+             steps_done: int | None = None, part: tuple[str, int] | None = None) -> int:
         """Apply one update from a gradient computed on parameters of version ``base_version``.
 
         ``grad`` covers ``[offset, offset + len(grad))`` of this shard's slice (a model-parallel
         block pushes only its own ranges); updating a sub-slice is exact because every rule is
-        elementwise. Non-finite gradients are counted and dropped: one bad replica must never
-        poison the shared parameters.
+        elementwise. ``part=(token, n)``: one of the ``n`` frames of a push that travels as several
+        calls (a slice larger than one comm frame, see ``server.push_slice``), arriving in any
+        order; each is applied on arrival, and the push counts as one update once all have
+        arrived, none of them dropped. The rule runs over blocks of ``APPLY_BLOCK``
+        values, so its temporaries stay in cache and are reused instead of being allocated (and
+        page-faulted) at the size of the push. Non-finite gradients are counted and dropped: one
+        bad replica must never poison the shared parameters.
         """
         xp = namespace(self.params)
         grad = xp.asarray(grad)
         self.bytes_in += grad.nbytes
-        if not bool(xp.isfinite(grad).all()):
+        blocks = [grad[i:i + APPLY_BLOCK] for i in range(0, len(grad), APPLY_BLOCK)]
+        finite = all(bool(xp.isfinite(g).all()) for g in blocks)
+        complete = part is None or self._arrived(*part, finite)
+        if not finite:
             self.rejected += 1
             return self.version
         end = offset + len(grad)
         if not 0 <= offset < end <= len(self.params):
-            raise ValueError(f"shard {self.index}: push of {len(grad)} values at offset {offset} "
+            raise ValueError(f"shard {self.index}: push of {end - offset} values at offset {offset} "
                              f"does not fit its {len(self.params)} parameters")
-        part = slice(offset, end)
-        self.rule.apply(self.params[part], grad, {k: v[part] for k, v in self.state.items()})
+        for g in blocks:
+            span = slice(offset, offset + len(g))
+            self.rule.apply(self.params[span], g, {k: v[span] for k, v in self.state.items()})
+            offset += len(g)
+        if not complete:
+            return self.version
         staleness = max(self.version - int(base_version), 0)
         self.staleness_hist[min(staleness, STALENESS_BINS - 1)] += 1
         self.staleness_sum += staleness
@@ -83,6 +97,16 @@ class ParameterShard:
         if steps_done is not None:  # what a checkpoint needs to resume the replica exactly
             self.replica_steps[replica] = max(self.replica_steps.get(replica, 0), int(steps_done))
         return self.version
+
+    def _arrived(self, token: str, n: int, applied: bool) -> bool:
+        """Record one frame of push ``token``: True when it is the last of its ``n`` frames to
+        arrive and every one of them was applied."""
+        seen, good = self._parts.pop(token, (0, True))
+        seen, good = seen + 1, good and applied
+        if seen < n:
+            self._parts[token] = (seen, good)
+            return False
+        return good
 
     def fetch(self, offset: int = 0, length: int | None = None):
         """A copy of ``params[offset:offset+length]`` of this slice and the shard's version."""

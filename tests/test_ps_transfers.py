@@ -1,0 +1,88 @@
+"""Slices larger than one comm frame: pushed and fetched frame by frame, exactly.
+
+The cluster's ``distributed.comm.shard`` is set to 256 KiB so that a 4 MB slice already takes the
+large-slice path (sixteen frames) without moving hundreds of megabytes on a shared machine; the
+benchmark ``python -m benchmarks scale`` measures the same path at 100 MB - 1 GB.
+"""
+from __future__ import annotations
+
+import dask.config
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+
+from daskbelief.cluster import worker_info
+from daskbelief.optim.rules import adagrad
+from daskbelief.ps.server import ParameterServer, frame_values, frames
+
+FRAME = "256KiB"  # 65,536 float32 values
+
+
+def test_a_slice_is_cut_into_as_few_runs_as_fit_one_frame_each():
+    with dask.config.set({"distributed.comm.shard": "16B"}):  # four float32 values
+        assert frame_values() == 4
+        assert frames(10) == [(0, 4), (4, 7), (7, 10)]
+        assert frames(4) == [(0, 4)] and frames(1) == [(0, 1)]
+
+
+@pytest.fixture(scope="module")
+def small_frames():
+    with dask.config.set({"distributed.comm.shard": FRAME}):
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                          dashboard_address=":0") as cluster, Client(cluster) as client:
+            yield client
+
+
+def _push_twice_and_fetch(ps, grads):
+    """On a worker (the caller's side of a replica): two pushes, then the fetched vector."""
+    for g in grads:
+        ps.push(g, [0] * len(ps.shards))
+    whole, _ = ps.fetch()
+    middle, _ = ps.fetch_range(100_000, min(900_000, ps.size))
+    return frame_values(), whole, middle
+
+
+def test_a_slice_of_several_frames_is_pushed_and_fetched_exactly(small_frames):
+    client = small_frames
+    rng = np.random.default_rng(1)
+    n = 1_000_003
+    params = rng.standard_normal(n).astype(np.float32)
+    grads = [rng.standard_normal(n).astype(np.float32) for _ in range(2)]
+    rule = adagrad(lr=0.05)
+    shard_worker, caller = sorted(worker_info(client))
+    ps = ParameterServer.create(client, params, 1, rule, workers=[shard_worker])
+    try:
+        limit, whole, middle = client.submit(_push_twice_and_fetch, ps, grads, workers=[caller],
+                                             pure=False).result()
+        stats = ps.stats()[0]
+    finally:
+        ps.close()
+    assert limit == 65_536 and -(-n // limit) == 16  # the frame-by-frame path was taken
+    expect, state = params.copy(), rule.init(params)
+    for g in grads:
+        rule.apply(expect, g, state)
+    np.testing.assert_array_equal(whole, expect)
+    np.testing.assert_array_equal(middle, expect[100_000:900_000])
+    # one update per push, however many frames it took
+    assert stats["applied"] == 2 and stats["version"] == 2 and stats["bytes_in"] == 2 * 4 * n
+
+
+def test_a_frame_with_a_non_finite_value_is_dropped_and_the_parameters_stay_finite(small_frames):
+    """Each frame is checked on its own, as each shard checks its own slice of a push."""
+    client = small_frames
+    n = 300_000  # five frames of 60,000 values
+    params = np.ones(n, np.float32)
+    grad = np.full(n, 0.5, np.float32)
+    grad[-1] = np.inf  # in the last of the five frames
+    shard_worker, caller = sorted(worker_info(client))
+    ps = ParameterServer.create(client, params, 1, adagrad(lr=0.05), workers=[shard_worker])
+    try:
+        _, values, _ = client.submit(_push_twice_and_fetch, ps, [grad], workers=[caller],
+                                     pure=False).result()
+        stats = ps.stats()[0]
+    finally:
+        ps.close()
+    assert np.isfinite(values).all()
+    np.testing.assert_array_equal(values[240_000:], params[240_000:])
+    assert (values[:240_000] < 1).all()  # the four finite frames were applied
+    assert stats["rejected"] == 1 and stats["applied"] == 0  # a push with a dropped frame is not counted
