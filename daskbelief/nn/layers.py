@@ -119,10 +119,18 @@ def _strided(xp, a, shape, strides):
     return xp.lib.stride_tricks.as_strided(a, shape, strides)
 
 
-def _copy(xp, src, scratch: Scratch | None, key: str):
-    """A C-contiguous copy of ``src`` (in a scratch buffer when given)."""
-    dst = _empty(xp, src.shape, src.dtype, scratch, key)
-    dst[...] = src
+def _batch_last(xp, x, scratch: Scratch | None):
+    """A batch-last, C-contiguous copy ``(*shape, n)`` of ``x`` (``(n, *shape)``), in tiles of
+    8 examples by 1024 values: one pass of numpy's transposing copy strides over the whole array
+    on one side and is 3x slower (measured on a 256x32x32x3 batch)."""
+    dst = _empty(xp, (*x.shape[1:], len(x)), x.dtype, scratch, "x")
+    if xp is not np or not x.flags.c_contiguous:
+        dst[...] = xp.moveaxis(x, 0, -1)
+        return dst
+    src, out = x.reshape(len(x), -1), dst.reshape(-1, len(x))
+    for i in range(0, src.shape[1], 1024):
+        for j in range(0, len(x), 8):
+            out[i:i + 1024, j:j + 8] = src[j:j + 8, i:i + 1024].T
     return dst
 
 
@@ -340,7 +348,7 @@ class _LocallyConnected(Layer):
         # contiguous run, and the patch copy moves runs of kw*C*n values instead of kw*C.
         xb = xp.moveaxis(x, 0, -1)
         if not xb.flags.c_contiguous:  # only a model's input; layer outputs already are
-            xb = _copy(xp, xb, scratch, "x")
+            xb = _batch_last(xp, x, scratch)
         fields = self._fields(xp, xb)
         y = _empty(xp, (self.positions, F, n), W.dtype, scratch, "z")
         # Block by block, so the bias and the activation read what the matmul left in cache
