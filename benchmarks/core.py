@@ -19,12 +19,12 @@ fewer calls with the same estimator, so it reaches the same verdicts.
 """
 from __future__ import annotations
 
-import statistics
 import time
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from benchmarks.timing import load, load_line, spread
 from daskbelief.nn import Dense, LocallyConnected2D, Sequential
 
 try:
@@ -58,11 +58,6 @@ def interleaved(steps: dict, rounds: int, calls: int, clock=time.process_time) -
                 step()
             times[name].append((clock() - t) / calls)
     return times
-
-
-def spread(times: list[float]) -> float:
-    """How far the median round is from the best one, as a fraction of the best."""
-    return statistics.median(times) / min(times) - 1
 
 
 def matmul_step(n: int = 2048):
@@ -116,6 +111,7 @@ def torch_mlp_step(batch: int = BATCH, device: str = "cpu"):
 
 def run(quick: bool) -> dict:
     rounds, calls = (4, 3) if quick else (8, 8)
+    print(load_line("at the start"))
     with threadpool_limits(1):
         mlp, lc = mlp_model(), lc_model()
         print(mlp.describe())
@@ -157,4 +153,4 @@ def run(quick: bool) -> dict:
             "lc_backward_peak_ratio": gflops["lc_backward"] / peak,
             "lc_samples_per_s": BATCH / best["lc"], "torch_ratio": torch_ratio,
             "rounds": rounds, "calls_per_round": calls, "clock": "process CPU time",
-            "spread": {k: spread(ts) for k, ts in times.items()}}
+            "spread": {k: spread(ts) for k, ts in times.items()}, **load()}
