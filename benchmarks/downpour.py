@@ -204,8 +204,9 @@ def run(quick: bool = False) -> dict:
                   f"(spread {100 * spreads['reference']:.1f}%)")
             for n in (1, 5, 20):
                 out[f"overhead_ratio_n{n}"] = best[f"n{n}"] / ref
-                print(f"downpour R=1 n_fetch=n_push={n:>2}: {best[f'n{n}']:,.0f} samples/s, "
-                      f"ratio to reference {best[f'n{n}'] / ref:.2f} (spread {100 * spreads[f'n{n}']:.1f}%)")
+                rate, sp = best[f"n{n}"], spreads[f"n{n}"]
+                print(f"downpour R=1 n_fetch=n_push={n:>2}: {rate:,.0f} samples/s, "
+                      f"ratio to reference {rate / ref:.2f} (spread {100 * sp:.1f}%)")
             out["scaling"] = {f"r{r}": best[f"r{r}"] / best["r1"] for r in counts}
             out["scaling_r2"] = out["scaling"]["r2"]
             for r in counts:

@@ -329,7 +329,8 @@ class _LocallyConnected(Layer):
                 row = dx[tuple(i * s + o for i, s, o in zip(lead, lead_strides, offset))]
                 for b0 in range(0, k, stride):
                     b1 = min(b0 + stride, k)
-                    target = _strided(xp, row[first * stride + b0:], (last - first, b1 - b0, *row.shape[1:]),
+                    target = _strided(xp, row[first * stride + b0:],
+                                      (last - first, b1 - b0, *row.shape[1:]),
                                       (stride * row.strides[0], *row.strides))
                     target += piece[(slice(None), *offset, slice(b0, b1))]
 
