@@ -44,6 +44,7 @@ import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 
 import numpy as np
 from distributed import Client, LocalCluster
@@ -264,7 +265,8 @@ def _ddp_worker(rank, world, init_file, path, budget, seed, out):
     from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))  # every collective's deadline
     torch.manual_seed(seed)
     X, y = _torch_data(path)
     net = DistributedDataParallel(_torch_net())
@@ -315,7 +317,8 @@ def _hogwild_worker(rank, net, path, seed, counter, ready, go, stop):
     steps = _torch_steps(net, opt, X, y, seed * 1000 + rank, rank, 2)
     with ready.get_lock():
         ready.value += 1
-    go.wait()
+    if not go.wait(timeout=300):
+        raise RuntimeError("Hogwild worker: no start signal within 300 s")
     while not stop.is_set():
         n = next(steps)
         with counter.get_lock():
@@ -335,24 +338,34 @@ def _hogwild(name, path, test, budget, seed=0, procs: int = 2) -> Curve:
                            args=(r, net, path, seed, counter, ready, go, stop)) for r in range(procs)]
     for w in workers:
         w.start()
-    deadline = time.monotonic() + 120
-    while ready.value < procs:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"Hogwild: {ready.value} of {procs} processes ready after 120 s")
-        time.sleep(0.05)
-    snaps = Snapshots(SAMPLE_EVERY)
-    go.set()
-    start = time.perf_counter()
-    while (t := time.perf_counter() - start) < budget:
-        snaps.offer(t, counter.value, _torch_copy(net))
-        time.sleep(max(0.0, min(snaps.next, budget) - (time.perf_counter() - start)))
-    stop.set()
-    seen, clock = counter.value, time.perf_counter() - start
-    for w in workers:
-        w.join(timeout=60)
-        if w.exitcode is None:
-            w.kill()
-            raise RuntimeError("Hogwild: a process did not stop within 60 s")
+    try:
+        deadline = time.monotonic() + 120
+        while ready.value < procs:
+            dead = [w.exitcode for w in workers if w.exitcode is not None]
+            if dead or time.monotonic() > deadline:
+                raise RuntimeError(f"Hogwild: {ready.value} of {procs} processes ready after "
+                                   f"{120 - deadline + time.monotonic():.0f} s (exit codes {dead})")
+            time.sleep(0.05)
+        snaps = Snapshots(SAMPLE_EVERY)
+        go.set()
+        start = time.perf_counter()
+        while True:
+            t = time.perf_counter() - start
+            snaps.offer(t, counter.value, _torch_copy(net))
+            if t >= budget:
+                break
+            time.sleep(max(0.0, min(snaps.next, budget) - (time.perf_counter() - start)))
+        seen, clock = counter.value, time.perf_counter() - start
+    finally:
+        stop.set()
+        go.set()
+        for w in workers:
+            w.join(timeout=60)
+            if w.exitcode is None:
+                w.kill()
+                w.join()
+    if any(w.exitcode != 0 for w in workers):
+        raise RuntimeError(f"Hogwild: exit codes {[w.exitcode for w in workers]} (60 s to stop)")
     curve = Curve(name, procs, "peer", seed, samples_per_s=seen / clock)
     return snaps.fill(curve, _torch_accuracy(test))
 
