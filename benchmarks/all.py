@@ -65,6 +65,13 @@ ORDERINGS = [
      "Sandblaster L-BFGS, 1 worker"),
     ("Downpour Adagrad beats Sandblaster L-BFGS at equal cores", "Downpour Adagrad, 2 replicas",
      "Sandblaster L-BFGS, 2 workers"),
+    # Not the paper's: the peers a user would run on the same cores instead (issue 15's targets).
+    ("Downpour Adagrad beats PyTorch with 2 threads", "Downpour Adagrad, 2 replicas",
+     "PyTorch Adagrad, 2 threads"),
+    ("Downpour Adagrad beats PyTorch DDP on 2 processes", "Downpour Adagrad, 2 replicas",
+     "PyTorch DDP, 2 processes"),
+    ("Downpour Adagrad beats PyTorch Hogwild on 2 processes", "Downpour Adagrad, 2 replicas",
+     "PyTorch Hogwild, 2 processes"),
 ]
 
 
