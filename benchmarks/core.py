@@ -45,9 +45,11 @@ def lc_model() -> Sequential:
                                     LocallyConnected2D(32, 4, 2, "relu"), Dense(10)])
 
 
-def interleaved(steps: dict, rounds: int, calls: int, clock=time.process_time) -> dict:
+def interleaved(steps: dict, rounds: int, calls: int, clock=time.perf_counter) -> dict:
     """Seconds per call of each step, per round; rounds alternate between the steps, so a burst
-    of load from another process slows one round of each rather than all rounds of one."""
+    of load from another process slows one round of each rather than all rounds of one.
+    ``clock``: wall time by default (GPU steps, several threads); ``time.process_time`` for steps
+    pinned to one thread."""
     for step in steps.values():
         step()  # warm-up: first-touch allocations, validation
     times = {name: [] for name in steps}
@@ -123,7 +125,8 @@ def run(quick: bool) -> dict:
         else:
             torch.set_num_threads(1)
             steps["torch"] = torch_mlp_step()
-        times = interleaved({k: step for k, (step, _) in steps.items()}, rounds, calls)
+        times = interleaved({k: step for k, (step, _) in steps.items()}, rounds, calls,
+                            clock=time.process_time)
     best = {k: min(ts) for k, ts in times.items()}
     gflops = {k: flops / best[k] / 1e9 for k, (_, flops) in steps.items() if flops}
     backward_flops = steps["lc"][1] - steps["lc_forward"][1]
