@@ -132,12 +132,12 @@ CACHE_BYTES = 4 << 20  # the working set a locally connected block aims to keep 
 
 
 def block_positions(patch_size: int, filters: int, n: int, itemsize: int,
-                    cache_bytes: int = CACHE_BYTES) -> int:
+                    cache_bytes: int | None = None) -> int:
     """How many output positions a locally connected layer computes at a time: as many as fit
-    their patches, patch gradients and pre-activations (``n`` examples each) in ``cache_bytes``,
-    at least one."""
+    their patches, patch gradients and pre-activations (``n`` examples each) in ``cache_bytes``
+    (default ``CACHE_BYTES``), at least one."""
     per_position = (2 * patch_size + filters) * n * itemsize
-    return max(1, cache_bytes // per_position)
+    return max(1, (CACHE_BYTES if cache_bytes is None else cache_bytes) // per_position)
 
 
 class Layer:
