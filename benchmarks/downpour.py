@@ -5,6 +5,11 @@ alone, and memory.
 440-1024-1024-1024-2048 MLP (4.65M parameters, 18.6 MB). Every figure is measured in this one
 run, side by side: the reference trainer runs in this process pinned to one BLAS thread, exactly
 like a nanny-started worker process. R = 4 and 8 are timed too where the machine has the cores.
+
+The rates are timed in interleaved rounds (reference, Downpour at n = 1, 5, 20, then R = 1, 2,
+...), each figure the best round (the least disturbed by other work on the machine); the rounds'
+spread and the machine's load are printed beside them. ``--quick`` runs the same steps per
+measurement in fewer rounds (and builds a smaller dataset), so it reaches the full run's verdicts.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from distributed import Client, LocalCluster, get_worker
 from threadpoolctl import threadpool_limits
 
 import daskbelief_datasets as recipes
+from benchmarks.timing import load, load_line, rate_spread
 from daskbelief.cluster import worker_info
 from daskbelief.data import open_store
 from daskbelief.nn import Dense, Sequential
@@ -154,9 +160,20 @@ def _push_many(ps, n: int) -> int:
     return n
 
 
+def _best_rates(measures: dict, rounds: int) -> tuple[dict, dict]:
+    """Best samples/s of each named measurement over ``rounds`` interleaved rounds, and the
+    rounds' spread."""
+    rates = {name: [] for name in measures}
+    for _ in range(rounds):
+        for name, measure in measures.items():
+            rates[name].append(measure())
+    return ({name: max(r) for name, r in rates.items()},
+            {name: rate_spread(r) for name, r in rates.items()})
+
+
 def run(quick: bool = False) -> dict:
     rows = 12_000 if quick else 60_000
-    steps = 30 if quick else 120
+    rounds, steps = (2, 60) if quick else (4, 60)
     batch = 256
     model = speech_mlp()
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,27 +181,39 @@ def run(quick: bool = False) -> dict:
                              classes=2048)
         store = open_store(path, split="train")
         print(f"speech-frames: {store.n} train rows; model {model.size:,} parameters; "
-              f"batch {batch}, {steps} steps per measurement")
-        ref = _reference_rate(model, store, batch, steps)
-        print(f"reference trainer (1 thread): {ref:,.0f} samples/s")
-        out = {"reference_samples_per_s": ref}
+              f"batch {batch}, {steps} steps per measurement, best of {rounds} interleaved rounds")
+        print(load_line("at the start"))
+        out = {"rounds": rounds, "steps_per_measurement": steps, **load()}
         counts = replica_counts(os.cpu_count() or 1)
         with LocalCluster(n_workers=max(counts), threads_per_worker=1, processes=True,
                           dashboard_address=":0") as cluster, Client(cluster) as client:
             sampler = RssSampler(client)
+            measures = {"reference": lambda: _reference_rate(model, store, batch, steps)}
             for n in (1, 5, 20):
-                rate = downpour_rate(client, model, store, replicas=1, n=n, batch_size=batch,
-                                     steps=steps)
-                out[f"overhead_ratio_n{n}"] = rate / ref
+                measures[f"n{n}"] = lambda n=n: downpour_rate(client, model, store, replicas=1, n=n,
+                                                              batch_size=batch, steps=steps)
+            for r in counts:
+                measures[f"r{r}"] = lambda r=r: downpour_rate(client, model, store, replicas=r, n=5,
+                                                              batch_size=batch, steps=steps,
+                                                              shards=shards_for(r))
+            best, spreads = _best_rates(measures, rounds)
+            ref = best["reference"]
+            out["reference_samples_per_s"] = ref
+            out["spread"] = spreads
+            print(f"reference trainer (1 thread): {ref:,.0f} samples/s "
+                  f"(spread {100 * spreads['reference']:.1f}%)")
+            for n in (1, 5, 20):
+                out[f"overhead_ratio_n{n}"] = best[f"n{n}"] / ref
+                rate, sp = best[f"n{n}"], spreads[f"n{n}"]
                 print(f"downpour R=1 n_fetch=n_push={n:>2}: {rate:,.0f} samples/s, "
-                      f"ratio to reference {rate / ref:.2f}")
-            rates = {r: downpour_rate(client, model, store, replicas=r, n=5, batch_size=batch,
-                                      steps=steps, shards=shards_for(r)) for r in counts}
-            out["scaling"] = {f"r{r}": rate / rates[1] for r, rate in rates.items()}
+                      f"ratio to reference {rate / ref:.2f} (spread {100 * sp:.1f}%)")
+            out["scaling"] = {f"r{r}": best[f"r{r}"] / best["r1"] for r in counts}
             out["scaling_r2"] = out["scaling"]["r2"]
-            for r, rate in rates.items():
-                print(f"scaling (n=5): R={r} S={shards_for(r)} {rate:,.0f} samples/s: "
-                      f"{rate / rates[1]:.2f}x R=1")
+            for r in counts:
+                print(f"scaling (n=5): R={r} S={shards_for(r)} {best[f'r{r}']:,.0f} samples/s: "
+                      f"{best[f'r{r}'] / best['r1']:.2f}x R=1 (spread {100 * spreads[f'r{r}']:.1f}%)")
+            print(load_line("after the rates"))
+            out["load_1min_end"] = load()["load_1min"]
             peaks = sampler.stop()
             out["peak_rss_mb"] = {w: round(v / 2**20) for w, v in peaks.items()}
             print("peak worker RSS (MB):", out["peak_rss_mb"])

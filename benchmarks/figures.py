@@ -8,7 +8,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 -- after choosing the backend
 
-from benchmarks.paper import time_to  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
@@ -22,6 +21,8 @@ def accuracy_vs_time(paper: dict, path: Path) -> Path:
     """Figure 4: test accuracy vs wall time, one line per method."""
     fig, ax = plt.subplots(figsize=(8, 5))
     for c in paper["curves"]:
+        if c.get("seed", 0) != 0:
+            continue  # one line per method: its first seed
         style = "-" if c["family"] != "peer" else ":"
         ax.plot(c["times"], c["accuracy"], style, marker=".", label=f"{c['name']}")
     ax.axhline(paper["target_accuracy"], color="grey", lw=0.8, ls="--")
@@ -32,13 +33,12 @@ def accuracy_vs_time(paper: dict, path: Path) -> Path:
 
 
 def time_to_target(paper: dict, path: Path) -> Path:
-    """Figure 5: time to the target accuracy vs cores, per method family."""
+    """Figure 5: time to the target accuracy vs cores, per method family (the median over a
+    method's seeds)."""
     groups: dict[str, list] = {}
-    for c in paper["curves"]:
-        family = c["name"].split(",")[0]
-        t = time_to(c["times"], c["accuracy"], paper["target_accuracy"])
-        if t is not None:
-            groups.setdefault(family, []).append((c["cores"], t))
+    for r in paper["table"]:
+        if r["time_to_target"] is not None:
+            groups.setdefault(r["method"].split(",")[0], []).append((r["cores"], r["time_to_target"]))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for family, points in sorted(groups.items()):
         points.sort()

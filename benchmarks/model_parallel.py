@@ -14,7 +14,10 @@ Dense 10, 36.9M parameters: the kind of model the paper's image experiments part
 the fully connected 440-1024-1024-1024-2048 speech MLP (every unit talks to every unit of the next
 layer, so each boundary moves half of every layer's activations per block). The two
 configurations are timed in interleaved rounds, and the best round is the least disturbed
-estimate on a machine other work shares (the median is printed beside it).
+estimate on a machine other work shares (the median and the rounds' spread are printed beside
+it, and the machine's load before and after). ``--quick`` times the same models and batches in
+fewer rounds, so its verdicts are the full run's; a k=2 speed-up needs two idle cores, which a
+load over 1 per core says it did not have.
 """
 from __future__ import annotations
 
@@ -26,21 +29,20 @@ import numpy as np
 from distributed import Client, LocalCluster
 from threadpoolctl import threadpool_limits
 
+from benchmarks.timing import load, load_line, spread
 from daskbelief.nn import Dense, LocallyConnected2D, Sequential
 from daskbelief.train import partition
 from daskbelief.train.partitioned import Blocks
 
 
-def lc_model(quick: bool) -> Sequential:
-    side, filters = (32, 16) if quick else (64, 32)
-    return Sequential((side, side, 3), [LocallyConnected2D(filters, 5, 1, "relu"),
-                                        LocallyConnected2D(2 * filters, 4, 2, "relu"), Dense(10)])
+def lc_model() -> Sequential:
+    return Sequential((64, 64, 3), [LocallyConnected2D(32, 5, 1, "relu"),
+                                    LocallyConnected2D(64, 4, 2, "relu"), Dense(10)])
 
 
-def mlp_model(quick: bool) -> Sequential:
-    width = 512 if quick else 1024
-    return Sequential((440,), [Dense(width, "relu"), Dense(width, "relu"), Dense(width, "relu"),
-                               Dense(2 * width)])
+def mlp_model() -> Sequential:
+    return Sequential((440,), [Dense(1024, "relu"), Dense(1024, "relu"), Dense(1024, "relu"),
+                               Dense(2048)])
 
 
 def _time_steps(blocks: Blocks, X, y, calls: int, tag: int) -> list[float]:
@@ -109,29 +111,35 @@ def _rows(name: str, m: dict) -> dict:
            "speedup": {f"k{k}": best[1] / v for k, v in best.items()},
            "speedup_median": {f"k{k}": med[1] / v for k, v in med.items()},
            "vs_plain": {f"k{k}": plain / v for k, v in best.items()},
+           "spread": {f"k{k}": spread(ts) for k, ts in m["times"].items()},
            "bytes_per_example": {f"k{k}": p.bytes_per_example() for k, p in m["plans"].items()}}
     for k in best:
         key = f"k{k}"
         print(f"{name:<30} {m['batch']:>5} {k:>3} {1e3 * plain:>8.1f} {out['ms'][key]:>8.1f} "
-              f"{out['speedup'][key]:>7.2f} {out['speedup_median'][key]:>7.2f} "
-              f"{out['vs_plain'][key]:>8.2f} {m['bytes_per_step'][k] / 1e6:>9.2f}")
+              f"{100 * out['spread'][key]:>6.1f}% {out['speedup'][key]:>7.2f} "
+              f"{out['speedup_median'][key]:>7.2f} {out['vs_plain'][key]:>8.2f} "
+              f"{m['bytes_per_step'][k] / 1e6:>9.2f}")
     return out
 
 
 def run(quick: bool = False) -> dict:
     rounds, calls = (3, 3) if quick else (6, 6)
-    lc, mlp = lc_model(quick), mlp_model(quick)
+    lc, mlp = lc_model(), mlp_model()
     ks = partition_counts(os.cpu_count() or 1)
+    before = load()
+    print(load_line("at the start"))
     with LocalCluster(n_workers=max(ks), threads_per_worker=1, processes=True,
                       dashboard_address=":0") as cluster, Client(cluster) as client:
         results = {}
-        for name, model, batch in [("lc", lc, 32 if quick else 64), ("mlp", mlp, 256)]:
+        for name, model, batch in [("lc", lc, 64), ("mlp", mlp, 256)]:
             print(model.describe())
             results[name] = measure(client, model, batch, rounds, calls, ks)
             print(results[name]["plans"][2].describe())
-    print(f"\nstep time, best of {rounds} interleaved rounds (median of {calls} steps each)")
-    print(f"{'model':<30} {'batch':>5} {'k':>3} {'plain ms':>8} {'step ms':>8} {'vs k=1':>7} "
-          f"{'median':>7} {'vs plain':>8} {'MB/step':>9}")
+    print(load_line("at the end"))
+    print(f"\nstep time, best of {rounds} interleaved rounds (median of {calls} steps each); "
+          "spread: the median round's distance from the best")
+    print(f"{'model':<30} {'batch':>5} {'k':>3} {'plain ms':>8} {'step ms':>8} {'spread':>7} "
+          f"{'vs k=1':>7} {'median':>7} {'vs plain':>8} {'MB/step':>9}")
     rows = {"lc": _rows("locally connected (image)", results["lc"]),
             "mlp": _rows("fully connected (speech MLP)", results["mlp"])}
     print("vs k=1: speed-up of k partitions over the same machinery with one; vs plain: over "
@@ -144,4 +152,8 @@ def run(quick: bool = False) -> dict:
             "boundary_bytes_per_example_lc": rows["lc"]["bytes_per_example"]["k2"],
             "boundary_bytes_per_example_mlp": rows["mlp"]["bytes_per_example"]["k2"],
             "speedup": {name: row["speedup"] for name, row in rows.items()},
-            "step_ms": {name: row["ms"] for name, row in rows.items()}}
+            "step_ms": {name: row["ms"] for name, row in rows.items()},
+            "spread": {name: row["spread"] for name, row in rows.items()},
+            "rounds": rounds, "steps_per_round": calls,
+            "load_1min_start": before["load_1min"], "load_1min_end": load()["load_1min"],
+            "cores": before["cores"]}

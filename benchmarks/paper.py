@@ -7,33 +7,54 @@ paper's acoustic task) for the same wall-clock budget, its test accuracy sampled
   and Downpour Adagrad with one replica per core, Sandblaster L-BFGS on every core.
 * Figure 5 (time to a fixed test accuracy vs cores): Downpour Adagrad and Sandblaster with 1 and 2
   workers, next to the single-process methods.
-* Peers: PyTorch (CPU, Adagrad, 1 and 2 threads) and scikit-learn's MLPClassifier (adam and
-  lbfgs solvers), and the daskbelief reference trainers.
+* Peers: PyTorch (CPU, Adagrad) with 1 and 2 threads, PyTorch DDP (2 processes, gloo, 1 thread
+  each, gradients averaged every step), PyTorch Hogwild (2 torch.multiprocessing processes
+  updating one shared-memory model without locks, each with its own Adagrad state, as in
+  PyTorch's Hogwild example), scikit-learn's MLPClassifier (adam and lbfgs), and the daskbelief
+  reference trainers.
 
-Single-process methods run pinned to the threads stated (threadpoolctl / torch.set_num_threads),
-and their test evaluations are kept off their clocks; Downpour's and Sandblaster's drivers
-evaluate concurrently on the same 1,000 test rows, as the paper's did -- on this 2-core machine
-that evaluation takes CPU from the workers, so it is done only about ten times per run. All
-clocks start when training starts (cluster start-up and data loading excluded); Downpour's warm
-start is 1/80 of the budget in steps.
+Time to target is measured the same way for every method whose loop this file controls (the
+reference trainers and the PyTorch peers): the parameters are copied every ``SAMPLE_EVERY``
+seconds of training and evaluated on the same 1,000 test rows after the run, off the clock
+(Hogwild's copies are taken by the parent process on the wall clock while its two processes
+train). Downpour and Sandblaster are sampled through their public API instead: the driver
+evaluates on the same schedule (``eval_every``) while the replicas train, on the same cores, and
+the history's test rows carry the times. To sample them off the critical path as well, the
+engine would need a hook that hands the driver's latest fetched parameters to the caller every
+``eval_every`` seconds without evaluating them (the caller evaluates after the run).
+scikit-learn is sampled after each ``partial_fit`` piece (adam) or every 2 iterations (lbfgs).
+
+The methods the orderings compare (the Adagrad reference, Downpour Adagrad with 2 replicas and the
+PyTorch rows) run with several seeds (parameter init and data order); the table gives the median
+time to target and its range over the seeds, and RESULTS.md states an ordering only when every
+seed of one method beats every seed of the other. Samples to target (examples processed when the
+target is first reached) compare progress per sample apart from throughput.
+
+Single-process methods run pinned to the threads stated (threadpoolctl / torch.set_num_threads).
+All clocks start when training starts (cluster start-up, process spawning and data loading
+excluded); Downpour's warm start is 1/80 of the budget in steps.
 """
 from __future__ import annotations
 
+import json
 import os
+import statistics
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 
 import numpy as np
 from distributed import Client, LocalCluster
 from threadpoolctl import threadpool_limits
 
 import daskbelief_datasets as recipes
+from benchmarks.timing import load, load_line
 from daskbelief.data import open_store
 from daskbelief.nn import Dense, Sequential
 from daskbelief.train.downpour import downpour
-from daskbelief.train.evaluate import evaluate_rows
 from daskbelief.train.reference import train_sgd
 from daskbelief.train.sandblaster import sandblaster
 
@@ -53,22 +74,31 @@ N_PUSH = 5  # Downpour's n_fetch = n_push
 DOWNPOUR_ADAGRAD = {"name": "adagrad", "lr": 0.007}
 SGD = {"name": "sgd", "lr": 0.05}
 TARGET = {True: 0.30, False: 0.40}   # test accuracy Figure 5 times (quick, full); chance = 1/64
+SEEDS = {True: (0, 1), False: (0, 1, 2)}  # for the methods the orderings compare
+# Accuracy sampled every second of training, in --quick as in the full run (the same resolution,
+# and the same cost to Downpour and Sandblaster, whose drivers evaluate 1,000 rows on the cores
+# the workers use: about 3-6% of a core at this rate).
+SAMPLE_EVERY = 1.0
 
 
 @dataclass
 class Curve:
-    """One method's run: test accuracy at training times, and its training throughput."""
+    """One method's run: test accuracy (and examples processed) at training times, and its
+    training throughput."""
 
     name: str
     cores: int
     family: str                       # "paper", "peer" or "reference"
+    seed: int = 0
     times: list = field(default_factory=list)
     accuracy: list = field(default_factory=list)
+    samples: list = field(default_factory=list)
     samples_per_s: float = 0.0
 
-    def add(self, t: float, acc: float) -> None:
+    def add(self, t: float, acc: float, samples: float) -> None:
         self.times.append(float(t))
         self.accuracy.append(float(acc))
+        self.samples.append(float(samples))
 
 
 def time_to(times, accuracy, target: float) -> float | None:
@@ -84,83 +114,260 @@ def time_to(times, accuracy, target: float) -> float | None:
     return None
 
 
+def samples_to(curve: Curve, target: float) -> float | None:
+    """Examples the method had processed when it first reached ``target``; None when never."""
+    t = time_to(curve.times, curve.accuracy, target)
+    return None if t is None else float(np.interp(t, [0.0, *curve.times], [0.0, *curve.samples]))
+
+
+class Snapshots:
+    """Parameters copied every ``every`` seconds of a training clock, evaluated after the run."""
+
+    def __init__(self, every: float):
+        self.every, self.next, self.taken = every, every, []
+
+    def offer(self, t: float, samples: float, copy) -> None:
+        """Keep ``copy()`` if a sample is due at training time ``t``."""
+        if t >= self.next:
+            self.taken.append((t, samples, copy()))
+            self.next = (int(t / self.every) + 1) * self.every
+
+    def fill(self, curve: Curve, accuracy) -> Curve:
+        for t, samples, params in self.taken:
+            curve.add(t, accuracy(params), samples)
+        return curve
+
+
 def speech_model() -> Sequential:
     return Sequential((440,), [Dense(HIDDEN, "relu"), Dense(HIDDEN, "relu"), Dense(CLASSES)], l2=L2)
 
 
 # -- daskbelief ----------------------------------------------------------------------------
 
-def _reference(name, path, test, rule, budget) -> Curve:
-    model, curve = speech_model(), Curve(name, 1, "reference")
-    Xt, yt = test
-    state = {"steps": 0, "train": 0.0}
+def _reference(name, path, test, rule, budget, seed=0) -> Curve:
+    model, (Xt, yt) = speech_model(), test
+    snaps, state = Snapshots(SAMPLE_EVERY), {"steps": 0, "train": 0.0}
 
     def sample(row, params):
-        curve.add(row["time"], float((model.predict(params, Xt).argmax(axis=1) == yt).mean()))
+        snaps.offer(row["time"], row["step"] * BATCH, params.copy)
         state.update(steps=row["step"], train=row["time"])
         return row["time"] >= budget
 
     with threadpool_limits(1):
-        train_sgd(model, path, rule, batch_size=BATCH, steps=10**8, report_every=25, callback=sample)
-    curve.samples_per_s = state["steps"] * BATCH / state["train"]
-    return curve
+        train_sgd(model, path, rule, batch_size=BATCH, steps=10**8, report_every=5, seed=seed,
+                  callback=sample)
+    curve = Curve(name, 1, "reference", seed, samples_per_s=state["steps"] * BATCH / state["train"])
+    return snaps.fill(curve, lambda p: float((model.predict(p, Xt).argmax(axis=1) == yt).mean()))
 
 
-def _curve_from(result, name: str, cores: int) -> Curve:
-    curve = Curve(name, cores, "paper", samples_per_s=result.summary["samples_per_second"])
+def _samples_at(history: list[dict], t: float) -> float:
+    """Examples all replicas had processed by time ``t``: each replica's last reported step."""
+    last: dict = {}
+    for h in history:
+        if h.get("replica") is not None and h.get("step") is not None and h["time"] <= t:
+            last[h["replica"]] = max(last.get(h["replica"], 0), h["step"])
+    return float(sum(last.values()) * BATCH)
+
+
+def _curve_from(result, name: str, cores: int, seed: int, sampled_samples: bool) -> Curve:
+    curve = Curve(name, cores, "paper", seed, samples_per_s=result.summary["samples_per_second"])
     for h in result.history:
         if h.get("test_accuracy") is not None:
-            curve.add(h["time"], h["test_accuracy"])
+            samples = (_samples_at(result.history, h["time"]) if sampled_samples
+                       else h["time"] * curve.samples_per_s)
+            curve.add(h["time"], h["test_accuracy"], samples)
     return curve
 
 
-def _downpour(client, name, path, rule, replicas, budget, eval_rows) -> Curve:
+def _downpour(client, name, path, rule, replicas, budget, eval_rows, seed=0) -> Curve:
     result = downpour(speech_model(), path, test=path, client=client, replicas=replicas,
                       shards=replicas, n_fetch=N_PUSH, n_push=N_PUSH, rule=rule, batch_size=BATCH,
-                      steps=10**8, max_seconds=budget,
+                      steps=10**8, max_seconds=budget, seed=seed,
                       warmstart_steps=int(budget * 1.25) if replicas > 1 else 0,
-                      eval_every=budget / 10, eval_rows=eval_rows, report_every=25)
-    return _curve_from(result, name, replicas)
+                      eval_every=SAMPLE_EVERY, eval_rows=eval_rows, report_every=5)
+    return _curve_from(result, name, replicas, seed, sampled_samples=True)
 
 
 def _sandblaster(client, name, path, workers, budget, eval_rows) -> Curve:
+    """Samples to target from its mean rate (each iteration evaluates the whole batch at least
+    once, its line search more)."""
     result = sandblaster(speech_model(), path, test=path, client=client, shards=workers,
                          iterations=10**6, tolerance=0.0, history=10, max_seconds=budget,
-                         eval_every=budget / 10, eval_rows=eval_rows)
-    return _curve_from(result, name, workers)
+                         eval_every=SAMPLE_EVERY, eval_rows=eval_rows)
+    return _curve_from(result, name, workers, 0, sampled_samples=False)
 
 
 # -- peers -----------------------------------------------------------------------------------
 
-def _torch(name, train, test, threads, budget) -> Curve:
-    torch.manual_seed(0)
-    torch.set_num_threads(threads)
-    X, y = (torch.from_numpy(a) for a in (train[0], train[1].astype(np.int64)))
-    Xt, yt = torch.from_numpy(test[0]), test[1]
-    net = torch.nn.Sequential(torch.nn.Linear(440, HIDDEN), torch.nn.ReLU(),
-                              torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.ReLU(),
-                              torch.nn.Linear(HIDDEN, CLASSES))
-    opt = torch.optim.Adagrad(net.parameters(), lr=ADAGRAD["lr"], weight_decay=L2)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    curve, clock, seen = Curve(name, threads, "peer"), 0.0, 0
-    rng = np.random.default_rng(0)
-    while clock < budget:
-        order = torch.from_numpy(rng.permutation(len(X)))
-        for i in range(0, len(X), BATCH):
-            start = time.perf_counter()
+def _torch_net():
+    return torch.nn.Sequential(torch.nn.Linear(440, HIDDEN), torch.nn.ReLU(),
+                               torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.ReLU(),
+                               torch.nn.Linear(HIDDEN, CLASSES))
+
+
+def _torch_copy(net):
+    return lambda: [p.detach().clone() for p in net.parameters()]
+
+
+def _torch_accuracy(test):
+    """accuracy(parameters copied by ``_torch_copy``) on the test rows."""
+    net, Xt, yt = _torch_net(), torch.from_numpy(test[0]), test[1]
+
+    def accuracy(params) -> float:
+        with torch.no_grad():
+            for p, v in zip(net.parameters(), params):
+                p.copy_(v)
+            return float((net(Xt).argmax(1).numpy() == yt).mean())
+
+    return accuracy
+
+
+def _torch_data(path, rank: int = 0, world: int = 1):
+    X, y = open_store(path).read()
+    return torch.from_numpy(X), torch.from_numpy(y.astype(np.int64))
+
+
+def _torch_steps(net, opt, X, y, seed: int, rank: int = 0, world: int = 1):
+    """Endless training steps over this rank's share of each epoch; yields the examples of each."""
+    loss_fn, rng = torch.nn.CrossEntropyLoss(), np.random.default_rng(seed)
+    while True:
+        order = torch.from_numpy(rng.permutation(len(X))[rank::world])
+        for i in range(0, len(order) - BATCH + 1, BATCH):
             idx = order[i:i + BATCH]
             opt.zero_grad(set_to_none=False)
             loss_fn(net(X[idx]), y[idx]).backward()
             opt.step()
-            clock += time.perf_counter() - start
-            seen += len(idx)
-            if (i // BATCH) % 25 == 24:
-                with torch.no_grad():
-                    curve.add(clock, float((net(Xt).argmax(1).numpy() == yt).mean()))
-                if clock >= budget:
-                    break
-    curve.samples_per_s = seen / clock
+            yield len(idx)
+
+
+def _torch(name, path, test, threads, budget, seed=0) -> Curve:
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    X, y = _torch_data(path)
+    net = _torch_net()
+    opt = torch.optim.Adagrad(net.parameters(), lr=ADAGRAD["lr"], weight_decay=L2)
+    snaps, clock, seen = Snapshots(SAMPLE_EVERY), 0.0, 0
+    steps = _torch_steps(net, opt, X, y, seed)
+    while clock < budget:
+        start = time.perf_counter()
+        seen += next(steps)
+        clock += time.perf_counter() - start
+        snaps.offer(clock, seen, _torch_copy(net))
+    curve = Curve(name, threads, "peer", seed, samples_per_s=seen / clock)
+    return snaps.fill(curve, _torch_accuracy(test))
+
+
+def _ddp_worker(rank, world, init_file, path, budget, seed, out):
+    """One DDP process: 1 thread, its half of each epoch, gradients averaged by gloo every step.
+    Rank 0 keeps the clock, takes the snapshots and writes the curve to ``out``; the ranks agree
+    to stop every 10 steps."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))  # every collective's deadline
+    torch.manual_seed(seed)
+    X, y = _torch_data(path)
+    net = DistributedDataParallel(_torch_net())
+    opt = torch.optim.Adagrad(net.parameters(), lr=ADAGRAD["lr"], weight_decay=L2)
+    snaps, clock, done = Snapshots(SAMPLE_EVERY), 0.0, 0
+    steps = _torch_steps(net, opt, X, y, seed, rank, world)
+    stop = torch.zeros(1)
+    dist.barrier()
+    while True:
+        start = time.perf_counter()
+        next(steps)
+        done += 1
+        if done % 10 == 0:
+            stop[0] = float(clock >= budget)
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        clock += time.perf_counter() - start
+        if stop[0]:
+            break
+        if rank == 0:
+            snaps.offer(clock, done * BATCH * world, _torch_copy(net.module))
+    if rank == 0:
+        curve = snaps.fill(Curve("", world, "peer", seed, samples_per_s=done * BATCH * world / clock),
+                           _torch_accuracy(open_store(path, "test").read(0, 1_000)))
+        with open(out, "w") as f:
+            json.dump(asdict(curve), f)
+    dist.destroy_process_group()
+
+
+def _ddp(name, path, budget, seed=0, world: int = 2) -> Curve:
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "curve.json")
+        mp.spawn(_ddp_worker, args=(world, os.path.join(tmp, "rendezvous"), path, budget, seed, out),
+                 nprocs=world, join=True)
+        with open(out) as f:
+            curve = Curve(**json.load(f))
+    curve.name = name
     return curve
+
+
+def _hogwild_worker(rank, net, path, seed, counter, ready, go, stop):
+    """One Hogwild process: 1 thread, its own Adagrad state, lock-free updates of the shared
+    ``net``, until ``stop``."""
+    torch.set_num_threads(1)
+    X, y = _torch_data(path)
+    opt = torch.optim.Adagrad(net.parameters(), lr=ADAGRAD["lr"], weight_decay=L2)
+    steps = _torch_steps(net, opt, X, y, seed * 1000 + rank, rank, 2)
+    with ready.get_lock():
+        ready.value += 1
+    if not go.wait(timeout=300):
+        raise RuntimeError("Hogwild worker: no start signal within 300 s")
+    while not stop.is_set():
+        n = next(steps)
+        with counter.get_lock():
+            counter.value += n
+
+
+def _hogwild(name, path, test, budget, seed=0, procs: int = 2) -> Curve:
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    torch.manual_seed(seed)
+    torch.set_num_threads(1)
+    net = _torch_net()
+    net.share_memory()
+    counter, ready, go, stop = ctx.Value("l", 0), ctx.Value("i", 0), ctx.Event(), ctx.Event()
+    workers = [ctx.Process(target=_hogwild_worker,
+                           args=(r, net, path, seed, counter, ready, go, stop)) for r in range(procs)]
+    for w in workers:
+        w.start()
+    try:
+        deadline = time.monotonic() + 120
+        while ready.value < procs:
+            dead = [w.exitcode for w in workers if w.exitcode is not None]
+            if dead or time.monotonic() > deadline:
+                raise RuntimeError(f"Hogwild: {ready.value} of {procs} processes ready after "
+                                   f"{120 - deadline + time.monotonic():.0f} s (exit codes {dead})")
+            time.sleep(0.05)
+        snaps = Snapshots(SAMPLE_EVERY)
+        go.set()
+        start = time.perf_counter()
+        while True:
+            t = time.perf_counter() - start
+            snaps.offer(t, counter.value, _torch_copy(net))
+            if t >= budget:
+                break
+            time.sleep(max(0.0, min(snaps.next, budget) - (time.perf_counter() - start)))
+        seen, clock = counter.value, time.perf_counter() - start
+    finally:
+        stop.set()
+        go.set()
+        for w in workers:
+            w.join(timeout=60)
+            if w.exitcode is None:
+                w.kill()
+                w.join()
+    if any(w.exitcode != 0 for w in workers):
+        raise RuntimeError(f"Hogwild: exit codes {[w.exitcode for w in workers]} (60 s to stop)")
+    curve = Curve(name, procs, "peer", seed, samples_per_s=seen / clock)
+    return snaps.fill(curve, _torch_accuracy(test))
 
 
 def _sklearn(name, train, test, solver, budget) -> Curve:
@@ -183,7 +390,7 @@ def _sklearn(name, train, test, solver, budget) -> Curve:
                 net.partial_fit(X[part], y[part], classes=classes)
                 clock += time.perf_counter() - start
                 seen += piece
-                curve.add(clock, net.score(Xt, yt))
+                curve.add(clock, net.score(Xt, yt), seen)
         else:  # lbfgs, continued 2 iterations at a time (warm start keeps the weights)
             net = MLPClassifier(solver="lbfgs", max_iter=2, warm_start=True, **common)
             while clock < budget:
@@ -191,7 +398,7 @@ def _sklearn(name, train, test, solver, budget) -> Curve:
                 net.fit(X, y)
                 clock += time.perf_counter() - start
                 seen += len(X) * net.n_iter_
-                curve.add(clock, net.score(Xt, yt))
+                curve.add(clock, net.score(Xt, yt), seen)
     curve.samples_per_s = seen / clock
     return curve
 
@@ -204,25 +411,52 @@ def _clustered(n_workers: int, jobs) -> list[Curve]:
         return [job(client) for job in jobs]
 
 
+def _median(values: list):
+    """Median with None as never (infinitely late); None when the median is never."""
+    keyed = sorted(np.inf if v is None else v for v in values)
+    m = statistics.median(keyed) if keyed else np.inf
+    return None if not np.isfinite(m) else float(m)
+
+
 def _table(curves: list[Curve], target: float) -> list[dict]:
-    rows = []
+    """One row per method, its figures the median over its seeds (time to target: with the
+    seeds' values, so that an ordering can be judged against the spread)."""
+    methods: dict[str, list[Curve]] = {}
     for c in curves:
-        rows.append({"method": c.name, "cores": c.cores, "family": c.family,
-                     "samples_per_s": c.samples_per_s,
-                     "final_accuracy": c.accuracy[-1] if c.accuracy else None,
-                     "best_accuracy": max(c.accuracy) if c.accuracy else None,
-                     "time_to_target": time_to(c.times, c.accuracy, target)})
+        methods.setdefault(c.name, []).append(c)
+    rows = []
+    for name, runs in methods.items():
+        times = [time_to(c.times, c.accuracy, target) for c in runs]
+        rows.append({"method": name, "cores": runs[0].cores, "family": runs[0].family,
+                     "seeds": [c.seed for c in runs],
+                     "samples_per_s": statistics.median(c.samples_per_s for c in runs),
+                     "final_accuracy": _median([c.accuracy[-1] if c.accuracy else None for c in runs]),
+                     "best_accuracy": _median([max(c.accuracy) if c.accuracy else None for c in runs]),
+                     "time_to_target": _median(times), "time_to_target_seeds": times,
+                     "samples_to_target": _median([samples_to(c, target) for c in runs]),
+                     "accuracy_samples": statistics.median(len(c.times) for c in runs)})
     return rows
 
 
+def _span(values: list) -> str:
+    if len(values) < 2:
+        return ""
+    ordered = sorted(values, key=lambda v: np.inf if v is None else v)
+    shown = ["never" if v is None else f"{v:.1f}" for v in ordered]
+    return f"{shown[0]}-{shown[-1]}"
+
+
 def _print(rows: list[dict], target: float, budget: float) -> None:
-    print(f"\n{budget:.0f} s per method; time to {target:.0%} test accuracy (chance {1 / CLASSES:.1%})")
-    print(f"{'method':<34} {'cores':>5} {'samples/s':>10} {'final acc':>9} {'best acc':>9} "
-          f"{'t_target s':>10}")
+    print(f"\n{budget:.0f} s per method; time to {target:.0%} test accuracy (chance {1 / CLASSES:.1%}), "
+          "median over the seeds and their range")
+    print(f"{'method':<34} {'cores':>5} {'seeds':>5} {'samples/s':>10} {'final acc':>9} {'best acc':>9} "
+          f"{'t_target s':>10} {'range':>11} {'samples':>9} {'evals':>5}")
     for r in rows:
         tt = "never" if r["time_to_target"] is None else f"{r['time_to_target']:.1f}"
-        print(f"{r['method']:<34} {r['cores']:>5} {r['samples_per_s']:>10,.0f} "
-              f"{r['final_accuracy']:>9.3f} {r['best_accuracy']:>9.3f} {tt:>10}")
+        st = "-" if r["samples_to_target"] is None else f"{r['samples_to_target']:,.0f}"
+        print(f"{r['method']:<34} {r['cores']:>5} {len(r['seeds']):>5} {r['samples_per_s']:>10,.0f} "
+              f"{r['final_accuracy'] or 0:>9.3f} {r['best_accuracy'] or 0:>9.3f} {tt:>10} "
+              f"{_span(r['time_to_target_seeds']):>11} {st:>9} {r['accuracy_samples']:>5.0f}")
 
 
 def _ratios(rows: list[dict], base: str) -> dict:
@@ -238,23 +472,34 @@ def _ratios(rows: list[dict], base: str) -> dict:
     return out
 
 
+def _ratio(rows: list[dict], key: str, a: str, b: str) -> float | None:
+    ra, rb = (next((r for r in rows if r["method"] == m), None) for m in (a, b))
+    if ra is None or rb is None or not ra[key] or not rb[key]:
+        return None
+    return ra[key] / rb[key]
+
+
 def run(quick: bool = False) -> dict:
     budget = 8.0 if quick else 40.0
     rows_total = 24_000 if quick else 60_000
-    target = TARGET[quick]
+    target, seeds = TARGET[quick], SEEDS[quick]
     eval_rows = 1_000
+    print(load_line("at the start"))
     with tempfile.TemporaryDirectory() as tmp:
         path = recipes.build("speech-frames", os.path.join(tmp, "speech.zarr"), size=rows_total,
                              classes=CLASSES)
         train, test = open_store(path).read(), open_store(path, "test").read(0, eval_rows)
         print(f"speech-frames: {open_store(path).n:,} train rows, {CLASSES} classes; model "
-              f"{speech_model().size:,} parameters; {budget:.0f} s of training per method")
-        curves = [_reference("SGD, 1 replica (reference)", path, test, SGD, budget),
-                  _reference("Adagrad, 1 replica (reference)", path, test, ADAGRAD, budget)]
+              f"{speech_model().size:,} parameters; {budget:.0f} s of training per method; "
+              f"seeds {list(seeds)} for the compared methods")
+        curves = [_reference("SGD, 1 replica (reference)", path, test, SGD, budget)]
+        curves += [_reference("Adagrad, 1 replica (reference)", path, test, ADAGRAD, budget, s)
+                   for s in seeds]
+        dp2 = [lambda c, s=s: _downpour(c, "Downpour Adagrad, 2 replicas", path, DOWNPOUR_ADAGRAD,
+                                        2, budget, eval_rows, s) for s in seeds]
         curves += _clustered(2, [
             lambda c: _downpour(c, "Downpour SGD, 2 replicas", path, SGD, 2, budget, eval_rows),
-            lambda c: _downpour(c, "Downpour Adagrad, 2 replicas", path, DOWNPOUR_ADAGRAD, 2, budget,
-                                eval_rows),
+            *dp2,
             lambda c: _sandblaster(c, "Sandblaster L-BFGS, 2 workers", path, 2, budget, eval_rows)])
         curves += _clustered(1, [
             lambda c: _downpour(c, "Downpour Adagrad, 1 replica", path, DOWNPOUR_ADAGRAD, 1, budget,
@@ -263,17 +508,31 @@ def run(quick: bool = False) -> dict:
         if torch is None:
             print("torch is not importable: PyTorch peers skipped (pip install -e .[bench])")
         else:
-            curves += [_torch("PyTorch Adagrad, 1 thread", train, test, 1, budget),
-                       _torch("PyTorch Adagrad, 2 threads", train, test, 2, budget)]
+            curves.append(_torch("PyTorch Adagrad, 1 thread", path, test, 1, budget))
+            for s in seeds:
+                curves += [_torch("PyTorch Adagrad, 2 threads", path, test, 2, budget, s),
+                           _ddp("PyTorch DDP, 2 processes", path, budget, s),
+                           _hogwild("PyTorch Hogwild, 2 processes", path, test, budget, s)]
         curves += [_sklearn("sklearn MLPClassifier adam", train, test, "adam", budget),
                    _sklearn("sklearn MLPClassifier lbfgs", train, test, "lbfgs", budget)]
+    for c in curves:
+        print(f"  {c.name} (seed {c.seed}): {len(c.times)} accuracy samples, "
+              f"{c.samples_per_s:,.0f} samples/s")
     rows = _table(curves, target)
     _print(rows, target, budget)
+    print(load_line("at the end"))
     ratios = _ratios(rows, "Downpour Adagrad, 2 replicas")
     print("\nrelative to Downpour Adagrad, 2 replicas: samples/s ratio (method / downpour), "
           "time-to-target ratio (method / downpour)")
     for name, r in ratios.items():
         tt = "-" if r["time_to_target_ratio"] is None else f"{r['time_to_target_ratio']:.2f}"
         print(f"  {name:<34} {r['samples_per_s_ratio']:>6.2f} {tt:>6}")
-    return {"target_accuracy": target, "budget_seconds": budget, "table": rows,
-            "ratios_to_downpour_adagrad_2": ratios, "curves": [asdict(c) for c in curves]}
+    samples_ratio = _ratio(rows, "samples_to_target", "Downpour Adagrad, 2 replicas",
+                           "Adagrad, 1 replica (reference)")
+    print("samples to target, Downpour Adagrad x2 / Adagrad reference: "
+          + ("-" if samples_ratio is None else f"{samples_ratio:.2f}"))
+    return {"target_accuracy": target, "budget_seconds": budget, "seeds": list(seeds),
+            "time_to_target": {r["method"]: r["time_to_target"] for r in rows},
+            "samples_to_target_ratio_downpour2_vs_reference": samples_ratio,
+            "table": rows, "ratios_to_downpour_adagrad_2": ratios,
+            "curves": [asdict(c) for c in curves], **load()}

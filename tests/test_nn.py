@@ -11,6 +11,7 @@ import pytest
 from sklearn.metrics import log_loss
 
 from daskbelief.backend import gpu_available
+from daskbelief.nn import layers
 from daskbelief.nn import (Dense, LocallyConnected1D, LocallyConnected2D, ParamSpec, Sequential,
                            layer_from_dict, patches, receptive_field)
 
@@ -79,6 +80,27 @@ def test_locally_connected_2d_gradient_strided_non_square():
     model = Sequential((7, 6, 2), [LocallyConnected2D(3, (3, 2), (2, 1), "relu"),
                                    LocallyConnected2D(2, (2, 2), (1, 2), "tanh"),
                                    Dense(3, "sigmoid"), Dense(3)], l2=0.05)
+    assert_gradient_matches(model)
+
+
+@pytest.mark.parametrize("cache_bytes", [1, 3 * (2 * 12 + 3) * 5 * 8])
+def test_locally_connected_blocks_of_any_size_give_the_same_gradient(monkeypatch, cache_bytes):
+    """One position per block, and blocks of 3 that straddle rows of 6 positions (layer 0's
+    per-position bytes are (2 K + F) n itemsize = (2*12 + 3)*5*8): the same gradient as one
+    block of everything, and still the finite differences'."""
+    model = Sequential((7, 6, 2), [LocallyConnected2D(3, (3, 2), (2, 1), "relu"),
+                                   LocallyConnected2D(2, (2, 2), (1, 2), "tanh"),
+                                   Dense(3, "sigmoid"), Dense(3)], l2=0.05)
+    X, y = data(model)
+    p = perturbed_params(model)
+    monkeypatch.setattr(layers, "CACHE_BYTES", 1 << 40)
+    assert layers.block_positions(12, 3, 5, 8) >= model.layers[0].positions
+    whole = model.loss_and_grad(p, X, y)
+    monkeypatch.setattr(layers, "CACHE_BYTES", cache_bytes)
+    assert layers.block_positions(12, 3, 5, 8) == (1 if cache_bytes == 1 else 3)
+    loss, g = Sequential.from_dict(model.to_dict()).loss_and_grad(p, X, y)
+    assert loss == pytest.approx(whole[0], rel=1e-12)
+    np.testing.assert_allclose(g, whole[1], rtol=1e-10, atol=1e-14)
     assert_gradient_matches(model)
 
 

@@ -62,3 +62,31 @@ def test_the_gpu_benchmark_says_no_gpu_where_there_is_none(capsys):
         pytest.skip("this machine has a GPU: the benchmark would run")
     assert gpu.run(quick=True) == {"gpu": None}
     assert "no GPU" in capsys.readouterr().out
+
+
+def test_an_ordering_holds_only_beyond_the_seeds_spread():
+    claim, fast, slow = ORDERINGS[0]
+
+    def seeded(a: list, b: list) -> dict:
+        return {"table": [{"method": m, "time_to_target": sorted(ts, key=lambda t: t or 1e9)[1],
+                           "time_to_target_seeds": ts, "seeds": [0, 1, 2], "samples_per_s": 1.0}
+                          for m, ts in ((fast, a), (slow, b))]}
+
+    assert "**holds**" in orderings(seeded([4.0, 5.0, 6.0], [7.0, 8.0, None]))[0]
+    assert "within the seeds' spread" in orderings(seeded([4.0, 5.0, 7.5], [7.0, 8.0, 9.0]))[0]
+    assert "**does not hold**" in orderings(seeded([8.0, 9.0, None], [4.0, 5.0, 6.0]))[0]
+    assert "(seeds: 4.0, 5.0, 6.0)" in orderings(seeded([4.0, 5.0, 6.0], [7.0, 8.0, 9.0]))[0]
+
+
+def test_snapshots_on_a_fixed_schedule_give_time_and_samples_to_target():
+    from benchmarks.paper import Curve, Snapshots, _median, samples_to
+
+    snaps = Snapshots(1.0)
+    for t in (0.5, 1.2, 1.4, 2.0, 3.7):
+        snaps.offer(t, 100 * t, lambda t=t: t)
+    assert [t for t, _, _ in snaps.taken] == [1.2, 2.0, 3.7]
+    curve = snaps.fill(Curve("m", 1, "peer"), accuracy=lambda params: params / 4)
+    assert curve.accuracy == pytest.approx([0.3, 0.5, 0.925])
+    assert samples_to(curve, 0.4) == pytest.approx(160.0)  # at t = 1.6, halfway from 1.2 to 2.0
+    assert samples_to(curve, 0.95) is None
+    assert _median([3.0, None, 1.0]) == 3.0 and _median([None, None, 1.0]) is None
