@@ -7,9 +7,14 @@ would to that slice: sharding the server never changes the arithmetic.
 
 * ``sgd(lr)``: ``p -= lr * g``
 * ``momentum(lr, mu)``: ``v = mu * v + g; p -= lr * v``
-* ``adagrad(lr, eps)``: the paper's rule, a learning rate per parameter
-  ``eta_i = lr / sqrt(sum_j g_ij^2)`` (the sum includes the current gradient; ``eps`` keeps a
-  never-touched parameter at rest instead of dividing 0 by 0).
+* ``adagrad(lr, eps, initial_accumulator)``: the paper's rule, a learning rate per parameter
+  ``eta_i = lr / sqrt(a0 + sum_j g_ij^2)`` (the sum includes the current gradient; ``eps`` keeps a
+  never-touched parameter at rest instead of dividing 0 by 0). With ``a0 = 0`` (the paper's
+  rule) the first step moves every parameter by ``lr * sign(g)``, whatever the gradient's size;
+  a small ``a0`` (TensorFlow's default is 0.1) makes the first steps proportional to the gradient.
+
+``apply(params, grad, state, scale)`` multiplies the learning rate by ``scale`` for this one
+update: how a parameter shard applies staleness-aware step sizes (``optim.staleness``).
 """
 from __future__ import annotations
 
@@ -33,9 +38,11 @@ class UpdateRule:
         """Fresh state for ``params`` (zeros, in the parameters' array type and dtype)."""
         return self._init(params, **self.hyper)
 
-    def apply(self, params, grad, state: dict) -> None:
-        """One update of ``params`` (and ``state``) in place from ``grad``."""
-        self._apply(params, grad, state, **self.hyper)
+    def apply(self, params, grad, state: dict, scale: float = 1.0) -> None:
+        """One update of ``params`` (and ``state``) in place from ``grad``, the learning rate
+        multiplied by ``scale`` (1: the rule as configured)."""
+        hyper = self.hyper if scale == 1.0 else {**self.hyper, "lr": self.hyper["lr"] * scale}
+        self._apply(params, grad, state, **hyper)
 
     def to_dict(self) -> dict:
         return {"name": self.name, **self.hyper}
@@ -63,11 +70,13 @@ def _momentum_apply(params, grad, state, lr, mu):
     params -= lr * v
 
 
-def _accumulator(params, **_) -> dict:
-    return {"sum_sq": namespace(params).zeros_like(params)}
+def _accumulator(params, initial_accumulator=0.0, **_) -> dict:
+    acc = namespace(params).zeros_like(params)
+    acc += initial_accumulator
+    return {"sum_sq": acc}
 
 
-def _adagrad_apply(params, grad, state, lr, eps):
+def _adagrad_apply(params, grad, state, lr, eps, initial_accumulator=0.0):
     xp = namespace(params)
     acc = state["sum_sq"]
     step = grad * grad          # the one temporary, reused for every step below
@@ -89,9 +98,11 @@ def momentum(lr: float = 0.01, mu: float = 0.9) -> UpdateRule:
     return UpdateRule("momentum", {"lr": _rate(lr, "lr"), "mu": float(mu)}, _velocity, _momentum_apply)
 
 
-def adagrad(lr: float = 0.05, eps: float = 1e-7) -> UpdateRule:
-    return UpdateRule("adagrad", {"lr": _rate(lr, "lr"), "eps": _rate(eps, "eps")}, _accumulator,
-                      _adagrad_apply)
+def adagrad(lr: float = 0.05, eps: float = 1e-7, initial_accumulator: float = 0.0) -> UpdateRule:
+    hyper = {"lr": _rate(lr, "lr"), "eps": _rate(eps, "eps")}
+    if initial_accumulator:  # absent when 0, so the paper's rule describes itself as before
+        hyper["initial_accumulator"] = _rate(initial_accumulator, "initial_accumulator")
+    return UpdateRule("adagrad", hyper, _accumulator, _adagrad_apply)
 
 
 RULES = {"sgd": sgd, "momentum": momentum, "adagrad": adagrad}

@@ -1,0 +1,111 @@
+"""Compressed parameter-server traffic: bf16 rounding and top-k sparsification, with error feedback.
+
+Between hosts a push or fetch of float32 values is bound by the link, so halving (bf16) or
+thinning (top-k) what crosses it buys throughput. Rounding and dropping lose information; the
+replica keeps what was lost (the *residual*) and adds it to its next push, so over a run every
+gradient component is applied in full, only later (error feedback, as in 1-bit SGD and
+Deep Gradient Compression). Exact transfer stays the default; every function here is pure except
+``Feedback``, which owns one residual per pushed range.
+
+A compressed payload is a small tuple, cheap to pickle and with its arrays as out-of-band buffers:
+``("bf16", uint16 values)``, ``("topk", int32 indices, float32 values, length)`` or
+``("topk-bf16", int32 indices, uint16 values, length)``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+KINDS = (None, "bf16", "topk", "topk-bf16")
+
+
+def check_kind(kind) -> None:
+    """Refuse an unknown compression name, listing the known ones."""
+    if kind not in KINDS:
+        raise ValueError(f"compression must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
+
+
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bit patterns (uint16), rounded to nearest, ties to even.
+
+    bf16 keeps float32's 8 exponent bits (no overflow for gradients) and 7 mantissa bits: the top
+    half of the float32 word, with a rounding bias so the error is at most half a unit.
+    """
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+    return (rounded >> np.uint32(16)).astype(np.uint16)
+
+
+def from_bf16(h: np.ndarray) -> np.ndarray:
+    """bf16 bit patterns (uint16) -> float32 values."""
+    return (np.asarray(h, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def top_k(x: np.ndarray, fraction: float) -> np.ndarray:
+    """Indices (int32, ascending) of the ``ceil(fraction * len(x))`` entries of largest magnitude."""
+    k = max(1, min(len(x), int(np.ceil(fraction * len(x)))))
+    if k == len(x):
+        return np.arange(len(x), dtype=np.int32)
+    return np.sort(np.argpartition(np.abs(x), len(x) - k)[len(x) - k:]).astype(np.int32)
+
+
+def encode(x: np.ndarray, kind: str | None, fraction: float = 0.01):
+    """The payload that carries ``x`` (float32) compressed as ``kind``; ``x`` itself for None."""
+    if kind is None:
+        return x
+    if kind == "bf16":
+        return ("bf16", to_bf16(x))
+    idx = top_k(x, fraction)
+    values = x[idx]
+    if kind == "topk":
+        return ("topk", idx, values.astype(np.float32), len(x))
+    return ("topk-bf16", idx, to_bf16(values), len(x))
+
+
+def decode(payload) -> np.ndarray:
+    """The float32 array a payload stands for (dense; zeros where top-k dropped entries)."""
+    if not isinstance(payload, tuple):
+        return payload
+    kind = payload[0]
+    if kind == "bf16":
+        return from_bf16(payload[1])
+    if kind in ("topk", "topk-bf16"):
+        _, idx, values, length = payload
+        out = np.zeros(length, dtype=np.float32)
+        out[idx] = from_bf16(values) if kind == "topk-bf16" else values
+        return out
+    raise ValueError(f"unknown compressed payload kind {kind!r}")
+
+
+def payload_bytes(payload) -> int:
+    """Bytes of array data a payload carries across the link."""
+    if not isinstance(payload, tuple):
+        return int(payload.nbytes)
+    return sum(int(p.nbytes) for p in payload[1:] if isinstance(p, np.ndarray))
+
+
+class Feedback:
+    """Error feedback for one replica's pushes: per pushed range, what compression has not sent yet.
+
+    ``encode(key, g)`` compresses ``g + residual[key]`` and keeps the part the payload does not
+    carry as the new residual, so the sum of everything decoded plus the residual always equals
+    the sum of every gradient given (up to float32 addition).
+    """
+
+    def __init__(self, kind: str | None, fraction: float = 0.01):
+        check_kind(kind)
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"topk fraction must be in (0, 1], got {fraction!r}")
+        self.kind, self.fraction = kind, fraction
+        self.residual: dict = {}
+
+    def encode(self, key, grad: np.ndarray):
+        """The payload for ``grad`` pushed to ``key`` (a shard, or a shard and offset)."""
+        if self.kind is None:
+            return grad
+        residual = self.residual.get(key)
+        if residual is None:
+            residual = self.residual[key] = np.zeros(len(grad), dtype=np.float32)
+        residual += grad
+        payload = encode(residual, self.kind, self.fraction)
+        residual -= decode(payload)
+        return payload
