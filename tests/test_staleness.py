@@ -76,3 +76,29 @@ def test_staleness_bound():
     assert not staleness.must_wait(10, 0, None)
     assert not staleness.must_wait(3, 1, 2)
     assert staleness.must_wait(4, 1, 2)
+
+
+def test_a_shard_scales_each_push_by_its_staleness_and_decodes_compressed_pushes():
+    """ParameterShard (in process, the class the actor runs) against the rule applied by hand:
+    a push 4 updates old gets lr/4 under the 'inverse' policy; a bf16 payload is applied as the
+    float32 values it stands for."""
+    from daskbelief.ps import compress
+    from daskbelief.ps.shard import ParameterShard
+
+    spec = {"name": "sgd", "lr": 0.5, "staleness": "inverse"}
+    assert make_rule(spec).to_dict() == spec
+    g = _grads(n=8, steps=6, seed=4)
+    shard = ParameterShard(0, 0, 8, np.zeros(8, np.float32), spec)
+    expect = np.zeros(8, np.float32)
+    for i in range(4):                      # fresh pushes: version i, base i -> staleness 0
+        shard.push(g[i], base_version=i)
+        expect -= np.float32(0.5) * g[i]
+    shard.push(g[4], base_version=0)        # 4 updates old
+    expect -= np.float32(0.5 / 4) * g[4]
+    payload = compress.encode(g[5], "bf16")
+    shard.push(payload, base_version=5)
+    expect -= np.float32(0.5) * compress.decode(payload)
+    np.testing.assert_allclose(shard.fetch()[0], expect, rtol=1e-6)
+    assert shard.bytes_in == 5 * 8 * 4 + 8 * 2
+    with pytest.raises(ValueError, match="staleness policy must be one of"):
+        make_rule({"name": "adagrad", "staleness": "sometimes"})

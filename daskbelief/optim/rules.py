@@ -14,15 +14,18 @@ would to that slice: sharding the server never changes the arithmetic.
   a small ``a0`` (TensorFlow's default is 0.1) makes the first steps proportional to the gradient.
 
 ``apply(params, grad, state, scale)`` multiplies the learning rate by ``scale`` for this one
-update: how a parameter shard applies staleness-aware step sizes (``optim.staleness``).
+update: how a parameter shard applies staleness-aware step sizes. A rule's ``staleness`` policy
+(``{"name": "adagrad", "lr": 0.05, "staleness": "inverse"}``; see ``optim.staleness``) tells the
+shard which scale each push gets from its measured staleness; "none" (the default) is the paper's.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from numbers import Real
 
 from daskbelief.backend import namespace
+from daskbelief.optim.staleness import check_policy, step_scale
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class UpdateRule:
     hyper: dict = field(default_factory=dict)
     _init: Callable = None
     _apply: Callable = None
+    staleness: str = "none"
 
     def init(self, params) -> dict:
         """Fresh state for ``params`` (zeros, in the parameters' array type and dtype)."""
@@ -44,8 +48,13 @@ class UpdateRule:
         hyper = self.hyper if scale == 1.0 else {**self.hyper, "lr": self.hyper["lr"] * scale}
         self._apply(params, grad, state, **hyper)
 
+    def step_scale(self, staleness: int) -> float:
+        """The learning-rate factor for a push ``staleness`` updates old, by this rule's policy."""
+        return step_scale(staleness, self.staleness)
+
     def to_dict(self) -> dict:
-        return {"name": self.name, **self.hyper}
+        extra = {} if self.staleness == "none" else {"staleness": self.staleness}
+        return {"name": self.name, **self.hyper, **extra}
 
     def __repr__(self) -> str:
         return f"{self.name}({', '.join(f'{k}={v:g}' for k, v in self.hyper.items())})"
@@ -134,6 +143,8 @@ def make_rule(spec) -> UpdateRule:
     if name not in RULES:
         raise ValueError(f"unknown update rule {name!r}: expected one of {sorted(RULES)}")
     try:
-        return RULES[name](**{k: v for k, v in spec.items() if k != "name"})
+        rule = RULES[name](**{k: v for k, v in spec.items() if k not in ("name", "staleness")})
     except TypeError as e:
         raise ValueError(f"bad settings for the {name!r} rule: {e}") from None
+    policy = check_policy(spec.get("staleness", "none"))
+    return rule if policy == "none" else replace(rule, staleness=policy)

@@ -15,6 +15,7 @@ import numpy as np
 
 from daskbelief.backend import get_backend, namespace, to_numpy
 from daskbelief.optim.rules import make_rule
+from daskbelief.ps.compress import decode, payload_bytes
 from daskbelief.optim.vectors import LocalVectors
 
 STALENESS_BINS = 64  # staleness >= this lands in the last histogram bin
@@ -70,8 +71,8 @@ class ParameterShard:
         bad replica must never poison the shared parameters.
         """
         xp = namespace(self.params)
-        grad = xp.asarray(grad)
-        self.bytes_in += grad.nbytes
+        self.bytes_in += payload_bytes(grad)
+        grad = xp.asarray(decode(grad))
         blocks = [grad[i:i + APPLY_BLOCK] for i in range(0, len(grad), APPLY_BLOCK)]
         finite = all(bool(xp.isfinite(g).all()) for g in blocks)
         complete = part is None or self._arrived(*part, finite)
@@ -82,13 +83,14 @@ class ParameterShard:
         if not 0 <= offset < end <= len(self.params):
             raise ValueError(f"shard {self.index}: push of {end - offset} values at offset {offset} "
                              f"does not fit its {len(self.params)} parameters")
+        staleness = max(self.version - int(base_version), 0)
+        scale = self.rule.step_scale(staleness)
         for g in blocks:
             span = slice(offset, offset + len(g))
-            self.rule.apply(self.params[span], g, {k: v[span] for k, v in self.state.items()})
+            self.rule.apply(self.params[span], g, {k: v[span] for k, v in self.state.items()}, scale)
             offset += len(g)
         if not complete:
             return self.version
-        staleness = max(self.version - int(base_version), 0)
         self.staleness_hist[min(staleness, STALENESS_BINS - 1)] += 1
         self.staleness_sum += staleness
         self.version += 1
