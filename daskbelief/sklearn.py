@@ -86,12 +86,14 @@ class LocalPredictor:
     """
 
     def __init__(self, model, params, x_mean, x_inv_std, classes=None, y_mean=None, y_std=None):
-        self.model, self.params = model, params
+        # float64 arithmetic: a prediction must not depend on which other rows share its batch
+        # (float32 BLAS rounds differently by batch size; scikit-learn checks 1e-7 agreement)
+        self.model, self.params = model, np.asarray(params, dtype=np.float64)
         self.x_mean, self.x_inv_std = x_mean, x_inv_std
         self.classes, self.y_mean, self.y_std = classes, y_mean, y_std
 
     def _outputs(self, X) -> np.ndarray:
-        X = (np.asarray(X, dtype=np.float32) - self.x_mean) * self.x_inv_std
+        X = (np.asarray(X, dtype=np.float64) - self.x_mean) * self.x_inv_std
         return self.model.predict(self.params, X)
 
     def predict_proba(self, X) -> np.ndarray:
