@@ -34,7 +34,8 @@ from daskbelief.ps import checkpoint
 from daskbelief.ps.policy import place_blocks, place_replicas
 from daskbelief.ps.server import CALL_TIMEOUT, RECOVERY_TIMEOUT, WAIT_SLICE, ParameterServer, ServerLost
 from daskbelief.train.driver import Driver
-from daskbelief.train.recovery import DriverGone, Lease, LeaseWatch, RunLost, lost_workers
+from daskbelief.train.errors import DriverGone, RunLost
+from daskbelief.train.recovery import Lease, LeaseWatch, lost_workers
 from daskbelief.workarounds import leave_thread_pool, worker_info
 from daskbelief.train.evaluate import evaluate, test_row
 from daskbelief.train.partition import as_plan
@@ -628,11 +629,11 @@ class _PartitionedStepper:
 
         def usable():
             generation, ps = self.var.get(timeout=CALL_TIMEOUT)
-            return None if lost_workers(client, ps.addresses()) else (generation, ps.here())
+            return None if lost_workers(client, ps.addresses()) else (generation, ps)
 
         generation, ps = waits.until(usable, timeout=RECOVERY_TIMEOUT, every=0.5, give_up=self.lease.give_up,
                                      what=f"replica {plan.replica}: a parameter server with every shard alive")
-        params, _ = ps.fetch(timeout=RECOVERY_TIMEOUT, give_up=self.lease.give_up)
+        params, _ = ps.here().fetch(timeout=RECOVERY_TIMEOUT, give_up=self.lease.give_up)
         where = place_blocks(sorted(worker_info(client)), ps.addresses(), 1, self.n_blocks)[0]
         old, self.generation = self.blocks, generation
         self.blocks = Blocks.start(client, old.plan, params, ps=ps, replica=f"replica-{plan.replica}",

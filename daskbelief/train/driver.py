@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 
+import dask.config
 from distributed import Variable
 from distributed.scheduler import KilledWorker
 
@@ -20,13 +21,19 @@ from daskbelief import waits
 from daskbelief.monitor import events
 from daskbelief.ps import checkpoint
 from daskbelief.train.evaluate import announce_test, evaluate_rows, finish, test_row
-from daskbelief.train.recovery import RunLost, gone, pick_worker, updates_missing
+from daskbelief.train.errors import RunLost
+from daskbelief.train.recovery import gone, pick_worker, updates_missing
 from daskbelief.workarounds import worker_info
 
 CALL_TIMEOUT = 30.0         # seconds the driver waits for a shard before giving up on it this time
 CHECKPOINT_TIMEOUT = 300.0  # seconds for every shard to write its part of a checkpoint
-RECOVERY_TIMEOUT = 300.0    # seconds a lost shard may take to come back before the run is lost
 MAX_RESUBMITS = 10          # times one replica task is submitted again after Dask gave up on it
+
+
+def recovery_timeout() -> float:
+    """Seconds a lost shard may take to come back (a live worker to appear, its actor to start)
+    before the run is lost: dask config ``daskbelief.recovery-timeout``, default 300."""
+    return float(dask.config.get("daskbelief.recovery-timeout", 300.0))
 
 
 class Driver:
@@ -91,7 +98,7 @@ class Driver:
                 self.check_scheduler()
                 self._watch()
                 return None
-        return waits.until(attempt, timeout=RECOVERY_TIMEOUT, every=0.5,
+        return waits.until(attempt, timeout=recovery_timeout(), every=0.5,
                            what="the final parameters from every shard")
 
     def check_scheduler(self) -> None:
@@ -164,13 +171,13 @@ class Driver:
 
     def _recover(self, lost: list[int], live: list[str]) -> None:
         """Bring the ``lost`` shards back on live workers; what fails is retried at the next watch
-        until ``RECOVERY_TIMEOUT`` has passed since the shard was found lost."""
+        until ``recovery_timeout()`` seconds have passed since the shard was found lost."""
         now = time.time()
         for i in lost:
             self._lost_since.setdefault(i, now)
         if not live:
             try:
-                live = waits.until(lambda: list(worker_info(self.client)), timeout=RECOVERY_TIMEOUT,
+                live = waits.until(lambda: list(worker_info(self.client)), timeout=recovery_timeout(),
                                    what="a live worker to recreate the parameter shards on", every=0.5)
             except waits.WaitTimeout as e:
                 raise RunLost("every worker", self.last_checkpoint()) from e
@@ -179,7 +186,7 @@ class Driver:
             try:
                 self._recover_shard(i, live, versions)
             except Exception as e:  # noqa: BLE001 -- its new worker died too, say: retry next watch
-                if time.time() - self._lost_since[i] > RECOVERY_TIMEOUT:
+                if time.time() - self._lost_since[i] > recovery_timeout():
                     raise RunLost(f"parameter shard {i} (not recreated: {e})", self.last_checkpoint()) from e
                 events.emit(events.RUN, run=self.run, kind="recovery-failed", shard=i, error=repr(e)[:500])
                 return
@@ -205,7 +212,7 @@ class Driver:
             snapshot = {"params": self.initial[a:b], "state": {}, "version": 0}
         lost_worker = self.ps.addresses()[index]
         worker = pick_worker(live, self.ps.addresses())
-        self.ps = self.ps.replace_shard(self.client, index, snapshot, worker, timeout=RECOVERY_TIMEOUT,
+        self.ps = self.ps.replace_shard(self.client, index, snapshot, worker, timeout=recovery_timeout(),
                                         give_up=gone(self.client, [worker], f"recreating shard {index}"))
         missing = updates_missing(versions, saved)
         self.updates_lost += missing
@@ -277,10 +284,17 @@ class Driver:
         if self.checkpoint_dir is not None:
             self.checkpoint()
 
-    def close(self) -> None:
-        """Stop any replica still running, end the lease and release the shards."""
+    def close(self, grace: float = 5.0) -> None:
+        """Stop any replica still running (released from the warm start too, given ``grace``
+        seconds to return before its task is cancelled), end the lease, release the shards."""
         self.coordination["lease"].stop()
         if self.client.status == "running":
             self.coordination["stop"].set()
+            self.coordination["warm"].set()
+            try:
+                waits.until(lambda: all(f.done() for f in self.futures), timeout=grace,
+                            what="the replicas to stop")
+            except waits.WaitTimeout:
+                pass  # cancelled below
             self.client.cancel(self.futures)
         self.ps.close()

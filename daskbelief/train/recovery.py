@@ -8,9 +8,9 @@ lease, and the one error for what cannot be survived.
 * ``Lease`` (on the driver) and ``LeaseWatch`` (in a replica): the driver renews a lease every
   second from a thread of its own; a replica that sees it unchanged for ``LEASE_TIMEOUT`` seconds
   concludes that its driver is gone and stops, so a dead driver leaves nothing running.
-* ``RunLost``: the run cannot go on (the scheduler, every worker, or a recovery that cannot
-  succeed); it names what was lost and the last complete checkpoint, which the CLI turns into
-  one line with the command that resumes.
+* ``errors.RunLost``: the run cannot go on (the scheduler, every worker, or a recovery that
+  cannot succeed); it names what was lost and the last complete checkpoint, which the CLI turns
+  into one line with the command that resumes.
 """
 from __future__ import annotations
 
@@ -20,23 +20,11 @@ from collections import Counter
 
 from distributed import Variable
 
+from daskbelief.train.errors import DriverGone
 from daskbelief.workarounds import worker_info
 
 LEASE_EVERY = 1.0     # seconds between the driver's lease renewals
 LEASE_TIMEOUT = 10.0  # seconds without a renewal after which a replica stops
-
-
-class DriverGone(Exception):
-    """Raised in a replica whose driver's lease expired: the replica stops."""
-
-
-class RunLost(RuntimeError):
-    """Training cannot continue: ``lost`` names what is gone, ``checkpoint`` the last complete
-    checkpoint (or None)."""
-
-    def __init__(self, lost: str, checkpoint=None):
-        self.lost, self.checkpoint = lost, None if checkpoint is None else str(checkpoint)
-        super().__init__(f"lost {lost}; last complete checkpoint: {self.checkpoint or 'none'}")
 
 
 def lost_workers(client, addresses) -> list[str]:
