@@ -15,7 +15,7 @@ import numpy as np
 
 from daskbelief.backend import get_backend, namespace, to_numpy
 from daskbelief.optim.rules import make_rule
-from daskbelief.optim.vectors import LocalVectors
+from daskbelief.optim.vectors import LocalVectors, finish_gradient  # the reference's own code
 
 STALENESS_BINS = 64  # staleness >= this lands in the last histogram bin
 
@@ -246,8 +246,6 @@ class ParameterShard:
         """Close evaluation ``tag``: vector ``g_name`` = this slice of the gradient at ``x_name``
         (``finish_gradient``, exactly the reference's arithmetic); returns the slice's share of
         the regulariser."""
-        from daskbelief.train.objective import finish_gradient  # the reference's own code
-
         ev = self._evaluation()
         if ev.tag != tag:
             raise RuntimeError(f"shard {self.index}: cannot finish evaluation {tag!r}, the open "

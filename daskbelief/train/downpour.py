@@ -29,7 +29,7 @@ from daskbelief.cluster import (client_or_local, default_local_workers, require_
                                 require_threads, require_workers, warm_workers)
 from daskbelief.data import open_store
 from daskbelief.monitor import events
-from daskbelief.optim.rules import make_rule
+from daskbelief.optim.rules import UpdateRule, make_rule
 from daskbelief.ps import checkpoint
 from daskbelief.ps.policy import place_blocks, place_replicas
 from daskbelief.ps.server import CALL_TIMEOUT, RECOVERY_TIMEOUT, WAIT_SLICE, ParameterServer, ServerLost
@@ -38,7 +38,7 @@ from daskbelief.train.errors import DriverGone, RunLost
 from daskbelief.train.recovery import Lease, LeaseWatch, lost_workers
 from daskbelief.workarounds import leave_thread_pool, worker_info
 from daskbelief.train.evaluate import evaluate, test_row
-from daskbelief.train.partition import as_plan
+from daskbelief.train.partition import Plan, as_plan
 from daskbelief.train.partitioned import Blocks
 from daskbelief.train.result import TrainResult
 
@@ -99,13 +99,13 @@ def validate(*, replicas: int, shards: int, n_fetch: int, n_push: int, batch_siz
 
 
 def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_fetch: int = 5,
-             n_push: int = 5, rule="adagrad", batch_size: int = 32, epochs: int | None = None,
+             n_push: int = 5, rule: str | dict | UpdateRule = "adagrad", batch_size: int = 32, epochs: int | None = None,
              steps: int | None = None, max_seconds: float | None = None,
              warmstart_steps: int = 0, test=None, seed: int = 0,
              params=None, overlap: bool = True, max_in_flight: int = 2, report_every: int = 20,
              eval_every: float | None = None, eval_rows: int = 10_000, checkpoint_dir=None,
              checkpoint_every: float | None = None, checkpoint_keep: int = 3, resume_from=None,
-             partition=None, device: str | None = None,
+             partition: dict | Plan | None = None, device: str | None = None,
              config: dict | None = None) -> TrainResult:
     """Train ``model`` with Downpour SGD on a Dask cluster and return a ``TrainResult``.
 
@@ -225,7 +225,7 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
         except RunLost:
             raise
         except Exception:
-            driver.check_scheduler()
+            driver.check_scheduler(probe=True)
             raise
         finally:
             driver.close()

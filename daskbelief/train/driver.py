@@ -22,7 +22,7 @@ from daskbelief.monitor import events
 from daskbelief.ps import checkpoint
 from daskbelief.train.evaluate import announce_test, evaluate_rows, finish, test_row
 from daskbelief.train.errors import RunLost
-from daskbelief.train.recovery import gone, pick_worker, updates_missing
+from daskbelief.train.recovery import gone, pick_worker, scheduler_lost, updates_missing
 from daskbelief.workarounds import worker_info
 
 CALL_TIMEOUT = 30.0         # seconds the driver waits for a shard before giving up on it this time
@@ -82,7 +82,7 @@ class Driver:
         except RunLost:
             raise
         except Exception:
-            self.check_scheduler()
+            self.check_scheduler(probe=True)
             raise
         self.seconds = time.time() - self.started
         self.check_scheduler()
@@ -95,15 +95,16 @@ class Driver:
                 params, _ = self.ps.fetch(timeout=CALL_TIMEOUT, give_up=self._server_gone)
                 return params, self.ps.stats(timeout=CALL_TIMEOUT, give_up=self._server_gone)
             except Exception:  # noqa: BLE001 -- a shard lost: recover it and ask again
-                self.check_scheduler()
+                self.check_scheduler(probe=True)
                 self._watch()
                 return None
         return waits.until(attempt, timeout=recovery_timeout(), every=0.5,
                            what="the final parameters from every shard")
 
-    def check_scheduler(self) -> None:
-        """Raise ``RunLost`` when the connection to the scheduler is gone."""
-        if self.client.status != "running":
+    def check_scheduler(self, probe: bool = False) -> None:
+        """Raise ``RunLost`` when the connection to the scheduler is gone (``probe``: or the
+        scheduler does not answer a call, after some other call failed)."""
+        if self.client.status != "running" or (probe and scheduler_lost(self.client)):
             raise RunLost(f"the scheduler at {self.client.scheduler.address}", self.last_checkpoint())
 
     def _failed(self) -> bool:

@@ -35,6 +35,7 @@ from numbers import Integral
 
 from daskbelief.checks import check_integer
 from daskbelief.nn.layers import Dense, receptive_field
+from daskbelief.nn.model import model_difference
 from daskbelief.ranges import Range, merge, split
 
 Box = tuple[tuple[int, int], ...]
@@ -420,8 +421,6 @@ def as_plan(model, partition) -> Plan | None:
     if not isinstance(partition, Plan):
         return from_config(model, partition)
     if partition.model.to_dict() != model.to_dict():
-        from daskbelief.ps.checkpoint import model_difference
-
         raise ValueError("the partition plan was made for another model: "
                          + model_difference(partition.model.to_dict(), model.to_dict(), ("plan", "model")))
     return partition
