@@ -6,6 +6,9 @@
   so it waits while long-running tasks hold every thread; and its future never completes if that
   worker dies. Actors are started with a deadline that names them, and the tasks that run for the
   whole training (replicas) call ``leave_thread_pool`` so that they hold no pool thread at all.
+* A Variable's value lives deserialised on an in-process scheduler, and every ``Actor`` handle
+  made where a client exists holds a future of its own for the actor's key: a Variable holding
+  server handles keeps the shards alive after the run, so the driver deletes its Variables.
 * ``LocalActor``: a call from a task to an actor of its own worker would go over loopback TCP
   through the worker's event loop; it is submitted straight to the actor thread instead.
 * All actors of a worker share one thread: callers spread shards and blocks over workers

@@ -200,13 +200,14 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
         block_names = [p.name(f"blocks-{p.replica}") for p, b in zip(replica_plans, blocks) if b is not None]
         for p, b in zip(replica_plans, blocks):
             if b is not None:
-                Variable(p.name(f"blocks-{p.replica}"), client=c).set(b)
+                coordination["variables"].append(Variable(p.name(f"blocks-{p.replica}"), client=c))
+                coordination["variables"][-1].set(b)
         homes = place_replicas(workers, ps.addresses(), replicas)
 
         def submit(r: int, home=None):
             return c.submit(run_replica, model, replica_plans[r], blocks[r],
                             key=f"{run}-replica-{r}-{uuid.uuid4().hex[:6]}", workers=home,
-                            allow_other_workers=True, pure=False, retries=0)
+                            allow_other_workers=home is not None, pure=False, retries=0)
 
         futures = [submit(r, [home]) for r, home in enumerate(homes)]
         driver = Driver(c, run, ps, futures, model, test_store, coordination, blocks=block_names,
@@ -291,12 +292,14 @@ def _coordinate(client, plan: ReplicaPlan, ps, done: dict[int, int], warmstart_s
         warm.set()
     server = Variable(plan.name("ps"), client=client)
     server.set((0, ps))
+    variables = [server]
     for replica, steps_done in done.items():
-        Variable(plan.name(f"progress-{replica}"), client=client).set(
-            {"done": steps_done, "attempt": -1})
+        variables.append(Variable(plan.name(f"progress-{replica}"), client=client))
+        variables[-1].set({"done": steps_done, "attempt": -1})
     lease = Lease(client, plan.name("lease"))
     lease.start()
-    return {"warm": warm, "stop": stop, "ps": server, "lease": lease}
+    return {"warm": warm, "stop": stop, "ps": server, "lease": lease,
+            "variables": variables + [lease.var]}
 
 
 def _history(replica_events, run: str, start: float) -> list[dict]:

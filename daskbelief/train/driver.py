@@ -287,7 +287,8 @@ class Driver:
 
     def close(self, grace: float = 5.0) -> None:
         """Stop any replica still running (released from the warm start too, given ``grace``
-        seconds to return before its task is cancelled), end the lease, release the shards."""
+        seconds to return before its task is cancelled), end the lease, delete the run's
+        Variables and release the shards."""
         self.coordination["lease"].stop()
         if self.client.status == "running":
             self.coordination["stop"].set()
@@ -298,4 +299,6 @@ class Driver:
             except waits.WaitTimeout:
                 pass  # cancelled below
             self.client.cancel(self.futures)
+            for var in self.coordination["variables"]:  # the scheduler would keep the handles alive
+                var.delete()
         self.ps.close()
