@@ -1,5 +1,6 @@
 """The walkthroughs of docs/architecture.md, run: a toy update rule through the parameter
-server, a toy engine through a TOML-style pipeline. If a walkthrough stops being true, this fails."""
+server, a toy layer through model parallelism, a toy engine through a pipeline. If a walkthrough
+stops being true, this fails."""
 from __future__ import annotations
 
 import json
@@ -11,10 +12,13 @@ from threadpoolctl import threadpool_limits
 from daskbelief import pipeline
 from daskbelief.config import ConfigError, validate
 from daskbelief.data import open_store
-from daskbelief.nn import Dense, Sequential
+from daskbelief.nn import Dense, LocallyConnected1D, Sequential
+from daskbelief.nn.layers import LAYER_TYPES
 from daskbelief.optim import rules
 from daskbelief.optim.rules import UpdateRule
 from daskbelief.train import engines
+from daskbelief.train import partition as P
+from daskbelief.train.block import loss_and_grad
 from daskbelief.train.downpour import downpour
 from daskbelief.train.evaluate import evaluate
 from daskbelief.train.reference import train_sgd
@@ -52,6 +56,48 @@ def test_a_new_update_rule_runs_in_the_shards_exactly_as_in_the_reference(client
         expect, _ = train_sgd(model, store, sign_sgd(0.002), batch_size=16, steps=30, seed=1)
     assert not np.array_equal(expect, model.init(1))
     np.testing.assert_allclose(result.params, expect, rtol=0, atol=1e-6)
+
+
+# -- walkthrough 2: a layer ---------------------------------------------------------------------
+
+class Doubled1D(LocallyConnected1D):
+    """A toy layer: a locally connected layer whose output is doubled. It is cut by output
+    positions like its parent (``partition_cut``); its pieces run its own forward/backward."""
+
+    type = "toy_doubled_1d"
+
+    def forward(self, p, x, scratch=None):
+        out, cache = super().forward(p, x, scratch=scratch)
+        return 2 * out, cache
+
+    def backward(self, p, cache, dout, grads, input_grad: bool = True, scratch=None):
+        return super().backward(p, cache, 2 * dout, grads, input_grad, scratch=scratch)
+
+
+@pytest.fixture
+def doubled_layer():
+    LAYER_TYPES[Doubled1D.type] = Doubled1D  # pieces rebuild their layer from its description
+    yield Doubled1D
+    del LAYER_TYPES[Doubled1D.type]
+
+
+def test_a_new_layer_goes_through_model_parallelism(doubled_layer):
+    model = Sequential((12, 3), [doubled_layer(4, 3, activation="tanh"), Dense(5)],
+                       loss="softmax_cross_entropy", l2=1e-3)
+    rng = np.random.default_rng(0)
+    params = model.init(0).astype(np.float64)
+    X, y = rng.normal(size=(7, 12, 3)), rng.integers(0, 5, 7)
+    loss, grad = model.loss_and_grad(params, X, y)
+    i = int(np.argmax(np.abs(grad[:model.layer_ranges[0][1]])))  # the toy layer's own backward
+    step = np.zeros_like(params)
+    step[i] = 1e-6
+    numeric = (model.loss_and_grad(params + step, X, y)[0]
+               - model.loss_and_grad(params - step, X, y)[0]) / 2e-6
+    assert numeric == pytest.approx(grad[i], rel=1e-5)
+    for plan in (P.horizontal(model, 2), P.vertical(model, 2)):
+        part_loss, part_grad = loss_and_grad(plan, params, X, y)
+        assert part_loss == pytest.approx(loss, rel=1e-12)
+        np.testing.assert_allclose(part_grad, grad, rtol=1e-10, atol=1e-13)
 
 
 # -- walkthrough 3: an engine -------------------------------------------------------------------
