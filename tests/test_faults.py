@@ -285,3 +285,21 @@ def test_a_lost_scheduler_ends_the_run_with_one_line_naming_the_checkpoint_and_r
             train.wait(timeout=10)
         for proc in reversed(procs):
             _stop(proc)
+
+
+def test_every_worker_lost_at_once_and_restarted_by_its_nanny(digits_path):
+    """The named case of the chaos report: no worker running at all for a moment. The replica's
+    home is gone for good (its task waits in ``no-worker``) and so is the shard: both come back
+    on the restarted worker."""
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        killer = Killer(client, any_worker(0), after_step=20)
+        killer.start()
+        result = downpour(mlp(), digits_path, test=digits_path, client=client, replicas=1,
+                          shards=1, n_fetch=5, n_push=5, rule={"name": "adagrad", "lr": 0.05},
+                          batch_size=32, epochs=15, report_every=5, seed=0)
+        killer.join(timeout=10)
+        assert killer.error is None and killer.victim is not None, killer.error
+        kinds = [m.get("kind") for _, m in client.get_events("daskbelief-run")]
+    assert "shard-recovered" in kinds and "replica-restarted" in kinds, kinds
+    assert result.summary["test_accuracy"] >= 0.9, result.summary

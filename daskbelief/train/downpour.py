@@ -37,7 +37,7 @@ from daskbelief.train.driver import Driver
 from daskbelief.train.errors import DriverGone, RunLost
 from daskbelief.train.recovery import Lease, LeaseWatch, lost_workers
 from daskbelief.workarounds import leave_thread_pool, worker_info
-from daskbelief.train.evaluate import evaluate, test_row
+from daskbelief.train.evaluate import announce_test, evaluate, test_row
 from daskbelief.train.partition import Plan, as_plan
 from daskbelief.train.partitioned import Blocks
 from daskbelief.train.result import TrainResult
@@ -248,14 +248,12 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
             metrics = evaluate(model, final, test_store, client=c)
             summary.update({"test_loss": metrics["loss"], "test_accuracy": metrics.get("accuracy")})
             test_rows.append(test_row(seconds, None, metrics))
+            announce_test(run, test_rows[-1])  # the final evaluation is an eval event, as Sandblaster's
         events.emit(events.RUN, run=run, kind="end",
                     **{k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
         history = _history(c.get_events(events.REPLICA), run, driver.started) + test_rows
     history.sort(key=lambda h: h["time"])
-    result = TrainResult(model, final, history, summary)
-    result.shard_stats = shard_stats
-    result.replica_outcomes = outcomes
-    return result
+    return TrainResult(model, final, history, summary, shard_stats, outcomes)
 
 
 @dataclass

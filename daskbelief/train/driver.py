@@ -23,7 +23,7 @@ from daskbelief.ps import checkpoint
 from daskbelief.train.evaluate import announce_test, evaluate_rows, finish, test_row
 from daskbelief.train.errors import RunLost
 from daskbelief.train.recovery import gone, pick_worker, scheduler_lost, updates_missing
-from daskbelief.workarounds import worker_info
+from daskbelief.workarounds import stuck_without_worker, worker_info
 
 CALL_TIMEOUT = 30.0         # seconds the driver waits for a shard before giving up on it this time
 CHECKPOINT_TIMEOUT = 300.0  # seconds for every shard to write its part of a checkpoint
@@ -114,14 +114,19 @@ class Driver:
                 continue
             if not isinstance(f.exception(timeout=CALL_TIMEOUT), KilledWorker) or self.resubmit is None:
                 return True
-            if self.resubmits[r] >= MAX_RESUBMITS:
-                raise RunLost(f"replica {r}: its workers died {MAX_RESUBMITS} times over",
-                              self.last_checkpoint())
-            self.resubmits[r] += 1
-            self.futures[r] = self.resubmit(r)
-            events.emit(events.RUN, run=self.run, kind="replica-restarted", replica=r,
-                        resubmits=self.resubmits[r])
+            self._submit_again(r, "its workers died while running it")
         return False
+
+    def _submit_again(self, r: int, why: str) -> None:
+        """Replica ``r``'s task submitted anew (it resumes from its reported progress)."""
+        if self.resubmits[r] >= MAX_RESUBMITS:
+            raise RunLost(f"replica {r}: submitted {MAX_RESUBMITS} times over ({why})",
+                          self.last_checkpoint())
+        self.resubmits[r] += 1
+        self.client.cancel([self.futures[r]])
+        self.futures[r] = self.resubmit(r)
+        events.emit(events.RUN, run=self.run, kind="replica-restarted", replica=r,
+                    resubmits=self.resubmits[r], reason=why)
 
     def last_checkpoint(self):
         """The latest complete checkpoint of this run's directory, or None."""
@@ -151,8 +156,12 @@ class Driver:
         return gone(self.client, self.ps.addresses(), "the parameter server")()
 
     def _watch(self) -> None:
-        """Recreate shards whose worker left; otherwise publish the shards' counters."""
+        """Resubmit replicas stuck without a worker; recreate shards whose worker left; otherwise
+        publish the shards' counters."""
         live = list(worker_info(self.client))
+        if live and self.resubmit is not None:
+            for r in stuck_without_worker(self.client, self.futures):
+                self._submit_again(r, "its home worker died")
         lost = [i for i, addr in enumerate(self.ps.addresses()) if addr not in live]
         if lost:
             self._recover(lost, live)
