@@ -191,7 +191,9 @@ class Driver:
                                    what="a live worker to recreate the parameter shards on", every=0.5)
             except waits.WaitTimeout as e:
                 raise RunLost("every worker", self.last_checkpoint()) from e
-        versions = self._versions_now(set(lost))
+        # the lost shards' last reported versions count too: with every shard lost, they are all
+        # that tells how many updates the restored slices miss
+        versions = {**{i: self.versions[i] for i in lost}, **self._versions_now(set(lost))}
         for i in lost:
             try:
                 self._recover_shard(i, live, versions)
@@ -207,8 +209,9 @@ class Driver:
     def _recover_shard(self, index: int, live: list[str], versions: dict[int, int]) -> None:
         """Shard ``index`` restored from the latest checkpoint (or the initial parameters).
 
-        The updates lost are those the surviving shards received since that checkpoint: every
-        push of a replica goes to every shard, so that is what the restored slice is missing.
+        The updates lost are the most any shard received since that checkpoint (``versions``: a
+        survivor's now, a lost shard's when last reported, so a lower bound when every shard is
+        lost): every push of a replica goes to every shard, so that is what the slice is missing.
         """
         started = time.time()
         a, b = self.ps.ranges[index]
