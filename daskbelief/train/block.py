@@ -15,7 +15,7 @@ import numpy as np
 
 from daskbelief.backend import namespace
 from daskbelief.nn.losses import get_loss
-from daskbelief.train.partition import Plan, box_shape, box_size, intersect, relative
+from daskbelief.train.partition import Plan, box_shape, intersect, relative
 from daskbelief.train.pieces import DensePiece, LocallyConnectedPiece, piece_op, views
 
 

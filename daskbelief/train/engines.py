@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import math
 import types
 import typing
 from dataclasses import dataclass
