@@ -13,6 +13,9 @@
   whose home died while no worker was running stays in ``no-worker`` for ever (the scheduler,
   placing such tasks when workers join, ignores the loose restriction); the driver finds its
   replicas there and submits them again without a home.
+* ``HandleVariable``: a Variable holding an object msgpack cannot carry (a server or block
+  handle) makes distributed log its fallback to pickle on every remote-scheduler run, and an
+  in-process scheduler keeps the handles deserialised; the value travels pickled, as bytes.
 * ``LocalActor``: a call from a task to an actor of its own worker would go over loopback TCP
   through the worker's event loop; it is submitted straight to the actor thread instead.
 * All actors of a worker share one thread: callers spread shards and blocks over workers
@@ -23,8 +26,10 @@
 """
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
-from distributed import Client, Future, get_worker, secede
+from distributed import Client, Future, Variable, get_worker, secede
 
 from daskbelief import waits
 
@@ -86,6 +91,22 @@ def start_actors(client: Client, specs: list[tuple], timeout: float = ACTOR_STAR
         for value in scattered:  # cancelling instead would cancel the actors that depend on them
             value.release()
     return actors, futures
+
+
+class HandleVariable:
+    """A Dask ``Variable`` whose value (actor handles and all) travels pickled as bytes."""
+
+    def __init__(self, name: str, client: Client | None = None):
+        self.var = Variable(name, client=client)
+
+    def set(self, value, timeout: float | None = None) -> None:
+        self.var.set(pickle.dumps(value), timeout=timeout)
+
+    def get(self, timeout: float):
+        return pickle.loads(self.var.get(timeout=timeout))
+
+    def delete(self) -> None:
+        self.var.delete()
 
 
 class LocalActor:

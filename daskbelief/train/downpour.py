@@ -36,6 +36,7 @@ from daskbelief.train.partitioned import Blocks
 from daskbelief.train.recovery import Lease
 from daskbelief.train.replica import ReplicaPlan, run_replica
 from daskbelief.train.result import TrainResult
+from daskbelief.workarounds import HandleVariable
 
 
 def validate(*, replicas: int, shards: int, n_fetch: int, n_push: int, batch_size: int,
@@ -155,7 +156,7 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
         block_names = [p.name(f"blocks-{p.replica}") for p, b in zip(replica_plans, blocks) if b is not None]
         for p, b in zip(replica_plans, blocks):
             if b is not None:
-                coordination["variables"].append(Variable(p.name(f"blocks-{p.replica}"), client=c))
+                coordination["variables"].append(HandleVariable(p.name(f"blocks-{p.replica}"), client=c))
                 coordination["variables"][-1].set(b)
         homes = place_replicas(workers, ps.addresses(), replicas)
 
@@ -243,7 +244,7 @@ def _coordinate(client, plan: ReplicaPlan, ps, done: dict[int, int], warmstart_s
     warm, stop = Event(plan.name("warm"), client=client), Event(plan.name("stop"), client=client)
     if warmstart_steps == 0 or done[0] >= warmstart_steps:
         warm.set()
-    server = Variable(plan.name("ps"), client=client)
+    server = HandleVariable(plan.name("ps"), client=client)
     server.set((0, ps))
     variables = [server]
     for replica, steps_done in done.items():

@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 
 import dask.config
-from distributed import Variable
 from distributed.scheduler import KilledWorker
 
 from daskbelief import waits
@@ -23,7 +22,7 @@ from daskbelief.ps import checkpoint
 from daskbelief.train.evaluate import announce_test, evaluate_rows, finish, test_row
 from daskbelief.train.errors import RunLost
 from daskbelief.train.recovery import gone, pick_worker, scheduler_lost, updates_missing
-from daskbelief.workarounds import stuck_without_worker, worker_info
+from daskbelief.workarounds import HandleVariable, stuck_without_worker, worker_info
 
 CALL_TIMEOUT = 30.0         # seconds the driver waits for a shard before giving up on it this time
 CHECKPOINT_TIMEOUT = 300.0  # seconds for every shard to write its part of a checkpoint
@@ -242,7 +241,7 @@ class Driver:
         replies = []
         for name in self.blocks:
             try:
-                blocks = Variable(name, client=self.client).get(timeout=CALL_TIMEOUT)
+                blocks = HandleVariable(name, client=self.client).get(timeout=CALL_TIMEOUT)
             except Exception:  # noqa: BLE001 -- not published yet: the replica reads the server itself
                 continue
             replies += [a.set_server(self.ps) for a in blocks.actors]

@@ -28,7 +28,7 @@ from daskbelief.ps.server import CALL_TIMEOUT, RECOVERY_TIMEOUT, WAIT_SLICE, Ser
 from daskbelief.train.errors import DriverGone
 from daskbelief.train.partitioned import Blocks
 from daskbelief.train.recovery import LeaseWatch, lost_workers
-from daskbelief.workarounds import leave_thread_pool, worker_info
+from daskbelief.workarounds import HandleVariable, leave_thread_pool, worker_info
 
 
 WARM_TIMEOUT = 3600.0  # seconds the other replicas wait for replica 0's warm start
@@ -105,7 +105,7 @@ class _Link:
     """
 
     def __init__(self, plan: ReplicaPlan, size: int, lease: LeaseWatch):
-        self.var, self.lease = Variable(plan.name("ps")), lease
+        self.var, self.lease = HandleVariable(plan.name("ps")), lease
         generation, ps = self.var.get(timeout=CALL_TIMEOUT)
         self.generation, self.ps = generation, ps.here()
         self.limit = plan.max_in_flight if plan.overlap else 1
@@ -325,7 +325,7 @@ class _PartitionedStepper:
 
     def __init__(self, blocks, plan: ReplicaPlan, first_step: int, lease: LeaseWatch):
         self.blocks, self.plan, self.first, self.lease = blocks, plan, first_step, lease
-        self.var = Variable(plan.name("ps"))
+        self.var = HandleVariable(plan.name("ps"))
         self.generation = self.var.get(timeout=CALL_TIMEOUT)[0]
         self.staleness: list[int] = []
         self.pushes_lost = 0
@@ -404,7 +404,7 @@ class _PartitionedStepper:
         self.blocks = Blocks.start(client, old.plan, params, ps=ps, replica=f"replica-{plan.replica}",
                                    overlap=plan.overlap, max_in_flight=plan.max_in_flight,
                                    addresses=where)
-        Variable(plan.name(f"blocks-{plan.replica}")).set(self.blocks, timeout=CALL_TIMEOUT)
+        HandleVariable(plan.name(f"blocks-{plan.replica}")).set(self.blocks, timeout=CALL_TIMEOUT)
         old.close()
         events.emit(events.RUN, run=plan.run, kind="blocks-recovered", replica=plan.replica,
                     lost_workers=lost, workers=where, seconds=time.time() - started)
