@@ -34,12 +34,14 @@ from distributed import Client, Future, Variable, get_worker, secede
 from daskbelief import waits
 
 ACTOR_START_TIMEOUT = 120.0  # seconds for actors to be constructed on their workers
+WORKER_INFO_TIMEOUT = 60.0   # seconds for the scheduler to list its workers
 
 
 def worker_info(client: Client) -> dict[str, dict]:
     """The scheduler's record of every worker (address -> info), fetched now (not the cache that
     ``client.scheduler_info()`` may return, which can hold no workers)."""
-    return client.sync(client.scheduler.identity, n_workers=-1)["workers"]
+    return client.sync(client.scheduler.identity, n_workers=-1,
+                       callback_timeout=WORKER_INFO_TIMEOUT)["workers"]
 
 
 def stuck_without_worker(client: Client, futures) -> list[int]:
