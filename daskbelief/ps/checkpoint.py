@@ -16,7 +16,6 @@ was interrupted half-way is never taken for the latest.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import numpy as np
 import zarr
 
 from daskbelief.data.normalise import Normaliser
+from daskbelief.nn.model import model_difference
 from daskbelief.ps.policy import overlaps
 
 PREFIX = "ckpt-"
@@ -66,15 +66,17 @@ def _create(path: Path, ranges, arrays: list[str], attrs: dict) -> None:
 
 
 def save(root, ps, *, model: dict, config: dict | None = None, counters: dict | None = None,
-         keep: int = 3, timeout: float | None = None, vectors=(), lbfgs: dict | None = None,
-         normaliser: dict | None = None) -> Path:
+         keep: int = 3, timeout: float = 300.0, vectors=(), lbfgs: dict | None = None,
+         algorithm: str | None = None, give_up=None, normaliser: dict | None = None) -> Path:
     """Write a checkpoint of every shard under ``root`` and return its path.
 
     Keeps the newest ``keep`` complete checkpoints and deletes older ones, so a long run does not
-    fill the disk. ``timeout``: seconds to wait for the shards (a lost shard never answers).
+    fill the disk. ``timeout``: seconds to wait for the shards (a lost shard never answers);
+    ``give_up()``: asked while waiting, returns an exception to stop waiting (``waits.result``).
     ``vectors``: names of Sandblaster vectors the shards save too; ``lbfgs``: the L-BFGS state;
-    ``normaliser``: ``Normaliser.to_dict()`` of the training data, so that the checkpoint alone
-    predicts from raw features.
+    ``algorithm``: the engine's registered name (which engine may resume it); ``normaliser``:
+    ``Normaliser.to_dict()`` of the training data, so that the checkpoint alone predicts from raw
+    features.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -84,10 +86,11 @@ def save(root, ps, *, model: dict, config: dict | None = None, counters: dict | 
     arrays = ["params", *(f"state/{n}" for n in sorted(ps.state_names())),
               *(f"vectors/{n}" for n in vectors)]
     attrs = {"model": model, "config": config or {}, "ranges": [list(r) for r in ps.ranges],
-             "counters": counters or {}, "time": time.time(), "normaliser": normaliser}
+             "counters": counters or {}, "time": time.time(), "normaliser": normaliser,
+             **({"algorithm": algorithm} if algorithm else {})}
     _create(path, ps.ranges, arrays, attrs if lbfgs is None else {**attrs, "lbfgs": lbfgs})
     try:
-        shards = ps.write_checkpoint(str(path), timeout, vectors)
+        shards = ps.write_checkpoint(str(path), timeout, vectors, give_up)
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)  # incomplete: it would never count anyway
         raise
@@ -140,7 +143,7 @@ def describe(path) -> dict:
             "parameters": attrs["ranges"][-1][1], "shards": len(attrs["ranges"]),
             "versions": attrs.get("versions"), "model": attrs.get("model"),
             "counters": attrs.get("counters"), "time": attrs.get("time"),
-            "algorithm": "sandblaster" if "lbfgs" in attrs else "downpour",  # L-BFGS state
+            "algorithm": attrs.get("algorithm", "sandblaster" if "lbfgs" in attrs else "downpour"),  # older ones by their L-BFGS state
             "lbfgs_iteration": attrs["lbfgs"]["iteration"] if "lbfgs" in attrs else None,
             "replica_steps": {k: v for s in attrs.get("shards", []) for k, v in s.get("replica_steps", {}).items()}}
 
@@ -188,21 +191,3 @@ def load_to_resume(path, model: dict, resuming: str, *, vectors: bool = True) ->
     if problem:
         raise ValueError(f"cannot resume from checkpoint {path}: {problem}")
     return load(path, vectors=vectors)
-
-
-def model_difference(saved: dict, current: dict, names=("checkpoint", "model")) -> str | None:
-    """A sentence naming how two model descriptions differ, or None when they are the same;
-    ``names`` say what the two sides are."""
-    if saved == current:
-        return None
-    a_name, b_name = names
-    for key in sorted(set(saved) | set(current)):
-        if saved.get(key) != current.get(key):
-            if key == "layers" and isinstance(saved.get(key), list) and isinstance(current.get(key), list):
-                if len(saved[key]) != len(current[key]):
-                    return f"the {a_name} has {len(saved[key])} layers, the {b_name} {len(current[key])}"
-                for i, (a, b) in enumerate(zip(saved[key], current[key])):
-                    if a != b:
-                        return f"layer {i} differs: {a_name} {json.dumps(a)} vs {b_name} {json.dumps(b)}"
-            return f"{key} differs: {a_name} {saved.get(key)!r} vs {b_name} {current.get(key)!r}"
-    return "the descriptions differ"

@@ -15,8 +15,8 @@ import numpy as np
 
 from daskbelief.backend import get_backend, namespace, to_numpy
 from daskbelief.optim.rules import make_rule
+from daskbelief.optim.vectors import LocalVectors, finish_gradient  # the reference's own code
 from daskbelief.ps.compress import decode, payload_bytes
-from daskbelief.optim.vectors import LocalVectors
 
 STALENESS_BINS = 64  # staleness >= this lands in the last histogram bin
 APPLY_BLOCK = 1 << 20  # values the update rule is applied to at a time (4 MB of float32)
@@ -272,8 +272,6 @@ class ParameterShard:
         """Close evaluation ``tag``: vector ``g_name`` = this slice of the gradient at ``x_name``
         (``finish_gradient``, exactly the reference's arithmetic); returns the slice's share of
         the regulariser."""
-        from daskbelief.train.objective import finish_gradient  # the reference's own code
-
         ev = self._evaluation()
         if ev.tag != tag:
             raise RuntimeError(f"shard {self.index}: cannot finish evaluation {tag!r}, the open "

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from daskbelief import waits
 from daskbelief.backend import namespace, to_numpy
 from daskbelief.cluster import client_or_local, require_workers
 from daskbelief.data import open_store
 from daskbelief.monitor import events
+
+EVALUATION_TIMEOUT = 3600.0  # seconds a whole-store evaluation may take on the cluster
 
 
 def output_metrics(task: str, outputs, y) -> dict:
@@ -75,5 +78,6 @@ def evaluate(model, params, data, *, split: str = "test", client=None, n_parts: 
         shared = c.scatter(params, broadcast=True, hash=False)
         futures = [c.submit(evaluate_rows, model, shared, store, a, b, pure=False)
                    for a, b in store.shards(k)]
-        parts = c.gather(futures)
+        parts = waits.results(futures, timeout=EVALUATION_TIMEOUT,
+                              what=f"the evaluation of {store.url} ({k} parts)")
     return finish(parts, store.task)

@@ -24,6 +24,8 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     normaliser: Normaliser | None = None
+    shard_stats: list[dict] = field(default_factory=list)       # each parameter shard's last counters
+    replica_outcomes: list[dict] = field(default_factory=list)  # Downpour: what each replica did
 
     def predict(self, X):
         """Class probabilities (classification) or outputs (regression) for ``X``: raw features as

@@ -51,7 +51,7 @@ from daskbelief.ps.server import ParameterServer
 from daskbelief.train.backup import MIN_DONE_FRACTION, portions_to_back_up
 from daskbelief.train.evaluate import announce_test, evaluate, evaluate_rows, finish, test_row
 from daskbelief.train.objective import portions
-from daskbelief.train.partition import as_plan
+from daskbelief.train.partition import Plan, as_plan
 from daskbelief.train.partitioned import Blocks
 from daskbelief.train.result import TrainResult
 from daskbelief.train.sandblaster_tasks import (PortionLedger, PortionPlan, flush_worker,
@@ -345,7 +345,8 @@ class _Checkpoints:
         path = checkpoint.save(self.root, self.ps, model=self.meta["model"],
                                config=self.meta["config"], normaliser=self.meta["normaliser"],
                                counters={"iteration": self.state.iteration}, keep=self.keep,
-                               vectors=self.state.vectors(), lbfgs=asdict(self.state))
+                               vectors=self.state.vectors(), lbfgs=asdict(self.state),
+                               algorithm="sandblaster")
         self.written, self._due = self.state.iteration, time.time() + self.every
         events.emit(events.RUN, run=self.run, kind="checkpoint", path=str(path),
                     iteration=self.state.iteration)
@@ -406,7 +407,8 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
                 portion_size: int | None = None, batch_rows: int | None = None,
                 push_every: int = 4, backups: bool = True, test=None, seed: int = 0, params=None,
                 max_seconds: float | None = None, eval_every: float | None = None,
-                eval_rows: int = 10_000, shard_workers=None, partition=None,
+                eval_rows: int = 10_000, shard_workers: list[str] | None = None,
+                partition: dict | Plan | None = None,
                 checkpoint_dir=None, checkpoint_every: float | None = None,
                 checkpoint_keep: int = 3, resume_from=None, config: dict | None = None,
                 _slow_workers: dict | None = None) -> TrainResult:
