@@ -107,10 +107,12 @@ def toy_sgd(model, data, *, client=None, test=None, config=None, checkpoint_dir=
             rule: str | dict = "sgd", batch_size: int = 32, steps: int = 50,
             seed: int = 0) -> TrainResult:
     """A toy engine: the single-process reference trainer, evaluated on the cluster."""
-    params, history = train_sgd(model, data, rule, batch_size=batch_size, steps=steps, seed=seed)
+    store = open_store(data, "train")
+    params, history = train_sgd(model, store, rule, batch_size=batch_size, steps=steps, seed=seed)
     metrics = evaluate(model, params, test, client=client) if test is not None else {}
     return TrainResult(model, params, history, {"algorithm": "toy-sgd", "steps": steps,
-                                                "test_accuracy": metrics.get("accuracy")})
+                                                "test_accuracy": metrics.get("accuracy")},
+                       normaliser=store.normaliser)
 
 
 @pytest.fixture
