@@ -164,6 +164,11 @@ class BatchObjective:
         self.busy = False  # from an evaluation's start until it returns: still set if interrupted
 
     def __call__(self, x_name: str, g_name: str) -> float:
+        return self.with_dots(x_name, g_name, [])[0]
+
+    def with_dots(self, x_name: str, g_name: str, dots) -> tuple[float, list[float]]:
+        """The loss at ``x_name`` (gradient into ``g_name``) and the ``dots`` pairs taken after
+        it, which travel with the shards' last call of the evaluation."""
         self.busy = True
         for _ in range(MAX_RESTARTS + 1):
             self._open(x_name)
@@ -179,10 +184,11 @@ class BatchObjective:
         total = 0.0
         for loss in losses:  # left to right, exactly as the reference adds them
             total += loss
-        loss = total / self.n_rows + sum(self.space.execute(
-            ("finish_evaluation", self.tag, x_name, g_name)))
+        replies = self.space.execute(("finish_evaluation", self.tag, x_name, g_name,
+                                      [tuple(p) for p in dots]))
+        loss = total / self.n_rows + sum(reg for reg, _ in replies)
         self.busy = False
-        return loss
+        return loss, [sum(column) for column in zip(*(partials for _, partials in replies))]
 
     def _open(self, x_name: str) -> None:
         """A new tag: the ledger and the shards accept nothing older from now on."""

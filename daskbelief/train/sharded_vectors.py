@@ -68,6 +68,9 @@ class ShardedVectors:
     def mul(self, a: str, b: str, out: str) -> None:
         self._queue.append(("mul", a, b, out))
 
+    def combine(self, terms, out: str) -> None:
+        self._queue.append(("combine", [(name, float(c)) for name, c in terms], out))
+
     # -- sent: the queue goes along --------------------------------------------------------------
     def execute(self, op: tuple | None = None) -> list:
         """Send the queued operations, then ``op``, to every shard in one call each; return each
