@@ -48,7 +48,7 @@ from daskbelief.optim.lbfgs import LbfgsResult, LbfgsState, lbfgs
 from daskbelief.ps import checkpoint
 from daskbelief.ps.policy import place_groups
 from daskbelief.ps.server import ParameterServer
-from daskbelief.train.backup import MIN_DONE_FRACTION, portions_to_back_up
+from daskbelief.train.backup import portions_to_back_up, tail_start
 from daskbelief.train.evaluate import announce_test, evaluate, evaluate_rows, finish, test_row
 from daskbelief.train.objective import portions
 from daskbelief.train.partition import as_plan
@@ -59,16 +59,20 @@ from daskbelief.train.sandblaster_tasks import (PortionLedger, PortionPlan, flus
 from daskbelief.train.sharded_vectors import ShardedVectors, assemble, call_all
 
 PORTIONS_PER_THREAD = 8   # default portion size: about this many portions per worker thread
-MIN_PORTION_ROWS = 16     # ... but no smaller than this: a task has a fixed cost
+MIN_PORTION_FLOPS = 2e8   # ... but no less work than this (~5 ms): a task has a fixed cost
 MAX_RESTARTS = 5          # an evaluation restarted this often means the cluster is failing
 TAIL_POLL = 0.02          # seconds between backup decisions once most portions are done
 IDLE_RULE = {"name": "sgd", "lr": 0.0}  # the shards' Downpour rule: unused by Sandblaster
 
 
-def default_portion_size(n_rows: int, threads: int) -> int:
-    """Rows per portion: well under ``n_rows / threads`` (about ``PORTIONS_PER_THREAD`` portions
-    per worker thread, so the load balances and a straggler holds up only a small part)."""
-    return min(n_rows, max(MIN_PORTION_ROWS, math.ceil(n_rows / (PORTIONS_PER_THREAD * threads))))
+def default_portion_size(n_rows: int, threads: int, flops_per_row: float) -> int:
+    """Rows per portion, sized to the work: about ``PORTIONS_PER_THREAD`` portions per worker
+    thread (the load balances, a straggler holds up only a small part) unless that makes a
+    portion's compute small beside a task's fixed cost of a few round trips (a scheduling, a
+    claim, a push): then fewer, larger portions, down to one per thread."""
+    balanced = math.ceil(n_rows / (PORTIONS_PER_THREAD * threads))
+    worthwhile = math.ceil(MIN_PORTION_FLOPS / max(flops_per_row, 1.0))
+    return min(max(balanced, worthwhile), math.ceil(n_rows / threads))
 
 
 def _number(name: str, value, minimum: float, *, strict: bool = False) -> None:
@@ -206,7 +210,8 @@ class _Evaluation:
 
     The coordinator never fetches a portion's result: futures finishing tell it how far the
     evaluation is (locally, no round trip), and once every portion has a finished copy, the
-    ledger names each portion's winning copy (worker, loss) in one call.
+    flush that has every worker push what it holds also names each portion's winning copy
+    (worker, loss): one call for both.
     """
 
     def __init__(self, objective: BatchObjective, tag: int):
@@ -225,10 +230,10 @@ class _Evaluation:
                 self._wait()
                 if self.o.backups:
                     self._launch_backups()
-            winners = self.o.plan.ledger.winners(self.tag).result()
         finally:
             self.o.client.cancel(list(self.futures))  # the losing copies, queued or running
-        if len(winners) < self.total or not self._flush(winners):
+        winners = self._flush()
+        if winners is None:
             return None
         self._count(winners)
         return [winners[p][1] for p in range(self.total)]
@@ -247,7 +252,7 @@ class _Evaluation:
         self.futures.update(zip(futures, range(n)))
 
     def _in_tail(self) -> bool:
-        return len(self.finished) >= MIN_DONE_FRACTION * self.total
+        return len(self.finished) >= tail_start(self.total)
 
     def _wait(self) -> None:
         """Wait for copies to finish (briefly in the tail, where backups are decided); a task
@@ -288,20 +293,16 @@ class _Evaluation:
             events.emit(events.PORTION, run=self.o.plan.run, kind="backup-launched",
                         evaluation=self.tag, portion=portion, worker=owner or "")
 
-    def _flush(self, winners: dict) -> bool:
-        """Have every winning worker push what it still holds; True when every portion is now
-        applied on the shards, False when a winner is gone (its contributions with it)."""
-        holders = {worker for worker, _, _ in winners.values()}
-        if not holders <= set(self.o.live_workers()):
-            return False
-        replies = self.o.client.run(flush_worker, self.o.plan, self.tag, workers=list(holders),
-                                    on_error="return")
-        applied = set()
+    def _flush(self) -> dict | None:
+        """Have every worker push what it still holds and name the portions it won and applied:
+        ``{portion: (worker, loss, backup)}`` once every portion is applied on the shards; None
+        when one is missing (a lost worker took its contributions with it)."""
+        replies = self.o.client.run(flush_worker, self.o.plan, self.tag, on_error="return")
+        winners = {}
         for reply in replies.values():
-            if isinstance(reply, BaseException):
-                return False
-            applied.update(reply)
-        return applied >= set(range(self.total))
+            if not isinstance(reply, BaseException):
+                winners.update(reply)
+        return winners if len(winners) == self.total else None
 
     def _count(self, winners: dict) -> None:
         counters = self.o.counters
@@ -428,7 +429,7 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
     tolerance : stop once the gradient norm is at most this (the reference's ``gtol``)
     ftol : stop once an iteration lowers the loss by at most ``ftol * max(|f|, 1)`` (0: never)
     history : L-BFGS history size m (pairs of s/y vectors kept on the shards), >= 1
-    portion_size : rows per portion (default: about ``batch / (8 x worker threads)``, >= 16)
+    portion_size : rows per portion (default: ``default_portion_size``, sized to the work)
     batch_rows : rows of the train split in the batch (default: all)
     push_every : a worker pushes its accumulated gradient to the shards every this many won
         portions (and whatever it holds at the end of each evaluation)
@@ -480,7 +481,7 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
             raise ValueError(f"shard_workers names {', '.join(unknown)}, which are not workers of "
                              f"the cluster (its workers: {', '.join(workers)})")
         threads = sum(w["nthreads"] for w in worker_info(c).values())
-        size = portion_size or default_portion_size(n_rows, threads)
+        size = portion_size or default_portion_size(n_rows, threads, model.flops_per_example())
         bounds = portions(n_rows, size)
         run = f"sandblaster-{uuid.uuid4().hex[:8]}"
         ps = ParameterServer.create(c, start, shards, IDLE_RULE, workers=shard_workers)

@@ -72,26 +72,25 @@ class PortionLedger:
     def __init__(self):
         self.tag = None
         self._starts: dict[int, tuple[float, str]] = {}
-        self._winners: dict[int, tuple[str, float, bool]] = {}
+        self._won: set[int] = set()
         self._finished: dict[int, tuple[float, float]] = {}
 
     async def open(self, tag) -> None:
         """Forget the previous evaluation; from now on only claims for ``tag`` can win."""
         self.tag = tag
-        self._starts, self._winners, self._finished = {}, {}, {}
+        self._starts, self._won, self._finished = {}, set(), {}
 
     async def started(self, tag, portion: int, worker: str) -> None:
         """A copy of ``portion`` started on ``worker`` (only the first start is kept)."""
         if tag == self.tag:
             self._starts.setdefault(portion, (time.time(), worker))
 
-    async def claim(self, tag, portion: int, worker: str, seconds: float, loss: float,
-                    backup: bool) -> bool:
+    async def claim(self, tag, portion: int, seconds: float) -> bool:
         """True for the first copy of ``portion`` to finish: its contribution is the one applied.
         ``seconds``: how long that copy took on its worker."""
-        if tag != self.tag or portion in self._winners:
+        if tag != self.tag or portion in self._won:
             return False
-        self._winners[portion] = (worker, loss, backup)
+        self._won.add(portion)
         self._finished[portion] = (time.time(), seconds)
         return True
 
@@ -100,15 +99,10 @@ class PortionLedger:
         workers), the finished portions' end times and durations."""
         if tag != self.tag:
             return {"now": time.time(), "running": {}, "workers": {}, "finished": {}}
-        running = {p: s for p, s in self._starts.items() if p not in self._winners}
+        running = {p: s for p, s in self._starts.items() if p not in self._won}
         return {"now": time.time(), "running": {p: t for p, (t, _) in running.items()},
                 "workers": {p: w for p, (_, w) in running.items()},
                 "finished": dict(self._finished)}
-
-    async def winners(self, tag) -> dict:
-        """``{portion: (worker, loss, backup)}`` of the copies that counted in evaluation
-        ``tag``."""
-        return dict(self._winners) if tag == self.tag else {}
 
 
 class _WorkerRun:
@@ -130,6 +124,7 @@ class _WorkerRun:
         self.params, self.params_tag = np.empty(size, dtype=np.float32), None
         self.rows: dict[tuple[int, int], tuple] = {}
         self.tag, self.pending, self.pushed, self.in_flight = None, [], [], 0
+        self.won_tag, self.won = None, {}  # portion -> (loss, backup): the copies won here
         self.acc = np.zeros(size, dtype=np.float64)
         self.spare: list[np.ndarray] = []
 
@@ -142,6 +137,15 @@ class _WorkerRun:
             self.tag, self.pending, self.pushed = tag, [], []
             self.acc.fill(0.0)
         return True
+
+    def record_win(self, tag: int, portion: int, loss: float, backup: bool) -> None:
+        """Remember a copy won here (its loss goes back with the flush), forgetting older
+        evaluations'."""
+        with self.lock:
+            if self.won_tag is None or tag > self.won_tag:
+                self.won_tag, self.won = tag, {}
+            if tag == self.won_tag:
+                self.won[portion] = (float(loss), bool(backup))
 
     def take(self) -> tuple[np.ndarray, list[int]]:
         """Hand the accumulator and its portions to a pusher; start an empty one (call locked)."""
@@ -229,10 +233,10 @@ def _claim_and_add(plan: PortionPlan, state: _WorkerRun, tag: int, portion: int,
     with state.lock:
         state.in_flight += 1
     try:
-        won = plan.ledger.claim(tag, portion, worker.address, seconds, float(loss),
-                                backup).result()
+        won = plan.ledger.claim(tag, portion, seconds).result()
         if not won:
             return False
+        state.record_win(tag, portion, loss, backup)
         with state.lock:
             if not state.current(tag):
                 return True  # counted in an evaluation abandoned meanwhile: nothing to add to
@@ -308,18 +312,19 @@ def _run_on_blocks(plan: PortionPlan, state: _WorkerRun, group, tag: int, portio
                               regularize=False))
         _straggle(plan, worker, tick)
         compute = time.perf_counter() - tick
-        counted = plan.ledger.claim(tag, portion, worker, time.perf_counter() - start,
-                                    float(loss), backup).result()
+        counted = plan.ledger.claim(tag, portion, time.perf_counter() - start).result()
         if counted:
+            state.record_win(tag, portion, loss, backup)
             group.call("add_portion", [(tag, portion, plan.push_every)] * k)
     _report(plan, tag, portion, worker, compute, backup, counted)
     return counted
 
 
-async def flush_worker(plan: PortionPlan, tag: int, dask_worker=None) -> list[int]:
+async def flush_worker(plan: PortionPlan, tag: int, dask_worker=None) -> dict:
     """Push what this worker still holds for evaluation ``tag`` -- its accumulator, and its
-    model-parallel replica's sums -- and return every portion of ``tag`` it has applied on the
-    shards.
+    model-parallel replica's sums -- and return ``{portion: (worker, loss, backup)}`` for every
+    portion of ``tag`` it won and has applied on the shards: with the flush, the coordinator
+    learns the winners without asking the ledger.
 
     Run by the coordinator through ``Client.run`` on the worker's event loop: it needs no task
     thread, so a worker whose threads are all busy (with a straggler) flushes at once. It waits
@@ -330,13 +335,15 @@ async def flush_worker(plan: PortionPlan, tag: int, dask_worker=None) -> list[in
     with _RUNS_LOCK:
         state = _RUNS.get(plan.run)
     if state is None:
-        return []
+        return {}
     applied = await _flush_accumulator(plan, state, tag)
     group = plan.groups.get(dask_worker.address) if dask_worker is not None else None
     if group is not None:  # a portion counts once every block of the replica has pushed it
         replies = await asyncio.gather(*[a.flush_evaluation(tag) for a in group.actors])
         applied += sorted(set.intersection(*map(set, replies)))
-    return applied
+    with state.lock:
+        won = state.won if state.won_tag == tag else {}
+        return {p: (dask_worker.address, *won[p]) for p in applied if p in won}
 
 
 async def _flush_accumulator(plan: PortionPlan, state: _WorkerRun, tag: int) -> list[int]:
