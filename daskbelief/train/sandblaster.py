@@ -49,14 +49,16 @@ from daskbelief.ps import checkpoint
 from daskbelief.ps.policy import place_groups
 from daskbelief.ps.server import ParameterServer
 from daskbelief.train.backup import portions_to_back_up, tail_start
-from daskbelief.train.evaluate import announce_test, evaluate, evaluate_rows, finish, test_row
+from daskbelief.train.evaluate import announce_test, evaluate, finish, test_row
 from daskbelief.train.objective import portions
 from daskbelief.train.partition import as_plan
 from daskbelief.train.partitioned import Blocks
 from daskbelief.train.result import TrainResult
-from daskbelief.train.sandblaster_tasks import (PortionLedger, PortionPlan, flush_worker,
+from daskbelief.train.sandblaster_tasks import (PortionLedger, PortionPlan, abandon_evaluation,
+                                                evaluate_current, flush_worker,
                                                 forget_run, run_portion)
-from daskbelief.train.sharded_vectors import ShardedVectors, assemble, call_all
+from daskbelief.train.sharded_vectors import (PATIENCE, ShardedVectors, ShardLost, Watch,
+                                              call_all, in_thread)
 
 PORTIONS_PER_THREAD = 8   # default portion size: about this many portions per worker thread
 MIN_PORTION_FLOPS = 2e8   # ... but no less work than this (~5 ms): a task has a fixed cost
@@ -159,13 +161,21 @@ class BatchObjective:
     them, divided by the batch size, plus the shards' regulariser shares.
     """
 
-    def __init__(self, client, plan: PortionPlan, space: ShardedVectors,
-                 bounds: list[tuple[int, int]], n_rows: int, backups: bool):
-        self.client, self.plan, self.space = client, plan, space
+    def __init__(self, client, actors: "_Actors", bounds: list[tuple[int, int]], n_rows: int,
+                 backups: bool):
+        self.client, self.actors = client, actors  # ``actors``: replaced by a recovery
         self.bounds, self.n_rows, self.backups = bounds, n_rows, backups
         self.tag = 0
         self.counters = Counters()
         self.busy = False  # from an evaluation's start until it returns: still set if interrupted
+
+    @property
+    def plan(self) -> PortionPlan:
+        return self.actors.plan
+
+    @property
+    def space(self) -> ShardedVectors:
+        return self.actors.space
 
     def __call__(self, x_name: str, g_name: str) -> float:
         return self.with_dots(x_name, g_name, [])[0]
@@ -179,6 +189,7 @@ class BatchObjective:
             losses = _Evaluation(self, self.tag).run()
             if losses is not None:
                 break
+            self.space.watch.check()  # a lost shard, not just a lost worker: ShardLost
             self.counters.evaluations_restarted += 1
         else:
             raise RuntimeError(f"an evaluation failed {MAX_RESTARTS + 1} times in a row because "
@@ -199,7 +210,7 @@ class BatchObjective:
         self.tag += 1
         ledger = self.plan.ledger.open(self.tag)
         self.space.execute(("open_evaluation", self.tag, x_name))
-        ledger.result()
+        self.space.watch.wait(ledger, "the ledger's open")
 
     def live_workers(self) -> list[str]:
         return list(worker_info(self.client))
@@ -262,6 +273,7 @@ class _Evaluation:
             done, _ = wait(list(self.futures), timeout=TAIL_POLL if tail else 1.0,
                            return_when="FIRST_COMPLETED")
         except TimeoutError:
+            self.o.space.watch.check()  # portions waiting on a dead shard never finish
             return
         for future in done:
             if future.status == "error":
@@ -274,7 +286,7 @@ class _Evaluation:
         other than its own, a waiting one (queued behind a straggler) to the next free thread."""
         if not self._in_tail():
             return  # the policy would say no: spare the ledger the question
-        snap = self.o.plan.ledger.snapshot(self.tag).result()
+        snap = self.o.space.watch.wait(self.o.plan.ledger.snapshot(self.tag), "the ledger")
         chosen = portions_to_back_up(snap["now"], snap["running"], snap["finished"], self.total,
                                      self.launched)
         live = self.o.live_workers() if chosen else []
@@ -297,7 +309,9 @@ class _Evaluation:
         """Have every worker push what it still holds and name the portions it won and applied:
         ``{portion: (worker, loss, backup)}`` once every portion is applied on the shards; None
         when one is missing (a lost worker took its contributions with it)."""
-        replies = self.o.client.run(flush_worker, self.o.plan, self.tag, on_error="return")
+        replies = self.o.space.watch.wait(  # in a thread: a push to a dead shard never returns
+            in_thread(self.o.client.run, flush_worker, self.o.plan, self.tag, on_error="return"),
+            "the workers' flush")
         winners = {}
         for reply in replies.values():
             if not isinstance(reply, BaseException):
@@ -311,10 +325,111 @@ class _Evaluation:
             counters.backups_won += backup
 
 
-def _evaluate_current(model, shards, ranges, store, stop: int) -> dict:
-    """Test metrics at the current iterate, computed on a worker that fetches it itself."""
-    params = assemble(call_all(shards, "read", "x"), ranges)
-    return evaluate_rows(model, params, store, 0, stop)
+@dataclass
+class _Actors:
+    """What a lost worker can take with it: the shards (holding every L-BFGS vector) and the
+    claim ledger beside shard 0, with what the run builds on them (the portions' plan, the
+    vector space). A recovery makes them anew and swaps them in whole."""
+
+    ps: ParameterServer
+    ledger: object  # the ledger actor's future: it lives as long as this does
+    plan: PortionPlan
+    space: ShardedVectors
+
+    def close(self) -> None:
+        self.ledger.release()
+        self.ps.close()
+
+
+class _ActorMaker:
+    """Starts a run's ``_Actors``: at the start, and again after a lost shard."""
+
+    def __init__(self, client, run: str, model, store, n_rows: int, shards: int, shard_workers,
+                 push_every: int, slow: dict, groups: dict):
+        self.client, self.run, self.model, self.store = client, run, model, store
+        self.n_rows, self.shards, self.shard_workers = n_rows, shards, shard_workers
+        self.push_every, self.slow, self.groups = push_every, slow, groups
+
+    def __call__(self, params: np.ndarray, restore=None) -> _Actors:
+        """Shards seeded with ``params`` on the live workers (those of ``shard_workers`` still
+        there, else any); ``restore``: a checkpoint whose vectors they load."""
+        c, live = self.client, sorted(worker_info(self.client))
+        allowed = [w for w in (self.shard_workers or live) if w in live] or live
+        ps = ParameterServer.create(c, params, self.shards, IDLE_RULE, workers=allowed)
+        ledger = c.submit(PortionLedger, actor=True, workers=[ps.addresses()[0]],
+                          allow_other_workers=False, pure=False,
+                          key=f"{self.run}-ledger-{uuid.uuid4().hex[:8]}")
+        watch = Watch(c, ps.addresses())  # the ledger's worker is shard 0's
+        call_all(ps.shards, "prepare_objective", self.model, self.n_rows, watch=watch)
+        if restore is not None:
+            call_all(ps.shards, "restore_vectors", str(restore), watch=watch)
+        plan = PortionPlan(self.run, self.model, self.store, tuple(ps.shards), tuple(ps.ranges),
+                           watch.wait(ledger, "the ledger's start"), self.push_every, self.slow,
+                           self.groups)
+        space = ShardedVectors(ps.shards, ps.ranges, watch)
+        space.copy("params", "x")  # queued: travels with the first evaluation
+        return _Actors(ps, ledger, plan, space)
+
+
+MAX_RECOVERIES = 5  # shard holders lost this often in one run: the cluster is failing
+
+
+class _Recovery:
+    """Brings a run back after workers holding shards were lost, keeping L-BFGS consistent.
+
+    A lost shard takes its slice of every vector (iterate, gradient, the s/y history) with it;
+    the survivors' slices are mid-iteration. So every shard is made anew from the run's last
+    complete checkpoint (its iterate, vectors and ``LbfgsState``) or, with none, from the start
+    point, and L-BFGS goes on from there: the iterations since are run again, computing the
+    same iterates as before (they are a function of the start point and the data), so the run
+    still follows the reference. The cost is those iterations, bounded by ``checkpoint_every``.
+    """
+
+    def __init__(self, client, run: str, make: _ActorMaker, start: np.ndarray | None):
+        self.client, self.run, self.make, self.start = client, run, make, start
+        self.lost: list[str] = []
+        self.replayed = 0
+
+    def __call__(self, lost: ShardLost, objective: BatchObjective,
+                 checkpoints: _Checkpoints) -> LbfgsState | None:
+        """New actors swapped into ``objective`` and ``checkpoints``; the state to resume."""
+        self.lost += lost.workers
+        where = checkpoints.last
+        if objective.plan.groups:
+            raise RuntimeError(f"{lost}; model-parallel Sandblaster cannot restore shards yet"
+                               + _resume_hint(where))
+        if len(self.lost) > MAX_RECOVERIES:
+            raise RuntimeError(f"{lost}, the {len(self.lost)}th shard holder lost in this run: "
+                               f"the cluster is failing" + _resume_hint(where))
+        reached = checkpoints.state.iteration if checkpoints.state is not None else 0
+        # release every wait on the workers for the evaluation in progress
+        self.client.run(abandon_evaluation, self.run, objective.tag, on_error="ignore")
+        objective.actors.close()
+        if where is not None:
+            saved = checkpoint.load(where, vectors=False)
+            params, state = saved.params, LbfgsState(**saved.lbfgs)
+        elif self.start is not None:
+            params, state = self.start, None
+        else:
+            raise RuntimeError(f"{lost} before this resumed run wrote a checkpoint of its own"
+                               + _resume_hint(where))
+        objective.actors = checkpoints.actors = self.make(params, where)
+        checkpoints.restored(state)
+        back_to = 0 if state is None else state.iteration
+        self.replayed += reached - back_to
+        events.emit(events.RUN, run=self.run, kind="recovery", lost=", ".join(lost.workers),
+                    restored_from=str(where or "the start point"), iteration=back_to,
+                    replayed=reached - back_to)
+        return state
+
+    def summary(self) -> dict:
+        return {"shard_holders_lost": len(self.lost), "iterations_replayed": self.replayed}
+
+
+def _resume_hint(checkpoint_path) -> str:
+    if checkpoint_path is None:
+        return "; no checkpoint was written (checkpoint_dir / checkpoint_every make some)"
+    return f"; the last complete checkpoint is {checkpoint_path} (resume_from it)"
 
 
 class OutOfTime(Exception):
@@ -328,16 +443,23 @@ class _Checkpoints:
     and during an evaluation (which touches only the trial vectors), e.g. when interrupted.
 
     The iterate is first copied into the shards' ``params``, so a checkpoint's parameters are
-    the iterate, as with Downpour's. ``root`` None: no checkpoints.
+    the iterate, as with Downpour's. ``root`` None: no checkpoints. ``last``: the newest
+    complete checkpoint of this run (or the one it resumed from), what a recovery restores.
     """
 
-    def __init__(self, root, every: float | None, keep: int, space: ShardedVectors, ps,
-                 meta: dict, run: str, state: LbfgsState | None):
-        self.root, self.keep, self.space, self.ps = root, keep, space, ps
+    def __init__(self, root, every: float | None, keep: int, actors: "_Actors", meta: dict,
+                 run: str, state: LbfgsState | None, resumed_from=None):
+        self.root, self.keep, self.actors = root, keep, actors  # ``actors``: see BatchObjective
         self.every = math.inf if every is None else every
         self.meta, self.run, self.state = meta, run, state
         self.written = None if state is None else state.iteration  # the one resumed from
+        self.last = resumed_from
         self._due = time.time() + self.every
+
+    def restored(self, state: LbfgsState | None) -> None:
+        """A recovery went back to ``state`` (None: the start), which is saved already."""
+        self.state = state
+        self.written = None if state is None else state.iteration
 
     def after_iteration(self, state: LbfgsState) -> None:
         self.state = state
@@ -348,12 +470,15 @@ class _Checkpoints:
         """A checkpoint of the latest state, unless there is none or it is saved already."""
         if self.root is None or self.state is None or self.written == self.state.iteration:
             return None
-        self.space.execute(("copy", "x", "params"))
-        path = checkpoint.save(self.root, self.ps, model=self.meta["model"],
-                               config=self.meta["config"],
-                               counters={"iteration": self.state.iteration}, keep=self.keep,
-                               vectors=self.state.vectors(), lbfgs=asdict(self.state))
-        self.written, self._due = self.state.iteration, time.time() + self.every
+        space = self.actors.space
+        space.execute(("copy", "x", "params"))
+        path = space.watch.wait(in_thread(  # a shard lost meanwhile would never answer
+            checkpoint.save, self.root, self.actors.ps, model=self.meta["model"],
+            config=self.meta["config"], counters={"iteration": self.state.iteration},
+            keep=self.keep, vectors=self.state.vectors(), lbfgs=asdict(self.state),
+            timeout=PATIENCE), "the shards' checkpoint writes")
+        self.written, self.last = self.state.iteration, path
+        self._due = time.time() + self.every
         events.emit(events.RUN, run=self.run, kind="checkpoint", path=str(path),
                     iteration=self.state.iteration)
         return path
@@ -363,9 +488,9 @@ class _Monitor:
     """The per-iteration duties: history rows, RUN events, checkpoints, test evaluations every
     ``eval_every``, the time budget."""
 
-    def __init__(self, client, run: str, model, ps, test_store, eval_every, eval_rows: int,
-                 max_seconds: float | None, checkpoints: _Checkpoints):
-        self.client, self.run, self.model, self.ps = client, run, model, ps
+    def __init__(self, client, run: str, objective: BatchObjective, test_store, eval_every,
+                 eval_rows: int, max_seconds: float | None, checkpoints: _Checkpoints):
+        self.client, self.run, self.objective = client, run, objective
         self.checkpoints = checkpoints
         self.test_store, self.eval_every, self.eval_rows = test_store, eval_every, eval_rows
         self.max_seconds = max_seconds
@@ -391,6 +516,11 @@ class _Monitor:
         if self.max_seconds is not None and time.time() - self.started >= self.max_seconds:
             raise OutOfTime
 
+    def rewind(self, iteration: int) -> None:
+        """Forget what came after ``iteration``: a recovery runs those iterations again."""
+        self.iterations = [r for r in self.iterations if r["iteration"] <= iteration]
+        self.rows = [r for r in self.rows if r["step"] <= iteration]
+
     def result(self) -> LbfgsResult:
         """What ``lbfgs`` would have returned, for a run the time budget stopped."""
         last = self.iterations[-1]
@@ -401,8 +531,13 @@ class _Monitor:
     def _evaluate(self, iteration: int) -> None:
         """Between iterations the shards' "x" is the iterate and no operation is in flight."""
         stop = min(self.eval_rows, self.test_store.n)
-        part = self.client.submit(_evaluate_current, self.model, self.ps.shards, self.ps.ranges,
-                                  self.test_store, stop, pure=False).result()
+        actors = self.objective.actors
+        part = actors.space.watch.wait(self.client.submit(
+            evaluate_current, actors.plan, self.test_store, stop, self.objective.tag,
+            pure=False), "a test evaluation")
+        if part is None:  # abandoned: a shard was lost, the next wait reports it
+            actors.space.watch.check()
+            return
         row = test_row(time.time() - self.started, iteration, finish([part], self.test_store.task))
         self.rows.append(row)
         announce_test(self.run, row)
@@ -484,27 +619,23 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
         size = portion_size or default_portion_size(n_rows, threads, model.flops_per_example())
         bounds = portions(n_rows, size)
         run = f"sandblaster-{uuid.uuid4().hex[:8]}"
-        ps = ParameterServer.create(c, start, shards, IDLE_RULE, workers=shard_workers)
-        groups = {} if plan_p is None else {
-            home: Blocks.start(c, plan_p, start, ps=ps, addresses=where)
-            for home, where in place_groups(workers, plan_p.n_blocks).items()}
-        del start  # from here on the parameters live on the shards only
-        ledger_future = c.submit(PortionLedger, actor=True, workers=[ps.addresses()[0]],
-                                 allow_other_workers=False, pure=False, key=f"{run}-ledger")
+        groups = {}  # filled below, once the shards exist; the plan refers to this very dict
+        make = _ActorMaker(c, run, model, store, n_rows, shards, shard_workers, push_every,
+                           dict(_slow_workers or {}), groups)
+        objective = BatchObjective(c, make(start, resume_from if resumed else None), bounds,
+                                   n_rows, backups)
+        recovery = _Recovery(c, run, make, start if resumed is None else None)
         try:
-            call_all(ps.shards, "prepare_objective", model, n_rows)
-            if resumed is not None:
-                call_all(ps.shards, "restore_vectors", str(resume_from))
-            plan = PortionPlan(run, model, store, tuple(ps.shards), tuple(ps.ranges),
-                               ledger_future.result(), push_every, dict(_slow_workers or {}),
-                               groups)
-            space = ShardedVectors(ps.shards, ps.ranges)
-            space.copy("params", "x")  # queued: travels with the first evaluation
-            objective = BatchObjective(c, plan, space, bounds, n_rows, backups)
-            checkpoints = _Checkpoints(checkpoint_dir, checkpoint_every, checkpoint_keep, space,
-                                       ps, {"model": model.to_dict(), "config": config or {}},
-                                       run, resumed)
-            monitor = _Monitor(c, run, model, ps, test_store, eval_every, eval_rows, max_seconds,
+            if plan_p is not None:
+                groups.update({home: Blocks.start(c, plan_p, start, ps=objective.actors.ps,
+                                                  addresses=where)
+                               for home, where in place_groups(workers, plan_p.n_blocks).items()})
+            del start  # from here on the parameters live on the shards (and in ``recovery``)
+            checkpoints = _Checkpoints(checkpoint_dir, checkpoint_every, checkpoint_keep,
+                                       objective.actors,
+                                       {"model": model.to_dict(), "config": config or {}},
+                                       run, resumed, resume_from)
+            monitor = _Monitor(c, run, objective, test_store, eval_every, eval_rows, max_seconds,
                                checkpoints)
             settings = {"shards": shards, "iterations": iterations, "history": history,
                         "portion_size": size, "portions": len(bounds), "batch_rows": n_rows,
@@ -512,26 +643,39 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
                         "partition": "" if plan_p is None else f"{plan_p.kind}/{plan_p.n_blocks}",
                         "resumed_at": 0 if resumed is None else resumed.iteration}
             events.emit(events.RUN, run=run, kind="start", algorithm="sandblaster", **settings)
-            try:
-                result = lbfgs(space, objective, "x", m=history, max_iter=iterations,
-                               gtol=tolerance, ftol=ftol, callback=monitor, resume=resumed)
-            except OutOfTime:
-                result = monitor.result()
-            except KeyboardInterrupt:
-                if objective.busy:  # the shards hold the last iteration's vectors untouched
+
+            def optimise(state):
+                try:
+                    return lbfgs(objective.space, objective, "x", m=history, max_iter=iterations,
+                                 gtol=tolerance, ftol=ftol, callback=monitor, resume=state)
+                except OutOfTime:
+                    return monitor.result()
+
+            state = resumed
+            while True:
+                try:
+                    try:
+                        result = optimise(state)
+                    except KeyboardInterrupt:
+                        if objective.busy:  # the shards hold the last iteration's vectors
+                            checkpoints.write()
+                        raise
                     checkpoints.write()
-                raise
-            checkpoints.write()
-            seconds = time.time() - monitor.started
-            final = space.gather("x")
-            shard_stats = call_all(ps.shards, "objective_stats")
+                    seconds = time.time() - monitor.started
+                    final = objective.space.gather("x")
+                    shard_stats = call_all(objective.actors.ps.shards, "objective_stats",
+                                           watch=objective.space.watch)
+                    break
+                except ShardLost as lost:
+                    state = recovery(lost, objective, checkpoints)
+                    monitor.rewind(0 if state is None else state.iteration)
         finally:
-            ledger_future.release()
             for blocks in groups.values():
                 blocks.close()
-            ps.close()
+            objective.actors.close()
             c.run(forget_run, run, on_error="ignore")
         summary = _summary(run, result, objective.counters, settings, seconds, n_rows, shard_stats)
+        summary.update(recovery.summary())
         history_rows = monitor.rows
         if test_store is not None:
             metrics = evaluate(model, final, test_store, client=c)

@@ -21,6 +21,11 @@ whose only thread is busy with a straggler still flushes at once.
 Shards accept contributions for the open tag only, and the ledger claims for it only, so the
 leftovers of an abandoned evaluation -- late copies, a restarted evaluation's first attempt --
 can never leak into the next one.
+
+A shard's worker may die while tasks wait on it, and an actor call to a dead worker can stay
+pending forever. So every wait here is in slices, and gives up once the coordinator has
+*abandoned* the evaluation (``abandon_evaluation``, run on every worker's event loop when it
+recovers the shards): a task never holds a worker thread that the recovery needs.
 """
 from __future__ import annotations
 
@@ -33,11 +38,16 @@ import numpy as np
 from distributed import get_worker
 
 from daskbelief.monitor import events
+from daskbelief.train.evaluate import evaluate_rows
 from daskbelief.train.objective import portion_gradient
-from daskbelief.train.sharded_vectors import assemble, call_all
+from daskbelief.train.sharded_vectors import WAIT_SLICE, assemble
 
 
 FLUSH_PATIENCE = 60.0  # seconds a flush waits for claims in flight before giving up
+
+
+class Abandoned(Exception):
+    """The coordinator gave up the evaluation this wait belongs to, or its actor is gone."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +135,7 @@ class _WorkerRun:
         self.rows: dict[tuple[int, int], tuple] = {}
         self.tag, self.pending, self.pushed, self.in_flight = None, [], [], 0
         self.won_tag, self.won = None, {}  # portion -> (loss, backup): the copies won here
+        self.abandoned = 0  # evaluations up to this tag were given up by the coordinator
         self.acc = np.zeros(size, dtype=np.float64)
         self.spare: list[np.ndarray] = []
 
@@ -175,6 +186,28 @@ def _state(plan: PortionPlan) -> _WorkerRun:
         return state
 
 
+def abandon_evaluation(run: str, tag: int) -> None:
+    """Release every wait of this worker for evaluations up to ``tag`` (run by the coordinator
+    through ``Client.run``, on the event loop: no task thread needed)."""
+    with _RUNS_LOCK:
+        state = _RUNS.get(run)
+    if state is not None:
+        state.abandoned = max(state.abandoned, tag)
+
+
+def reply(state: _WorkerRun, tag: int, pending):
+    """The result of an actor call made for evaluation ``tag``, awaited in slices; raises
+    ``Abandoned`` once the evaluation is given up or the actor's worker cannot be reached."""
+    while True:
+        try:
+            return pending.result(timeout=WAIT_SLICE)
+        except TimeoutError:
+            if state.abandoned >= tag:
+                raise Abandoned(tag) from None
+        except OSError as e:  # "Unable to contact Actor's worker"
+            raise Abandoned(tag) from e
+
+
 def forget_run(run: str) -> bool:
     """Drop a finished run's cached parameters, rows and accumulators from this worker."""
     with _RUNS_LOCK:
@@ -188,7 +221,8 @@ def _parameters(plan: PortionPlan, state: _WorkerRun, tag: int):
         if state.params_tag != tag:
             if state.params_tag is not None and state.params_tag > tag:
                 return None
-            slices = call_all(plan.shards, "read_evaluated", tag)
+            pending = [s.read_evaluated(tag) for s in plan.shards]
+            slices = [reply(state, tag, p) for p in pending]
             if any(s is None for s in slices):
                 return None
             assemble(slices, plan.ranges, state.params)
@@ -209,9 +243,14 @@ async def _push(plan: PortionPlan, state: _WorkerRun, tag: int, acc: np.ndarray,
     """Add ``acc`` into every shard's accumulator (all shards at once, on the worker's event
     loop); its portions count as applied only when every shard accepted them (a shard refuses
     an abandoned evaluation's contributions)."""
-    accepted = await asyncio.gather(*[
-        s.accumulate(tag, acc[a:b]) for s, (a, b) in zip(plan.shards, plan.ranges)])
-    state.pushed_back(tag, acc, portions if all(accepted) else [])
+    pending = [asyncio.ensure_future(s.accumulate(tag, acc[a:b]))
+               for s, (a, b) in zip(plan.shards, plan.ranges)]
+    while state.abandoned < tag:  # a dead shard's reply may never come
+        done, waiting = await asyncio.wait(pending, timeout=WAIT_SLICE)
+        if not waiting:
+            break
+    accepted = all(p.done() and not p.exception() and p.result() for p in pending)
+    state.pushed_back(tag, acc, portions if accepted else [])
 
 
 async def _push_in_background(plan: PortionPlan, state: _WorkerRun, tag: int, acc: np.ndarray,
@@ -233,7 +272,7 @@ def _claim_and_add(plan: PortionPlan, state: _WorkerRun, tag: int, portion: int,
     with state.lock:
         state.in_flight += 1
     try:
-        won = plan.ledger.claim(tag, portion, seconds).result()
+        won = reply(state, tag, plan.ledger.claim(tag, portion, seconds))
         if not won:
             return False
         state.record_win(tag, portion, loss, backup)
@@ -257,8 +296,9 @@ def run_portion(plan: PortionPlan, tag: int, portion: int, bounds: tuple[int, in
                 backup: bool = False) -> bool:
     """Compute one portion of evaluation ``tag``, claim it, keep it if won (module docstring).
 
-    Returns whether this copy counted. The coordinator does not fetch it: it learns the winners
-    and their losses from the ledger in one call, not one result at a time.
+    Returns whether this copy counted (False too when the evaluation was abandoned while the
+    copy waited on an actor). The coordinator does not fetch it: it learns the winners and their
+    losses from the flush, not one result at a time.
     """
     start = time.perf_counter()
     worker = get_worker().address
@@ -267,18 +307,34 @@ def run_portion(plan: PortionPlan, tag: int, portion: int, bounds: tuple[int, in
     group = plan.groups.get(worker)
     if group is not None:
         return _run_on_blocks(plan, state, group, tag, portion, bounds, backup, start, worker)
-    params = _parameters(plan, state, tag)
-    if params is None:
+    try:
+        params = _parameters(plan, state, tag)
+        if params is None:
+            return False
+        X, y = _rows(plan, state, bounds)
+        tick = time.perf_counter()
+        loss, grad = portion_gradient(state.model, params, X, y)
+        _straggle(plan, worker, tick)
+        compute = time.perf_counter() - tick
+        counted = _claim_and_add(plan, state, tag, portion, loss, grad,
+                                 time.perf_counter() - start, backup)
+    except Abandoned:
         return False
-    X, y = _rows(plan, state, bounds)
-    tick = time.perf_counter()
-    loss, grad = portion_gradient(state.model, params, X, y)
-    _straggle(plan, worker, tick)
-    compute = time.perf_counter() - tick
-    counted = _claim_and_add(plan, state, tag, portion, loss, grad,
-                             time.perf_counter() - start, backup)
     _report(plan, tag, portion, worker, compute, backup, counted)
     return counted
+
+
+def evaluate_current(plan: PortionPlan, store, stop: int, tag: int) -> dict | None:
+    """Test metrics on the first ``stop`` rows of ``store`` at the current iterate (vector
+    ``"x"``, between iterations), on a worker that fetches it itself; None when the
+    coordinator abandoned ``tag`` meanwhile (a shard was lost)."""
+    state = _state(plan)
+    pending = [s.read("x") for s in plan.shards]
+    try:
+        params = assemble([reply(state, tag, p) for p in pending], plan.ranges)
+    except Abandoned:
+        return None
+    return evaluate_rows(plan.model, params, store, 0, stop)
 
 
 def _straggle(plan: PortionPlan, worker: str, tick: float) -> None:
@@ -312,7 +368,7 @@ def _run_on_blocks(plan: PortionPlan, state: _WorkerRun, group, tag: int, portio
                               regularize=False))
         _straggle(plan, worker, tick)
         compute = time.perf_counter() - tick
-        counted = plan.ledger.claim(tag, portion, time.perf_counter() - start).result()
+        counted = reply(state, tag, plan.ledger.claim(tag, portion, time.perf_counter() - start))
         if counted:
             state.record_win(tag, portion, loss, backup)
             group.call("add_portion", [(tag, portion, plan.push_every)] * k)
@@ -350,8 +406,8 @@ async def _flush_accumulator(plan: PortionPlan, state: _WorkerRun, tag: int) -> 
     deadline = time.monotonic() + FLUSH_PATIENCE
     while True:
         with state.lock:  # task threads hold it only for an in-memory add
-            if state.in_flight == 0:
-                if state.tag != tag:
+            if state.in_flight == 0 or state.abandoned >= tag:
+                if state.tag != tag or state.abandoned >= tag:
                     return []
                 acc, portions = state.take() if state.pending else (None, [])
                 break
