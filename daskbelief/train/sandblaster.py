@@ -17,11 +17,17 @@ additions, so the iterates agree with ``train_lbfgs`` to about 1e-7 relative.
 Stragglers: once most portions are done, a portion running far longer than the typical one gets
 a backup copy on another worker, and so does one still waiting to start (Dask queued it behind a
 straggler) -- ``backup.portions_to_back_up``. A claim ledger applies the first copy to finish and
-drops the others, so every portion counts exactly once. A worker lost during
-an evaluation: Dask reruns its tasks elsewhere; if it took won-but-unpushed contributions with
-it, the evaluation starts again under a new tag (the shards refuse the old tag's contributions),
-so the iterates are unchanged. Losing a *shard* is out of scope here (Downpour's driver handles
-that); ``shard_workers`` puts the shards on machines you trust.
+drops the others, so every portion counts exactly once. A worker lost during an evaluation:
+Dask reruns its tasks elsewhere; if it took won-but-unpushed contributions with it, the
+evaluation starts again under a new tag (the shards refuse the old tag's contributions), so the
+iterates are unchanged.
+
+A lost *shard holder* takes its slice of every vector with it. Every wait on a shard is sliced
+and checks that the shards' workers are still there (``sharded_vectors.Watch``: ``ShardLost``);
+the workers' waits give up once the evaluation is abandoned, so no thread stays stuck on a dead
+actor; and ``_Recovery`` makes every shard anew from the run's last checkpoint, or the start
+point, and runs the iterations since again -- the same iterates, so the run still matches the
+reference (the cost: those iterations; ``checkpoint_every`` bounds it).
 
 Checkpoints (``checkpoint_dir``): between iterations, every ``checkpoint_every`` seconds, at the
 end, and when Ctrl-C / SIGTERM interrupts an evaluation, each shard writes its slice of the
@@ -49,6 +55,7 @@ from daskbelief.ps import checkpoint
 from daskbelief.ps.policy import place_groups
 from daskbelief.ps.server import ParameterServer
 from daskbelief.train.backup import portions_to_back_up, tail_start
+from daskbelief.train.errors import RunLost
 from daskbelief.train.evaluate import announce_test, evaluate, finish, test_row
 from daskbelief.train.objective import portions
 from daskbelief.train.partition import as_plan
@@ -57,8 +64,9 @@ from daskbelief.train.result import TrainResult
 from daskbelief.train.sandblaster_tasks import (PortionLedger, PortionPlan, abandon_evaluation,
                                                 evaluate_current, flush_worker,
                                                 forget_run, run_portion)
-from daskbelief.train.sharded_vectors import (PATIENCE, ShardedVectors, ShardLost, Watch,
-                                              call_all, in_thread)
+from daskbelief.train.sharded_vectors import (ShardedVectors, ShardLost, Watch, call_all,
+                                              in_thread)
+from daskbelief.waits import WaitTimeout
 
 PORTIONS_PER_THREAD = 8   # default portion size: about this many portions per worker thread
 MIN_PORTION_FLOPS = 2e8   # ... but no less work than this (~5 ms): a task has a fixed cost
@@ -337,7 +345,10 @@ class _Actors:
     space: ShardedVectors
 
     def close(self) -> None:
-        self.ledger.release()
+        """Release the actors (again: nothing happens)."""
+        if self.ledger is not None:
+            self.ledger.release()
+            self.ledger = None
         self.ps.close()
 
 
@@ -392,15 +403,30 @@ class _Recovery:
 
     def __call__(self, lost: ShardLost, objective: BatchObjective,
                  checkpoints: _Checkpoints) -> LbfgsState | None:
-        """New actors swapped into ``objective`` and ``checkpoints``; the state to resume."""
+        """New actors swapped into ``objective`` and ``checkpoints``; the state to resume from.
+        Raises ``RunLost`` when the run cannot go on (named, with its last checkpoint)."""
+        while True:
+            try:
+                return self._recover(lost, objective, checkpoints)
+            except ShardLost as again:  # lost another while recovering: once more
+                lost = again
+            except WaitTimeout as e:
+                raise RunLost(f"{', '.join(lost.workers)} (parameter shards), and the shards "
+                              f"could not be made anew: {e}", checkpoints.last) from None
+
+    def _recover(self, lost: ShardLost, objective: BatchObjective,
+                 checkpoints: _Checkpoints) -> LbfgsState | None:
         self.lost += lost.workers
         where = checkpoints.last
         if objective.plan.groups:
-            raise RuntimeError(f"{lost}; model-parallel Sandblaster cannot restore shards yet"
-                               + _resume_hint(where))
+            raise RunLost(f"{', '.join(lost.workers)} (parameter shards); model-parallel "
+                          "Sandblaster cannot restore its shards yet", where)
         if len(self.lost) > MAX_RECOVERIES:
-            raise RuntimeError(f"{lost}, the {len(self.lost)}th shard holder lost in this run: "
-                               f"the cluster is failing" + _resume_hint(where))
+            raise RunLost(f"{', '.join(lost.workers)} (parameter shards), the "
+                          f"{len(self.lost)}th shard holder lost in this run", where)
+        if where is None and self.start is None:
+            raise RunLost(f"{', '.join(lost.workers)} (parameter shards), before this resumed "
+                          "run wrote a checkpoint of its own", where)
         reached = checkpoints.state.iteration if checkpoints.state is not None else 0
         # release every wait on the workers for the evaluation in progress
         self.client.run(abandon_evaluation, self.run, objective.tag, on_error="ignore")
@@ -408,11 +434,8 @@ class _Recovery:
         if where is not None:
             saved = checkpoint.load(where, vectors=False)
             params, state = saved.params, LbfgsState(**saved.lbfgs)
-        elif self.start is not None:
-            params, state = self.start, None
         else:
-            raise RuntimeError(f"{lost} before this resumed run wrote a checkpoint of its own"
-                               + _resume_hint(where))
+            params, state = self.start, None
         objective.actors = checkpoints.actors = self.make(params, where)
         checkpoints.restored(state)
         back_to = 0 if state is None else state.iteration
@@ -424,12 +447,6 @@ class _Recovery:
 
     def summary(self) -> dict:
         return {"shard_holders_lost": len(self.lost), "iterations_replayed": self.replayed}
-
-
-def _resume_hint(checkpoint_path) -> str:
-    if checkpoint_path is None:
-        return "; no checkpoint was written (checkpoint_dir / checkpoint_every make some)"
-    return f"; the last complete checkpoint is {checkpoint_path} (resume_from it)"
 
 
 class OutOfTime(Exception):
@@ -472,11 +489,11 @@ class _Checkpoints:
             return None
         space = self.actors.space
         space.execute(("copy", "x", "params"))
-        path = space.watch.wait(in_thread(  # a shard lost meanwhile would never answer
-            checkpoint.save, self.root, self.actors.ps, model=self.meta["model"],
-            config=self.meta["config"], counters={"iteration": self.state.iteration},
-            keep=self.keep, vectors=self.state.vectors(), lbfgs=asdict(self.state),
-            timeout=PATIENCE), "the shards' checkpoint writes")
+        path = checkpoint.save(self.root, self.actors.ps, model=self.meta["model"],
+                               config=self.meta["config"],
+                               counters={"iteration": self.state.iteration}, keep=self.keep,
+                               vectors=self.state.vectors(), lbfgs=asdict(self.state),
+                               algorithm="sandblaster", give_up=space.watch.give_up)
         self.written, self.last = self.state.iteration, path
         self._due = time.time() + self.every
         events.emit(events.RUN, run=self.run, kind="checkpoint", path=str(path),

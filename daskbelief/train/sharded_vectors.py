@@ -26,12 +26,12 @@ that (``daskbelief.train.sandblaster``).
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import Future
 
 import numpy as np
 
-from daskbelief.cluster import worker_info
+from daskbelief import waits
+from daskbelief.train.recovery import lost_workers
 
 WAIT_SLICE = 0.5  # seconds between liveness checks while a reply is awaited
 PATIENCE = 300.0  # seconds without a reply from live workers before giving up
@@ -51,34 +51,32 @@ class Watch:
     ``client`` None: plain waits (a space built in tests, without a cluster to ask)."""
 
     def __init__(self, client, addresses):
-        self.client, self.addresses = client, set(addresses)
+        self.client, self.addresses = client, sorted(set(addresses))
+
+    def give_up(self) -> ShardLost | None:
+        """For ``daskbelief.waits``: ``ShardLost`` once a watched worker left the cluster."""
+        if self.client is None:
+            return None
+        lost = lost_workers(self.client, self.addresses)
+        return ShardLost(lost) if lost else None
 
     def check(self) -> None:
         """Raise ``ShardLost`` when a watched worker is no longer in the cluster."""
-        if self.client is None:
-            return
-        lost = self.addresses - set(worker_info(self.client))
-        if lost:
-            raise ShardLost(lost)
+        lost = self.give_up()
+        if lost is not None:
+            raise lost
 
     def wait(self, reply, what: str, patience: float = PATIENCE):
         """``reply.result()`` (an actor's or a task's future), in slices with liveness checks;
         a failed call from a lost worker raises ``ShardLost``, other errors pass through."""
         if self.client is None:
             return reply.result()
-        deadline = time.monotonic() + patience
-        while True:
-            try:
-                return reply.result(timeout=WAIT_SLICE)
-            except TimeoutError:
-                pass
-            except (OSError, RuntimeError):  # "Unable to contact Actor's worker", "... was lost"
-                self.check()
-                raise
+        try:
+            return waits.result(reply, timeout=patience, what=what, every=WAIT_SLICE,
+                                give_up=self.give_up)
+        except (OSError, RuntimeError):  # "Unable to contact Actor's worker", "... was lost"
             self.check()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no reply to {what} within {patience:g} s, although every "
-                                   f"worker holding a shard is still in the cluster")
+            raise
 
 
 def in_thread(fn, *args, **kwargs) -> Future:
