@@ -64,8 +64,8 @@ from daskbelief.train.result import TrainResult
 from daskbelief.train.sandblaster_tasks import (PortionLedger, PortionPlan, abandon_evaluation,
                                                 evaluate_current, flush_worker,
                                                 forget_run, run_portion)
-from daskbelief.train.sharded_vectors import (ShardedVectors, ShardLost, Watch, call_all,
-                                              in_thread)
+from daskbelief.train.sharded_vectors import (WAIT_SLICE, ShardedVectors, ShardLost, Watch,
+                                              call_all, in_thread)
 from daskbelief.waits import WaitTimeout
 
 PORTIONS_PER_THREAD = 8   # default portion size: about this many portions per worker thread
@@ -241,6 +241,7 @@ class _Evaluation:
         self.futures: dict = {}          # outstanding copy -> portion
         self.finished: set[int] = set()  # portions with a finished copy
         self.launched: set[int] = set()  # portions with a backup copy
+        self.checked = time.monotonic()  # when the shards' workers were last seen alive
 
     def run(self, x_name: str, g_name: str, dots) -> tuple[dict, list] | None:
         """Once every portion is applied and every shard has finished its slice of the gradient
@@ -301,7 +302,9 @@ class _Evaluation:
             done, _ = wait(list(self.futures), timeout=TAIL_POLL if tail else 1.0,
                            return_when="FIRST_COMPLETED")
         except TimeoutError:
-            self.o.space.watch.check()  # portions waiting on a dead shard never finish
+            if time.monotonic() - self.checked >= WAIT_SLICE:  # not every tail poll
+                self.o.space.watch.check()  # portions waiting on a dead shard never finish
+                self.checked = time.monotonic()
             return
         for future in done:
             if future.status == "error":
@@ -375,11 +378,10 @@ class _ActorMaker:
     """Starts a run's ``_Actors``: at the start, and again after a lost shard."""
 
     def __init__(self, client, run: str, model, store, n_rows: int, shards: int, shard_workers,
-                 push_every: int, slow: dict, groups: dict):
+                 push_every: int, slow: dict, groups: dict, threads: int):
         self.client, self.run, self.model, self.store = client, run, model, store
         self.n_rows, self.shards, self.shard_workers = n_rows, shards, shard_workers
-        self.push_every, self.slow, self.groups = push_every, slow, groups
-        self.threads = sum(w["nthreads"] for w in worker_info(client).values())
+        self.push_every, self.slow, self.groups, self.threads = push_every, slow, groups, threads
 
     def __call__(self, params: np.ndarray, restore=None) -> _Actors:
         """Shards seeded with ``params`` on the live workers (those of ``shard_workers`` still
@@ -658,7 +660,7 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
         run = f"sandblaster-{uuid.uuid4().hex[:8]}"
         groups = {}  # filled below, once the shards exist; the plan refers to this very dict
         make = _ActorMaker(c, run, model, store, n_rows, shards, shard_workers, push_every,
-                           dict(_slow_workers or {}), groups)
+                           dict(_slow_workers or {}), groups, threads)
         objective = BatchObjective(c, make(start, resume_from if resumed else None), bounds,
                                    n_rows, backups)
         recovery = _Recovery(c, run, make, start if resumed is None else None)
@@ -681,31 +683,9 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
                         "resumed_at": 0 if resumed is None else resumed.iteration}
             events.emit(events.RUN, run=run, kind="start", algorithm="sandblaster", **settings)
 
-            def optimise(state):
-                try:
-                    return lbfgs(objective.space, objective, "x", m=history, max_iter=iterations,
-                                 gtol=tolerance, ftol=ftol, callback=monitor, resume=state)
-                except OutOfTime:
-                    return monitor.result()
-
-            state = resumed
-            while True:
-                try:
-                    try:
-                        result = optimise(state)
-                    except KeyboardInterrupt:
-                        if objective.busy:  # the shards hold the last iteration's vectors
-                            checkpoints.write()
-                        raise
-                    checkpoints.write()
-                    seconds = time.time() - monitor.started
-                    final = objective.space.gather("x")
-                    shard_stats = call_all(objective.actors.ps.shards, "objective_stats",
-                                           watch=objective.space.watch)
-                    break
-                except ShardLost as lost:
-                    state = recovery(lost, objective, checkpoints)
-                    monitor.rewind(0 if state is None else state.iteration)
+            result, seconds, final, shard_stats = _optimise(
+                objective, checkpoints, monitor, recovery, resumed,
+                {"m": history, "max_iter": iterations, "gtol": tolerance, "ftol": ftol})
         finally:
             for blocks in groups.values():
                 blocks.close()
@@ -722,6 +702,33 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
         events.emit(events.RUN, kind="end",  # the summary's scalars, its run id included
                     **{k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
     return TrainResult(model, final, history_rows, summary)
+
+
+def _optimise(objective: BatchObjective, checkpoints: _Checkpoints, monitor: _Monitor,
+              recovery: _Recovery, resumed: LbfgsState | None, settings: dict):
+    """L-BFGS to the end, through lost shard holders; ``(result, seconds, final iterate,
+    shard counters)``. ``settings``: ``lbfgs``'s m, max_iter, gtol, ftol."""
+    state = resumed
+    while True:
+        try:
+            try:
+                result = lbfgs(objective.space, objective, "x", callback=monitor, resume=state,
+                               **settings)
+            except OutOfTime:
+                result = monitor.result()
+            except KeyboardInterrupt:
+                if objective.busy:  # the shards hold the last iteration's vectors untouched
+                    checkpoints.write()
+                raise
+            checkpoints.write()
+            seconds = time.time() - monitor.started
+            final = objective.space.gather("x")
+            stats = call_all(objective.actors.ps.shards, "objective_stats",
+                             watch=objective.space.watch)
+            return result, seconds, final, stats
+        except ShardLost as lost:
+            state = recovery(lost, objective, checkpoints)
+            monitor.rewind(0 if state is None else state.iteration)
 
 
 def _summary(run: str, result, counters: Counters, settings: dict, seconds: float, n_rows: int,
