@@ -65,7 +65,7 @@ from daskbelief.train.sandblaster_tasks import (PortionLedger, PortionPlan, aban
                                                 evaluate_current, flush_worker,
                                                 forget_run, run_portion)
 from daskbelief.train.sharded_vectors import (WAIT_SLICE, ShardedVectors, ShardLost, Watch,
-                                              call_all, in_thread)
+                                              call_all, direct, in_thread)
 from daskbelief.waits import WaitTimeout
 
 PORTIONS_PER_THREAD = 8   # default portion size: about this many portions per worker thread
@@ -215,7 +215,7 @@ class BatchObjective:
     def _open(self, x_name: str) -> None:
         """A new tag: the ledger and the shards accept nothing older from now on."""
         self.tag += 1
-        ledger = self.plan.ledger.open(self.tag, len(self.bounds))
+        ledger = self.actors.ledger_here.open(self.tag, len(self.bounds))
         self.space.execute(("open_evaluation", self.tag, x_name))
         self.space.watch.wait(ledger, "the ledger's open")
 
@@ -255,7 +255,8 @@ class _Evaluation:
                 if self.o.backups:
                     self._launch_backups()
         finally:
-            self.o.client.cancel(list(self.futures))  # the losing copies, queued or running
+            if self.futures:  # the losing copies, queued or running
+                self.o.client.cancel(list(self.futures))
         space, finish = self.o.space, ("finish_evaluation", self.tag, x_name, g_name,
                                        [tuple(p) for p in dots])
         if self.o.plan.groups:
@@ -317,7 +318,7 @@ class _Evaluation:
         other than its own, a waiting one (queued behind a straggler) to the next free thread."""
         if not self._in_tail():
             return  # the policy would say no: spare the ledger the question
-        snap = self.o.space.watch.wait(self.o.plan.ledger.snapshot(self.tag), "the ledger")
+        snap = self.o.space.watch.wait(self.o.actors.ledger_here.snapshot(self.tag), "the ledger")
         chosen = portions_to_back_up(snap["now"], snap["running"], snap["finished"], self.total,
                                      self.launched)
         live = self.o.live_workers() if chosen else []
@@ -365,6 +366,7 @@ class _Actors:
     ledger: object  # the ledger actor's future: it lives as long as this does
     plan: PortionPlan
     space: ShardedVectors
+    ledger_here: object  # the coordinator's own handle to it (``direct``)
 
     def close(self) -> None:
         """Release the actors (again: nothing happens)."""
@@ -401,7 +403,7 @@ class _ActorMaker:
                            self.groups, self.threads)
         space = ShardedVectors(ps.shards, ps.ranges, watch)
         space.copy("params", "x")  # queued: travels with the first evaluation
-        return _Actors(ps, ledger, plan, space)
+        return _Actors(ps, ledger, plan, space, direct(plan.ledger))
 
 
 MAX_RECOVERIES = 5  # shard holders lost this often in one run: the cluster is failing
