@@ -125,8 +125,8 @@ class _WorkerRun:
     """One run's state in one worker process, shared by the threads running its tasks.
 
     ``lock`` guards the accumulator: the evaluation ``tag`` it is for, ``acc`` with the won
-    portions ``pending`` in it, the portions already ``pushed``, and ``in_flight``: claims asked
-    for but not yet added, and pushes not yet acknowledged. A flush waits for ``in_flight`` to
+    portions ``pending`` in it, and ``in_flight``: claims asked for but not yet added, and
+    pushes not yet acknowledged. A flush waits for ``in_flight`` to
     drop to 0, so it never misses a portion that was just won or is on its way to the shards.
     ``fetch_lock`` makes the threads of one worker fetch an evaluation's vector once between them.
     ``model`` is the first task's copy, kept so that its per-thread work buffers are reused rather
@@ -139,7 +139,7 @@ class _WorkerRun:
         self.group_lock, self.group_steps = threading.Lock(), 0
         self.params, self.params_tag = np.empty(size, dtype=np.float32), None
         self.rows: dict[tuple[int, int], tuple] = {}
-        self.tag, self.pending, self.pushed, self.in_flight = None, {}, [], 0
+        self.tag, self.pending, self.in_flight = None, {}, 0
         self.won_tag, self.won = None, {}  # model-parallel: portion -> (loss, backup) won here
         self.abandoned = 0  # evaluations up to this tag were given up by the coordinator
         self.acc = np.zeros(size, dtype=np.float64)
@@ -151,7 +151,7 @@ class _WorkerRun:
         if self.tag is not None and self.tag > tag:
             return False
         if self.tag != tag:
-            self.tag, self.pending, self.pushed = tag, {}, []
+            self.tag, self.pending = tag, {}
             self.acc.fill(0.0)
         return True
 
@@ -172,13 +172,11 @@ class _WorkerRun:
         self.pending = {}
         return acc, portions
 
-    def pushed_back(self, tag: int, acc: np.ndarray, portions) -> None:
-        """After a push: record the portions applied (none when refused), keep the buffer."""
+    def pushed_back(self, acc: np.ndarray) -> None:
+        """After a push (accepted or not: the shards know which): keep the buffer."""
         acc.fill(0.0)
         with self.lock:
             self.spare.append(acc)
-            if self.tag == tag:
-                self.pushed.extend(portions)
 
 
 _RUNS: dict[str, _WorkerRun] = {}
@@ -248,16 +246,18 @@ def _rows(plan: PortionPlan, state: _WorkerRun, bounds: tuple[int, int]):
 async def _push(plan: PortionPlan, state: _WorkerRun, tag: int, acc: np.ndarray,
                 portions: dict) -> None:
     """Add ``acc`` into every shard's accumulator (all shards at once, on the worker's event
-    loop), naming its portions and their losses; they count as applied only when every shard
-    accepted them (a shard refuses an abandoned evaluation's contributions)."""
+    loop), naming its portions and their losses (a shard refuses an abandoned evaluation's
+    contributions, and finishes only once it holds every portion)."""
     pending = [asyncio.ensure_future(s.accumulate(tag, acc[a:b], 0, portions))
                for s, (a, b) in zip(plan.shards, plan.ranges)]
     while state.abandoned < tag:  # a dead shard's reply may never come
         done, waiting = await asyncio.wait(pending, timeout=WAIT_SLICE)
         if not waiting:
             break
-    accepted = all(p.done() and not p.exception() and p.result() for p in pending)
-    state.pushed_back(tag, acc, portions if accepted else [])
+    for reply_ in pending:  # read every error (a lost shard's), so none is reported unread
+        if reply_.done():
+            reply_.exception()
+    state.pushed_back(acc)
 
 
 async def _push_counted(plan: PortionPlan, state: _WorkerRun, tag: int, acc: np.ndarray,
@@ -406,29 +406,29 @@ async def flush_worker(plan: PortionPlan, tag: int, dask_worker=None) -> dict:
         state = _RUNS.get(plan.run)
     if state is None:
         return {}
-    applied = await _flush_accumulator(plan, state, tag)
+    await _flush_accumulator(plan, state, tag)
     group = plan.groups.get(dask_worker.address) if dask_worker is not None else None
-    if group is not None:  # a portion counts once every block of the replica has pushed it
-        replies = await asyncio.gather(*[a.flush_evaluation(tag) for a in group.actors])
-        applied += sorted(set.intersection(*map(set, replies)))
+    if group is None:
+        return {}
+    # a portion counts once every block of the replica has pushed it
+    replies = await asyncio.gather(*[a.flush_evaluation(tag) for a in group.actors])
+    applied = set.intersection(*map(set, replies))
     with state.lock:
         won = state.won if state.won_tag == tag else {}
         return {p: (dask_worker.address, *won[p]) for p in applied if p in won}
 
 
-async def _flush_accumulator(plan: PortionPlan, state: _WorkerRun, tag: int) -> list[int]:
+async def _flush_accumulator(plan: PortionPlan, state: _WorkerRun, tag: int) -> None:
+    """Push what the accumulator holds for ``tag`` once no claim or push is in flight."""
     deadline = time.monotonic() + FLUSH_PATIENCE
     while True:
         with state.lock:  # task threads hold it only for an in-memory add
             if state.in_flight == 0 or state.abandoned >= tag:
-                if state.tag != tag or state.abandoned >= tag:
-                    return []
-                acc, portions = state.take() if state.pending else (None, [])
+                if state.tag != tag or state.abandoned >= tag or not state.pending:
+                    return
+                acc, portions = state.take()
                 break
-        if time.monotonic() > deadline:  # a claim that never returns: report nothing applied,
-            return []                    # and the coordinator starts the evaluation again
+        if time.monotonic() > deadline:  # a claim that never returns: push nothing, and the
+            return                       # shards' count starts the evaluation again
         await asyncio.sleep(0.001)
-    if acc is not None:
-        await _push(plan, state, tag, acc, portions)
-    with state.lock:
-        return list(state.pushed) if state.tag == tag else []
+    await _push(plan, state, tag, acc, portions)
