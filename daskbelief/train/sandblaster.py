@@ -421,6 +421,7 @@ class _Recovery:
     """
 
     def __init__(self, client, run: str, make: _ActorMaker, start: np.ndarray | None):
+        """``start``: the start point, None for a resumed run (whose checkpoint comes first)."""
         self.client, self.run, self.make, self.start = client, run, make, start
         self.lost: list[str] = []
         self.replayed = 0
@@ -448,9 +449,6 @@ class _Recovery:
         if len(self.lost) > MAX_RECOVERIES:
             raise RunLost(f"{', '.join(lost.workers)} (parameter shards), the "
                           f"{len(self.lost)}th shard holder lost in this run", where)
-        if where is None and self.start is None:
-            raise RunLost(f"{', '.join(lost.workers)} (parameter shards), before this resumed "
-                          "run wrote a checkpoint of its own", where)
         reached = checkpoints.state.iteration if checkpoints.state is not None else 0
         # release every wait on the workers for the evaluation in progress
         self.client.run(abandon_evaluation, self.run, objective.tag, on_error="ignore")
