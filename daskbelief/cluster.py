@@ -7,7 +7,7 @@ import os
 
 from distributed import Client, LocalCluster
 
-from daskbelief.workarounds import start_actors, worker_info  # noqa: F401 -- their old home
+from daskbelief.workarounds import worker_info
 
 
 def default_local_workers() -> int:

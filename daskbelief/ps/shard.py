@@ -15,7 +15,7 @@ import numpy as np
 
 from daskbelief.backend import get_backend, namespace, to_numpy
 from daskbelief.optim.rules import make_rule
-from daskbelief.optim.vectors import LocalVectors
+from daskbelief.optim.vectors import LocalVectors, finish_gradient  # the reference's own code
 
 STALENESS_BINS = 64  # staleness >= this lands in the last histogram bin
 
@@ -253,8 +253,6 @@ class ParameterShard:
         search's slope rides along instead of costing another round trip) and the portions it
         holds (``accumulate``). ``expect``: the batch's portion count; while the shard holds
         fewer, it returns None and stays open (a flush will bring the rest)."""
-        from daskbelief.train.objective import finish_gradient  # the reference's own code
-
         ev = self._evaluation()
         if ev.tag != tag:
             raise RuntimeError(f"shard {self.index}: cannot finish evaluation {tag!r}, the open "

@@ -1,0 +1,498 @@
+"""A Downpour replica: the long-running task that trains on one data shard against the
+parameter server (``run_replica``), and its steppers.
+
+It keeps a local copy of the parameters, fetches a fresh copy every ``n_fetch`` steps,
+accumulates gradients and pushes them every ``n_push`` steps, with a fetch overlapped with the
+step before it and up to ``max_in_flight`` pushes travelling (``_Link``). A model-parallel replica
+drives its block actors instead (``_PartitionedStepper``). It leaves its worker's thread pool,
+resumes after a rerun from the step it reported, follows recovered servers, recreates lost blocks,
+and stops when its driver's lease expires.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from itertools import islice
+
+import numpy as np
+from distributed import Event, Variable, get_client, get_worker
+
+from daskbelief import waits
+from daskbelief.backend import get_backend, to_device, to_host
+from daskbelief.data import open_store
+from daskbelief.monitor import events
+from daskbelief.ps.policy import place_blocks
+from daskbelief.ps.server import CALL_TIMEOUT, RECOVERY_TIMEOUT, WAIT_SLICE, ServerLost
+from daskbelief.train.errors import DriverGone
+from daskbelief.train.partitioned import Blocks
+from daskbelief.train.recovery import LeaseWatch, lost_workers
+from daskbelief.workarounds import leave_thread_pool, worker_info
+
+
+WARM_TIMEOUT = 3600.0  # seconds the other replicas wait for replica 0's warm start
+
+
+@dataclass(frozen=True)
+class ReplicaPlan:
+    """What one replica does: its data, its schedule and how it talks to the parameter server."""
+
+    run: str
+    replica: int
+    url: str
+    split: str
+    shard: tuple[int, int]
+    batch_size: int
+    steps: int | None
+    epochs: int | None
+    n_fetch: int
+    n_push: int
+    seed: int
+    overlap: bool
+    max_in_flight: int
+    report_every: int
+    warmstart_steps: int
+    device: str | None = None
+
+    def name(self, what: str) -> str:
+        """Name of one of the run's coordination objects (Dask Events and Variables)."""
+        return f"{self.run}-{what}"
+
+    @property
+    def total_steps(self) -> int:
+        """Steps this replica makes in the whole run, its warm start included."""
+        if self.steps is not None:
+            return self.steps + self.warmstart_steps
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil((self.shard[1] - self.shard[0]) / self.batch_size)
+
+
+def _batches(store, plan: ReplicaPlan, done: int):
+    """The replica's remaining minibatches, resuming after the first ``done`` steps of its schedule.
+
+    The schedule is epochs 0, 1, ... of the shard's minibatches in order, exactly what the
+    reference trainer reads, cut at ``total_steps``.
+    """
+    remaining = plan.total_steps - done
+    epoch, skip = divmod(done, plan.steps_per_epoch)
+    while remaining > 0:
+        batches = islice(store.minibatches(plan.shard, plan.batch_size, seed=plan.seed, epoch=epoch),
+                         skip, skip + remaining)
+        for batch in batches:
+            remaining -= 1
+            yield batch
+        epoch, skip = epoch + 1, 0
+
+
+
+
+class _Link:
+    """A replica's traffic with the parameter server: fetches, bounded pushes in flight, recovery.
+
+    A gradient buffer is reused only after the shards acknowledged the push that carried it, so
+    memory stays at ``limit + 1`` buffers however far the replica runs ahead. Any failure of a
+    server call becomes ``ServerLost``; ``recover`` then waits for the driver to publish a server
+    with the lost shard recreated, and drops what was in flight to the old one.
+
+    A call to a shard whose worker died may never be answered at all (distributed 2026.8 leaves
+    such an actor future pending when the actor's own future can no longer complete), so replies
+    are awaited in slices of ``WAIT_SLICE`` seconds, and between slices the replica gives up on
+    the call once the driver has published a newer server.
+    """
+
+    def __init__(self, plan: ReplicaPlan, size: int, lease: LeaseWatch):
+        self.var, self.lease = Variable(plan.name("ps")), lease
+        generation, ps = self.var.get(timeout=CALL_TIMEOUT)
+        self.generation, self.ps = generation, ps.here()
+        self.limit = plan.max_in_flight if plan.overlap else 1
+        self.replica = f"replica-{plan.replica}"
+        self.free = [np.zeros(size, dtype=np.float32) for _ in range(self.limit + 1)]
+        self.flight: deque = deque()
+        self.pending = None
+        self.staleness: list[int] = []
+        self.pushes_lost = 0
+
+    def _call(self, fn, *args):
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 -- any failure to reach a shard means: recover
+            raise ServerLost(f"{type(e).__name__}: {e}") from e
+
+    def _wait(self, reply):
+        return waits.result(reply, timeout=RECOVERY_TIMEOUT, every=WAIT_SLICE, give_up=self._replaced,
+                            what=f"{self.replica}: a parameter shard's reply")
+
+    def _replaced(self):
+        if self.var.get(timeout=CALL_TIMEOUT)[0] > self.generation:
+            return ServerLost("a shard did not answer and the driver has replaced it")
+        return self.lease.give_up()
+
+    def fetch(self, out=None):
+        return self._call(lambda: self.ps.gather(self.ps.fetch_async(), out, self._wait))
+
+    def fetch_begin(self) -> None:
+        self.pending = self._call(self.ps.fetch_async)
+
+    def fetch_end(self, out):
+        """The fetched parameters (into ``out``) and versions, or None when none was pending."""
+        if self.pending is None:
+            return None
+        pending, self.pending = self.pending, None
+        return self._call(self.ps.gather, pending, out, self._wait)
+
+    def buffer(self) -> np.ndarray:
+        """A buffer (contents undefined) to accumulate the next push into, waiting for one if
+        all travel."""
+        if not self.free:
+            self._settle_oldest()
+        return self.free.pop()
+
+    def release(self, buf) -> None:
+        """Give back a buffer that will not be pushed (its gradient was lost with a shard)."""
+        self.free.append(buf)
+
+    def push(self, grad, versions, steps_done: int, wait_now: bool) -> None:
+        """Push ``grad`` (a buffer from ``buffer``) computed on parameters of ``versions``;
+        ``steps_done`` counts the replica's steps including those in ``grad``."""
+        self.flight.append((self._call(self.ps.push_async, grad, versions, self.replica, steps_done),
+                            grad, versions))
+        while len(self.flight) > (0 if wait_now else self.limit):
+            self._settle_oldest()
+
+    def _settle_oldest(self) -> None:
+        replies, grad, versions = self.flight[0]
+        new = self._call(lambda: [self._wait(r) for r in replies])
+        self.flight.popleft()
+        self.staleness.extend(v - 1 - base for v, base in zip(new, versions))
+        self.free.append(grad)
+
+    def drain(self) -> None:
+        while self.flight:
+            self._settle_oldest()
+
+    def recover(self, timeout: float = RECOVERY_TIMEOUT) -> None:
+        """Wait for a server newer than the one that failed; forget the old one's traffic."""
+        def newer():
+            generation, ps = self.var.get(timeout=CALL_TIMEOUT)
+            return (generation, ps) if generation > self.generation else None
+
+        self.generation, ps = waits.until(newer, timeout=timeout, every=0.2, give_up=self.lease.give_up,
+                                          what=f"{self.replica}: the driver to recover a lost shard")
+        self.ps = ps.here()
+        self.pushes_lost += len(self.flight)
+        self.free.extend(grad for _, grad, _ in self.flight)
+        self.flight.clear()
+        self.pending = None
+
+
+class _Stepper:
+    """A plain replica's steps: a local copy of the parameters, its gradient accumulator, and the
+    ``_Link`` to the parameter server (fetch every ``n_fetch`` steps, push every ``n_push``)."""
+
+    def __init__(self, model, plan: ReplicaPlan, first_step: int, lease: LeaseWatch):
+        self.model, self.plan, self.first = model, plan, first_step
+        self.link = _Link(plan, model.size, lease)
+        self.params, self.versions = _connect(self.link, None)
+        self.grad, self.acc, self.acc_steps = None, None, 0
+        self.steps_done = first_step
+
+    @property
+    def staleness(self) -> list[int]:
+        return self.link.staleness
+
+    @property
+    def pushes_lost(self) -> int:
+        return self.link.pushes_lost
+
+    def step(self, step: int, X, y) -> float | None:
+        """One minibatch; None when a shard was lost meanwhile (the step's gradient with it)."""
+        plan, link = self.plan, self.link
+        try:
+            if step > 0 and step % plan.n_fetch == 0:
+                if plan.overlap:
+                    link.fetch_begin()
+                else:
+                    self.params, self.versions = link.fetch(self.params)
+                    self._fetched()
+            loss = self._gradient(step, X, y)
+            fetched = link.fetch_end(self.params)
+            if fetched is not None:
+                self.params, self.versions = fetched
+                self._fetched()
+            self.acc_steps += 1
+            self.steps_done = step + 1
+            if self.acc_steps == plan.n_push:
+                link.push(self._take_push(), self.versions, self.steps_done,
+                          wait_now=not plan.overlap)
+            return loss
+        except ServerLost:
+            link.recover()
+            self.params, self.versions = _connect(link, self.params)
+            self._fetched()
+            self._drop()
+            return None
+
+    def _gradient(self, step: int, X, y) -> float:
+        """Add the minibatch's gradient into the accumulation; return its loss. The first
+        gradient of a push is computed straight into its buffer, later ones into one reused
+        buffer and added: no per-step allocation of a model-sized array."""
+        if self.acc is None:
+            self.acc = self.link.buffer()
+            loss, _ = self.model.loss_and_grad(self.params, X, y, out=self.acc,
+                                               validate=step == self.first)
+            return loss
+        if self.grad is None:
+            self.grad = np.empty_like(self.params)
+        loss, _ = self.model.loss_and_grad(self.params, X, y, out=self.grad, validate=False)
+        self.acc += self.grad
+        return loss
+
+    def _fetched(self) -> None:
+        """Fresh parameters arrived in ``self.params`` (nothing to do when computing there)."""
+
+    def _take_push(self) -> np.ndarray:
+        """The host buffer to push now; the next step starts a new accumulation."""
+        acc, self.acc, self.acc_steps = self.acc, None, 0
+        return acc
+
+    def _drop(self) -> None:
+        """Forget the accumulation: its gradient was lost with a shard."""
+        if self.acc is not None:
+            self.link.release(self.acc)
+        self.acc, self.acc_steps = None, 0
+
+    def finish(self) -> None:
+        """Push what is accumulated and wait for every push in flight."""
+        try:
+            if self.acc_steps:
+                self.link.push(self._take_push(), self.versions, self.steps_done, wait_now=True)
+            self.link.drain()
+        except ServerLost:
+            self.link.pushes_lost += 1
+
+
+class _DeviceStepper(_Stepper):
+    """A plain replica computing on a device (``plan.device``: "cupy" for the worker's GPU;
+    "numpy" runs this very path on a second host copy, which is how it is tested without one).
+
+    The parameters and the gradient sums live on the device; only fetches (every ``n_fetch``
+    steps) and pushes (every ``n_push``) cross between host and device, each one copy.
+    """
+
+    def __init__(self, model, plan: ReplicaPlan, first_step: int, lease: LeaseWatch):
+        super().__init__(model, plan, first_step, lease)
+        xp = get_backend(plan.device)
+        self.dev_params = xp.array(self.params, copy=True)
+        self.dev_acc, self.dev_grad = xp.empty_like(self.dev_params), xp.empty_like(self.dev_params)
+
+    def _gradient(self, step: int, X, y) -> float:
+        first = self.acc_steps == 0
+        loss, _ = self.model.loss_and_grad(self.dev_params, X, y,
+                                           out=self.dev_acc if first else self.dev_grad,
+                                           validate=step == self.first)
+        if not first:
+            self.dev_acc += self.dev_grad
+        return loss
+
+    def _fetched(self) -> None:
+        to_device(self.params, self.dev_params)
+
+    def _take_push(self) -> np.ndarray:
+        buf = self.link.buffer()
+        to_host(self.dev_acc, buf)
+        self.acc_steps = 0
+        return buf
+
+    def _drop(self) -> None:
+        self.acc_steps = 0
+
+
+class _PartitionedStepper:
+    """A model-parallel replica's steps: its block actors compute the step together, each
+    fetching and pushing only its own parameter ranges.
+
+    A shard lost: the driver hands the blocks the recovered server (and so does this stepper,
+    should the driver's hand-over miss them); they fetch from it and carry on. A block lost with
+    its worker: the blocks are recreated on live workers from the server's parameters, published
+    for the driver's hand-overs, and the step is retried; the gradient they held is lost.
+    """
+
+    MAX_REBUILDS = 10  # block sets one replica may recreate before its failure is final
+
+    def __init__(self, blocks, plan: ReplicaPlan, first_step: int, lease: LeaseWatch):
+        self.blocks, self.plan, self.first, self.lease = blocks, plan, first_step, lease
+        self.var = Variable(plan.name("ps"))
+        self.generation = self.var.get(timeout=CALL_TIMEOUT)[0]
+        self.staleness: list[int] = []
+        self.pushes_lost = 0
+        self.rebuilds = 0
+        self.steps_done = first_step
+        self.n_blocks = blocks.plan.n_blocks
+        self._fetch()
+
+    def step(self, step: int, X, y) -> float | None:
+        """One minibatch; None when a shard or a block was lost meanwhile (the step's gradient
+        with it)."""
+        plan = self.plan
+        fetch = step > 0 and step % plan.n_fetch == 0
+        push = (step - self.first + 1) % plan.n_push == 0
+        try:
+            out = self.blocks.train_step(X, y, tag=(plan.run, plan.replica, step), fetch=fetch,
+                                         push=push, steps_done=step + 1)
+        except DriverGone:
+            raise
+        except Exception as e:  # noqa: BLE001 -- sorted out by _recover: a shard, a block, or final
+            self.pushes_lost += 1
+            self._fetch(e)
+            return None
+        self.steps_done = step + 1
+        self.staleness.extend(s for _, st in out for s in st)
+        return sum(loss for loss, _ in out)
+
+    def _fetch(self, error: Exception | None = None) -> None:
+        """Every block fetches its ranges, after recovering from ``error`` (and from whatever
+        fails meanwhile)."""
+        for _ in range(self.MAX_REBUILDS + 1):
+            try:
+                if error is not None and not self._recover(error):
+                    raise error
+                self.blocks.call("fetch", [()] * self.n_blocks)
+                return
+            except DriverGone:
+                raise
+            except Exception as e:  # noqa: BLE001 -- see _recover
+                if e is error:
+                    raise
+                error = e
+        raise error
+
+    def _recover(self, error: Exception) -> bool:
+        """After ``error`` from the blocks: take a recovered server, or recreate lost blocks;
+        False when neither explains the error."""
+        client = get_client()
+        lost = lost_workers(client, [a._address for a in self.blocks.actors])
+        if lost:
+            self._rebuild(client, lost)
+            return True
+        generation, ps = self.var.get(timeout=CALL_TIMEOUT)
+        if generation > self.generation:
+            self.generation = generation
+            self.blocks.call("set_server", [(ps,)] * self.n_blocks)
+        return isinstance(error, (ServerLost, waits.WaitTimeout, OSError))
+
+    def _rebuild(self, client, lost: list[str]) -> None:
+        """New blocks on live workers, from a server whose shards are all alive."""
+        if self.rebuilds >= self.MAX_REBUILDS:
+            raise RuntimeError(f"replica {self.plan.replica}: its blocks were lost "
+                               f"{self.rebuilds} times over")
+        self.rebuilds += 1
+        started, plan = time.time(), self.plan
+
+        def usable():
+            generation, ps = self.var.get(timeout=CALL_TIMEOUT)
+            return None if lost_workers(client, ps.addresses()) else (generation, ps)
+
+        generation, ps = waits.until(usable, timeout=RECOVERY_TIMEOUT, every=0.5, give_up=self.lease.give_up,
+                                     what=f"replica {plan.replica}: a parameter server with every shard alive")
+        params, _ = ps.here().fetch(timeout=RECOVERY_TIMEOUT, give_up=self.lease.give_up)
+        where = place_blocks(sorted(worker_info(client)), ps.addresses(), 1, self.n_blocks)[0]
+        old, self.generation = self.blocks, generation
+        self.blocks = Blocks.start(client, old.plan, params, ps=ps, replica=f"replica-{plan.replica}",
+                                   overlap=plan.overlap, max_in_flight=plan.max_in_flight,
+                                   addresses=where)
+        Variable(plan.name(f"blocks-{plan.replica}")).set(self.blocks, timeout=CALL_TIMEOUT)
+        old.close()
+        events.emit(events.RUN, run=plan.run, kind="blocks-recovered", replica=plan.replica,
+                    lost_workers=lost, workers=where, seconds=time.time() - started)
+
+    def finish(self) -> None:
+        try:
+            for st in self.blocks.call("flush", [(self.steps_done,)] * self.n_blocks):
+                self.staleness.extend(st)
+        except Exception:  # noqa: BLE001 -- a shard or a block lost at the very end
+            self.pushes_lost += 1
+        self.blocks.close()
+
+
+def run_replica(model, plan: ReplicaPlan, blocks=None) -> dict:
+    """One Downpour replica: train on its data shard against the parameter server.
+
+    Runs as a Dask task that leaves its worker's thread pool (recoveries create actors, which need
+    a pool thread); ``blocks`` (a ``partitioned.Blocks``) makes it a model-parallel replica.
+    Returns its step count, samples and recent loss. Replicas other than replica 0 wait for the
+    warm-start event before their first step. If the task is rerun after its worker died, it
+    resumes after the last step it reported. It stops when its driver's lease expires.
+    """
+    leave_thread_pool()
+    progress = Variable(plan.name(f"progress-{plan.replica}"))
+    state = progress.get(timeout=CALL_TIMEOUT)
+    attempt, done = state["attempt"] + 1, state["done"]
+    progress.set({"done": done, "attempt": attempt})
+    lease = LeaseWatch(plan.name("lease"))
+    worker = get_worker().address
+    try:
+        if plan.replica or not plan.warmstart_steps:
+            warm = Event(plan.name("warm"))
+            waits.until(lambda: warm.wait(timeout=1.0), timeout=WARM_TIMEOUT, every=0.0,
+                        give_up=lease.give_up, what=f"replica {plan.replica}: the warm start")
+        return _train(model, plan, blocks, lease, attempt, done, progress, worker)
+    except DriverGone:
+        return {"replica": plan.replica, "steps": 0, "samples": 0, "worker": worker,
+                "attempt": attempt, "pushes_lost": 0, "loss": float("nan"), "staleness_mean": 0.0,
+                "orphaned": True}
+
+
+def _train(model, plan: ReplicaPlan, blocks, lease: LeaseWatch, attempt: int, done: int,
+           progress, worker: str) -> dict:
+    """The replica's loop: steps, progress reports, the warm-start signal, stopping."""
+    stop = Event(plan.name("stop"))
+    store = open_store(plan.url, split=plan.split)
+    if blocks is not None:
+        stepper = _PartitionedStepper(blocks, plan, done, lease)
+    else:
+        stepper = (_Stepper if plan.device is None else _DeviceStepper)(model, plan, done, lease)
+    losses: deque = deque(maxlen=plan.report_every)
+    samples, step = 0, done
+    tick = time.time()
+    for X, y in _batches(store, plan, done):
+        if lease.expired():
+            raise DriverGone(f"replica {plan.replica}: the driver's lease expired")
+        loss = stepper.step(step, X, y)
+        if loss is None:
+            continue
+        losses.append(float(loss))
+        samples += len(X)
+        step += 1
+        if step == plan.warmstart_steps:
+            Event(plan.name("warm")).set()
+        if step % plan.report_every == 0:
+            progress.set({"done": step, "attempt": attempt})
+            now = time.time()
+            events.emit(events.REPLICA, run=plan.run, replica=plan.replica, step=step,
+                        batch_size=plan.batch_size, loss=float(np.mean(losses)), worker=worker,
+                        samples_per_s=plan.report_every * plan.batch_size / max(now - tick, 1e-9),
+                        staleness=float(np.mean(stepper.staleness[-20:])) if stepper.staleness else 0.0)
+            tick = now
+            if stop.is_set():
+                break
+    stepper.finish()
+    if plan.warmstart_steps:
+        Event(plan.name("warm")).set()  # never leave the others waiting, however short the shard
+    progress.set({"done": step, "attempt": attempt})
+    return {"replica": plan.replica, "steps": step - done, "samples": samples, "worker": worker,
+            "attempt": attempt, "pushes_lost": stepper.pushes_lost,
+            "loss": float(np.mean(losses)) if losses else float("nan"),
+            "staleness_mean": float(np.mean(stepper.staleness)) if stepper.staleness else 0.0}
+
+
+def _connect(link: _Link, out):
+    """Fetch the parameters, waiting through server recoveries."""
+    while True:
+        try:
+            return link.fetch(out)
+        except ServerLost:
+            link.recover()
