@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from distributed import get_worker
-from distributed.utils import sync
 
 from daskbelief.monitor import events
 from daskbelief.train.evaluate import evaluate_rows
@@ -261,13 +260,15 @@ async def _push(plan: PortionPlan, state: _WorkerRun, tag: int, acc: np.ndarray,
 
 
 async def _push_counted(plan: PortionPlan, state: _WorkerRun, tag: int, acc: np.ndarray,
-                        portions: dict) -> None:
-    """A push, counted in flight until it lands (a flush waits for it)."""
+                        portions: dict, landed: threading.Event | None = None) -> None:
+    """A push, counted in flight until it lands (a flush waits for it); ``landed`` is set then."""
     try:
         await _push(plan, state, tag, acc, portions)
     finally:
         with state.lock:
             state.in_flight -= 1
+        if landed is not None:
+            landed.set()
 
 
 def _claim_and_add(plan: PortionPlan, state: _WorkerRun, tag: int, portion: int, loss, grad,
@@ -295,10 +296,11 @@ def _claim_and_add(plan: PortionPlan, state: _WorkerRun, tag: int, portion: int,
                 return True
             acc, portions = state.take()
             state.in_flight += 1  # the push: a flush waits for it to land
-        if tail:
-            sync(worker.loop, _push_counted, plan, state, tag, acc, portions)
-        else:
-            worker.loop.add_callback(_push_counted, plan, state, tag, acc, portions)
+        landed = threading.Event() if tail else None
+        worker.loop.add_callback(_push_counted, plan, state, tag, acc, portions, landed)
+        while tail and not landed.wait(WAIT_SLICE):  # the thread waits, but never for an
+            if state.abandoned >= tag:                # abandoned evaluation (a lost shard)
+                break
         return True
     finally:
         with state.lock:
