@@ -40,6 +40,7 @@ import numpy as np
 from distributed import get_worker
 
 from daskbelief.monitor import events
+from daskbelief.workarounds import leave_thread_pool
 from daskbelief.train.evaluate import evaluate_rows
 from daskbelief.train.objective import portion_gradient
 from daskbelief.train.sharded_vectors import WAIT_SLICE, assemble
@@ -199,6 +200,17 @@ def abandon_evaluation(run: str, tag: int) -> None:
         state.abandoned = max(state.abandoned, tag)
 
 
+_TASK = threading.local()  # per task thread: whether this task left the thread pool
+
+
+def _stalled() -> None:
+    """A wait of this task is taking long (a lost shard?): hand its pool thread back, once, so
+    that a recovery's new actors -- whose constructors need a pool thread -- never wait for it."""
+    if not getattr(_TASK, "left", False):
+        _TASK.left = True
+        leave_thread_pool()
+
+
 def reply(state: _WorkerRun, tag: int, pending):
     """The result of an actor call made for evaluation ``tag``, awaited in slices; raises
     ``Abandoned`` once the evaluation is given up or the actor's worker cannot be reached."""
@@ -206,6 +218,7 @@ def reply(state: _WorkerRun, tag: int, pending):
         try:
             return pending.result(timeout=WAIT_SLICE)
         except TimeoutError:
+            _stalled()
             if state.abandoned >= tag:
                 raise Abandoned(tag) from None
         except OSError as e:  # "Unable to contact Actor's worker"
@@ -299,7 +312,8 @@ def _claim_and_add(plan: PortionPlan, state: _WorkerRun, tag: int, portion: int,
         landed = threading.Event() if tail else None
         worker.loop.add_callback(_push_counted, plan, state, tag, acc, portions, landed)
         while tail and not landed.wait(WAIT_SLICE):  # the thread waits, but never for an
-            if state.abandoned >= tag:                # abandoned evaluation (a lost shard)
+            _stalled()                                # abandoned evaluation (a lost shard)
+            if state.abandoned >= tag:
                 break
         return True
     finally:
@@ -315,7 +329,7 @@ def run_portion(plan: PortionPlan, tag: int, portion: int, bounds: tuple[int, in
     copy waited on an actor). The coordinator does not fetch it: it learns the winners and their
     losses from the flush, not one result at a time.
     """
-    start = time.perf_counter()
+    start, _TASK.left = time.perf_counter(), False
     worker = get_worker().address
     plan.ledger.started(tag, portion, worker)  # not awaited: the reply is of no use here
     state = _state(plan)
