@@ -3,19 +3,23 @@
 Errors a user can fix (bad config, missing store, existing run directory) print one clear line on
 stderr and exit with status 2; nothing is written before the inputs have been checked. Ctrl-C and
 SIGTERM stop training cleanly: the replicas stop, a final checkpoint is written, the cluster the
-command started is shut down, and the exit status is 130 (143 for SIGTERM).
+command started is shut down, and the exit status is 130 (143 for SIGTERM). A run that cannot go
+on (the scheduler or every worker lost) prints one line naming what was lost, the last complete
+checkpoint and the command that resumes, and exits with status 3; the run directory stays.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import shlex
 import signal
 import sys
 import time
 from pathlib import Path
 
 from daskbelief.config import ConfigError
+from daskbelief.train.errors import RunLost
 
 
 class UsageError(Exception):
@@ -172,6 +176,16 @@ def _report(args) -> dict:
     return {"figures": [str(p) for p in report.render(args.run_dirs, args.out)]}
 
 
+def _resume_command(args, lost) -> str:
+    """The exact command that continues a lost run from its last complete checkpoint."""
+    words = ["daskbelief", "train", args.config, "--out", str(getattr(lost, "run_dir", args.out)),
+             "--resume"]
+    for flag in ("local_workers", "scheduler", "scheduler_file"):
+        if getattr(args, flag, None):
+            words += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    return shlex.join(words)
+
+
 COMMANDS = {"datasets": _datasets, "train": _train, "evaluate": _evaluate, "predict": _predict,
             "info": _info, "report": _report}
 
@@ -190,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"daskbelief {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RunLost as e:
+        print(f"daskbelief {args.command}: {e}; resume with: {_resume_command(args, e)}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt as e:
         print(f"daskbelief {args.command}: {'terminated' if isinstance(e, Terminated) else 'interrupted'} "
               f"after {time.time() - start:.1f}s", file=sys.stderr)

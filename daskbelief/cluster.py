@@ -5,8 +5,9 @@ import contextlib
 import importlib
 import os
 
-import numpy as np
-from distributed import Client, Future, LocalCluster
+from distributed import Client, LocalCluster
+
+from daskbelief.workarounds import start_actors, worker_info  # noqa: F401 -- their old home
 
 
 def default_local_workers() -> int:
@@ -45,16 +46,6 @@ def client_or_local(client: Client | None = None, n_workers: int | None = None,
     with LocalCluster(n_workers=n_workers or default_local_workers(), threads_per_worker=threads_per_worker,
                       processes=True, dashboard_address=":0") as cluster, Client(cluster) as local:
         yield local
-
-
-def worker_info(client: Client) -> dict[str, dict]:
-    """The scheduler's record of every worker (address -> info), fetched now.
-
-    Not ``client.scheduler_info()``: in distributed 2026.8 it returns a cache that the client's
-    periodic refresh (which asks for no workers) can overwrite between the fetch and the return,
-    so it sometimes reports a cluster with no workers.
-    """
-    return client.sync(client.scheduler.identity, n_workers=-1)["workers"]
 
 
 def require_workers(client: Client, minimum: int = 1) -> list[str]:
@@ -97,24 +88,3 @@ def warm_workers(client: Client, *modules: str) -> None:
 def _import_all(modules) -> None:
     for name in modules:
         importlib.import_module(name)
-
-
-def start_actors(client: Client, specs: list[tuple]) -> tuple[list, list]:
-    """Start actors ``(cls, worker, key, args)`` pinned to their workers; ``(actors, futures)``.
-
-    NumPy array arguments are scattered straight to the actor's worker instead of travelling
-    inside the task graph through the scheduler, and released once the actor holds them. All
-    actors are started before any is waited for. Keep the futures: an actor lives as long as its
-    future does.
-    """
-    scattered, futures = [], []
-    for cls, worker, key, args in specs:
-        args = [client.scatter(a, workers=[worker], hash=False) if isinstance(a, np.ndarray) else a
-                for a in args]
-        scattered += [a for a in args if isinstance(a, Future)]
-        futures.append(client.submit(cls, *args, actor=True, workers=[worker],
-                                     allow_other_workers=False, pure=False, key=key))
-    actors = [f.result() for f in futures]
-    for value in scattered:  # cancelling instead would cancel the actors that depend on them
-        value.release()
-    return actors, futures

@@ -24,6 +24,7 @@ from daskbelief.monitor.progress import Progress
 from daskbelief.nn import Sequential
 from daskbelief.ps import checkpoint
 from daskbelief.train.partition import as_plan
+from daskbelief.train.errors import RunLost
 
 CHECKPOINT_EVERY = 60.0  # seconds, when [checkpoint] does not say
 
@@ -177,11 +178,19 @@ def run(config: dict, out=None, *, name: str = "run", overwrite: bool = False, r
     with client_or_local(None, n_workers, scheduler, scheduler_file,
                          threads_per_worker=_threads_needed(pipe, n_workers)) as client:
         log = EventLog(client, path=run_dir / "metrics.jsonl", listeners=[progress])
+        lost = None
         try:
             result = _train(pipe, path, client, run_dir, resume_from)
+        except RunLost as e:
+            lost, e.run_dir = e, run_dir
+            raise
         finally:
-            log.close()
             progress.close()
+            try:
+                log.close()
+            except Exception:  # noqa: BLE001 -- the scheduler is gone: RunLost says so
+                if lost is None:
+                    raise
     np.save(run_dir / "params.npy", result.params)
     (run_dir / "model.json").write_text(json.dumps(pipe.model.to_dict(), indent=2))
     summary = {**result.summary, "run_dir": str(run_dir), "dataset": path}

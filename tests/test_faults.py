@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import threading
 import time
@@ -12,6 +13,7 @@ from distributed import Client, LocalCluster
 
 from daskbelief.nn import Dense, Sequential
 from daskbelief.ps import checkpoint
+from daskbelief.workarounds import worker_info
 from daskbelief.train.downpour import downpour
 
 pytestmark = pytest.mark.timeout(240)
@@ -116,3 +118,74 @@ def test_a_lost_parameter_shard_is_recreated_from_the_latest_checkpoint(three_wo
     assert summary["test_accuracy"] >= 0.95, summary
     assert np.isfinite(result.params).all()
     assert all(s["params_finite"] for s in result.shard_stats)
+
+
+# -- faults the cluster chooses: seeded random victims at random moments -------------------------
+
+def any_worker(seed: int):
+    """A ``choose`` for ``Killer``: a worker drawn at random (seeded) among those the run uses."""
+    rng = random.Random(seed)
+
+    def choose(client, events):
+        return rng.choice(sorted(worker_info(client))) if events else None
+    return choose
+
+
+def shard_holders(client) -> set[str]:
+    return {w for w, keys in actors_by_worker(client).items()
+            if any(k.startswith("parameter-shard") for k in keys)}
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_any_worker_lost_at_any_step_with_no_spare_thread_and_no_checkpoint(digits_path, seed):
+    """Three single-threaded workers, three replicas: every pool thread is a replica's, so a
+    shard recreated on any worker needs the replicas to have left the pool. No checkpoint
+    exists: a lost shard restarts from the initial parameters."""
+    rng = random.Random(seed)
+    after = rng.randint(5, 60)
+    print(f"seed={seed}: killing a random worker after replica step {after}")
+    with LocalCluster(n_workers=3, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        killer = Killer(client, any_worker(seed), after_step=after)
+        killer.start()
+        result = downpour(mlp(), digits_path, test=digits_path, client=client, replicas=3,
+                          shards=2, n_fetch=5, n_push=5, rule={"name": "adagrad", "lr": 0.05},
+                          batch_size=32, epochs=60, report_every=5, seed=0)
+        killer.join(timeout=10)
+        assert killer.error is None and killer.victim is not None, killer.error
+        recovered = [m for _, m in client.get_events("daskbelief-run")
+                     if m.get("kind") == "shard-recovered"]
+    summary = result.summary
+    assert summary["shard_recoveries"] == len(recovered), (seed, summary)
+    assert all(m["checkpoint"] == "" for m in recovered), recovered  # from the initial parameters
+    assert summary["updates_lost"] == sum(m["updates_lost"] for m in recovered)
+    assert summary["test_accuracy"] >= 0.9, (seed, killer.victim, summary)
+    assert np.isfinite(result.params).all()
+
+
+def test_a_lost_block_is_recreated_and_its_replica_resumes(three_workers, digits_path):
+    """The named case of issue 13: a model-parallel block's worker is killed (one holding no
+    shard, so that it is the block, not the server, that is lost)."""
+    def block_holder(client, events):
+        if not events:
+            return None
+        blocks = {w for w, keys in actors_by_worker(client).items()
+                  if any(k.startswith("partition-block") for k in keys)}
+        candidates = sorted(blocks - shard_holders(client))
+        return candidates[0] if candidates else None
+
+    killer = Killer(three_workers, block_holder, after_step=20)
+    killer.start()
+    result = downpour(mlp(), digits_path, test=digits_path, client=three_workers, replicas=1,
+                      shards=1, n_fetch=5, n_push=5, rule={"name": "adagrad", "lr": 0.05},
+                      batch_size=32, epochs=15, report_every=10, seed=0,
+                      partition={"kind": "horizontal", "k": 2})
+    killer.join(timeout=10)
+    assert killer.error is None and killer.victim is not None, killer.error
+    rebuilt = [m for _, m in three_workers.get_events("daskbelief-run")
+               if m.get("kind") == "blocks-recovered"]
+    assert rebuilt and killer.victim in rebuilt[0]["lost_workers"], rebuilt
+    assert killer.victim not in rebuilt[0]["workers"]
+    outcome, = result.replica_outcomes  # the replica itself may have been on the victim too
+    assert outcome["pushes_lost"] >= 1 or outcome["attempt"] >= 1, outcome
+    assert result.summary["test_accuracy"] >= 0.9, result.summary

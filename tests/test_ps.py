@@ -139,7 +139,7 @@ def test_state_dicts_round_trip(client):
 
 
 def test_updates_missing_from_a_restored_shard():
-    from daskbelief.train.driver import pick_worker, updates_missing
+    from daskbelief.train.recovery import pick_worker, updates_missing
 
     # Survivors went from versions 10 and 12 at the checkpoint to 17 and 18: 7 updates missing.
     assert updates_missing({1: 17, 2: 18}, [9, 10, 12]) == 7

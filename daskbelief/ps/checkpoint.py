@@ -63,12 +63,15 @@ def _create(path: Path, ranges, arrays: list[str], attrs: dict) -> None:
 
 
 def save(root, ps, *, model: dict, config: dict | None = None, counters: dict | None = None,
-         keep: int = 3, timeout: float | None = None, vectors=(), lbfgs: dict | None = None) -> Path:
+         keep: int = 3, timeout: float = 300.0, vectors=(), lbfgs: dict | None = None,
+         algorithm: str | None = None, give_up=None) -> Path:
     """Write a checkpoint of every shard under ``root`` and return its path.
 
     Keeps the newest ``keep`` complete checkpoints and deletes older ones, so a long run does not
-    fill the disk. ``timeout``: seconds to wait for the shards (a lost shard never answers).
-    ``vectors``: names of Sandblaster vectors the shards save too; ``lbfgs``: the L-BFGS state.
+    fill the disk. ``timeout``: seconds to wait for the shards (a lost shard never answers);
+    ``give_up()``: asked while waiting, returns an exception to stop waiting (``waits.result``).
+    ``vectors``: names of Sandblaster vectors the shards save too; ``lbfgs``: the L-BFGS state;
+    ``algorithm``: the engine's registered name (which engine may resume it).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -78,10 +81,11 @@ def save(root, ps, *, model: dict, config: dict | None = None, counters: dict | 
     arrays = ["params", *(f"state/{n}" for n in sorted(ps.state_names())),
               *(f"vectors/{n}" for n in vectors)]
     attrs = {"model": model, "config": config or {}, "ranges": [list(r) for r in ps.ranges],
-             "counters": counters or {}, "time": time.time()}
+             "counters": counters or {}, "time": time.time(),
+             **({"algorithm": algorithm} if algorithm else {})}
     _create(path, ps.ranges, arrays, attrs if lbfgs is None else {**attrs, "lbfgs": lbfgs})
     try:
-        shards = ps.write_checkpoint(str(path), timeout, vectors)
+        shards = ps.write_checkpoint(str(path), timeout, vectors, give_up)
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)  # incomplete: it would never count anyway
         raise
@@ -134,7 +138,7 @@ def describe(path) -> dict:
             "parameters": attrs["ranges"][-1][1], "shards": len(attrs["ranges"]),
             "versions": attrs.get("versions"), "model": attrs.get("model"),
             "counters": attrs.get("counters"), "time": attrs.get("time"),
-            "algorithm": "sandblaster" if "lbfgs" in attrs else "downpour",  # L-BFGS state
+            "algorithm": attrs.get("algorithm", "sandblaster" if "lbfgs" in attrs else "downpour"),  # older ones by their L-BFGS state
             "lbfgs_iteration": attrs["lbfgs"]["iteration"] if "lbfgs" in attrs else None,
             "replica_steps": {k: v for s in attrs.get("shards", []) for k, v in s.get("replica_steps", {}).items()}}
 

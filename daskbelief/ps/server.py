@@ -9,40 +9,20 @@ from __future__ import annotations
 import uuid
 
 import numpy as np
-from distributed import get_worker
 
-from daskbelief.cluster import start_actors, worker_info
+from daskbelief import waits
+from daskbelief.workarounds import local_actor, start_actors, worker_info
 from daskbelief.ps.policy import overlaps, place_shards, shard_ranges
 from daskbelief.ps.shard import ParameterShard
 
 
 WAIT_SLICE = 1.0  # seconds a caller waits for a shard before checking for a recovered server
+CALL_TIMEOUT = 120.0  # seconds any call waits for every shard to answer
 RECOVERY_TIMEOUT = 300.0  # seconds a caller waits for the driver to recover a lost shard
 
 
 class ServerLost(Exception):
     """A parameter-server call failed: a shard's worker is gone (or unreachable)."""
-
-
-class LocalActor:
-    """An actor that lives in this very worker process, called without leaving it.
-
-    A call from a task to an actor of the same worker would otherwise be serialised, sent over
-    loopback TCP and read back by the worker's own event loop, both ways, on the cores the
-    replica computes on. Here it is submitted straight to the worker's actor thread, the thread
-    distributed runs every actor method on, so the shard still sees one method at a time; arrays
-    travel by reference (a replica reuses a push buffer only after the push was acknowledged).
-    Calls return ``concurrent.futures.Future`` objects, which wait like actor futures.
-    """
-
-    def __init__(self, actor, worker):
-        self._obj = worker.state.actors[actor.key]
-        self._executor = worker.executors["actor"]
-        self._address = actor._address
-
-    def __getattr__(self, name):
-        method = getattr(self._obj, name)
-        return lambda *args: self._executor.submit(method, *args)
 
 
 class ParameterServer:
@@ -77,27 +57,26 @@ class ParameterServer:
     def here(self) -> "ParameterServer":
         """This handle for use inside a worker task: shards held by this same worker process are
         called directly (``LocalActor``), the others as usual."""
-        try:
-            worker = get_worker()
-        except ValueError:
-            return self
-        shards = [LocalActor(s, worker) if s._address == worker.address and s.key in worker.state.actors
-                  else s for s in self.shards]
-        return ParameterServer(shards, self.ranges, None, self.rule_spec, self.backend)
+        return ParameterServer([local_actor(s) for s in self.shards], self.ranges, None,
+                               self.rule_spec, self.backend)
 
     def addresses(self) -> list[str]:
         """The worker holding each shard."""
         return [s._address for s in self.shards]
 
-    def replace_shard(self, client, index: int, snapshot: dict, worker: str) -> "ParameterServer":
+    def replace_shard(self, client, index: int, snapshot: dict, worker: str, *,
+                      timeout: float = RECOVERY_TIMEOUT, give_up=None) -> "ParameterServer":
         """A new handle in which shard ``index`` is a fresh actor on ``worker`` restored from
         ``snapshot`` (params, rule state, version): how a shard lost with its worker comes back.
+        Raises ``WaitTimeout`` (or what ``give_up()`` returns) when ``worker`` cannot host it.
         """
         a, b = self.ranges[index]
         (shard,), (future,) = start_actors(client, [
             (ParameterShard, worker, f"parameter-shard-{index}-{uuid.uuid4().hex[:8]}",
-             (index, a, b, np.asarray(snapshot["params"], dtype=np.float32), self.rule_spec, self.backend))])
-        shard.load_state(snapshot).result()
+             (index, a, b, np.asarray(snapshot["params"], dtype=np.float32), self.rule_spec, self.backend))],
+            timeout=timeout, give_up=give_up)
+        waits.result(shard.load_state(snapshot), timeout=timeout, give_up=give_up,
+                     what=f"parameter shard {index} on {worker} to load its state")
         shards, futures = list(self.shards), list(self._futures or [None] * len(self.shards))
         if futures[index] is not None:
             futures[index].release()
@@ -112,9 +91,9 @@ class ParameterServer:
 
     def gather(self, replies, out=None, wait=None) -> tuple[np.ndarray, list[int]]:
         """Wait for ``fetch_async`` replies and assemble them into ``out`` (allocated if None);
-        ``wait(reply)`` waits for one reply (default: without a time limit)."""
+        ``wait(reply)`` waits for one reply (default: up to ``CALL_TIMEOUT``)."""
         out = np.empty(self.size, dtype=np.float32) if out is None else out
-        wait = wait or _result
+        wait = wait or (lambda r: self.wait(r, "a shard's parameters"))
         versions = []
         for (a, b), reply in zip(self.ranges, replies):
             values, version = wait(reply)
@@ -122,9 +101,19 @@ class ParameterServer:
             versions.append(version)
         return out, versions
 
-    def fetch(self, out=None, timeout: float | None = None) -> tuple[np.ndarray, list[int]]:
+    def wait(self, reply, what: str, timeout: float = CALL_TIMEOUT, give_up=None):
+        """One shard reply, within ``timeout`` seconds (``waits.result``)."""
+        return waits.result(reply, timeout=timeout, what=what, give_up=give_up)
+
+    def wait_all(self, replies, what: str, timeout: float = CALL_TIMEOUT, give_up=None) -> list:
+        """Every shard's reply, within one deadline of ``timeout`` seconds."""
+        return waits.results(replies, timeout=timeout, what=f"{what} from {len(replies)} shard(s)",
+                             give_up=give_up)
+
+    def fetch(self, out=None, timeout: float = CALL_TIMEOUT, give_up=None) -> tuple[np.ndarray, list[int]]:
         """The whole parameter vector and the version of each shard it came from."""
-        return self.gather(self.fetch_async(), out, lambda r: r.result(timeout=timeout))
+        return self.gather(self.fetch_async(), out,
+                           lambda r: self.wait(r, "a shard's parameters", timeout, give_up))
 
     def push_async(self, grad, versions: list[int], replica: str = "",
                    steps_done: int | None = None) -> list:
@@ -135,7 +124,7 @@ class ParameterServer:
 
     def push(self, grad, versions: list[int], replica: str = "", steps_done: int | None = None) -> list[int]:
         """Push and wait until every shard has applied its slice."""
-        return [r.result() for r in self.push_async(grad, versions, replica, steps_done)]
+        return self.wait_all(self.push_async(grad, versions, replica, steps_done), "push replies")
 
     # -- partial ranges (model-parallel blocks) ---------------------------------------------------
     def fetch_range(self, start: int, stop: int) -> tuple[np.ndarray, dict[int, int]]:
@@ -145,7 +134,7 @@ class ParameterServer:
         out = np.empty(stop - start, dtype=np.float32)
         versions = {}
         for (i, lo, hi), reply in zip(pieces, replies):
-            out[lo - start:hi - start], versions[i] = reply.result()
+            out[lo - start:hi - start], versions[i] = self.wait(reply, f"parameters [{lo}, {hi})")
         return out, versions
 
     def push_range_async(self, start: int, grad, versions: dict[int, int], replica: str = "",
@@ -157,36 +146,32 @@ class ParameterServer:
                 for i, lo, hi in pieces]
 
     # -- inspection and checkpoints ---------------------------------------------------------------
-    def stats(self, timeout: float | None = None) -> list[dict]:
+    def stats(self, timeout: float = CALL_TIMEOUT, give_up=None) -> list[dict]:
         """Every shard's counters."""
-        return [r.result(timeout=timeout) for r in [s.stats() for s in self.shards]]
+        return self.wait_all([s.stats() for s in self.shards], "counters", timeout, give_up)
 
     def state_dicts(self) -> list[dict]:
         """Every shard's parameters, rule state and version (for checkpoints)."""
-        return [r.result() for r in [s.state_dict() for s in self.shards]]
+        return self.wait_all([s.state_dict() for s in self.shards], "state")
 
-    def write_checkpoint(self, path: str, timeout: float | None = None, vectors=()) -> list[dict]:
+    def write_checkpoint(self, path: str, timeout: float = CALL_TIMEOUT, vectors=(),
+                         give_up=None) -> list[dict]:
         """Every shard writes its own arrays of the checkpoint at ``path`` (with the named
         Sandblaster ``vectors``); returns their counters."""
         vectors = list(vectors)
-        return [r.result(timeout=timeout)
-                for r in [s.write_checkpoint(path, vectors) for s in self.shards]]
+        return self.wait_all([s.write_checkpoint(path, vectors) for s in self.shards],
+                             f"checkpoint parts of {path}", timeout, give_up)
 
     def state_names(self) -> list[str]:
         """Names of the update rule's state arrays."""
-        return self.shards[0].state_names().result()
+        return self.wait(self.shards[0].state_names(), "the update rule's state names")
 
     def load_state_dicts(self, snapshots: list[dict]) -> None:
         """Restore every shard from ``state_dicts`` output."""
-        for r in [s.load_state(snap) for s, snap in zip(self.shards, snapshots)]:
-            r.result()
+        self.wait_all([s.load_state(snap) for s, snap in zip(self.shards, snapshots)], "state loaded")
 
     def close(self) -> None:
         """Release the actors (their workers drop them once no future refers to them)."""
         for f in self._futures or []:
             f.release()
         self._futures = None
-
-
-def _result(reply):
-    return reply.result()

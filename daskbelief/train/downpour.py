@@ -20,8 +20,9 @@ from dataclasses import asdict, dataclass
 from itertools import islice
 
 import numpy as np
-from distributed import Event, Variable, get_worker
+from distributed import Event, Variable, get_client, get_worker
 
+from daskbelief import waits
 from daskbelief.backend import get_backend, to_device, to_host
 from daskbelief.checks import check_integer
 from daskbelief.cluster import (client_or_local, default_local_workers, require_gpus,
@@ -31,12 +32,18 @@ from daskbelief.monitor import events
 from daskbelief.optim.rules import make_rule
 from daskbelief.ps import checkpoint
 from daskbelief.ps.policy import place_blocks, place_replicas
-from daskbelief.ps.server import RECOVERY_TIMEOUT, WAIT_SLICE, ParameterServer, ServerLost
+from daskbelief.ps.server import CALL_TIMEOUT, RECOVERY_TIMEOUT, WAIT_SLICE, ParameterServer, ServerLost
 from daskbelief.train.driver import Driver
+from daskbelief.train.errors import DriverGone, RunLost
+from daskbelief.train.recovery import Lease, LeaseWatch, lost_workers
+from daskbelief.workarounds import leave_thread_pool, worker_info
 from daskbelief.train.evaluate import evaluate, test_row
 from daskbelief.train.partition import as_plan
 from daskbelief.train.partitioned import Blocks
 from daskbelief.train.result import TrainResult
+
+
+WARM_TIMEOUT = 3600.0  # seconds the other replicas wait for replica 0's warm start
 
 
 @dataclass(frozen=True)
@@ -190,11 +197,20 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
             blocks = [Blocks.start(c, plan, start_point.params, ps=ps, replica=f"replica-{r}",
                                    overlap=overlap, max_in_flight=max_in_flight, addresses=where[r])
                       for r in range(replicas)]
+        block_names = [p.name(f"blocks-{p.replica}") for p, b in zip(replica_plans, blocks) if b is not None]
+        for p, b in zip(replica_plans, blocks):
+            if b is not None:
+                Variable(p.name(f"blocks-{p.replica}"), client=c).set(b)
         homes = place_replicas(workers, ps.addresses(), replicas)
-        futures = [c.submit(run_replica, model, p, b, key=f"{run}-replica-{p.replica}",
-                            workers=[home], allow_other_workers=True, pure=False, retries=0)
-                   for p, b, home in zip(replica_plans, blocks, homes)]
-        driver = Driver(c, run, ps, futures, model, test_store, coordination, blocks=blocks,
+
+        def submit(r: int, home=None):
+            return c.submit(run_replica, model, replica_plans[r], blocks[r],
+                            key=f"{run}-replica-{r}-{uuid.uuid4().hex[:6]}", workers=home,
+                            allow_other_workers=True, pure=False, retries=0)
+
+        futures = [submit(r, [home]) for r, home in enumerate(homes)]
+        driver = Driver(c, run, ps, futures, model, test_store, coordination, blocks=block_names,
+                        resubmit=submit,
                         eval_every=eval_every, eval_rows=eval_rows, max_seconds=max_seconds,
                         checkpoint_dir=checkpoint_dir,
                         checkpoint_every=checkpoint_every, initial=start_point.params,
@@ -202,11 +218,15 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
                                          "keep": checkpoint_keep})
         try:
             outcomes = driver.wait()
-            final, _ = driver.ps.fetch()
-            shard_stats = driver.ps.stats()
+            final, shard_stats = driver.final()
             driver.report_shards(shard_stats)  # the final counters, however short the run
             if checkpoint_dir is not None:
                 driver.checkpoint()
+        except RunLost:
+            raise
+        except Exception:
+            driver.check_scheduler()
+            raise
         finally:
             driver.close()
             for b in blocks:
@@ -274,7 +294,9 @@ def _coordinate(client, plan: ReplicaPlan, ps, done: dict[int, int], warmstart_s
     for replica, steps_done in done.items():
         Variable(plan.name(f"progress-{replica}"), client=client).set(
             {"done": steps_done, "attempt": -1})
-    return {"warm": warm, "stop": stop, "ps": server}
+    lease = Lease(client, plan.name("lease"))
+    lease.start()
+    return {"warm": warm, "stop": stop, "ps": server, "lease": lease}
 
 
 def _history(replica_events, run: str, start: float) -> list[dict]:
@@ -317,9 +339,9 @@ class _Link:
     the call once the driver has published a newer server.
     """
 
-    def __init__(self, plan: ReplicaPlan, size: int):
-        self.var = Variable(plan.name("ps"))
-        generation, ps = self.var.get()
+    def __init__(self, plan: ReplicaPlan, size: int, lease: LeaseWatch):
+        self.var, self.lease = Variable(plan.name("ps")), lease
+        generation, ps = self.var.get(timeout=CALL_TIMEOUT)
         self.generation, self.ps = generation, ps.here()
         self.limit = plan.max_in_flight if plan.overlap else 1
         self.replica = f"replica-{plan.replica}"
@@ -336,12 +358,13 @@ class _Link:
             raise ServerLost(f"{type(e).__name__}: {e}") from e
 
     def _wait(self, reply):
-        while True:
-            try:
-                return reply.result(timeout=WAIT_SLICE)
-            except TimeoutError:
-                if self.var.get()[0] > self.generation:
-                    raise ServerLost("a shard did not answer and the driver has replaced it") from None
+        return waits.result(reply, timeout=RECOVERY_TIMEOUT, every=WAIT_SLICE, give_up=self._replaced,
+                            what=f"{self.replica}: a parameter shard's reply")
+
+    def _replaced(self):
+        if self.var.get(timeout=CALL_TIMEOUT)[0] > self.generation:
+            return ServerLost("a shard did not answer and the driver has replaced it")
+        return self.lease.give_up()
 
     def fetch(self, out=None):
         return self._call(lambda: self.ps.gather(self.ps.fetch_async(), out, self._wait))
@@ -388,16 +411,13 @@ class _Link:
 
     def recover(self, timeout: float = RECOVERY_TIMEOUT) -> None:
         """Wait for a server newer than the one that failed; forget the old one's traffic."""
-        deadline = time.time() + timeout
-        while True:
-            generation, ps = self.var.get()
-            if generation > self.generation:
-                break
-            if time.time() > deadline:
-                raise RuntimeError(f"{self.replica}: the parameter server was lost and not "
-                                   f"recovered within {timeout:.0f}s")
-            time.sleep(0.2)
-        self.generation, self.ps = generation, ps.here()
+        def newer():
+            generation, ps = self.var.get(timeout=CALL_TIMEOUT)
+            return (generation, ps) if generation > self.generation else None
+
+        self.generation, ps = waits.until(newer, timeout=timeout, every=0.2, give_up=self.lease.give_up,
+                                          what=f"{self.replica}: the driver to recover a lost shard")
+        self.ps = ps.here()
         self.pushes_lost += len(self.flight)
         self.free.extend(grad for _, grad, _ in self.flight)
         self.flight.clear()
@@ -408,9 +428,9 @@ class _Stepper:
     """A plain replica's steps: a local copy of the parameters, its gradient accumulator, and the
     ``_Link`` to the parameter server (fetch every ``n_fetch`` steps, push every ``n_push``)."""
 
-    def __init__(self, model, plan: ReplicaPlan, first_step: int):
+    def __init__(self, model, plan: ReplicaPlan, first_step: int, lease: LeaseWatch):
         self.model, self.plan, self.first = model, plan, first_step
-        self.link = _Link(plan, model.size)
+        self.link = _Link(plan, model.size, lease)
         self.params, self.versions = _connect(self.link, None)
         self.grad, self.acc, self.acc_steps = None, None, 0
         self.steps_done = first_step
@@ -498,8 +518,8 @@ class _DeviceStepper(_Stepper):
     steps) and pushes (every ``n_push``) cross between host and device, each one copy.
     """
 
-    def __init__(self, model, plan: ReplicaPlan, first_step: int):
-        super().__init__(model, plan, first_step)
+    def __init__(self, model, plan: ReplicaPlan, first_step: int, lease: LeaseWatch):
+        super().__init__(model, plan, first_step, lease)
         xp = get_backend(plan.device)
         self.dev_params = xp.array(self.params, copy=True)
         self.dev_acc, self.dev_grad = xp.empty_like(self.dev_params), xp.empty_like(self.dev_params)
@@ -528,65 +548,154 @@ class _DeviceStepper(_Stepper):
 
 class _PartitionedStepper:
     """A model-parallel replica's steps: its block actors compute the step together, each
-    fetching and pushing only its own parameter ranges."""
+    fetching and pushing only its own parameter ranges.
 
-    def __init__(self, blocks, plan: ReplicaPlan, first_step: int):
-        self.blocks, self.plan, self.first = blocks, plan, first_step
+    A shard lost: the driver hands the blocks the recovered server (and so does this stepper,
+    should the driver's hand-over miss them); they fetch from it and carry on. A block lost with
+    its worker: the blocks are recreated on live workers from the server's parameters, published
+    for the driver's hand-overs, and the step is retried; the gradient they held is lost.
+    """
+
+    MAX_REBUILDS = 10  # block sets one replica may recreate before its failure is final
+
+    def __init__(self, blocks, plan: ReplicaPlan, first_step: int, lease: LeaseWatch):
+        self.blocks, self.plan, self.first, self.lease = blocks, plan, first_step, lease
+        self.var = Variable(plan.name("ps"))
+        self.generation = self.var.get(timeout=CALL_TIMEOUT)[0]
         self.staleness: list[int] = []
         self.pushes_lost = 0
+        self.rebuilds = 0
         self.steps_done = first_step
         self.n_blocks = blocks.plan.n_blocks
-        blocks.call("fetch", [()] * self.n_blocks)
+        self._fetch()
 
     def step(self, step: int, X, y) -> float | None:
-        """One minibatch; None when a shard was lost meanwhile (the driver has already handed
-        the blocks the recovered server: fetch from it and carry on)."""
+        """One minibatch; None when a shard or a block was lost meanwhile (the step's gradient
+        with it)."""
         plan = self.plan
         fetch = step > 0 and step % plan.n_fetch == 0
         push = (step - self.first + 1) % plan.n_push == 0
         try:
             out = self.blocks.train_step(X, y, tag=(plan.run, plan.replica, step), fetch=fetch,
                                          push=push, steps_done=step + 1)
-        except ServerLost:
+        except DriverGone:
+            raise
+        except Exception as e:  # noqa: BLE001 -- sorted out by _recover: a shard, a block, or final
             self.pushes_lost += 1
-            self.blocks.call("fetch", [()] * self.n_blocks)
+            self._fetch(e)
             return None
         self.steps_done = step + 1
         self.staleness.extend(s for _, st in out for s in st)
         return sum(loss for loss, _ in out)
 
+    def _fetch(self, error: Exception | None = None) -> None:
+        """Every block fetches its ranges, after recovering from ``error`` (and from whatever
+        fails meanwhile)."""
+        for _ in range(self.MAX_REBUILDS + 1):
+            try:
+                if error is not None and not self._recover(error):
+                    raise error
+                self.blocks.call("fetch", [()] * self.n_blocks)
+                return
+            except DriverGone:
+                raise
+            except Exception as e:  # noqa: BLE001 -- see _recover
+                if e is error:
+                    raise
+                error = e
+        raise error
+
+    def _recover(self, error: Exception) -> bool:
+        """After ``error`` from the blocks: take a recovered server, or recreate lost blocks;
+        False when neither explains the error."""
+        client = get_client()
+        lost = lost_workers(client, [a._address for a in self.blocks.actors])
+        if lost:
+            self._rebuild(client, lost)
+            return True
+        generation, ps = self.var.get(timeout=CALL_TIMEOUT)
+        if generation > self.generation:
+            self.generation = generation
+            self.blocks.call("set_server", [(ps,)] * self.n_blocks)
+        return isinstance(error, (ServerLost, waits.WaitTimeout, OSError))
+
+    def _rebuild(self, client, lost: list[str]) -> None:
+        """New blocks on live workers, from a server whose shards are all alive."""
+        if self.rebuilds >= self.MAX_REBUILDS:
+            raise RuntimeError(f"replica {self.plan.replica}: its blocks were lost "
+                               f"{self.rebuilds} times over")
+        self.rebuilds += 1
+        started, plan = time.time(), self.plan
+
+        def usable():
+            generation, ps = self.var.get(timeout=CALL_TIMEOUT)
+            return None if lost_workers(client, ps.addresses()) else (generation, ps)
+
+        generation, ps = waits.until(usable, timeout=RECOVERY_TIMEOUT, every=0.5, give_up=self.lease.give_up,
+                                     what=f"replica {plan.replica}: a parameter server with every shard alive")
+        params, _ = ps.here().fetch(timeout=RECOVERY_TIMEOUT, give_up=self.lease.give_up)
+        where = place_blocks(sorted(worker_info(client)), ps.addresses(), 1, self.n_blocks)[0]
+        old, self.generation = self.blocks, generation
+        self.blocks = Blocks.start(client, old.plan, params, ps=ps, replica=f"replica-{plan.replica}",
+                                   overlap=plan.overlap, max_in_flight=plan.max_in_flight,
+                                   addresses=where)
+        Variable(plan.name(f"blocks-{plan.replica}")).set(self.blocks, timeout=CALL_TIMEOUT)
+        old.close()
+        events.emit(events.RUN, run=plan.run, kind="blocks-recovered", replica=plan.replica,
+                    lost_workers=lost, workers=where, seconds=time.time() - started)
+
     def finish(self) -> None:
         try:
             for st in self.blocks.call("flush", [(self.steps_done,)] * self.n_blocks):
                 self.staleness.extend(st)
-        except ServerLost:
+        except Exception:  # noqa: BLE001 -- a shard or a block lost at the very end
             self.pushes_lost += 1
+        self.blocks.close()
 
 
 def run_replica(model, plan: ReplicaPlan, blocks=None) -> dict:
     """One Downpour replica: train on its data shard against the parameter server.
 
-    Runs as a Dask task; ``blocks`` (a ``partitioned.Blocks``) makes it a model-parallel replica.
+    Runs as a Dask task that leaves its worker's thread pool (recoveries create actors, which need
+    a pool thread); ``blocks`` (a ``partitioned.Blocks``) makes it a model-parallel replica.
     Returns its step count, samples and recent loss. Replicas other than replica 0 wait for the
     warm-start event before their first step. If the task is rerun after its worker died, it
-    resumes after the last step it reported.
+    resumes after the last step it reported. It stops when its driver's lease expires.
     """
+    leave_thread_pool()
     progress = Variable(plan.name(f"progress-{plan.replica}"))
-    state = progress.get()
+    state = progress.get(timeout=CALL_TIMEOUT)
     attempt, done = state["attempt"] + 1, state["done"]
     progress.set({"done": done, "attempt": attempt})
-    if plan.replica or not plan.warmstart_steps:
-        Event(plan.name("warm")).wait()
+    lease = LeaseWatch(plan.name("lease"))
+    worker = get_worker().address
+    try:
+        if plan.replica or not plan.warmstart_steps:
+            warm = Event(plan.name("warm"))
+            waits.until(lambda: warm.wait(timeout=1.0), timeout=WARM_TIMEOUT, every=0.0,
+                        give_up=lease.give_up, what=f"replica {plan.replica}: the warm start")
+        return _train(model, plan, blocks, lease, attempt, done, progress, worker)
+    except DriverGone:
+        return {"replica": plan.replica, "steps": 0, "samples": 0, "worker": worker,
+                "attempt": attempt, "pushes_lost": 0, "loss": float("nan"), "staleness_mean": 0.0,
+                "orphaned": True}
+
+
+def _train(model, plan: ReplicaPlan, blocks, lease: LeaseWatch, attempt: int, done: int,
+           progress, worker: str) -> dict:
+    """The replica's loop: steps, progress reports, the warm-start signal, stopping."""
     stop = Event(plan.name("stop"))
     store = open_store(plan.url, split=plan.split)
     if blocks is not None:
-        stepper = _PartitionedStepper(blocks, plan, done)
+        stepper = _PartitionedStepper(blocks, plan, done, lease)
     else:
-        stepper = (_Stepper if plan.device is None else _DeviceStepper)(model, plan, done)
+        stepper = (_Stepper if plan.device is None else _DeviceStepper)(model, plan, done, lease)
     losses: deque = deque(maxlen=plan.report_every)
     samples, step = 0, done
-    tick, worker = time.time(), get_worker().address
+    tick = time.time()
     for X, y in _batches(store, plan, done):
+        if lease.expired():
+            raise DriverGone(f"replica {plan.replica}: the driver's lease expired")
         loss = stepper.step(step, X, y)
         if loss is None:
             continue

@@ -2,47 +2,55 @@
 
 It waits for the replica tasks and, on the side, evaluates the test set, reports shard counters,
 writes checkpoints, and recreates any parameter shard whose worker died (Dask actors are not
-resilient: the driver restores the shard from the latest checkpoint on a live worker and publishes
-the new server handle, which the replicas pick up). Ctrl-C / SIGTERM stops the replicas, writes a
-final checkpoint and re-raises.
+resilient: the driver restores the shard from the latest checkpoint, or from the initial
+parameters before there is one, on a live worker and publishes the new server handle, which the
+replicas and their blocks pick up). A replica task that Dask gave up on (``KilledWorker``) is
+submitted again and resumes from its reported progress. Every wait has a deadline; what cannot be
+survived raises ``RunLost``. Ctrl-C / SIGTERM stops the replicas, writes a final checkpoint and
+re-raises.
 """
 from __future__ import annotations
 
 import time
-from collections import Counter
 
-from daskbelief.cluster import worker_info
+import dask.config
+from distributed import Variable
+from distributed.scheduler import KilledWorker
+
+from daskbelief import waits
 from daskbelief.monitor import events
 from daskbelief.ps import checkpoint
 from daskbelief.train.evaluate import announce_test, evaluate_rows, finish, test_row
-
+from daskbelief.train.errors import RunLost
+from daskbelief.train.recovery import gone, pick_worker, updates_missing
+from daskbelief.workarounds import worker_info
 
 CALL_TIMEOUT = 30.0         # seconds the driver waits for a shard before giving up on it this time
 CHECKPOINT_TIMEOUT = 300.0  # seconds for every shard to write its part of a checkpoint
+MAX_RESUBMITS = 10          # times one replica task is submitted again after Dask gave up on it
 
 
-def updates_missing(alive: dict[int, int], saved: list[int]) -> int:
-    """Updates a shard restored from a checkpoint lacks: the most any surviving shard received
-    since that checkpoint (``alive``: shard -> version now; ``saved``: versions at the checkpoint)."""
-    return max((max(v - saved[i], 0) for i, v in alive.items()), default=0)
-
-
-def pick_worker(live: list[str], holders: list[str]) -> str:
-    """The live worker holding the fewest shards: where a recreated shard should go."""
-    load = Counter(h for h in holders if h in live)
-    return min(sorted(live), key=lambda w: load[w])
+def recovery_timeout() -> float:
+    """Seconds a lost shard may take to come back (a live worker to appear, its actor to start)
+    before the run is lost: dask config ``daskbelief.recovery-timeout``, default 300."""
+    return float(dask.config.get("daskbelief.recovery-timeout", 300.0))
 
 
 class Driver:
-    """Periodic duties around a running set of replica futures; see the module docstring."""
+    """Periodic duties around a running set of replica futures; see the module docstring.
+
+    ``resubmit(r)``: a new future for replica ``r`` (its task submitted again); ``blocks``: the
+    names of the Variables holding each model-parallel replica's current ``Blocks``.
+    """
 
     def __init__(self, client, run: str, ps, futures, model, test_store, coordination: dict, *,
-                 blocks=(),
+                 blocks=(), resubmit=None,
                  eval_every=None, eval_rows: int = 10_000, max_seconds=None, checkpoint_dir=None,
                  checkpoint_every=None, initial=None, checkpoint_meta=None,
                  watch_every: float = 1.0):
-        self.client, self.run, self.ps, self.futures = client, run, ps, futures
-        self.blocks = [b for b in blocks if b is not None]  # model-parallel replicas' block actors
+        self.client, self.run, self.ps, self.futures = client, run, ps, list(futures)
+        self.blocks = list(blocks)
+        self.resubmit = resubmit
         self.model, self.test_store = model, test_store
         self.coordination, self.generation = coordination, 0
         self.eval_every, self.eval_rows, self.max_seconds = eval_every, eval_rows, max_seconds
@@ -55,21 +63,68 @@ class Driver:
         self.versions = [0] * len(ps.shards)
         self.updates_lost = 0
         self.recoveries = 0
+        self.resubmits = [0] * len(self.futures)
+        self._lost_since: dict[int, float] = {}  # shard -> when it was first found lost
         self._due = {"eval": self.started, "watch": self.started, "checkpoint": self.started}
 
     def wait(self) -> list[dict]:
         """Block until every replica finished; return their outcomes (re-raising a failure)."""
         try:
             while not all(f.done() for f in self.futures):
-                if any(f.status == "error" for f in self.futures):
+                self.check_scheduler()
+                if self._failed():
                     break
                 time.sleep(0.05)
                 self._tick()
         except KeyboardInterrupt:
             self._interrupted()
             raise
+        except RunLost:
+            raise
+        except Exception:
+            self.check_scheduler()
+            raise
         self.seconds = time.time() - self.started
-        return self.client.gather(self.futures)
+        self.check_scheduler()
+        return waits.results(self.futures, timeout=CALL_TIMEOUT, what="the replicas' outcomes")
+
+    def final(self) -> tuple:
+        """The trained parameters and the shards' counters, recovering a shard lost at the end."""
+        def attempt():
+            try:
+                params, _ = self.ps.fetch(timeout=CALL_TIMEOUT, give_up=self._server_gone)
+                return params, self.ps.stats(timeout=CALL_TIMEOUT, give_up=self._server_gone)
+            except Exception:  # noqa: BLE001 -- a shard lost: recover it and ask again
+                self.check_scheduler()
+                self._watch()
+                return None
+        return waits.until(attempt, timeout=recovery_timeout(), every=0.5,
+                           what="the final parameters from every shard")
+
+    def check_scheduler(self) -> None:
+        """Raise ``RunLost`` when the connection to the scheduler is gone."""
+        if self.client.status != "running":
+            raise RunLost(f"the scheduler at {self.client.scheduler.address}", self.last_checkpoint())
+
+    def _failed(self) -> bool:
+        """True when a replica failed for good; a replica Dask gave up on is submitted again."""
+        for r, f in enumerate(self.futures):
+            if f.status != "error":
+                continue
+            if not isinstance(f.exception(timeout=CALL_TIMEOUT), KilledWorker) or self.resubmit is None:
+                return True
+            if self.resubmits[r] >= MAX_RESUBMITS:
+                raise RunLost(f"replica {r}: its workers died {MAX_RESUBMITS} times over",
+                              self.last_checkpoint())
+            self.resubmits[r] += 1
+            self.futures[r] = self.resubmit(r)
+            events.emit(events.RUN, run=self.run, kind="replica-restarted", replica=r,
+                        resubmits=self.resubmits[r])
+        return False
+
+    def last_checkpoint(self):
+        """The latest complete checkpoint of this run's directory, or None."""
+        return checkpoint.latest(self.checkpoint_dir) if self.checkpoint_dir else None
 
     def _every(self, duty: str, period) -> bool:
         if period is None or time.time() < self._due[duty] + period:
@@ -90,16 +145,19 @@ class Driver:
             except Exception as e:  # noqa: BLE001 -- a shard lost meanwhile: the next watch recovers it
                 events.emit(events.RUN, run=self.run, kind="checkpoint-failed", error=repr(e)[:500])
 
+    def _server_gone(self):
+        """A ``give_up`` for waits on the shards: an error once a shard's worker has left."""
+        return gone(self.client, self.ps.addresses(), "the parameter server")()
+
     def _watch(self) -> None:
         """Recreate shards whose worker left; otherwise publish the shards' counters."""
         live = list(worker_info(self.client))
         lost = [i for i, addr in enumerate(self.ps.addresses()) if addr not in live]
-        for i in lost:
-            self._recover(i, live, set(lost))
         if lost:
+            self._recover(lost, live)
             return
         try:
-            stats = self.ps.stats(timeout=CALL_TIMEOUT)
+            stats = self.ps.stats(timeout=CALL_TIMEOUT, give_up=self._server_gone)
         except Exception:  # noqa: BLE001 -- a worker dying right now; the next watch sees it
             return
         self.report_shards(stats)
@@ -111,17 +169,40 @@ class Driver:
             events.emit(events.SHARD, run=self.run, **{k: v for k, v in s.items()
                                                       if k not in ("per_replica", "replica_steps")})
 
-    def _recover(self, index: int, live: list[str], lost: set[int]) -> None:
-        """Bring shard ``index`` back on a live worker from the latest checkpoint.
+    def _recover(self, lost: list[int], live: list[str]) -> None:
+        """Bring the ``lost`` shards back on live workers; what fails is retried at the next watch
+        until ``recovery_timeout()`` seconds have passed since the shard was found lost."""
+        now = time.time()
+        for i in lost:
+            self._lost_since.setdefault(i, now)
+        if not live:
+            try:
+                live = waits.until(lambda: list(worker_info(self.client)), timeout=recovery_timeout(),
+                                   what="a live worker to recreate the parameter shards on", every=0.5)
+            except waits.WaitTimeout as e:
+                raise RunLost("every worker", self.last_checkpoint()) from e
+        versions = self._versions_now(set(lost))
+        for i in lost:
+            try:
+                self._recover_shard(i, live, versions)
+            except Exception as e:  # noqa: BLE001 -- its new worker died too, say: retry next watch
+                if time.time() - self._lost_since[i] > recovery_timeout():
+                    raise RunLost(f"parameter shard {i} (not recreated: {e})", self.last_checkpoint()) from e
+                events.emit(events.RUN, run=self.run, kind="recovery-failed", shard=i, error=repr(e)[:500])
+                return
+        self.generation += 1
+        self.coordination["ps"].set((self.generation, self.ps))
+        self._hand_over()
+
+    def _recover_shard(self, index: int, live: list[str], versions: dict[int, int]) -> None:
+        """Shard ``index`` restored from the latest checkpoint (or the initial parameters).
 
         The updates lost are those the surviving shards received since that checkpoint: every
         push of a replica goes to every shard, so that is what the restored slice is missing.
         """
-        while not live:
-            time.sleep(0.5)
-            live = list(worker_info(self.client))
+        started = time.time()
         a, b = self.ps.ranges[index]
-        path = checkpoint.latest(self.checkpoint_dir) if self.checkpoint_dir else None
+        path = self.last_checkpoint()
         saved = [0] * len(self.ps.shards)
         if path is not None:
             ckpt = checkpoint.load(path, a, b)
@@ -129,21 +210,34 @@ class Driver:
             snapshot = {"params": ckpt.params, "state": ckpt.state, "version": saved[index]}
         else:
             snapshot = {"params": self.initial[a:b], "state": {}, "version": 0}
-        missing = updates_missing(self._versions_now(lost), saved)
+        lost_worker = self.ps.addresses()[index]
+        worker = pick_worker(live, self.ps.addresses())
+        self.ps = self.ps.replace_shard(self.client, index, snapshot, worker, timeout=recovery_timeout(),
+                                        give_up=gone(self.client, [worker], f"recreating shard {index}"))
+        missing = updates_missing(versions, saved)
         self.updates_lost += missing
         self.recoveries += 1
-        self.ps = self.ps.replace_shard(self.client, index, snapshot, pick_worker(live, self.ps.addresses()))
         self.versions[index] = snapshot["version"]
-        self.generation += 1
-        self.coordination["ps"].set((self.generation, self.ps))
-        for blocks in self.blocks:  # they talk to the shards themselves
-            for actor in blocks.actors:
-                try:
-                    actor.set_server(self.ps).result(timeout=CALL_TIMEOUT)
-                except Exception:  # noqa: BLE001 -- a block lost too: its replica fails, reported
-                    continue
+        del self._lost_since[index]
         events.emit(events.RUN, run=self.run, kind="shard-recovered", shard=index,
-                    updates_lost=missing, checkpoint=str(path) if path else "")
+                    updates_lost=missing, checkpoint=str(path) if path else "", worker=worker,
+                    lost_worker=lost_worker, seconds=time.time() - started)
+
+    def _hand_over(self) -> None:
+        """Give every model-parallel replica's blocks the recovered server (they talk to the
+        shards themselves); a block lost too is its replica's to recreate."""
+        replies = []
+        for name in self.blocks:
+            try:
+                blocks = Variable(name, client=self.client).get(timeout=CALL_TIMEOUT)
+            except Exception:  # noqa: BLE001 -- not published yet: the replica reads the server itself
+                continue
+            replies += [a.set_server(self.ps) for a in blocks.actors]
+        for reply in replies:
+            try:
+                waits.result(reply, timeout=5.0, what="a block to take the recovered server")
+            except Exception:  # noqa: BLE001 -- that block is gone: its replica recreates it
+                continue
 
     def _versions_now(self, lost: set[int]) -> dict[int, int]:
         """Current versions of the shards that are alive (the last ones seen if they do not answer)."""
@@ -152,14 +246,15 @@ class Driver:
             if i in lost:
                 continue
             try:
-                out[i] = shard.stats().result(timeout=CALL_TIMEOUT)["version"]
+                out[i] = self.ps.wait(shard.stats(), f"shard {i}'s counters", CALL_TIMEOUT,
+                                      gone(self.client, [self.ps.addresses()[i]], f"shard {i}"))["version"]
             except Exception:  # noqa: BLE001 -- about to be found lost as well
                 out[i] = self.versions[i]
         return out
 
     def _evaluate(self) -> None:
         try:
-            params, _ = self.ps.fetch(timeout=CALL_TIMEOUT)
+            params, _ = self.ps.fetch(timeout=CALL_TIMEOUT, give_up=self._server_gone)
         except Exception:  # noqa: BLE001 -- a shard is being recovered; evaluate next time
             return
         part = evaluate_rows(self.model, params, self.test_store, 0,
@@ -173,21 +268,33 @@ class Driver:
         path = checkpoint.save(self.checkpoint_dir, self.ps, model=self.meta.get("model", {}),
                                config=self.meta.get("config", {}),
                                counters={"run": self.run, "seconds": time.time() - self.started},
-                               keep=self.meta.get("keep", 3), timeout=CHECKPOINT_TIMEOUT)
+                               keep=self.meta.get("keep", 3), timeout=CHECKPOINT_TIMEOUT,
+                               give_up=self._server_gone, algorithm="downpour")
         events.emit(events.RUN, run=self.run, kind="checkpoint", path=str(path))
         return path
 
     def _interrupted(self, grace: float = 60.0) -> None:
         """Stop the replicas, let them push what they hold, and checkpoint the result."""
         self.coordination["stop"].set()
-        deadline = time.time() + grace
-        while not all(f.done() for f in self.futures) and time.time() < deadline:
-            time.sleep(0.1)
+        try:
+            waits.until(lambda: all(f.done() for f in self.futures), timeout=grace,
+                        what="the replicas to stop after an interrupt")
+        except waits.WaitTimeout:
+            pass  # checkpoint what the shards hold now
         if self.checkpoint_dir is not None:
             self.checkpoint()
 
-    def close(self) -> None:
-        """Stop any replica still running and release the shards."""
-        self.coordination["stop"].set()
-        self.client.cancel(self.futures)
+    def close(self, grace: float = 5.0) -> None:
+        """Stop any replica still running (released from the warm start too, given ``grace``
+        seconds to return before its task is cancelled), end the lease, release the shards."""
+        self.coordination["lease"].stop()
+        if self.client.status == "running":
+            self.coordination["stop"].set()
+            self.coordination["warm"].set()
+            try:
+                waits.until(lambda: all(f.done() for f in self.futures), timeout=grace,
+                            what="the replicas to stop")
+            except waits.WaitTimeout:
+                pass  # cancelled below
+            self.client.cancel(self.futures)
         self.ps.close()

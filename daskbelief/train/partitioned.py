@@ -25,17 +25,17 @@ import uuid
 from collections import deque
 
 import numpy as np
-from distributed import Event, get_worker
-from distributed.utils import sync
+from distributed import get_client, get_worker
 
+from daskbelief import waits
 from daskbelief.backend import namespace
-from daskbelief.cluster import start_actors, worker_info
+from daskbelief.workarounds import start_actors, worker_info
 from daskbelief.monitor import events
 from daskbelief.nn.activations import get_activation
 from daskbelief.nn.layers import Dense, Scratch, layer_from_dict
 from daskbelief.nn.losses import get_loss
 from daskbelief.ps.policy import overlaps, place_shards
-from daskbelief.ps.server import RECOVERY_TIMEOUT, WAIT_SLICE, ServerLost
+from daskbelief.ps.server import CALL_TIMEOUT, RECOVERY_TIMEOUT, WAIT_SLICE, ServerLost
 from daskbelief.train.partition import Plan, box_shape, box_size, intersect, relative
 
 
@@ -464,21 +464,24 @@ class BlockActor(Block):
 
     async def _replies(self, futures) -> list:
         """The shards' replies, awaited in slices: a shard whose worker died may never answer, so
-        once the driver has handed this block a recovered server (``set_server``) the wait ends
-        with ``ServerLost`` and the replica retries the step against the new server."""
-        generation, failed_at = self.generation, None
-        waiting = asyncio.ensure_future(asyncio.gather(*futures))
-        while True:
-            done, _ = await asyncio.wait({waiting}, timeout=WAIT_SLICE)
-            if done and waiting.exception() is None:
-                return waiting.result()
+        once this block was handed a recovered server (``set_server``) the wait ends with
+        ``ServerLost``, as does a call that failed outright; the replica then retries the step
+        against the recovered server."""
+        generation = self.generation
+
+        def replaced():
             if self.generation != generation:
-                waiting.cancel()
-                raise ServerLost(f"block {self.index}: a shard did not answer and was replaced")
-            if done:  # the call failed outright: wait for the driver to recover the shard
-                failed_at = failed_at or time.time()
-                if time.time() - failed_at > RECOVERY_TIMEOUT:
-                    raise waiting.exception()
+                return ServerLost(f"block {self.index}: a shard did not answer and was replaced")
+            return None
+
+        try:
+            return await waits.result_async(asyncio.gather(*futures), timeout=RECOVERY_TIMEOUT,
+                                            every=WAIT_SLICE, give_up=replaced,
+                                            what=f"block {self.index}: the parameter shards' replies")
+        except (ServerLost, waits.WaitTimeout):
+            raise
+        except Exception as e:  # noqa: BLE001 -- the call failed: the shard's worker is gone
+            raise ServerLost(f"block {self.index}: {type(e).__name__}: {e}") from e
 
     async def set_server(self, ps) -> int:
         """Use a recovered parameter server from now on; returns the pushes in flight to the old
@@ -622,11 +625,10 @@ class BlockActor(Block):
 # -- driving the blocks ----------------------------------------------------------------------
 
 def _loop():
+    """The event loop actor calls are awaited on: this worker's, or the client's."""
     try:
         return get_worker().loop
     except ValueError:
-        from distributed import get_client
-
         return get_client().loop
 
 
@@ -666,28 +668,44 @@ class Blocks:
             (BlockActor, addr, f"partition-block-{k}-{token}",
              (plan, k, block_values(plan, params, k), ps, replica, overlap, max_in_flight))
             for k, addr in enumerate(addresses)])
-        for r in [a.connect(actors) for a in actors]:
-            r.result()
+        waits.results([a.connect(actors) for a in actors], timeout=CALL_TIMEOUT,
+                      what=f"{len(actors)} blocks to connect to each other")
         return cls(plan, actors, futures)
 
-    def call(self, method: str, per_block) -> list:
+    def call(self, method: str, per_block, timeout: float = CALL_TIMEOUT) -> list:
         """Call ``method(*per_block[k])`` on every block at once; the results in block order.
 
-        If one block fails, the others are told to stop waiting for it and the error is raised.
+        Waits at most ``timeout`` seconds, and stops waiting once a block's worker has left the
+        cluster (``ConnectionError``). If one block fails, the others are told to stop waiting
+        for it and the error is raised.
         """
         futures = [getattr(a, method)(*args) for a, args in zip(self.actors, per_block)]
+        loop = _loop()
+        gathered = asyncio.run_coroutine_threadsafe(_first_error(futures), loop.asyncio_loop)
         try:
-            return sync(_loop(), _first_error, futures)
+            return waits.result(gathered, timeout=timeout, give_up=self._gone,
+                                what=f"{method} on {len(self.actors)} blocks")
         except Exception:
+            gathered.cancel()
             for r in [a.abort() for a in self.actors]:
-                r.result()
+                try:
+                    waits.result(r, timeout=5.0, what="a block to abort its step")
+                except Exception:  # noqa: BLE001 -- that block is gone itself
+                    continue
             raise
+
+    def _gone(self):
+        """A ``give_up``: ``ConnectionError`` once the worker of a block has left the cluster."""
+        live = worker_info(get_client())
+        lost = sorted({a._address for a in self.actors} - set(live))
+        return ConnectionError(f"the worker(s) {', '.join(lost)} of a block left") if lost else None
 
     def loss_and_grad(self, X, y, *, tag=0, reduction: str = "mean", regularize: bool = True):
         """(loss, full gradient vector) of one partitioned pass: the block actors compute, then
         their gradients are gathered here (for tests and benchmarks; training never gathers)."""
         losses = self.step(X, y, tag=tag, reduction=reduction, regularize=regularize)
-        grads = [r.result() for r in [a.get_grad() for a in self.actors]]
+        grads = waits.results([a.get_grad() for a in self.actors], timeout=CALL_TIMEOUT,
+                              what="the blocks' gradients")
         return float(sum(losses)), gather_ranges(self.plan, grads, self.plan.model.size, grads[0].dtype)
 
     def _per_block(self, X, y) -> list[tuple]:

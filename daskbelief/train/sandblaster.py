@@ -345,7 +345,8 @@ class _Checkpoints:
         path = checkpoint.save(self.root, self.ps, model=self.meta["model"],
                                config=self.meta["config"],
                                counters={"iteration": self.state.iteration}, keep=self.keep,
-                               vectors=self.state.vectors(), lbfgs=asdict(self.state))
+                               vectors=self.state.vectors(), lbfgs=asdict(self.state),
+                               algorithm="sandblaster")
         self.written, self._due = self.state.iteration, time.time() + self.every
         events.emit(events.RUN, run=self.run, kind="checkpoint", path=str(path),
                     iteration=self.state.iteration)

@@ -1,0 +1,105 @@
+"""Every workaround for a limit of distributed 2026.8, in one place (docs/architecture.md says why).
+
+* ``worker_info``: ``Client.scheduler_info()`` can return the client's periodic cache, which holds
+  no workers, instead of the fresh answer; ask the scheduler directly.
+* ``start_actors``: an actor's constructor runs as an ordinary task on a pool thread of its worker,
+  so it waits while long-running tasks hold every thread; and its future never completes if that
+  worker dies. Actors are started with a deadline that names them, and the tasks that run for the
+  whole training (replicas) call ``leave_thread_pool`` so that they hold no pool thread at all.
+* ``LocalActor``: a call from a task to an actor of its own worker would go over loopback TCP
+  through the worker's event loop; it is submitted straight to the actor thread instead.
+* All actors of a worker share one thread: callers spread shards and blocks over workers
+  (ps.policy).
+* An actor call to a worker that died can stay pending forever: callers wait with
+  ``waits.result(..., give_up=...)``, which asks between slices whether to keep waiting.
+* ``log_event`` can overtake a topic subscription: ``monitor.events.EventLog`` echoes a probe.
+"""
+from __future__ import annotations
+
+import numpy as np
+from distributed import Client, Future, get_worker, secede
+
+from daskbelief import waits
+
+ACTOR_START_TIMEOUT = 120.0  # seconds for actors to be constructed on their workers
+
+
+def worker_info(client: Client) -> dict[str, dict]:
+    """The scheduler's record of every worker (address -> info), fetched now (not the cache that
+    ``client.scheduler_info()`` may return, which can hold no workers)."""
+    return client.sync(client.scheduler.identity, n_workers=-1)["workers"]
+
+
+def leave_thread_pool() -> None:
+    """Hand this task's pool thread back to its worker (``distributed.secede``), if it runs in one.
+
+    A replica runs for the whole training; were it to hold its thread, a shard or block actor
+    recreated on its worker during a recovery could not be constructed (constructors run on pool
+    threads) until the replicas finish, and the replicas wait for the recovery: a deadlock.
+    """
+    try:
+        get_worker()
+    except ValueError:
+        return
+    secede()
+
+
+def start_actors(client: Client, specs: list[tuple], timeout: float = ACTOR_START_TIMEOUT,
+                 give_up=None) -> tuple[list, list]:
+    """Start actors ``(cls, worker, key, args)`` pinned to their workers; ``(actors, futures)``.
+
+    NumPy array arguments are scattered straight to the actor's worker instead of travelling
+    inside the task graph through the scheduler, and released once the actor holds them. All
+    actors are started before any is waited for, all within ``timeout`` seconds (``WaitTimeout``
+    names them). Keep the futures: an actor lives as long as its future does.
+    """
+    scattered, futures = [], []
+    for cls, worker, key, args in specs:
+        args = [client.scatter(a, workers=[worker], hash=False) if isinstance(a, np.ndarray) else a
+                for a in args]
+        scattered += [a for a in args if isinstance(a, Future)]
+        futures.append(client.submit(cls, *args, actor=True, workers=[worker],
+                                     allow_other_workers=False, pure=False, key=key))
+    what = "actors " + ", ".join(f"{key} on {worker}" for _, worker, key, _ in specs)
+    try:
+        actors = waits.results(futures, timeout=timeout, what=what, give_up=give_up)
+    except BaseException:
+        client.cancel(futures)
+        raise
+    finally:
+        for value in scattered:  # cancelling instead would cancel the actors that depend on them
+            value.release()
+    return actors, futures
+
+
+class LocalActor:
+    """An actor that lives in this very worker process, called without leaving it.
+
+    A call from a task to an actor of the same worker would otherwise be serialised, sent over
+    loopback TCP and read back by the worker's own event loop, both ways, on the cores the
+    replica computes on. Here it is submitted straight to the worker's actor thread, the thread
+    distributed runs every actor method on, so the actor still sees one method at a time; arrays
+    travel by reference (a replica reuses a push buffer only after the push was acknowledged).
+    Calls return ``concurrent.futures.Future`` objects, which wait like actor futures.
+    """
+
+    def __init__(self, actor, worker):
+        self._obj = worker.state.actors[actor.key]
+        self._executor = worker.executors["actor"]
+        self._address = actor._address
+        self.key = actor.key
+
+    def __getattr__(self, name):
+        method = getattr(self._obj, name)
+        return lambda *args: self._executor.submit(method, *args)
+
+
+def local_actor(actor):
+    """``actor`` itself, or a ``LocalActor`` when it lives in the worker this code runs in."""
+    try:
+        worker = get_worker()
+    except ValueError:
+        return actor
+    if actor._address == worker.address and actor.key in worker.state.actors:
+        return LocalActor(actor, worker)
+    return actor
