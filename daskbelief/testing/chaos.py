@@ -4,10 +4,11 @@ Every fault is real: a worker process SIGKILLed by its pid (its nanny starts a f
 cluster manager would), a real ``dask scheduler`` or driver process killed. What is chosen, the
 victim and the moment, is drawn from a seeded generator by small pure functions: a failure names
 its seed, a rerun with that seed makes the same choices, and no caller picks a convenient
-victim. Every wait has a deadline, and its error says what it waited for.
+victim. Every wait has a deadline (``daskbelief.waits``), and its error says what it waited for.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -21,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from daskbelief.cluster import worker_info
+from daskbelief import waits
 from daskbelief.monitor import events
+from daskbelief.workarounds import worker_info
 
 DASK = str(Path(sys.executable).with_name("dask"))  # the console script of this environment
 
@@ -47,41 +49,20 @@ def every(period: float, seconds: float) -> list[float]:
     return [period * i for i in range(1, int(seconds // period) + 1) if period * i < seconds]
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    """Poll ``predicate`` until it returns something true and return that; ``TimeoutError``
-    naming ``what`` after ``timeout`` seconds. Exceptions from ``predicate`` propagate (so a
-    predicate can fail early, e.g. when the process it waits on has died)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout:.0f}s for {what}")
-        time.sleep(interval)
-
-
 def run_with_deadline(fn, timeout: float, what: str):
-    """``fn()``'s result, or ``TimeoutError`` naming ``what`` once it has run ``timeout`` seconds.
-
-    A hung training call is then a test failure that says what hung instead of a frozen suite;
-    the call itself is left behind in a daemon thread (closing its cluster ends it)."""
-    outcome = {}
+    """``fn()``'s result, or ``waits.WaitTimeout`` naming ``what`` once it has run ``timeout``
+    seconds: a hung training call is then a test failure that says what hung, not a frozen
+    suite. The call itself is left behind in a daemon thread (closing its cluster ends it)."""
+    future = concurrent.futures.Future()
 
     def target():
         try:
-            outcome["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 -- re-raised in the caller's thread
-            outcome["error"] = e
+            future.set_result(fn())
+        except BaseException as e:  # noqa: BLE001 -- re-raised by future.result in the caller
+            future.set_exception(e)
 
-    thread = threading.Thread(target=target, daemon=True, name=f"deadline: {what}")
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise TimeoutError(f"{what} did not finish in {timeout:.0f}s")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
+    threading.Thread(target=target, daemon=True, name=f"deadline: {what}").start()
+    return waits.result(future, timeout=timeout, what=what)
 
 
 def worker_pids(client) -> dict[str, int]:
@@ -173,14 +154,11 @@ class Chaos:
     def _run(self):
         try:
             for moment in self.moments:
-                deadline = time.monotonic() + self.timeout
-                while self.progress(self.client, self.since) < moment:
-                    if self._stop.wait(0.05):
-                        return
-                    if time.monotonic() > deadline:
-                        self.error = (f"seed {self.seed}: waited {self.timeout:.0f}s for "
-                                      f"{self.progress.__name__} to reach {moment:.1f}")
-                        return
+                waits.until(lambda: self._stop.is_set() or self.progress(self.client, self.since) >= moment,
+                            timeout=self.timeout, every=0.05,
+                            what=f"{self.progress.__name__} to reach {moment:.1f} (seed {self.seed})")
+                if self._stop.is_set():
+                    return
                 victim = choose_victim(self._rng, worker_info(self.client))
                 pid = kill_worker(self.client, victim)
                 self.kills.append(Kill(moment, victim, pid, time.time()))
@@ -238,8 +216,8 @@ def dask_scheduler(directory, *, timeout: float = 60.0):
     process = spawn([DASK, "scheduler", "--scheduler-file", str(file), "--host", "127.0.0.1",
                      "--port", "0", "--dashboard-address", ":0"], directory / "scheduler.log")
     try:
-        wait_for(lambda: running(process, "dask scheduler") and scheduler_address(file), timeout,
-                 f"the dask scheduler (pid {process.pid}) to write {file}")
+        waits.until(lambda: running(process, "dask scheduler") and scheduler_address(file),
+                    timeout=timeout, what=f"the dask scheduler (pid {process.pid}) to write {file}")
         yield process, file
     finally:
         stop(process)
@@ -262,9 +240,9 @@ def dask_workers(scheduler_file, n: int, *, nthreads: int = 1, directory=None, t
                                     "--local-directory", str(directory / f"worker-{i}")],
                                    directory / f"worker-{i}.log"))
         with Client(scheduler_file=str(scheduler_file), timeout=timeout) as client:
-            wait_for(lambda: all(running(p, "dask worker") for p in processes)
-                     and len(worker_info(client)) >= n, timeout,
-                     f"{n} dask workers to join the scheduler of {scheduler_file}")
+            waits.until(lambda: all(running(p, "dask worker") for p in processes)
+                        and len(worker_info(client)) >= n, timeout=timeout,
+                        what=f"{n} dask workers to join the scheduler of {scheduler_file}")
         yield processes
     finally:
         for process in processes:
