@@ -14,8 +14,11 @@ or lost would move the gradient by about 1/15 of itself -- four orders of magnit
 from __future__ import annotations
 
 import os
+import random
 import signal
 import sys
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -308,3 +311,78 @@ def test_a_plan_for_another_model_is_refused(client, digits_path):
     with pytest.raises(ValueError, match="plan was made for another model"):
         sandblaster(mlp(), digits_path, client=client, iterations=1,
                     partition=partition.horizontal(Sequential((64,), [Dense(10)]), 1))
+
+
+def shard_holders(client) -> list[str]:
+    """The workers holding a parameter shard now (found on the workers, not chosen)."""
+    held = client.run(lambda dask_worker: [str(k) for k in dask_worker.state.actors])
+    return sorted(w for w, keys in held.items() if any(k.startswith("parameter-shard") for k in keys))
+
+
+class ShardHolderKiller(threading.Thread):
+    """SIGKILLs the process of a seeded random shard holder at a seeded random moment: a random
+    delay (0-50 ms) after the iteration-``at`` event of the next Sandblaster run to start."""
+
+    def __init__(self, client, seed: int, at: int, timeout: float = 120.0):
+        super().__init__(daemon=True)
+        self.client, self.rng, self.at, self.timeout = client, random.Random(seed), at, timeout
+        self.started = time.time()
+        self.victim = self.pid = self.error = None
+
+    def run(self):
+        try:
+            deadline = time.time() + self.timeout
+            while time.time() < deadline:
+                logged = [m for _, m in self.client.get_events(events.RUN)
+                          if m.get("time", 0) >= self.started]
+                if any(m["kind"] == "iteration" and m["iteration"] >= self.at for m in logged):
+                    time.sleep(self.rng.uniform(0.0, 0.05))
+                    self.victim = self.rng.choice(shard_holders(self.client))
+                    self.pid = self.client.run(os.getpid, workers=[self.victim])[self.victim]
+                    os.kill(self.pid, signal.SIGKILL)
+                    return
+                time.sleep(0.02)
+            self.error = f"the run never reached iteration {self.at} within {self.timeout:g} s"
+        except Exception as e:  # noqa: BLE001 -- reported by the test
+            self.error = repr(e)
+
+
+@pytest.mark.parametrize("seed, threads, checkpoints", [(11, 2, False), (12, 1, True),
+                                                         (13, 1, False)])
+def test_a_shard_holder_killed_at_random_is_survived(digits_path, tmp_path, seed, threads,
+                                                     checkpoints):
+    """Kill a random shard holder at a random iteration (seeded, printed): the run restores
+    every shard from its last checkpoint (or the start point) and runs the lost iterations
+    again, so it still follows the reference iterate by iterate. threads=1: every worker is a
+    shard holder and every thread computes portions -- no spare thread for the recovery."""
+    iterations, at = 10, random.Random(seed).randint(2, 5)
+    print(f"seed {seed}: kill a shard holder after iteration {at}, {threads} thread(s) a worker")
+    n_workers = 3 if threads == 2 else 2
+    with LocalCluster(n_workers=n_workers, threads_per_worker=threads, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as c:
+        killer = ShardHolderKiller(c, seed, at)
+        killer.start()
+        result = sandblaster(mlp(), digits_path, client=c, iterations=iterations,
+                             portion_size=PORTION, shards=2, tolerance=0.0,
+                             checkpoint_dir=tmp_path / "ckpts" if checkpoints else None,
+                             checkpoint_every=0.05 if checkpoints else None)
+        killer.join(5)
+        logged = [m for _, m in c.get_events(events.RUN) if m.get("run") == result.summary["run"]]
+        alive = c.run(os.getpid).values()
+    assert killer.error is None and killer.pid is not None, killer.error
+    print(f"killed {killer.victim} (pid {killer.pid}); summary {result.summary}")
+    assert killer.pid not in alive  # it really died
+    s = result.summary
+    assert s["shard_holders_lost"] == 1 and s["iterations"] == iterations, s
+    recoveries = [m for m in logged if m["kind"] == "recovery"]
+    assert len(recoveries) == 1 and killer.victim in recoveries[0]["lost"], recoveries
+    if checkpoints:
+        assert "ckpt-" in recoveries[0]["restored_from"], recoveries
+    else:
+        assert recoveries[0]["restored_from"] == "the start point"
+    params, ref = reference(mlp(), digits_path, iterations)
+    ours = [h for h in result.history if h["loss"] is not None]
+    assert [h["step"] for h in ours] == list(range(1, iterations + 1))
+    for mine, theirs in zip(ours, ref.history):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5), (mine, theirs)
+    assert np.linalg.norm(result.params - params) <= 1e-5 * np.linalg.norm(params)

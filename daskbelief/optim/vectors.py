@@ -8,6 +8,7 @@ only scalars come back. Operations:
 * ``zeros(name)``, ``copy(src, dst)``, ``swap(a, b)`` (exchange what two names refer to: free)
 * ``axpy(alpha, x, y)``: ``y += alpha * x``;  ``scale(alpha, x)``: ``x *= alpha``
 * ``mul(a, b, out)``: ``out = a * b`` elementwise
+* ``combine([(name, c), ...], out)``: ``out = sum(c * name)`` (L-BFGS builds a direction in one)
 * ``dot(a, b) -> float`` and ``dots([(a, b), ...]) -> [float, ...]`` (several in one round trip)
 
 Dot products accumulate in float64 whatever the storage dtype, so the result depends on the
@@ -90,6 +91,17 @@ class LocalVectors:
 
     def mul(self, a: str, b: str, out: str) -> None:
         self.xp.multiply(self.get(a), self.get(b), out=self.buffer(out))
+
+    def combine(self, terms, out: str) -> None:
+        """``out = sum(c * v for v, c in terms)``, in storage precision, term by term; ``out``
+        may not be one of the terms (it is overwritten first)."""
+        if any(name == out for name, _ in terms):
+            raise ValueError(f"combine: the output {out!r} is also one of its terms")
+        (first, c0), *rest = terms
+        target = self.buffer(out)
+        self.xp.multiply(self.get(first), self.dtype.type(c0), out=target)
+        for name, c in rest:
+            axpy(self.dtype.type(c), self.get(name), target)
 
     def dot(self, a: str, b: str) -> float:
         return dot64(self.get(a), self.get(b))

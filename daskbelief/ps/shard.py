@@ -242,10 +242,11 @@ class ParameterShard:
         ev.accepted += 1
         return True
 
-    def finish_evaluation(self, tag, x_name: str, g_name: str) -> float:
+    def finish_evaluation(self, tag, x_name: str, g_name: str, dots=()) -> tuple:
         """Close evaluation ``tag``: vector ``g_name`` = this slice of the gradient at ``x_name``
         (``finish_gradient``, exactly the reference's arithmetic); returns the slice's share of
-        the regulariser."""
+        the regulariser and its partial sums of the ``dots`` pairs taken afterwards (the line
+        search's slope rides along instead of costing another round trip)."""
         from daskbelief.train.objective import finish_gradient  # the reference's own code
 
         ev = self._evaluation()
@@ -253,8 +254,9 @@ class ParameterShard:
             raise RuntimeError(f"shard {self.index}: cannot finish evaluation {tag!r}, the open "
                                f"one is {ev.tag!r}")
         ev.tag = None
-        return finish_gradient(ev.acc, self.vectors.get(x_name), ev.mask, ev.n, ev.l2,
-                               self.vectors.buffer(g_name))
+        reg = finish_gradient(ev.acc, self.vectors.get(x_name), ev.mask, ev.n, ev.l2,
+                              self.vectors.buffer(g_name))
+        return reg, self.vectors.dots(dots)
 
     def objective_stats(self) -> dict:
         """Sandblaster counters: slice reads by workers, contributions accepted and refused."""
@@ -263,7 +265,8 @@ class ParameterShard:
                 "refused": ev.refused, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out}
 
 
-VECTOR_OPS = frozenset({"zeros", "copy", "swap", "axpy", "scale", "mul", "dot", "dots"})
+VECTOR_OPS = frozenset({"zeros", "copy", "swap", "axpy", "scale", "mul", "combine", "dot",
+                        "dots"})
 EVALUATION_OPS = frozenset({"open_evaluation", "finish_evaluation"})
 
 

@@ -18,6 +18,12 @@ MIN_DONE = 3              # finished portions needed before "typical" means anyt
 MIN_LATE = 0.05           # seconds: a copy cannot win back less than the round trips it costs
 
 
+def tail_start(total: int, min_done_fraction: float = MIN_DONE_FRACTION,
+               min_done: int = MIN_DONE) -> int:
+    """How many of ``total`` portions must be done before any backup copy is considered."""
+    return max(min_done, math.ceil(min_done_fraction * total))
+
+
 def portions_to_back_up(now: float, running: dict, finished: dict, total: int, launched=(), *,
                         min_done_fraction: float = MIN_DONE_FRACTION,
                         slow_factor: float = SLOW_FACTOR, min_done: int = MIN_DONE,
@@ -42,11 +48,11 @@ def portions_to_back_up(now: float, running: dict, finished: dict, total: int, l
     scheduling, its parameter fetch) than it could win back.
     """
     done = len(finished)
-    needed = max(min_done, math.ceil(min_done_fraction * total))
+    needed = tail_start(total, min_done_fraction, min_done)
     if total < 1 or done < needed:
         return []
     limit = max(slow_factor * median(duration for _, duration in finished.values()), min_late)
-    tail_start = sorted(end for end, _ in finished.values())[needed - 1]
-    since = {p: tail_start for p in range(total) if p not in finished and p not in running}
+    tail_began = sorted(end for end, _ in finished.values())[needed - 1]
+    since = {p: tail_began for p in range(total) if p not in finished and p not in running}
     since.update(running)
     return sorted(p for p, t in since.items() if p not in launched and now - t > limit)

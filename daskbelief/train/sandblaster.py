@@ -17,11 +17,17 @@ additions, so the iterates agree with ``train_lbfgs`` to about 1e-7 relative.
 Stragglers: once most portions are done, a portion running far longer than the typical one gets
 a backup copy on another worker, and so does one still waiting to start (Dask queued it behind a
 straggler) -- ``backup.portions_to_back_up``. A claim ledger applies the first copy to finish and
-drops the others, so every portion counts exactly once. A worker lost during
-an evaluation: Dask reruns its tasks elsewhere; if it took won-but-unpushed contributions with
-it, the evaluation starts again under a new tag (the shards refuse the old tag's contributions),
-so the iterates are unchanged. Losing a *shard* is out of scope here (Downpour's driver handles
-that); ``shard_workers`` puts the shards on machines you trust.
+drops the others, so every portion counts exactly once. A worker lost during an evaluation:
+Dask reruns its tasks elsewhere; if it took won-but-unpushed contributions with it, the
+evaluation starts again under a new tag (the shards refuse the old tag's contributions), so the
+iterates are unchanged.
+
+A lost *shard holder* takes its slice of every vector with it. Every wait on a shard is sliced
+and checks that the shards' workers are still there (``sharded_vectors.Watch``: ``ShardLost``);
+the workers' waits give up once the evaluation is abandoned, so no thread stays stuck on a dead
+actor; and ``_Recovery`` makes every shard anew from the run's last checkpoint, or the start
+point, and runs the iterations since again -- the same iterates, so the run still matches the
+reference (the cost: those iterations; ``checkpoint_every`` bounds it).
 
 Checkpoints (``checkpoint_dir``): between iterations, every ``checkpoint_every`` seconds, at the
 end, and when Ctrl-C / SIGTERM interrupts an evaluation, each shard writes its slice of the
@@ -48,27 +54,35 @@ from daskbelief.optim.lbfgs import LbfgsResult, LbfgsState, lbfgs
 from daskbelief.ps import checkpoint
 from daskbelief.ps.policy import place_groups
 from daskbelief.ps.server import ParameterServer
-from daskbelief.train.backup import MIN_DONE_FRACTION, portions_to_back_up
-from daskbelief.train.evaluate import announce_test, evaluate, evaluate_rows, finish, test_row
+from daskbelief.train.backup import portions_to_back_up, tail_start
+from daskbelief.train.errors import RunLost
+from daskbelief.train.evaluate import announce_test, evaluate, finish, test_row
 from daskbelief.train.objective import portions
 from daskbelief.train.partition import as_plan
 from daskbelief.train.partitioned import Blocks
 from daskbelief.train.result import TrainResult
-from daskbelief.train.sandblaster_tasks import (PortionLedger, PortionPlan, flush_worker,
+from daskbelief.train.sandblaster_tasks import (PortionLedger, PortionPlan, abandon_evaluation,
+                                                evaluate_current, flush_worker,
                                                 forget_run, run_portion)
-from daskbelief.train.sharded_vectors import ShardedVectors, assemble, call_all
+from daskbelief.train.sharded_vectors import (ShardedVectors, ShardLost, Watch, call_all,
+                                              in_thread)
+from daskbelief.waits import WaitTimeout
 
 PORTIONS_PER_THREAD = 8   # default portion size: about this many portions per worker thread
-MIN_PORTION_ROWS = 16     # ... but no smaller than this: a task has a fixed cost
+MIN_PORTION_FLOPS = 2e8   # ... but no less work than this (~5 ms): a task has a fixed cost
 MAX_RESTARTS = 5          # an evaluation restarted this often means the cluster is failing
 TAIL_POLL = 0.02          # seconds between backup decisions once most portions are done
 IDLE_RULE = {"name": "sgd", "lr": 0.0}  # the shards' Downpour rule: unused by Sandblaster
 
 
-def default_portion_size(n_rows: int, threads: int) -> int:
-    """Rows per portion: well under ``n_rows / threads`` (about ``PORTIONS_PER_THREAD`` portions
-    per worker thread, so the load balances and a straggler holds up only a small part)."""
-    return min(n_rows, max(MIN_PORTION_ROWS, math.ceil(n_rows / (PORTIONS_PER_THREAD * threads))))
+def default_portion_size(n_rows: int, threads: int, flops_per_row: float) -> int:
+    """Rows per portion, sized to the work: about ``PORTIONS_PER_THREAD`` portions per worker
+    thread (the load balances, a straggler holds up only a small part) unless that makes a
+    portion's compute small beside a task's fixed cost of a few round trips (a scheduling, a
+    claim, a push): then fewer, larger portions, down to one per thread."""
+    balanced = math.ceil(n_rows / (PORTIONS_PER_THREAD * threads))
+    worthwhile = math.ceil(MIN_PORTION_FLOPS / max(flops_per_row, 1.0))
+    return min(max(balanced, worthwhile), math.ceil(n_rows / threads))
 
 
 def _number(name: str, value, minimum: float, *, strict: bool = False) -> None:
@@ -155,21 +169,35 @@ class BatchObjective:
     them, divided by the batch size, plus the shards' regulariser shares.
     """
 
-    def __init__(self, client, plan: PortionPlan, space: ShardedVectors,
-                 bounds: list[tuple[int, int]], n_rows: int, backups: bool):
-        self.client, self.plan, self.space = client, plan, space
+    def __init__(self, client, actors: "_Actors", bounds: list[tuple[int, int]], n_rows: int,
+                 backups: bool):
+        self.client, self.actors = client, actors  # ``actors``: replaced by a recovery
         self.bounds, self.n_rows, self.backups = bounds, n_rows, backups
         self.tag = 0
         self.counters = Counters()
         self.busy = False  # from an evaluation's start until it returns: still set if interrupted
 
+    @property
+    def plan(self) -> PortionPlan:
+        return self.actors.plan
+
+    @property
+    def space(self) -> ShardedVectors:
+        return self.actors.space
+
     def __call__(self, x_name: str, g_name: str) -> float:
+        return self.with_dots(x_name, g_name, [])[0]
+
+    def with_dots(self, x_name: str, g_name: str, dots) -> tuple[float, list[float]]:
+        """The loss at ``x_name`` (gradient into ``g_name``) and the ``dots`` pairs taken after
+        it, which travel with the shards' last call of the evaluation."""
         self.busy = True
         for _ in range(MAX_RESTARTS + 1):
             self._open(x_name)
             losses = _Evaluation(self, self.tag).run()
             if losses is not None:
                 break
+            self.space.watch.check()  # a lost shard, not just a lost worker: ShardLost
             self.counters.evaluations_restarted += 1
         else:
             raise RuntimeError(f"an evaluation failed {MAX_RESTARTS + 1} times in a row because "
@@ -179,17 +207,18 @@ class BatchObjective:
         total = 0.0
         for loss in losses:  # left to right, exactly as the reference adds them
             total += loss
-        loss = total / self.n_rows + sum(self.space.execute(
-            ("finish_evaluation", self.tag, x_name, g_name)))
+        replies = self.space.execute(("finish_evaluation", self.tag, x_name, g_name,
+                                      [tuple(p) for p in dots]))
+        loss = total / self.n_rows + sum(reg for reg, _ in replies)
         self.busy = False
-        return loss
+        return loss, [sum(column) for column in zip(*(partials for _, partials in replies))]
 
     def _open(self, x_name: str) -> None:
         """A new tag: the ledger and the shards accept nothing older from now on."""
         self.tag += 1
         ledger = self.plan.ledger.open(self.tag)
         self.space.execute(("open_evaluation", self.tag, x_name))
-        ledger.result()
+        self.space.watch.wait(ledger, "the ledger's open")
 
     def live_workers(self) -> list[str]:
         return list(worker_info(self.client))
@@ -200,7 +229,8 @@ class _Evaluation:
 
     The coordinator never fetches a portion's result: futures finishing tell it how far the
     evaluation is (locally, no round trip), and once every portion has a finished copy, the
-    ledger names each portion's winning copy (worker, loss) in one call.
+    flush that has every worker push what it holds also names each portion's winning copy
+    (worker, loss): one call for both.
     """
 
     def __init__(self, objective: BatchObjective, tag: int):
@@ -219,10 +249,10 @@ class _Evaluation:
                 self._wait()
                 if self.o.backups:
                     self._launch_backups()
-            winners = self.o.plan.ledger.winners(self.tag).result()
         finally:
             self.o.client.cancel(list(self.futures))  # the losing copies, queued or running
-        if len(winners) < self.total or not self._flush(winners):
+        winners = self._flush()
+        if winners is None:
             return None
         self._count(winners)
         return [winners[p][1] for p in range(self.total)]
@@ -241,7 +271,7 @@ class _Evaluation:
         self.futures.update(zip(futures, range(n)))
 
     def _in_tail(self) -> bool:
-        return len(self.finished) >= MIN_DONE_FRACTION * self.total
+        return len(self.finished) >= tail_start(self.total)
 
     def _wait(self) -> None:
         """Wait for copies to finish (briefly in the tail, where backups are decided); a task
@@ -251,6 +281,7 @@ class _Evaluation:
             done, _ = wait(list(self.futures), timeout=TAIL_POLL if tail else 1.0,
                            return_when="FIRST_COMPLETED")
         except TimeoutError:
+            self.o.space.watch.check()  # portions waiting on a dead shard never finish
             return
         for future in done:
             if future.status == "error":
@@ -263,7 +294,7 @@ class _Evaluation:
         other than its own, a waiting one (queued behind a straggler) to the next free thread."""
         if not self._in_tail():
             return  # the policy would say no: spare the ledger the question
-        snap = self.o.plan.ledger.snapshot(self.tag).result()
+        snap = self.o.space.watch.wait(self.o.plan.ledger.snapshot(self.tag), "the ledger")
         chosen = portions_to_back_up(snap["now"], snap["running"], snap["finished"], self.total,
                                      self.launched)
         live = self.o.live_workers() if chosen else []
@@ -282,20 +313,18 @@ class _Evaluation:
             events.emit(events.PORTION, run=self.o.plan.run, kind="backup-launched",
                         evaluation=self.tag, portion=portion, worker=owner or "")
 
-    def _flush(self, winners: dict) -> bool:
-        """Have every winning worker push what it still holds; True when every portion is now
-        applied on the shards, False when a winner is gone (its contributions with it)."""
-        holders = {worker for worker, _, _ in winners.values()}
-        if not holders <= set(self.o.live_workers()):
-            return False
-        replies = self.o.client.run(flush_worker, self.o.plan, self.tag, workers=list(holders),
-                                    on_error="return")
-        applied = set()
+    def _flush(self) -> dict | None:
+        """Have every worker push what it still holds and name the portions it won and applied:
+        ``{portion: (worker, loss, backup)}`` once every portion is applied on the shards; None
+        when one is missing (a lost worker took its contributions with it)."""
+        replies = self.o.space.watch.wait(  # in a thread: a push to a dead shard never returns
+            in_thread(self.o.client.run, flush_worker, self.o.plan, self.tag, on_error="return"),
+            "the workers' flush")
+        winners = {}
         for reply in replies.values():
-            if isinstance(reply, BaseException):
-                return False
-            applied.update(reply)
-        return applied >= set(range(self.total))
+            if not isinstance(reply, BaseException):
+                winners.update(reply)
+        return winners if len(winners) == self.total else None
 
     def _count(self, winners: dict) -> None:
         counters = self.o.counters
@@ -304,10 +333,120 @@ class _Evaluation:
             counters.backups_won += backup
 
 
-def _evaluate_current(model, shards, ranges, store, stop: int) -> dict:
-    """Test metrics at the current iterate, computed on a worker that fetches it itself."""
-    params = assemble(call_all(shards, "read", "x"), ranges)
-    return evaluate_rows(model, params, store, 0, stop)
+@dataclass
+class _Actors:
+    """What a lost worker can take with it: the shards (holding every L-BFGS vector) and the
+    claim ledger beside shard 0, with what the run builds on them (the portions' plan, the
+    vector space). A recovery makes them anew and swaps them in whole."""
+
+    ps: ParameterServer
+    ledger: object  # the ledger actor's future: it lives as long as this does
+    plan: PortionPlan
+    space: ShardedVectors
+
+    def close(self) -> None:
+        """Release the actors (again: nothing happens)."""
+        if self.ledger is not None:
+            self.ledger.release()
+            self.ledger = None
+        self.ps.close()
+
+
+class _ActorMaker:
+    """Starts a run's ``_Actors``: at the start, and again after a lost shard."""
+
+    def __init__(self, client, run: str, model, store, n_rows: int, shards: int, shard_workers,
+                 push_every: int, slow: dict, groups: dict):
+        self.client, self.run, self.model, self.store = client, run, model, store
+        self.n_rows, self.shards, self.shard_workers = n_rows, shards, shard_workers
+        self.push_every, self.slow, self.groups = push_every, slow, groups
+
+    def __call__(self, params: np.ndarray, restore=None) -> _Actors:
+        """Shards seeded with ``params`` on the live workers (those of ``shard_workers`` still
+        there, else any); ``restore``: a checkpoint whose vectors they load."""
+        c, live = self.client, sorted(worker_info(self.client))
+        allowed = [w for w in (self.shard_workers or live) if w in live] or live
+        ps = ParameterServer.create(c, params, self.shards, IDLE_RULE, workers=allowed)
+        ledger = c.submit(PortionLedger, actor=True, workers=[ps.addresses()[0]],
+                          allow_other_workers=False, pure=False,
+                          key=f"{self.run}-ledger-{uuid.uuid4().hex[:8]}")
+        watch = Watch(c, ps.addresses())  # the ledger's worker is shard 0's
+        call_all(ps.shards, "prepare_objective", self.model, self.n_rows, watch=watch)
+        if restore is not None:
+            call_all(ps.shards, "restore_vectors", str(restore), watch=watch)
+        plan = PortionPlan(self.run, self.model, self.store, tuple(ps.shards), tuple(ps.ranges),
+                           watch.wait(ledger, "the ledger's start"), self.push_every, self.slow,
+                           self.groups)
+        space = ShardedVectors(ps.shards, ps.ranges, watch)
+        space.copy("params", "x")  # queued: travels with the first evaluation
+        return _Actors(ps, ledger, plan, space)
+
+
+MAX_RECOVERIES = 5  # shard holders lost this often in one run: the cluster is failing
+
+
+class _Recovery:
+    """Brings a run back after workers holding shards were lost, keeping L-BFGS consistent.
+
+    A lost shard takes its slice of every vector (iterate, gradient, the s/y history) with it;
+    the survivors' slices are mid-iteration. So every shard is made anew from the run's last
+    complete checkpoint (its iterate, vectors and ``LbfgsState``) or, with none, from the start
+    point, and L-BFGS goes on from there: the iterations since are run again, computing the
+    same iterates as before (they are a function of the start point and the data), so the run
+    still follows the reference. The cost is those iterations, bounded by ``checkpoint_every``.
+    """
+
+    def __init__(self, client, run: str, make: _ActorMaker, start: np.ndarray | None):
+        self.client, self.run, self.make, self.start = client, run, make, start
+        self.lost: list[str] = []
+        self.replayed = 0
+
+    def __call__(self, lost: ShardLost, objective: BatchObjective,
+                 checkpoints: _Checkpoints) -> LbfgsState | None:
+        """New actors swapped into ``objective`` and ``checkpoints``; the state to resume from.
+        Raises ``RunLost`` when the run cannot go on (named, with its last checkpoint)."""
+        while True:
+            try:
+                return self._recover(lost, objective, checkpoints)
+            except ShardLost as again:  # lost another while recovering: once more
+                lost = again
+            except WaitTimeout as e:
+                raise RunLost(f"{', '.join(lost.workers)} (parameter shards), and the shards "
+                              f"could not be made anew: {e}", checkpoints.last) from None
+
+    def _recover(self, lost: ShardLost, objective: BatchObjective,
+                 checkpoints: _Checkpoints) -> LbfgsState | None:
+        self.lost += lost.workers
+        where = checkpoints.last
+        if objective.plan.groups:
+            raise RunLost(f"{', '.join(lost.workers)} (parameter shards); model-parallel "
+                          "Sandblaster cannot restore its shards yet", where)
+        if len(self.lost) > MAX_RECOVERIES:
+            raise RunLost(f"{', '.join(lost.workers)} (parameter shards), the "
+                          f"{len(self.lost)}th shard holder lost in this run", where)
+        if where is None and self.start is None:
+            raise RunLost(f"{', '.join(lost.workers)} (parameter shards), before this resumed "
+                          "run wrote a checkpoint of its own", where)
+        reached = checkpoints.state.iteration if checkpoints.state is not None else 0
+        # release every wait on the workers for the evaluation in progress
+        self.client.run(abandon_evaluation, self.run, objective.tag, on_error="ignore")
+        objective.actors.close()
+        if where is not None:
+            saved = checkpoint.load(where, vectors=False)
+            params, state = saved.params, LbfgsState(**saved.lbfgs)
+        else:
+            params, state = self.start, None
+        objective.actors = checkpoints.actors = self.make(params, where)
+        checkpoints.restored(state)
+        back_to = 0 if state is None else state.iteration
+        self.replayed += reached - back_to
+        events.emit(events.RUN, run=self.run, kind="recovery", lost=", ".join(lost.workers),
+                    restored_from=str(where or "the start point"), iteration=back_to,
+                    replayed=reached - back_to)
+        return state
+
+    def summary(self) -> dict:
+        return {"shard_holders_lost": len(self.lost), "iterations_replayed": self.replayed}
 
 
 class OutOfTime(Exception):
@@ -321,16 +460,23 @@ class _Checkpoints:
     and during an evaluation (which touches only the trial vectors), e.g. when interrupted.
 
     The iterate is first copied into the shards' ``params``, so a checkpoint's parameters are
-    the iterate, as with Downpour's. ``root`` None: no checkpoints.
+    the iterate, as with Downpour's. ``root`` None: no checkpoints. ``last``: the newest
+    complete checkpoint of this run (or the one it resumed from), what a recovery restores.
     """
 
-    def __init__(self, root, every: float | None, keep: int, space: ShardedVectors, ps,
-                 meta: dict, run: str, state: LbfgsState | None):
-        self.root, self.keep, self.space, self.ps = root, keep, space, ps
+    def __init__(self, root, every: float | None, keep: int, actors: "_Actors", meta: dict,
+                 run: str, state: LbfgsState | None, resumed_from=None):
+        self.root, self.keep, self.actors = root, keep, actors  # ``actors``: see BatchObjective
         self.every = math.inf if every is None else every
         self.meta, self.run, self.state = meta, run, state
         self.written = None if state is None else state.iteration  # the one resumed from
+        self.last = resumed_from
         self._due = time.time() + self.every
+
+    def restored(self, state: LbfgsState | None) -> None:
+        """A recovery went back to ``state`` (None: the start), which is saved already."""
+        self.state = state
+        self.written = None if state is None else state.iteration
 
     def after_iteration(self, state: LbfgsState) -> None:
         self.state = state
@@ -341,13 +487,15 @@ class _Checkpoints:
         """A checkpoint of the latest state, unless there is none or it is saved already."""
         if self.root is None or self.state is None or self.written == self.state.iteration:
             return None
-        self.space.execute(("copy", "x", "params"))
-        path = checkpoint.save(self.root, self.ps, model=self.meta["model"],
+        space = self.actors.space
+        space.execute(("copy", "x", "params"))
+        path = checkpoint.save(self.root, self.actors.ps, model=self.meta["model"],
                                config=self.meta["config"],
                                counters={"iteration": self.state.iteration}, keep=self.keep,
                                vectors=self.state.vectors(), lbfgs=asdict(self.state),
-                               algorithm="sandblaster")
-        self.written, self._due = self.state.iteration, time.time() + self.every
+                               algorithm="sandblaster", give_up=space.watch.give_up)
+        self.written, self.last = self.state.iteration, path
+        self._due = time.time() + self.every
         events.emit(events.RUN, run=self.run, kind="checkpoint", path=str(path),
                     iteration=self.state.iteration)
         return path
@@ -357,9 +505,9 @@ class _Monitor:
     """The per-iteration duties: history rows, RUN events, checkpoints, test evaluations every
     ``eval_every``, the time budget."""
 
-    def __init__(self, client, run: str, model, ps, test_store, eval_every, eval_rows: int,
-                 max_seconds: float | None, checkpoints: _Checkpoints):
-        self.client, self.run, self.model, self.ps = client, run, model, ps
+    def __init__(self, client, run: str, objective: BatchObjective, test_store, eval_every,
+                 eval_rows: int, max_seconds: float | None, checkpoints: _Checkpoints):
+        self.client, self.run, self.objective = client, run, objective
         self.checkpoints = checkpoints
         self.test_store, self.eval_every, self.eval_rows = test_store, eval_every, eval_rows
         self.max_seconds = max_seconds
@@ -385,6 +533,11 @@ class _Monitor:
         if self.max_seconds is not None and time.time() - self.started >= self.max_seconds:
             raise OutOfTime
 
+    def rewind(self, iteration: int) -> None:
+        """Forget what came after ``iteration``: a recovery runs those iterations again."""
+        self.iterations = [r for r in self.iterations if r["iteration"] <= iteration]
+        self.rows = [r for r in self.rows if r["step"] <= iteration]
+
     def result(self) -> LbfgsResult:
         """What ``lbfgs`` would have returned, for a run the time budget stopped."""
         last = self.iterations[-1]
@@ -395,8 +548,13 @@ class _Monitor:
     def _evaluate(self, iteration: int) -> None:
         """Between iterations the shards' "x" is the iterate and no operation is in flight."""
         stop = min(self.eval_rows, self.test_store.n)
-        part = self.client.submit(_evaluate_current, self.model, self.ps.shards, self.ps.ranges,
-                                  self.test_store, stop, pure=False).result()
+        actors = self.objective.actors
+        part = actors.space.watch.wait(self.client.submit(
+            evaluate_current, actors.plan, self.test_store, stop, self.objective.tag,
+            pure=False), "a test evaluation")
+        if part is None:  # abandoned: a shard was lost, the next wait reports it
+            actors.space.watch.check()
+            return
         row = test_row(time.time() - self.started, iteration, finish([part], self.test_store.task))
         self.rows.append(row)
         announce_test(self.run, row)
@@ -423,7 +581,7 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
     tolerance : stop once the gradient norm is at most this (the reference's ``gtol``)
     ftol : stop once an iteration lowers the loss by at most ``ftol * max(|f|, 1)`` (0: never)
     history : L-BFGS history size m (pairs of s/y vectors kept on the shards), >= 1
-    portion_size : rows per portion (default: about ``batch / (8 x worker threads)``, >= 16)
+    portion_size : rows per portion (default: ``default_portion_size``, sized to the work)
     batch_rows : rows of the train split in the batch (default: all)
     push_every : a worker pushes its accumulated gradient to the shards every this many won
         portions (and whatever it holds at the end of each evaluation)
@@ -475,30 +633,26 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
             raise ValueError(f"shard_workers names {', '.join(unknown)}, which are not workers of "
                              f"the cluster (its workers: {', '.join(workers)})")
         threads = sum(w["nthreads"] for w in worker_info(c).values())
-        size = portion_size or default_portion_size(n_rows, threads)
+        size = portion_size or default_portion_size(n_rows, threads, model.flops_per_example())
         bounds = portions(n_rows, size)
         run = f"sandblaster-{uuid.uuid4().hex[:8]}"
-        ps = ParameterServer.create(c, start, shards, IDLE_RULE, workers=shard_workers)
-        groups = {} if plan_p is None else {
-            home: Blocks.start(c, plan_p, start, ps=ps, addresses=where)
-            for home, where in place_groups(workers, plan_p.n_blocks).items()}
-        del start  # from here on the parameters live on the shards only
-        ledger_future = c.submit(PortionLedger, actor=True, workers=[ps.addresses()[0]],
-                                 allow_other_workers=False, pure=False, key=f"{run}-ledger")
+        groups = {}  # filled below, once the shards exist; the plan refers to this very dict
+        make = _ActorMaker(c, run, model, store, n_rows, shards, shard_workers, push_every,
+                           dict(_slow_workers or {}), groups)
+        objective = BatchObjective(c, make(start, resume_from if resumed else None), bounds,
+                                   n_rows, backups)
+        recovery = _Recovery(c, run, make, start if resumed is None else None)
         try:
-            call_all(ps.shards, "prepare_objective", model, n_rows)
-            if resumed is not None:
-                call_all(ps.shards, "restore_vectors", str(resume_from))
-            plan = PortionPlan(run, model, store, tuple(ps.shards), tuple(ps.ranges),
-                               ledger_future.result(), push_every, dict(_slow_workers or {}),
-                               groups)
-            space = ShardedVectors(ps.shards, ps.ranges)
-            space.copy("params", "x")  # queued: travels with the first evaluation
-            objective = BatchObjective(c, plan, space, bounds, n_rows, backups)
-            checkpoints = _Checkpoints(checkpoint_dir, checkpoint_every, checkpoint_keep, space,
-                                       ps, {"model": model.to_dict(), "config": config or {}},
-                                       run, resumed)
-            monitor = _Monitor(c, run, model, ps, test_store, eval_every, eval_rows, max_seconds,
+            if plan_p is not None:
+                groups.update({home: Blocks.start(c, plan_p, start, ps=objective.actors.ps,
+                                                  addresses=where)
+                               for home, where in place_groups(workers, plan_p.n_blocks).items()})
+            del start  # from here on the parameters live on the shards (and in ``recovery``)
+            checkpoints = _Checkpoints(checkpoint_dir, checkpoint_every, checkpoint_keep,
+                                       objective.actors,
+                                       {"model": model.to_dict(), "config": config or {}},
+                                       run, resumed, resume_from)
+            monitor = _Monitor(c, run, objective, test_store, eval_every, eval_rows, max_seconds,
                                checkpoints)
             settings = {"shards": shards, "iterations": iterations, "history": history,
                         "portion_size": size, "portions": len(bounds), "batch_rows": n_rows,
@@ -506,26 +660,39 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
                         "partition": "" if plan_p is None else f"{plan_p.kind}/{plan_p.n_blocks}",
                         "resumed_at": 0 if resumed is None else resumed.iteration}
             events.emit(events.RUN, run=run, kind="start", algorithm="sandblaster", **settings)
-            try:
-                result = lbfgs(space, objective, "x", m=history, max_iter=iterations,
-                               gtol=tolerance, ftol=ftol, callback=monitor, resume=resumed)
-            except OutOfTime:
-                result = monitor.result()
-            except KeyboardInterrupt:
-                if objective.busy:  # the shards hold the last iteration's vectors untouched
+
+            def optimise(state):
+                try:
+                    return lbfgs(objective.space, objective, "x", m=history, max_iter=iterations,
+                                 gtol=tolerance, ftol=ftol, callback=monitor, resume=state)
+                except OutOfTime:
+                    return monitor.result()
+
+            state = resumed
+            while True:
+                try:
+                    try:
+                        result = optimise(state)
+                    except KeyboardInterrupt:
+                        if objective.busy:  # the shards hold the last iteration's vectors
+                            checkpoints.write()
+                        raise
                     checkpoints.write()
-                raise
-            checkpoints.write()
-            seconds = time.time() - monitor.started
-            final = space.gather("x")
-            shard_stats = call_all(ps.shards, "objective_stats")
+                    seconds = time.time() - monitor.started
+                    final = objective.space.gather("x")
+                    shard_stats = call_all(objective.actors.ps.shards, "objective_stats",
+                                           watch=objective.space.watch)
+                    break
+                except ShardLost as lost:
+                    state = recovery(lost, objective, checkpoints)
+                    monitor.rewind(0 if state is None else state.iteration)
         finally:
-            ledger_future.release()
             for blocks in groups.values():
                 blocks.close()
-            ps.close()
+            objective.actors.close()
             c.run(forget_run, run, on_error="ignore")
         summary = _summary(run, result, objective.counters, settings, seconds, n_rows, shard_stats)
+        summary.update(recovery.summary())
         history_rows = monitor.rows
         if test_store is not None:
             metrics = evaluate(model, final, test_store, client=c)

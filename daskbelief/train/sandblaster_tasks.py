@@ -21,6 +21,11 @@ whose only thread is busy with a straggler still flushes at once.
 Shards accept contributions for the open tag only, and the ledger claims for it only, so the
 leftovers of an abandoned evaluation -- late copies, a restarted evaluation's first attempt --
 can never leak into the next one.
+
+A shard's worker may die while tasks wait on it, and an actor call to a dead worker can stay
+pending forever. So every wait here is in slices, and gives up once the coordinator has
+*abandoned* the evaluation (``abandon_evaluation``, run on every worker's event loop when it
+recovers the shards): a task never holds a worker thread that the recovery needs.
 """
 from __future__ import annotations
 
@@ -33,11 +38,16 @@ import numpy as np
 from distributed import get_worker
 
 from daskbelief.monitor import events
+from daskbelief.train.evaluate import evaluate_rows
 from daskbelief.train.objective import portion_gradient
-from daskbelief.train.sharded_vectors import assemble, call_all
+from daskbelief.train.sharded_vectors import WAIT_SLICE, assemble
 
 
 FLUSH_PATIENCE = 60.0  # seconds a flush waits for claims in flight before giving up
+
+
+class Abandoned(Exception):
+    """The coordinator gave up the evaluation this wait belongs to, or its actor is gone."""
 
 
 @dataclass(frozen=True)
@@ -72,26 +82,25 @@ class PortionLedger:
     def __init__(self):
         self.tag = None
         self._starts: dict[int, tuple[float, str]] = {}
-        self._winners: dict[int, tuple[str, float, bool]] = {}
+        self._won: set[int] = set()
         self._finished: dict[int, tuple[float, float]] = {}
 
     async def open(self, tag) -> None:
         """Forget the previous evaluation; from now on only claims for ``tag`` can win."""
         self.tag = tag
-        self._starts, self._winners, self._finished = {}, {}, {}
+        self._starts, self._won, self._finished = {}, set(), {}
 
     async def started(self, tag, portion: int, worker: str) -> None:
         """A copy of ``portion`` started on ``worker`` (only the first start is kept)."""
         if tag == self.tag:
             self._starts.setdefault(portion, (time.time(), worker))
 
-    async def claim(self, tag, portion: int, worker: str, seconds: float, loss: float,
-                    backup: bool) -> bool:
+    async def claim(self, tag, portion: int, seconds: float) -> bool:
         """True for the first copy of ``portion`` to finish: its contribution is the one applied.
         ``seconds``: how long that copy took on its worker."""
-        if tag != self.tag or portion in self._winners:
+        if tag != self.tag or portion in self._won:
             return False
-        self._winners[portion] = (worker, loss, backup)
+        self._won.add(portion)
         self._finished[portion] = (time.time(), seconds)
         return True
 
@@ -100,15 +109,10 @@ class PortionLedger:
         workers), the finished portions' end times and durations."""
         if tag != self.tag:
             return {"now": time.time(), "running": {}, "workers": {}, "finished": {}}
-        running = {p: s for p, s in self._starts.items() if p not in self._winners}
+        running = {p: s for p, s in self._starts.items() if p not in self._won}
         return {"now": time.time(), "running": {p: t for p, (t, _) in running.items()},
                 "workers": {p: w for p, (_, w) in running.items()},
                 "finished": dict(self._finished)}
-
-    async def winners(self, tag) -> dict:
-        """``{portion: (worker, loss, backup)}`` of the copies that counted in evaluation
-        ``tag``."""
-        return dict(self._winners) if tag == self.tag else {}
 
 
 class _WorkerRun:
@@ -130,6 +134,8 @@ class _WorkerRun:
         self.params, self.params_tag = np.empty(size, dtype=np.float32), None
         self.rows: dict[tuple[int, int], tuple] = {}
         self.tag, self.pending, self.pushed, self.in_flight = None, [], [], 0
+        self.won_tag, self.won = None, {}  # portion -> (loss, backup): the copies won here
+        self.abandoned = 0  # evaluations up to this tag were given up by the coordinator
         self.acc = np.zeros(size, dtype=np.float64)
         self.spare: list[np.ndarray] = []
 
@@ -142,6 +148,15 @@ class _WorkerRun:
             self.tag, self.pending, self.pushed = tag, [], []
             self.acc.fill(0.0)
         return True
+
+    def record_win(self, tag: int, portion: int, loss: float, backup: bool) -> None:
+        """Remember a copy won here (its loss goes back with the flush), forgetting older
+        evaluations'."""
+        with self.lock:
+            if self.won_tag is None or tag > self.won_tag:
+                self.won_tag, self.won = tag, {}
+            if tag == self.won_tag:
+                self.won[portion] = (float(loss), bool(backup))
 
     def take(self) -> tuple[np.ndarray, list[int]]:
         """Hand the accumulator and its portions to a pusher; start an empty one (call locked)."""
@@ -171,6 +186,28 @@ def _state(plan: PortionPlan) -> _WorkerRun:
         return state
 
 
+def abandon_evaluation(run: str, tag: int) -> None:
+    """Release every wait of this worker for evaluations up to ``tag`` (run by the coordinator
+    through ``Client.run``, on the event loop: no task thread needed)."""
+    with _RUNS_LOCK:
+        state = _RUNS.get(run)
+    if state is not None:
+        state.abandoned = max(state.abandoned, tag)
+
+
+def reply(state: _WorkerRun, tag: int, pending):
+    """The result of an actor call made for evaluation ``tag``, awaited in slices; raises
+    ``Abandoned`` once the evaluation is given up or the actor's worker cannot be reached."""
+    while True:
+        try:
+            return pending.result(timeout=WAIT_SLICE)
+        except TimeoutError:
+            if state.abandoned >= tag:
+                raise Abandoned(tag) from None
+        except OSError as e:  # "Unable to contact Actor's worker"
+            raise Abandoned(tag) from e
+
+
 def forget_run(run: str) -> bool:
     """Drop a finished run's cached parameters, rows and accumulators from this worker."""
     with _RUNS_LOCK:
@@ -184,7 +221,8 @@ def _parameters(plan: PortionPlan, state: _WorkerRun, tag: int):
         if state.params_tag != tag:
             if state.params_tag is not None and state.params_tag > tag:
                 return None
-            slices = call_all(plan.shards, "read_evaluated", tag)
+            pending = [s.read_evaluated(tag) for s in plan.shards]
+            slices = [reply(state, tag, p) for p in pending]
             if any(s is None for s in slices):
                 return None
             assemble(slices, plan.ranges, state.params)
@@ -205,9 +243,14 @@ async def _push(plan: PortionPlan, state: _WorkerRun, tag: int, acc: np.ndarray,
     """Add ``acc`` into every shard's accumulator (all shards at once, on the worker's event
     loop); its portions count as applied only when every shard accepted them (a shard refuses
     an abandoned evaluation's contributions)."""
-    accepted = await asyncio.gather(*[
-        s.accumulate(tag, acc[a:b]) for s, (a, b) in zip(plan.shards, plan.ranges)])
-    state.pushed_back(tag, acc, portions if all(accepted) else [])
+    pending = [asyncio.ensure_future(s.accumulate(tag, acc[a:b]))
+               for s, (a, b) in zip(plan.shards, plan.ranges)]
+    while state.abandoned < tag:  # a dead shard's reply may never come
+        done, waiting = await asyncio.wait(pending, timeout=WAIT_SLICE)
+        if not waiting:
+            break
+    accepted = all(p.done() and not p.exception() and p.result() for p in pending)
+    state.pushed_back(tag, acc, portions if accepted else [])
 
 
 async def _push_in_background(plan: PortionPlan, state: _WorkerRun, tag: int, acc: np.ndarray,
@@ -229,10 +272,10 @@ def _claim_and_add(plan: PortionPlan, state: _WorkerRun, tag: int, portion: int,
     with state.lock:
         state.in_flight += 1
     try:
-        won = plan.ledger.claim(tag, portion, worker.address, seconds, float(loss),
-                                backup).result()
+        won = reply(state, tag, plan.ledger.claim(tag, portion, seconds))
         if not won:
             return False
+        state.record_win(tag, portion, loss, backup)
         with state.lock:
             if not state.current(tag):
                 return True  # counted in an evaluation abandoned meanwhile: nothing to add to
@@ -253,8 +296,9 @@ def run_portion(plan: PortionPlan, tag: int, portion: int, bounds: tuple[int, in
                 backup: bool = False) -> bool:
     """Compute one portion of evaluation ``tag``, claim it, keep it if won (module docstring).
 
-    Returns whether this copy counted. The coordinator does not fetch it: it learns the winners
-    and their losses from the ledger in one call, not one result at a time.
+    Returns whether this copy counted (False too when the evaluation was abandoned while the
+    copy waited on an actor). The coordinator does not fetch it: it learns the winners and their
+    losses from the flush, not one result at a time.
     """
     start = time.perf_counter()
     worker = get_worker().address
@@ -263,18 +307,34 @@ def run_portion(plan: PortionPlan, tag: int, portion: int, bounds: tuple[int, in
     group = plan.groups.get(worker)
     if group is not None:
         return _run_on_blocks(plan, state, group, tag, portion, bounds, backup, start, worker)
-    params = _parameters(plan, state, tag)
-    if params is None:
+    try:
+        params = _parameters(plan, state, tag)
+        if params is None:
+            return False
+        X, y = _rows(plan, state, bounds)
+        tick = time.perf_counter()
+        loss, grad = portion_gradient(state.model, params, X, y)
+        _straggle(plan, worker, tick)
+        compute = time.perf_counter() - tick
+        counted = _claim_and_add(plan, state, tag, portion, loss, grad,
+                                 time.perf_counter() - start, backup)
+    except Abandoned:
         return False
-    X, y = _rows(plan, state, bounds)
-    tick = time.perf_counter()
-    loss, grad = portion_gradient(state.model, params, X, y)
-    _straggle(plan, worker, tick)
-    compute = time.perf_counter() - tick
-    counted = _claim_and_add(plan, state, tag, portion, loss, grad,
-                             time.perf_counter() - start, backup)
     _report(plan, tag, portion, worker, compute, backup, counted)
     return counted
+
+
+def evaluate_current(plan: PortionPlan, store, stop: int, tag: int) -> dict | None:
+    """Test metrics on the first ``stop`` rows of ``store`` at the current iterate (vector
+    ``"x"``, between iterations), on a worker that fetches it itself; None when the
+    coordinator abandoned ``tag`` meanwhile (a shard was lost)."""
+    state = _state(plan)
+    pending = [s.read("x") for s in plan.shards]
+    try:
+        params = assemble([reply(state, tag, p) for p in pending], plan.ranges)
+    except Abandoned:
+        return None
+    return evaluate_rows(plan.model, params, store, 0, stop)
 
 
 def _straggle(plan: PortionPlan, worker: str, tick: float) -> None:
@@ -308,18 +368,19 @@ def _run_on_blocks(plan: PortionPlan, state: _WorkerRun, group, tag: int, portio
                               regularize=False))
         _straggle(plan, worker, tick)
         compute = time.perf_counter() - tick
-        counted = plan.ledger.claim(tag, portion, worker, time.perf_counter() - start,
-                                    float(loss), backup).result()
+        counted = reply(state, tag, plan.ledger.claim(tag, portion, time.perf_counter() - start))
         if counted:
+            state.record_win(tag, portion, loss, backup)
             group.call("add_portion", [(tag, portion, plan.push_every)] * k)
     _report(plan, tag, portion, worker, compute, backup, counted)
     return counted
 
 
-async def flush_worker(plan: PortionPlan, tag: int, dask_worker=None) -> list[int]:
+async def flush_worker(plan: PortionPlan, tag: int, dask_worker=None) -> dict:
     """Push what this worker still holds for evaluation ``tag`` -- its accumulator, and its
-    model-parallel replica's sums -- and return every portion of ``tag`` it has applied on the
-    shards.
+    model-parallel replica's sums -- and return ``{portion: (worker, loss, backup)}`` for every
+    portion of ``tag`` it won and has applied on the shards: with the flush, the coordinator
+    learns the winners without asking the ledger.
 
     Run by the coordinator through ``Client.run`` on the worker's event loop: it needs no task
     thread, so a worker whose threads are all busy (with a straggler) flushes at once. It waits
@@ -330,21 +391,23 @@ async def flush_worker(plan: PortionPlan, tag: int, dask_worker=None) -> list[in
     with _RUNS_LOCK:
         state = _RUNS.get(plan.run)
     if state is None:
-        return []
+        return {}
     applied = await _flush_accumulator(plan, state, tag)
     group = plan.groups.get(dask_worker.address) if dask_worker is not None else None
     if group is not None:  # a portion counts once every block of the replica has pushed it
         replies = await asyncio.gather(*[a.flush_evaluation(tag) for a in group.actors])
         applied += sorted(set.intersection(*map(set, replies)))
-    return applied
+    with state.lock:
+        won = state.won if state.won_tag == tag else {}
+        return {p: (dask_worker.address, *won[p]) for p in applied if p in won}
 
 
 async def _flush_accumulator(plan: PortionPlan, state: _WorkerRun, tag: int) -> list[int]:
     deadline = time.monotonic() + FLUSH_PATIENCE
     while True:
         with state.lock:  # task threads hold it only for an in-memory add
-            if state.in_flight == 0:
-                if state.tag != tag:
+            if state.in_flight == 0 or state.abandoned >= tag:
+                if state.tag != tag or state.abandoned >= tag:
                     return []
                 acc, portions = state.take() if state.pending else (None, [])
                 break

@@ -16,16 +16,90 @@ A two-loop recursion with history m therefore costs about 2m + 2 round trips, wh
 of shards, and the vector updates of an L-BFGS step ride along with the next dot product. Dots
 are float64 partial sums per shard, added here in shard order: they differ from a local dot only
 in summation order (a relative 1e-16 effect).
+
+A shard's worker can die. An actor call to it then fails, or stays pending forever (distributed
+2026.8 waits for the actor's key, which can never run again), so the coordinator waits through
+a ``Watch``: replies in short slices, checking between slices that the shards' workers are still
+in the cluster, and raising ``ShardLost`` naming them when one is not. Sandblaster recovers from
+that (``daskbelief.train.sandblaster``).
 """
 from __future__ import annotations
 
+import threading
+from concurrent.futures import Future
+
 import numpy as np
 
+from daskbelief import waits
+from daskbelief.train.recovery import lost_workers
 
-def call_all(shards, method: str, *args) -> list:
+WAIT_SLICE = 0.5  # seconds between liveness checks while a reply is awaited
+PATIENCE = 300.0  # seconds without a reply from live workers before giving up
+
+
+class ShardLost(RuntimeError):
+    """Workers holding parameter shards (or Sandblaster's ledger) left the cluster."""
+
+    def __init__(self, workers):
+        self.workers = sorted(workers)
+        super().__init__(f"lost the worker(s) holding parameter shards: {', '.join(self.workers)}")
+
+
+class Watch:
+    """Waits on replies from actors held by ``addresses`` without ever waiting on a dead one.
+
+    ``client`` None: plain waits (a space built in tests, without a cluster to ask)."""
+
+    def __init__(self, client, addresses):
+        self.client, self.addresses = client, sorted(set(addresses))
+
+    def give_up(self) -> ShardLost | None:
+        """For ``daskbelief.waits``: ``ShardLost`` once a watched worker left the cluster."""
+        if self.client is None:
+            return None
+        lost = lost_workers(self.client, self.addresses)
+        return ShardLost(lost) if lost else None
+
+    def check(self) -> None:
+        """Raise ``ShardLost`` when a watched worker is no longer in the cluster."""
+        lost = self.give_up()
+        if lost is not None:
+            raise lost
+
+    def wait(self, reply, what: str, patience: float = PATIENCE):
+        """``reply.result()`` (an actor's or a task's future), in slices with liveness checks;
+        a failed call from a lost worker raises ``ShardLost``, other errors pass through."""
+        if self.client is None:
+            return reply.result()
+        try:
+            return waits.result(reply, timeout=patience, what=what, every=WAIT_SLICE,
+                                give_up=self.give_up)
+        except (OSError, RuntimeError):  # "Unable to contact Actor's worker", "... was lost"
+            self.check()
+            raise
+
+
+def in_thread(fn, *args, **kwargs) -> Future:
+    """``fn(*args, **kwargs)`` in a thread of its own, for a blocking call that may never return
+    (one that waits on a dead shard): the caller waits on the future through a ``Watch``."""
+    future: Future = Future()
+
+    def target():
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # handed to whoever waits
+            future.set_exception(e)
+
+    threading.Thread(target=target, daemon=True, name=f"daskbelief-{fn.__name__}").start()
+    return future
+
+
+def call_all(shards, method: str, *args, watch: Watch | None = None) -> list:
     """Call ``method`` on every shard, all issued before any reply is awaited; the replies."""
     pending = [getattr(shard, method)(*args) for shard in shards]
-    return [p.result() for p in pending]
+    if watch is None:
+        return [p.result() for p in pending]
+    return [watch.wait(p, f"{method} on shard {i}") for i, p in enumerate(pending)]
 
 
 def assemble(slices, ranges, out=None) -> np.ndarray:
@@ -41,10 +115,12 @@ class ShardedVectors:
 
     ``shards`` and ``ranges`` are a ``ParameterServer``'s: shard i holds elements
     ``ranges[i]`` of every vector. ``flushes`` counts the round trips made (one per shard each).
+    ``watch``: how replies are awaited (default: plainly).
     """
 
-    def __init__(self, shards, ranges):
+    def __init__(self, shards, ranges, watch: Watch | None = None):
         self.shards, self.ranges = list(shards), [tuple(r) for r in ranges]
+        self.watch = watch or Watch(None, ())
         self.size = self.ranges[-1][1]
         self.flushes = 0
         self._queue: list[tuple] = []
@@ -68,6 +144,9 @@ class ShardedVectors:
     def mul(self, a: str, b: str, out: str) -> None:
         self._queue.append(("mul", a, b, out))
 
+    def combine(self, terms, out: str) -> None:
+        self._queue.append(("combine", [(name, float(c)) for name, c in terms], out))
+
     # -- sent: the queue goes along --------------------------------------------------------------
     def execute(self, op: tuple | None = None) -> list:
         """Send the queued operations, then ``op``, to every shard in one call each; return each
@@ -77,7 +156,7 @@ class ShardedVectors:
         if not ops:
             return []
         self.flushes += 1
-        results = call_all(self.shards, "run_ops", ops)
+        results = call_all(self.shards, "run_ops", ops, watch=self.watch)
         return [r[-1] for r in results] if op is not None else []
 
     def dots(self, pairs) -> list[float]:
@@ -91,4 +170,4 @@ class ShardedVectors:
     def gather(self, name: str) -> np.ndarray:
         """The whole vector ``name`` on this machine: for the final result and for tests only."""
         self.execute()
-        return assemble(call_all(self.shards, "read", name), self.ranges)
+        return assemble(call_all(self.shards, "read", name, watch=self.watch), self.ranges)
