@@ -26,7 +26,13 @@ from daskbelief import waits
 from daskbelief.monitor import events
 from daskbelief.workarounds import worker_info
 
-DASK = str(Path(sys.executable).with_name("dask"))  # the console script of this environment
+DASK = [sys.executable, "-m", "dask"]  # the `dask` command of this environment
+
+
+def draws(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
+    """Two independent generators from one seed: one for victims, one for moments."""
+    victims, moments = np.random.default_rng(seed).spawn(2)
+    return victims, moments
 
 
 def choose_victim(rng: np.random.Generator, workers) -> str:
@@ -75,11 +81,32 @@ def sigkill(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
+def holdings(client, address: str) -> list[str]:
+    """What the worker at ``address`` holds now: its actors' keys, then the tasks it runs."""
+    actors = client.run(lambda dask_worker: sorted(map(str, dask_worker.state.actors)),
+                        workers=[address])[address]
+    return actors + sorted(map(str, client.processing([address]).get(address, ())))
+
+
 def kill_worker(client, address: str) -> int:
     """SIGKILL the process of the worker at ``address``; its pid."""
     pid = client.run(os.getpid, workers=[address])[address]
     sigkill(pid)
     return pid
+
+
+def threads_in(client, function: str) -> dict[str, int]:
+    """Address -> how many threads of that worker are inside ``function`` now (found on the
+    threads' stacks: a task the scheduler has released may still be running there)."""
+    def count(function=function):
+        def inside(frame):
+            while frame is not None:
+                if frame.f_code.co_name == function:
+                    return True
+                frame = frame.f_back
+            return False
+        return sum(inside(f) for f in sys._current_frames().values())
+    return client.run(count)
 
 
 # What a run has reached, read from its events on the scheduler (only events since ``since``,
@@ -108,6 +135,7 @@ class Kill:
     victim: str
     pid: int
     time: float
+    held: list  # what the victim held when it was killed (``holdings``)
 
 
 @dataclass
@@ -130,7 +158,7 @@ class Chaos:
     error: str | None = None
 
     def __post_init__(self):
-        self._rng = np.random.default_rng(self.seed)
+        self._rng = draws(self.seed)[0]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"chaos seed {self.seed}")
 
@@ -144,8 +172,9 @@ class Chaos:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join(timeout=30)
-        print(f"chaos: seed {self.seed}, killed {[(k.victim, round(k.moment, 1)) for k in self.kills]}",
-              flush=True)
+        for k in self.kills:
+            print(f"chaos: seed {self.seed}: killed {k.victim} (pid {k.pid}) at {k.moment:.1f}, "
+                  f"holding {k.held}", flush=True)
 
     @property
     def missed(self) -> list:
@@ -160,8 +189,9 @@ class Chaos:
                 if self._stop.is_set():
                     return
                 victim = choose_victim(self._rng, worker_info(self.client))
+                held = holdings(self.client, victim)
                 pid = kill_worker(self.client, victim)
-                self.kills.append(Kill(moment, victim, pid, time.time()))
+                self.kills.append(Kill(moment, victim, pid, time.time(), held))
         except Exception as e:  # noqa: BLE001 -- reported by whoever reads .error
             self.error = f"seed {self.seed}: {e!r}"
 
@@ -213,7 +243,7 @@ def dask_scheduler(directory, *, timeout: float = 60.0):
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     file = directory / "scheduler.json"
-    process = spawn([DASK, "scheduler", "--scheduler-file", str(file), "--host", "127.0.0.1",
+    process = spawn([*DASK, "scheduler", "--scheduler-file", str(file), "--host", "127.0.0.1",
                      "--port", "0", "--dashboard-address", ":0"], directory / "scheduler.log")
     try:
         waits.until(lambda: running(process, "dask scheduler") and scheduler_address(file),
@@ -234,7 +264,7 @@ def dask_workers(scheduler_file, n: int, *, nthreads: int = 1, directory=None, t
     processes = []
     try:
         for i in range(n):
-            processes.append(spawn([DASK, "worker", "--scheduler-file", str(scheduler_file),
+            processes.append(spawn([*DASK, "worker", "--scheduler-file", str(scheduler_file),
                                     "--host", "127.0.0.1", "--nthreads", str(nthreads),
                                     "--name", f"worker-{i}", "--no-dashboard",
                                     "--local-directory", str(directory / f"worker-{i}")],
