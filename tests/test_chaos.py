@@ -10,6 +10,7 @@ processes: the driver SIGKILLed (its replicas stop within seconds) and the sched
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -84,33 +85,47 @@ def mlp():
     return Sequential((64,), [Dense(64, "relu"), Dense(10)], l2=1e-4)
 
 
-@pytest.mark.parametrize("layout, seed, partition", [
-    ("no spare thread", 1, None), ("no spare thread", 2, None),
-    ("spare threads", 3, None), ("spare threads", 4, None),
-    ("no spare thread", 5, {"kind": "horizontal", "k": 2}),
-    ("spare threads", 6, {"kind": "horizontal", "k": 2}),
+MP = {"kind": "horizontal", "k": 2}
+
+
+@pytest.mark.parametrize("layout, seed, partition, kills, extra", [
+    pytest.param("no spare thread", 1, None, 1, {}, id="plain-no-spare-seed1"),
+    pytest.param("no spare thread", 2, None, 2, {}, id="plain-no-spare-seed2-two-kills"),
+    pytest.param("spare threads", 3, None, 1, {}, id="plain-spare-seed3"),
+    pytest.param("spare threads", 4, None, 1,
+                 {"warmstart_steps": 40, "eval_every": 0.2, "checkpoint_every": 0.3},
+                 id="plain-spare-seed4-warm-start-checkpoints-evaluations"),
+    pytest.param("no spare thread", 5, MP, 1, {}, id="model-parallel-no-spare-seed5"),
+    pytest.param("spare threads", 6, MP, 1, {}, id="model-parallel-spare-seed6"),
 ])
-def test_downpour_finishes_whatever_worker_is_lost_at_a_random_step(digits_path, layout, seed,
-                                                                     partition):
+def test_downpour_finishes_whatever_worker_is_lost_at_a_random_step(digits_path, tmp_path, layout,
+                                                                     seed, partition, kills, extra):
+    """``extra`` adds a warm start, checkpoints and evaluations for the kill to land in."""
     threads, replicas = LAYOUTS[layout]
     steps = 200 if partition is None else 60
+    if "checkpoint_every" in extra:
+        extra = {**extra, "checkpoint_dir": tmp_path / "checkpoints"}
     _, moments = chaos.draws(seed)
     with three_workers(threads) as cluster, Client(cluster) as client:
-        with chaos.Chaos(client, seed, chaos.choose_moments(moments, 10, steps // 3),
+        with chaos.Chaos(client, seed, chaos.choose_moments(moments, 10, steps // 3, kills),
                          timeout=60) as killer:
             result = chaos.run_with_deadline(
                 lambda: downpour(mlp(), digits_path, test=digits_path, client=client,
                                  replicas=replicas, shards=2 if partition is None else 1,
                                  n_fetch=5, n_push=5, rule={"name": "adagrad", "lr": 0.05},
                                  batch_size=32, steps=steps, report_every=5, seed=0,
-                                 partition=partition),
+                                 partition=partition, **extra),
                 RUN_DEADLINE, f"Downpour under chaos (seed {seed}, {layout}, partition {partition})")
         run = run_of(client, killer.since)
-        kill = the_kill(killer)
-        assert kill.pid not in chaos.worker_pids(client).values()  # it really died
-        assert_recovered_what_was_lost(kill, client, run, result)
+        assert killer.error is None, killer.error
+        assert len(killer.kills) == kills, f"seed {seed}: the run ended before the kills at {killer.missed}"
+        alive = chaos.worker_pids(client).values()
+        for kill in killer.kills:
+            assert kill.pid not in alive  # it really died
+            assert_recovered_what_was_lost(kill, client, run, result)
     assert np.isfinite(result.params).all()
-    assert result.summary["test_accuracy"] >= (0.9 if partition is None else 0.8), (kill, result.summary)
+    assert result.summary["test_accuracy"] >= (0.9 if partition is None else 0.8), (killer.kills,
+                                                                                     result.summary)
 
 
 def mlp_lbfgs():
@@ -181,13 +196,13 @@ def real_cluster(tmp_path):
         yield scheduler, file
 
 
-def start_training(tmp_path, digits_path, scheduler_file) -> tuple[subprocess.Popen, object]:
+def start_training(tmp_path, digits_path, scheduler_file, env=None) -> tuple[subprocess.Popen, object]:
     config = tmp_path / "chaos.toml"
     config.write_text(PIPELINE.format(data=digits_path))
     run_dir = tmp_path / "run"
     cli = subprocess.Popen([DASKBELIEF, "train", str(config),
                             "--scheduler-file", str(scheduler_file), "--out", str(run_dir)],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     return cli, run_dir
 
 
@@ -216,7 +231,10 @@ def test_a_driver_killed_leaves_no_replica_running(tmp_path, digits_path, real_c
 def test_a_scheduler_killed_ends_the_run_with_one_line_that_says_how_to_resume(tmp_path, digits_path,
                                                                                 real_cluster):
     scheduler, file = real_cluster
-    cli, run_dir = start_training(tmp_path, digits_path, file)
+    # distributed's client retries the scheduler for `comm.timeouts.connect` (30 s) before it
+    # gives up; 10 s keeps the test short and still well above a connection's set-up time
+    env = {**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "10s"}
+    cli, run_dir = start_training(tmp_path, digits_path, file, env)
     try:
         waits.until(lambda: training_under_way(cli, run_dir), timeout=120,
                     what="the first checkpoint of `daskbelief train`")
