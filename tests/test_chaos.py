@@ -38,6 +38,21 @@ DASKBELIEF = str(Path(sys.executable).with_name("daskbelief"))  # the console sc
 RUN_DEADLINE = 150.0  # seconds a run under chaos may take before it counts as hung
 
 
+def test_the_choices_are_the_seeds_and_only_the_seeds():
+    """Same seed, same victim and moments, whatever order the workers are listed in; over seeds
+    every worker is hit (no role is spared); a kill every 4 s of a 13 s run is three kills."""
+    workers = [f"tcp://127.0.0.1:{port}" for port in (40001, 39999, 41234)]
+    assert chaos.choose_victim(chaos.draws(5)[0], workers) == chaos.choose_victim(
+        chaos.draws(5)[0], workers[::-1])
+    assert {chaos.choose_victim(chaos.draws(seed)[0], workers) for seed in range(30)} == set(workers)
+    moments = chaos.choose_moments(chaos.draws(5)[1], 10, 20, 3)
+    assert moments == sorted(moments) == chaos.choose_moments(chaos.draws(5)[1], 10, 20, 3)
+    assert all(10 <= m <= 20 for m in moments)
+    assert chaos.every(4, 13) == [4, 8, 12] and chaos.every(4, 12) == [4, 8]
+    with pytest.raises(ValueError, match="no worker left"):
+        chaos.choose_victim(chaos.draws(0)[0], [])
+
+
 def three_workers(threads: int) -> LocalCluster:
     return LocalCluster(n_workers=3, threads_per_worker=threads, processes=True,
                         dashboard_address=":0")
