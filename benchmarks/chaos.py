@@ -4,12 +4,13 @@ worker SIGKILLed every few seconds (its nanny restarts it), side by side on the 
 ``python -m benchmarks chaos [--quick]`` runs ``pipelines/speech-downpour.toml`` (its model,
 replicas, shards, rule and warm start; checkpoints every few seconds) on three worker processes
 of two threads, on 20,000 rows for 4 epochs (quick: 10,000 rows, 2 epochs), so that both runs
-together take a few minutes (quick: well under one) on two cores. The victims are drawn from a printed seed (``daskbelief.testing.chaos``).
-Printed: kills, recoveries (shards recreated, blocks rebuilt, replicas restarted), hangs (the run
-past its deadline, or a stretch of ``HANG_SECONDS`` with no replica progress), updates lost, and
-the final test accuracy and seconds of both runs. Targets: no hang; final accuracy within one
-point of the undisturbed run's. Other processes share this machine: the seconds are noisy, the
-ratio of the two runs measured here is the figure to read.
+together take a few minutes (quick: well under one) on two cores. The victims are drawn from a
+printed seed (``daskbelief.testing.chaos``). Printed: kills, recoveries (shards recreated,
+blocks rebuilt, replicas restarted), hangs (the run past its deadline, or a stretch of
+``HANG_SECONDS`` with no replica progress), updates lost, and the final test accuracy and
+seconds of both runs. Targets: no hang; final accuracy within one point of the undisturbed
+run's. Other processes share this machine: the seconds are noisy, the ratio of the two runs
+measured here is the figure to read.
 """
 from __future__ import annotations
 

@@ -188,12 +188,24 @@ class Chaos:
                             what=f"{self.progress.__name__} to reach {moment:.1f} (seed {self.seed})")
                 if self._stop.is_set():
                     return
-                victim = choose_victim(self._rng, worker_info(self.client))
-                held = holdings(self.client, victim)
-                pid = kill_worker(self.client, victim)
-                self.kills.append(Kill(moment, victim, pid, time.time(), held))
+                self.kills.append(waits.until(lambda: self._kill_one(moment), timeout=30,
+                                              what=f"a live worker to kill at {moment:.1f}"))
         except Exception as e:  # noqa: BLE001 -- reported by whoever reads .error
             self.error = f"seed {self.seed}: {e!r}"
+
+    def _kill_one(self, moment: float) -> Kill | None:
+        """Kill a worker drawn among the live ones; None if it left before it could be killed
+        (the scheduler may still list a worker killed a moment ago)."""
+        killed = {k.victim for k in self.kills}
+        live = [w for w in worker_info(self.client) if w not in killed]
+        if not live:
+            return None
+        victim = choose_victim(self._rng, live)
+        try:
+            held = holdings(self.client, victim)
+            return Kill(moment, victim, kill_worker(self.client, victim), time.time(), held)
+        except OSError:  # CommClosedError included: it left between the listing and the kill
+            return None
 
 
 # Real `dask scheduler` and `dask worker` processes, always stopped.
