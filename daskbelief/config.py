@@ -2,7 +2,9 @@
 
 A pipeline names a dataset recipe (built when missing), a model, a training algorithm and its
 settings. Every key is checked: an unknown key or a value of the wrong type is an error that names
-the key and what was expected, so a typo never silently falls back to a default.
+the key and what was expected, so a typo never silently falls back to a default. The keys of
+``[train]`` are the algorithm's own settings, declared once by its entry point's signature
+(``train.engines``).
 """
 from __future__ import annotations
 
@@ -19,19 +21,6 @@ SCHEMA: dict[str, dict[str, object]] = {
     "checkpoint": {"every_seconds": NUMBER, "keep": int},
 }
 
-TRAIN_COMMON = {"algorithm": str, "seed": int, "eval_every": NUMBER}
-
-ALGORITHMS: dict[str, dict[str, object]] = {
-    "downpour": {"replicas": int, "shards": int, "n_fetch": int, "n_push": int, "rule": dict,
-                 "batch_size": int, "epochs": int, "steps": int, "warmstart_steps": int,
-                 "overlap": bool, "max_in_flight": int, "report_every": int, "eval_rows": int,
-                 "partition": dict},
-    "sandblaster": {"partition": dict,
-                    "shards": int, "iterations": int, "history": int, "portion_size": int,
-                    "backups": bool, "tolerance": NUMBER, "ftol": NUMBER, "batch_rows": int,
-                    "push_every": int, "eval_rows": int},
-    "reference": {"rule": dict, "batch_size": int, "epochs": int, "steps": int},
-}
 
 
 class ConfigError(ValueError):
@@ -39,8 +28,10 @@ class ConfigError(ValueError):
 
 
 def _type_name(expected) -> str:
-    if expected is NUMBER:
+    if expected == NUMBER:
         return "a number"
+    if isinstance(expected, tuple):
+        return " or ".join(_type_name(e) for e in expected)
     return {str: "a string", int: "an integer", bool: "true or false", list: "an array",
             dict: "a table"}[expected]
 
@@ -53,7 +44,8 @@ def _check_section(name: str, table, schema: dict) -> None:
             known = ", ".join(sorted(schema))
             raise ConfigError(f"unknown key {name}.{key} (known keys of [{name}]: {known})")
         expected = schema[key]
-        ok = isinstance(value, expected) and not (expected in (int, NUMBER) and isinstance(value, bool))
+        ok = isinstance(value, expected) and (expected is bool or not isinstance(value, bool)
+                                              or (isinstance(expected, tuple) and bool in expected))
         if not ok:
             raise ConfigError(f"{name}.{key} must be {_type_name(expected)}, "
                               f"got {value!r} ({type(value).__name__})")
@@ -71,12 +63,14 @@ def validate(config: dict) -> dict:
     for name, schema in SCHEMA.items():
         if name in config:
             _check_section(name, config[name], schema)
+    from daskbelief.train import engines  # here: it reads the entry points' signatures
+
     train = config["train"]
-    algorithm = train.get("algorithm")
-    if algorithm not in ALGORITHMS:
-        raise ConfigError(f"train.algorithm must be one of {', '.join(sorted(ALGORITHMS))}, "
-                          f"got {algorithm!r}")
-    _check_section("train", train, TRAIN_COMMON | ALGORITHMS[algorithm])
+    try:
+        engine = engines.get(train.get("algorithm"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _check_section("train", train, {"algorithm": str} | engine.settings())
     if "recipe" not in config["dataset"] or "path" not in config["dataset"]:
         raise ConfigError("[dataset] needs both recipe (e.g. \"digits\") and path (where the store lives)")
     return config

@@ -24,7 +24,9 @@ from daskbelief.monitor.progress import Progress
 from daskbelief.nn import Sequential
 from daskbelief.ps import checkpoint
 from daskbelief.train.partition import as_plan
+from daskbelief.train import engines
 from daskbelief.train.errors import RunLost
+from daskbelief.train.recovery import scheduler_lost
 
 CHECKPOINT_EVERY = 60.0  # seconds, when [checkpoint] does not say
 
@@ -52,18 +54,19 @@ def prepare(config: dict) -> Pipeline:
         raise ConfigError(f"[model]: {e}") from None
     train = dict(config["train"])
     algorithm = train.pop("algorithm")
-    if algorithm not in ("downpour", "sandblaster"):
-        raise ConfigError(f"train.algorithm {algorithm!r} cannot run as a pipeline (use downpour or "
-                          "sandblaster; the reference trainers are library functions)")
+    try:
+        engines.get(algorithm)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     try:
         as_plan(model, train.get("partition"))
     except ValueError as e:
         raise ConfigError(f"train.partition: {e}") from None
-    if algorithm == "downpour":
+    if "rule" in train:
         from daskbelief.optim.rules import make_rule
 
         try:
-            make_rule(train.get("rule", "adagrad"))
+            make_rule(train["rule"])
         except ValueError as e:
             raise ConfigError(f"train.rule: {e}") from None
     return Pipeline(config, model, algorithm, train)
@@ -125,30 +128,25 @@ def ensure_dataset(spec: dict) -> str:
     return path
 
 
+def _settings(pipe: Pipeline) -> dict:
+    """The engine's settings: its API defaults with the pipeline's values over them."""
+    return {**engines.get(pipe.algorithm).defaults(), **pipe.train}
+
+
 def _threads_needed(pipe: Pipeline, n_workers) -> int:
-    """Threads per local worker so that every Downpour replica runs at once."""
-    replicas = pipe.train.get("replicas", 1) if pipe.algorithm == "downpour" else 1
-    return max(1, -(-replicas // (n_workers or default_local_workers())))
+    """Threads per local worker so that everything the engine runs at once has a thread."""
+    needed = engines.get(pipe.algorithm).threads(_settings(pipe))
+    return max(1, -(-needed // (n_workers or default_local_workers())))
 
 
 def _work(pipe: Pipeline, path: str) -> tuple[int, str]:
     """How much work the run is, for the progress bar: (total, unit)."""
-    t = pipe.train
-    if pipe.algorithm == "sandblaster":
-        return t.get("iterations", 50), "iterations"
-    batch, replicas = t.get("batch_size", 32), t.get("replicas", 2)
-    warm = t.get("warmstart_steps", 0) * batch
-    if t.get("steps") is not None:
-        return replicas * t["steps"] * batch + warm, "samples"
-    return t.get("epochs", 1) * open_store(path).n + warm, "samples"
+    return engines.get(pipe.algorithm).work(_settings(pipe), open_store(path).n)
 
 
 def _train(pipe: Pipeline, path: str, client, run_dir: Path, resume_from):
     every = pipe.config.get("checkpoint", {})
-    if pipe.algorithm == "downpour":
-        from daskbelief.train.downpour import downpour as algorithm
-    else:
-        from daskbelief.train.sandblaster import sandblaster as algorithm
+    algorithm = engines.get(pipe.algorithm).function()
     return algorithm(pipe.model, path, test=path, client=client, config=pipe.config,
                      checkpoint_dir=run_dir / "checkpoints",
                      checkpoint_every=every.get("every_seconds", CHECKPOINT_EVERY),
@@ -184,6 +182,13 @@ def run(config: dict, out=None, *, name: str = "run", overwrite: bool = False, r
         except RunLost as e:
             lost, e.run_dir = e, run_dir
             raise
+        except Exception as e:
+            if not scheduler_lost(client):
+                raise
+            lost = RunLost(f"the scheduler at {client.scheduler.address}",
+                           checkpoint.latest(run_dir / "checkpoints"))
+            lost.run_dir = run_dir
+            raise lost from e
         finally:
             progress.close()
             try:

@@ -6,6 +6,13 @@
   so it waits while long-running tasks hold every thread; and its future never completes if that
   worker dies. Actors are started with a deadline that names them, and the tasks that run for the
   whole training (replicas) call ``leave_thread_pool`` so that they hold no pool thread at all.
+* A Variable's value lives deserialised on an in-process scheduler, and every ``Actor`` handle
+  made where a client exists holds a future of its own for the actor's key: a Variable holding
+  server handles keeps the shards alive after the run, so the driver deletes its Variables.
+* ``stuck_without_worker``: a task submitted with ``workers=[home], allow_other_workers=True``
+  whose home died while no worker was running stays in ``no-worker`` for ever (the scheduler,
+  placing such tasks when workers join, ignores the loose restriction); the driver finds its
+  replicas there and submits them again without a home.
 * ``LocalActor``: a call from a task to an actor of its own worker would go over loopback TCP
   through the worker's event loop; it is submitted straight to the actor thread instead.
 * All actors of a worker share one thread: callers spread shards and blocks over workers
@@ -28,6 +35,15 @@ def worker_info(client: Client) -> dict[str, dict]:
     """The scheduler's record of every worker (address -> info), fetched now (not the cache that
     ``client.scheduler_info()`` may return, which can hold no workers)."""
     return client.sync(client.scheduler.identity, n_workers=-1)["workers"]
+
+
+def stuck_without_worker(client: Client, futures) -> list[int]:
+    """Indices of ``futures`` whose tasks wait in the scheduler's ``no-worker`` state."""
+    keys = [f.key for f in futures]
+    states = client.run_on_scheduler(
+        lambda keys, dask_scheduler=None: {k: dask_scheduler.tasks[k].state for k in keys
+                                           if k in dask_scheduler.tasks}, keys)
+    return [i for i, k in enumerate(keys) if states.get(k) == "no-worker"]
 
 
 def leave_thread_pool() -> None:

@@ -158,3 +158,19 @@ def test_downpour_trains_on_gpus(client, digits_path):
     result = downpour(mlp(hidden=128), digits_path, test=digits_path, client=client, replicas=2,
                       shards=2, rule=adagrad(lr=0.05), batch_size=32, epochs=20, device="cupy")
     assert result.summary["test_accuracy"] >= 0.95
+
+
+def test_a_finished_run_leaves_no_actor_and_no_variable_behind(client, digits_path):
+    """Shards and the run's coordination Variables go with the run: a long-lived cluster does not
+    accumulate them run after run."""
+    from daskbelief import waits
+
+    def actors():
+        return {k for keys in client.run(lambda dask_worker: list(map(str, dask_worker.state.actors))).values()
+                for k in keys}
+
+    before = actors()
+    downpour(mlp(), digits_path, client=client, replicas=1, shards=2, steps=10, seed=0)
+    waits.until(lambda: not (actors() - before), timeout=30, what="the run's actors to be released")
+    variables = client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.extensions["variables"].variables))
+    assert not [v for v in variables if v.startswith("downpour-")], variables

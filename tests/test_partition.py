@@ -6,7 +6,7 @@ import pytest
 
 from daskbelief.nn import Dense, LocallyConnected1D, LocallyConnected2D, Sequential
 from daskbelief.train import partition as P
-from daskbelief.train.partitioned import loss_and_grad
+from daskbelief.train.block import loss_and_grad
 
 
 def small_image_model():

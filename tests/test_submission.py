@@ -14,12 +14,12 @@ from distributed import Client
 
 from daskbelief.cluster import worker_info
 
-DASK = str(Path(sys.executable).parent / "dask")
+DASK = [sys.executable, "-m", "dask"]  # the `dask` command of this interpreter, console script or not
 
 
 def _start(args, log: Path) -> subprocess.Popen:
     # A session of its own: the worker's nanny and its worker process are stopped together.
-    return subprocess.Popen([DASK, *args], stdout=log.open("w"), stderr=subprocess.STDOUT,
+    return subprocess.Popen([*DASK, *args], stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
 

@@ -121,6 +121,10 @@ class Layer:
 
     type = ""
     decayed = ("W",)  # parameters that L2 weight decay applies to (never biases)
+    # How model parallelism cuts the layer into pieces (train.partition, train.pieces):
+    # "inputs" (by input rows, as Dense) or "positions" (by output positions, as locally
+    # connected layers: needs kernel_size, strides and position-major W and b).
+    partition_cut = ""
 
     def __init__(self, activation: str):
         self._act = get_activation(activation)
@@ -159,6 +163,7 @@ class Dense(Layer):
     """Fully connected: ``act(x @ W + b)``, x flattened per example."""
 
     type = "dense"
+    partition_cut = "inputs"
 
     def __init__(self, units: int, activation: str = "linear"):
         super().__init__(activation)
@@ -219,6 +224,7 @@ class _LocallyConnected(Layer):
     """Untied-weight convolution over ``ndim`` spatial axes, valid padding, channels last."""
 
     ndim = 0
+    partition_cut = "positions"
 
     def __init__(self, filters: int, kernel_size, strides=1, activation: str = "linear"):
         super().__init__(activation)

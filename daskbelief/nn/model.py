@@ -26,6 +26,7 @@ unregularised sum over the whole batch (what Sandblaster's portions need).
 """
 from __future__ import annotations
 
+import json
 import math
 import threading
 from collections.abc import Mapping, Sequence
@@ -287,3 +288,21 @@ def _shape(value) -> tuple[int, ...]:
     if not shape or any(isinstance(s, bool) or not isinstance(s, Integral) or s < 1 for s in shape):
         raise ValueError(f"a shape must be a non-empty sequence of positive ints, got {value!r}")
     return tuple(int(s) for s in shape)
+
+
+def model_difference(saved: dict, current: dict, names=("checkpoint", "model")) -> str | None:
+    """A sentence naming how two model descriptions differ, or None when they are the same;
+    ``names`` say what the two sides are."""
+    if saved == current:
+        return None
+    a_name, b_name = names
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            if key == "layers" and isinstance(saved.get(key), list) and isinstance(current.get(key), list):
+                if len(saved[key]) != len(current[key]):
+                    return f"the {a_name} has {len(saved[key])} layers, the {b_name} {len(current[key])}"
+                for i, (a, b) in enumerate(zip(saved[key], current[key])):
+                    if a != b:
+                        return f"layer {i} differs: {a_name} {json.dumps(a)} vs {b_name} {json.dumps(b)}"
+            return f"{key} differs: {a_name} {saved.get(key)!r} vs {b_name} {current.get(key)!r}"
+    return "the descriptions differ"

@@ -108,3 +108,17 @@ class LocalVectors:
 
     def dots(self, pairs) -> list[float]:
         return [self.dot(a, b) for a, b in pairs]
+
+
+def finish_gradient(acc, x, mask, n: int, l2: float, out) -> float:
+    """``out = acc / n + l2 * mask * x`` elementwise (in x's dtype); returns this slice's share of
+    the regulariser ``0.5 * l2 * x' M x``. Works on a whole vector or on any slice of one."""
+    xp = namespace(out)
+    out[...] = acc * (1.0 / n)
+    if not l2:
+        return 0.0
+    masked = xp.multiply(mask, x)
+    reg = 0.5 * l2 * dot64(masked, x)
+    masked *= out.dtype.type(l2)
+    out += masked
+    return reg

@@ -15,7 +15,6 @@ was interrupted half-way is never taken for the latest.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from daskbelief.nn.model import model_difference
 from daskbelief.ps.policy import overlaps
 
 PREFIX = "ckpt-"
@@ -185,21 +185,3 @@ def load_to_resume(path, model: dict, resuming: str, *, vectors: bool = True) ->
     if problem:
         raise ValueError(f"cannot resume from checkpoint {path}: {problem}")
     return load(path, vectors=vectors)
-
-
-def model_difference(saved: dict, current: dict, names=("checkpoint", "model")) -> str | None:
-    """A sentence naming how two model descriptions differ, or None when they are the same;
-    ``names`` say what the two sides are."""
-    if saved == current:
-        return None
-    a_name, b_name = names
-    for key in sorted(set(saved) | set(current)):
-        if saved.get(key) != current.get(key):
-            if key == "layers" and isinstance(saved.get(key), list) and isinstance(current.get(key), list):
-                if len(saved[key]) != len(current[key]):
-                    return f"the {a_name} has {len(saved[key])} layers, the {b_name} {len(current[key])}"
-                for i, (a, b) in enumerate(zip(saved[key], current[key])):
-                    if a != b:
-                        return f"layer {i} differs: {a_name} {json.dumps(a)} vs {b_name} {json.dumps(b)}"
-            return f"{key} differs: {a_name} {saved.get(key)!r} vs {b_name} {current.get(key)!r}"
-    return "the descriptions differ"

@@ -15,7 +15,7 @@ import numpy as np
 
 from daskbelief.backend import get_backend, namespace, to_numpy
 from daskbelief.optim.rules import make_rule
-from daskbelief.optim.vectors import LocalVectors
+from daskbelief.optim.vectors import LocalVectors, finish_gradient  # the reference's own code
 
 STALENESS_BINS = 64  # staleness >= this lands in the last histogram bin
 
@@ -247,8 +247,6 @@ class ParameterShard:
         (``finish_gradient``, exactly the reference's arithmetic); returns the slice's share of
         the regulariser and its partial sums of the ``dots`` pairs taken afterwards (the line
         search's slope rides along instead of costing another round trip)."""
-        from daskbelief.train.objective import finish_gradient  # the reference's own code
-
         ev = self._evaluation()
         if ev.tag != tag:
             raise RuntimeError(f"shard {self.index}: cannot finish evaluation {tag!r}, the open "

@@ -29,7 +29,7 @@ from daskbelief.cluster import (client_or_local, default_local_workers, require_
                                 require_threads, require_workers, warm_workers)
 from daskbelief.data import open_store
 from daskbelief.monitor import events
-from daskbelief.optim.rules import make_rule
+from daskbelief.optim.rules import UpdateRule, make_rule
 from daskbelief.ps import checkpoint
 from daskbelief.ps.policy import place_blocks, place_replicas
 from daskbelief.ps.server import CALL_TIMEOUT, RECOVERY_TIMEOUT, WAIT_SLICE, ParameterServer, ServerLost
@@ -37,8 +37,8 @@ from daskbelief.train.driver import Driver
 from daskbelief.train.errors import DriverGone, RunLost
 from daskbelief.train.recovery import Lease, LeaseWatch, lost_workers
 from daskbelief.workarounds import leave_thread_pool, worker_info
-from daskbelief.train.evaluate import evaluate, test_row
-from daskbelief.train.partition import as_plan
+from daskbelief.train.evaluate import announce_test, evaluate, test_row
+from daskbelief.train.partition import Plan, as_plan
 from daskbelief.train.partitioned import Blocks
 from daskbelief.train.result import TrainResult
 
@@ -99,13 +99,13 @@ def validate(*, replicas: int, shards: int, n_fetch: int, n_push: int, batch_siz
 
 
 def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_fetch: int = 5,
-             n_push: int = 5, rule="adagrad", batch_size: int = 32, epochs: int | None = None,
+             n_push: int = 5, rule: str | dict | UpdateRule = "adagrad", batch_size: int = 32, epochs: int | None = None,
              steps: int | None = None, max_seconds: float | None = None,
              warmstart_steps: int = 0, test=None, seed: int = 0,
              params=None, overlap: bool = True, max_in_flight: int = 2, report_every: int = 20,
              eval_every: float | None = None, eval_rows: int = 10_000, checkpoint_dir=None,
              checkpoint_every: float | None = None, checkpoint_keep: int = 3, resume_from=None,
-             partition=None, device: str | None = None,
+             partition: dict | Plan | None = None, device: str | None = None,
              config: dict | None = None) -> TrainResult:
     """Train ``model`` with Downpour SGD on a Dask cluster and return a ``TrainResult``.
 
@@ -200,13 +200,14 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
         block_names = [p.name(f"blocks-{p.replica}") for p, b in zip(replica_plans, blocks) if b is not None]
         for p, b in zip(replica_plans, blocks):
             if b is not None:
-                Variable(p.name(f"blocks-{p.replica}"), client=c).set(b)
+                coordination["variables"].append(Variable(p.name(f"blocks-{p.replica}"), client=c))
+                coordination["variables"][-1].set(b)
         homes = place_replicas(workers, ps.addresses(), replicas)
 
         def submit(r: int, home=None):
             return c.submit(run_replica, model, replica_plans[r], blocks[r],
                             key=f"{run}-replica-{r}-{uuid.uuid4().hex[:6]}", workers=home,
-                            allow_other_workers=True, pure=False, retries=0)
+                            allow_other_workers=home is not None, pure=False, retries=0)
 
         futures = [submit(r, [home]) for r, home in enumerate(homes)]
         driver = Driver(c, run, ps, futures, model, test_store, coordination, blocks=block_names,
@@ -225,7 +226,7 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
         except RunLost:
             raise
         except Exception:
-            driver.check_scheduler()
+            driver.check_scheduler(probe=True)
             raise
         finally:
             driver.close()
@@ -247,14 +248,12 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
             metrics = evaluate(model, final, test_store, client=c)
             summary.update({"test_loss": metrics["loss"], "test_accuracy": metrics.get("accuracy")})
             test_rows.append(test_row(seconds, None, metrics))
+            announce_test(run, test_rows[-1])  # the final evaluation is an eval event, as Sandblaster's
         events.emit(events.RUN, run=run, kind="end",
                     **{k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
         history = _history(c.get_events(events.REPLICA), run, driver.started) + test_rows
     history.sort(key=lambda h: h["time"])
-    result = TrainResult(model, final, history, summary)
-    result.shard_stats = shard_stats
-    result.replica_outcomes = outcomes
-    return result
+    return TrainResult(model, final, history, summary, shard_stats, outcomes)
 
 
 @dataclass
@@ -291,12 +290,14 @@ def _coordinate(client, plan: ReplicaPlan, ps, done: dict[int, int], warmstart_s
         warm.set()
     server = Variable(plan.name("ps"), client=client)
     server.set((0, ps))
+    variables = [server]
     for replica, steps_done in done.items():
-        Variable(plan.name(f"progress-{replica}"), client=client).set(
-            {"done": steps_done, "attempt": -1})
+        variables.append(Variable(plan.name(f"progress-{replica}"), client=client))
+        variables[-1].set({"done": steps_done, "attempt": -1})
     lease = Lease(client, plan.name("lease"))
     lease.start()
-    return {"warm": warm, "stop": stop, "ps": server, "lease": lease}
+    return {"warm": warm, "stop": stop, "ps": server, "lease": lease,
+            "variables": variables + [lease.var]}
 
 
 def _history(replica_events, run: str, start: float) -> list[dict]:

@@ -22,8 +22,8 @@ from daskbelief.monitor import events
 from daskbelief.ps import checkpoint
 from daskbelief.train.evaluate import announce_test, evaluate_rows, finish, test_row
 from daskbelief.train.errors import RunLost
-from daskbelief.train.recovery import gone, pick_worker, updates_missing
-from daskbelief.workarounds import worker_info
+from daskbelief.train.recovery import gone, pick_worker, scheduler_lost, updates_missing
+from daskbelief.workarounds import stuck_without_worker, worker_info
 
 CALL_TIMEOUT = 30.0         # seconds the driver waits for a shard before giving up on it this time
 CHECKPOINT_TIMEOUT = 300.0  # seconds for every shard to write its part of a checkpoint
@@ -82,7 +82,7 @@ class Driver:
         except RunLost:
             raise
         except Exception:
-            self.check_scheduler()
+            self.check_scheduler(probe=True)
             raise
         self.seconds = time.time() - self.started
         self.check_scheduler()
@@ -95,15 +95,16 @@ class Driver:
                 params, _ = self.ps.fetch(timeout=CALL_TIMEOUT, give_up=self._server_gone)
                 return params, self.ps.stats(timeout=CALL_TIMEOUT, give_up=self._server_gone)
             except Exception:  # noqa: BLE001 -- a shard lost: recover it and ask again
-                self.check_scheduler()
+                self.check_scheduler(probe=True)
                 self._watch()
                 return None
         return waits.until(attempt, timeout=recovery_timeout(), every=0.5,
                            what="the final parameters from every shard")
 
-    def check_scheduler(self) -> None:
-        """Raise ``RunLost`` when the connection to the scheduler is gone."""
-        if self.client.status != "running":
+    def check_scheduler(self, probe: bool = False) -> None:
+        """Raise ``RunLost`` when the connection to the scheduler is gone (``probe``: or the
+        scheduler does not answer a call, after some other call failed)."""
+        if self.client.status != "running" or (probe and scheduler_lost(self.client)):
             raise RunLost(f"the scheduler at {self.client.scheduler.address}", self.last_checkpoint())
 
     def _failed(self) -> bool:
@@ -113,14 +114,19 @@ class Driver:
                 continue
             if not isinstance(f.exception(timeout=CALL_TIMEOUT), KilledWorker) or self.resubmit is None:
                 return True
-            if self.resubmits[r] >= MAX_RESUBMITS:
-                raise RunLost(f"replica {r}: its workers died {MAX_RESUBMITS} times over",
-                              self.last_checkpoint())
-            self.resubmits[r] += 1
-            self.futures[r] = self.resubmit(r)
-            events.emit(events.RUN, run=self.run, kind="replica-restarted", replica=r,
-                        resubmits=self.resubmits[r])
+            self._submit_again(r, "its workers died while running it")
         return False
+
+    def _submit_again(self, r: int, why: str) -> None:
+        """Replica ``r``'s task submitted anew (it resumes from its reported progress)."""
+        if self.resubmits[r] >= MAX_RESUBMITS:
+            raise RunLost(f"replica {r}: submitted {MAX_RESUBMITS} times over ({why})",
+                          self.last_checkpoint())
+        self.resubmits[r] += 1
+        self.client.cancel([self.futures[r]])
+        self.futures[r] = self.resubmit(r)
+        events.emit(events.RUN, run=self.run, kind="replica-restarted", replica=r,
+                    resubmits=self.resubmits[r], reason=why)
 
     def last_checkpoint(self):
         """The latest complete checkpoint of this run's directory, or None."""
@@ -150,8 +156,12 @@ class Driver:
         return gone(self.client, self.ps.addresses(), "the parameter server")()
 
     def _watch(self) -> None:
-        """Recreate shards whose worker left; otherwise publish the shards' counters."""
+        """Resubmit replicas stuck without a worker; recreate shards whose worker left; otherwise
+        publish the shards' counters."""
         live = list(worker_info(self.client))
+        if live and self.resubmit is not None:
+            for r in stuck_without_worker(self.client, self.futures):
+                self._submit_again(r, "its home worker died")
         lost = [i for i, addr in enumerate(self.ps.addresses()) if addr not in live]
         if lost:
             self._recover(lost, live)
@@ -181,7 +191,9 @@ class Driver:
                                    what="a live worker to recreate the parameter shards on", every=0.5)
             except waits.WaitTimeout as e:
                 raise RunLost("every worker", self.last_checkpoint()) from e
-        versions = self._versions_now(set(lost))
+        # the lost shards' last reported versions count too: with every shard lost, they are all
+        # that tells how many updates the restored slices miss
+        versions = {**{i: self.versions[i] for i in lost}, **self._versions_now(set(lost))}
         for i in lost:
             try:
                 self._recover_shard(i, live, versions)
@@ -197,8 +209,9 @@ class Driver:
     def _recover_shard(self, index: int, live: list[str], versions: dict[int, int]) -> None:
         """Shard ``index`` restored from the latest checkpoint (or the initial parameters).
 
-        The updates lost are those the surviving shards received since that checkpoint: every
-        push of a replica goes to every shard, so that is what the restored slice is missing.
+        The updates lost are the most any shard received since that checkpoint (``versions``: a
+        survivor's now, a lost shard's when last reported, so a lower bound when every shard is
+        lost): every push of a replica goes to every shard, so that is what the slice is missing.
         """
         started = time.time()
         a, b = self.ps.ranges[index]
@@ -286,7 +299,8 @@ class Driver:
 
     def close(self, grace: float = 5.0) -> None:
         """Stop any replica still running (released from the warm start too, given ``grace``
-        seconds to return before its task is cancelled), end the lease, release the shards."""
+        seconds to return before its task is cancelled), end the lease, delete the run's
+        Variables and release the shards."""
         self.coordination["lease"].stop()
         if self.client.status == "running":
             self.coordination["stop"].set()
@@ -297,4 +311,6 @@ class Driver:
             except waits.WaitTimeout:
                 pass  # cancelled below
             self.client.cancel(self.futures)
+            for var in self.coordination["variables"]:  # the scheduler would keep the handles alive
+                var.delete()
         self.ps.close()

@@ -1,4 +1,5 @@
-"""The batch objective of L-BFGS, cut into portions: shared by the reference and Sandblaster.
+"""The batch objective of L-BFGS, cut into portions: shared by the reference and Sandblaster
+(its elementwise finish, ``optim.vectors.finish_gradient``, is run by the parameter shards too).
 
 The objective over a batch of N rows is ``f(x) = (1/N) sum_p L_p(x) + 0.5 * l2 * x' M x`` where
 ``L_p`` is the summed, unregularised loss of portion p and M masks the weights (not biases). Each
@@ -12,9 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from daskbelief.backend import namespace
 from daskbelief.checks import check_integer
-from daskbelief.optim.vectors import dot64
 
 
 def portions(n_rows: int, portion_size: int) -> list[tuple[int, int]]:
@@ -29,17 +28,3 @@ def portions(n_rows: int, portion_size: int) -> list[tuple[int, int]]:
 def portion_gradient(model, params, X, y) -> tuple[float, np.ndarray]:
     """Summed unregularised loss and gradient of one portion (float32, like training)."""
     return model.loss_and_grad(params, X, y, reduction="sum", regularize=False)
-
-
-def finish_gradient(acc, x, mask, n: int, l2: float, out) -> float:
-    """``out = acc / n + l2 * mask * x`` elementwise (in x's dtype); returns this slice's share of
-    the regulariser ``0.5 * l2 * x' M x``. Works on a whole vector or on any slice of one."""
-    xp = namespace(out)
-    out[...] = acc * (1.0 / n)
-    if not l2:
-        return 0.0
-    masked = xp.multiply(mask, x)
-    reg = 0.5 * l2 * dot64(masked, x)
-    masked *= out.dtype.type(l2)
-    out += masked
-    return reg

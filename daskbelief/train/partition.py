@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from numbers import Integral
 
 from daskbelief.checks import check_integer
-from daskbelief.nn.layers import Dense, receptive_field
+from daskbelief.nn.layers import receptive_field
+from daskbelief.nn.model import model_difference
 from daskbelief.ranges import Range, merge, split
 
 Box = tuple[tuple[int, int], ...]
@@ -187,9 +188,11 @@ class Plan:
     def _cut(self, layer: int, stage_start: int, grid: tuple[int, ...], first_block: int) -> list[Piece]:
         lyr = self.model.layers[layer]
         name = f"layer {layer} ({lyr!r})"
+        if lyr.partition_cut not in ("inputs", "positions"):
+            raise ValueError(f"{name} declares no partition_cut: it cannot be cut into blocks")
         parts = math.prod(grid)
         last = layer == len(self.model.layers) - 1
-        if isinstance(lyr, Dense):
+        if lyr.partition_cut == "inputs":
             space = self._space(layer)
             if layer > stage_start:  # read what this block computed in the previous layer
                 in_boxes = [p.out_box for p in self.pieces[layer - 1]]
@@ -210,7 +213,7 @@ class Plan:
         W, b = spec[f"{layer}.W"], spec[f"{layer}.b"]
         pieces = []
         for part, (out_box, in_box) in enumerate(zip(out_boxes, in_boxes)):
-            if isinstance(lyr, Dense):
+            if lyr.partition_cut == "inputs":
                 w = [(W.offset + a * lyr.units, W.offset + c * lyr.units)
                      for a, c in flat_ranges(self._space(layer), in_box)]
                 bias = [] if out_box is None else [(b.offset + out_box[0][0], b.offset + out_box[0][1])]
@@ -243,7 +246,7 @@ class Plan:
     def _transfers(self) -> list[Transfer]:
         out = []
         for layer in range(len(self.pieces)):
-            if isinstance(self.model.layers[layer], Dense):
+            if self.model.layers[layer].partition_cut == "inputs":
                 out += [Transfer(layer, "partial", a.block, b.block, b.out_box)
                         for a in self.pieces[layer] for b in self.pieces[layer]
                         if a.block != b.block and b.out_box is not None]
@@ -420,8 +423,6 @@ def as_plan(model, partition) -> Plan | None:
     if not isinstance(partition, Plan):
         return from_config(model, partition)
     if partition.model.to_dict() != model.to_dict():
-        from daskbelief.ps.checkpoint import model_difference
-
         raise ValueError("the partition plan was made for another model: "
                          + model_difference(partition.model.to_dict(), model.to_dict(), ("plan", "model")))
     return partition

@@ -41,6 +41,18 @@ def gone(client, addresses, what: str):
     return check
 
 
+def scheduler_lost(client, timeout: float = 5.0) -> bool:
+    """True when the client's connection to the scheduler is gone or it does not answer within
+    ``timeout`` seconds."""
+    if client.status != "running":
+        return True
+    try:
+        client.sync(client.scheduler.identity, callback_timeout=timeout)
+    except Exception:  # noqa: BLE001 -- whatever the failure, there is no scheduler to talk to
+        return True
+    return False
+
+
 def pick_worker(live: list[str], holders: list[str]) -> str:
     """The live worker holding the fewest of ``holders``' actors: where a recreated one goes."""
     load = Counter(h for h in holders if h in live)

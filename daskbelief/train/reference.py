@@ -16,8 +16,8 @@ import numpy as np
 from daskbelief.data import open_store
 from daskbelief.optim.lbfgs import lbfgs
 from daskbelief.optim.rules import make_rule
-from daskbelief.optim.vectors import LocalVectors
-from daskbelief.train.objective import finish_gradient, portion_gradient, portions
+from daskbelief.optim.vectors import LocalVectors, finish_gradient
+from daskbelief.train.objective import portion_gradient, portions
 
 
 def _initial(model, params, seed: int) -> np.ndarray:

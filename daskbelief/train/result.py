@@ -19,6 +19,8 @@ class TrainResult:
     params: np.ndarray
     history: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
+    shard_stats: list[dict] = field(default_factory=list)       # each parameter shard's last counters
+    replica_outcomes: list[dict] = field(default_factory=list)  # Downpour: what each replica did
 
     def predict(self, X):
         """Class probabilities (classification) or outputs (regression) for ``X``."""

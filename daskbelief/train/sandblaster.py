@@ -58,7 +58,7 @@ from daskbelief.train.backup import portions_to_back_up, tail_start
 from daskbelief.train.errors import RunLost
 from daskbelief.train.evaluate import announce_test, evaluate, finish, test_row
 from daskbelief.train.objective import portions
-from daskbelief.train.partition import as_plan
+from daskbelief.train.partition import Plan, as_plan
 from daskbelief.train.partitioned import Blocks
 from daskbelief.train.result import TrainResult
 from daskbelief.train.sandblaster_tasks import (PortionLedger, PortionPlan, abandon_evaluation,
@@ -565,7 +565,8 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
                 portion_size: int | None = None, batch_rows: int | None = None,
                 push_every: int = 4, backups: bool = True, test=None, seed: int = 0, params=None,
                 max_seconds: float | None = None, eval_every: float | None = None,
-                eval_rows: int = 10_000, shard_workers=None, partition=None,
+                eval_rows: int = 10_000, shard_workers: list[str] | None = None,
+                partition: dict | Plan | None = None,
                 checkpoint_dir=None, checkpoint_every: float | None = None,
                 checkpoint_keep: int = 3, resume_from=None, config: dict | None = None,
                 _slow_workers: dict | None = None) -> TrainResult:

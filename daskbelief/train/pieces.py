@@ -1,0 +1,110 @@
+"""Piece operations: the arithmetic one block runs for its piece of one layer.
+
+How a layer is cut (``Layer.partition_cut``) picks its operation: a locally connected piece is the
+layer itself rebuilt on the piece's input halo; a dense piece, cut by input rows, computes partial
+pre-activations of every unit and finishes those of its own units (``train.partition`` explains
+the cuts). Activations are batch-last, ``(*box, n)``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from daskbelief.backend import namespace
+from daskbelief.nn.activations import get_activation
+from daskbelief.nn.layers import Scratch, layer_from_dict
+from daskbelief.train.partition import box_shape, box_size
+
+
+def views(vector, slots) -> dict:
+    """Named array views into ``vector``: ``slots`` are ``(name, offset, shape)``."""
+    return {name: vector[a:a + int(np.prod(shape))].reshape(shape) for name, a, shape in slots}
+
+
+class LocallyConnectedPiece:
+    """A locally connected piece: the layer rebuilt on the piece's input halo, so its output is
+    exactly the piece's block of positions, and its weights are the piece's ranges in order."""
+
+    def __init__(self, piece, layer, offset: int):
+        self.piece = piece
+        self.layer = layer_from_dict(layer.to_dict())
+        self.layer.build(box_shape(piece.in_box))
+        shapes = self.layer.param_shapes()
+        self.slots = [("W", offset, shapes["W"]), ("b", offset + piece.w_size, shapes["b"])]
+        self.scratch = Scratch()
+
+    def forward(self, p, x):
+        out, cache = self.layer.forward(p, np.moveaxis(x, -1, 0), scratch=self.scratch)
+        return np.moveaxis(out, 0, -1), cache
+
+    def dout(self, xp, dtype, n):
+        return self.scratch.empty("dout", (*box_shape(self.piece.out_box), n), dtype, xp)
+
+    def backward(self, p, g, cache, dout, input_grad: bool):
+        dx = self.layer.backward(p, cache, np.moveaxis(dout, -1, 0), g, input_grad,
+                                 scratch=self.scratch)
+        return None if dx is None else np.moveaxis(dx, 0, -1)
+
+
+class DensePiece:
+    """A dense piece cut by input rows: ``W[rows]`` times the block's own inputs gives a partial
+    pre-activation of every unit; the partials of the piece's own units, summed over the blocks,
+    plus its bias slice, make its activations. Backward is the transpose: the deltas of every
+    unit (the piece's own and the ones other blocks send) give ``W[rows]``'s gradient and the
+    deltas of the block's inputs."""
+
+    def __init__(self, piece, layer, offset: int):
+        self.piece = piece
+        self.units = layer.units
+        self.n_in = box_size(piece.in_box)
+        self.own = None if piece.out_box is None else slice(*piece.out_box[0])
+        self.slots = [("W", offset, (self.n_in, self.units))]
+        if self.own is not None:
+            self.slots.append(("b", offset + piece.w_size, (self.own.stop - self.own.start,)))
+        self.act = get_activation(layer.activation)
+        self.scratch = Scratch()
+
+    def partial(self, p, x):
+        W = p["W"]
+        xp = namespace(W)
+        n = x.shape[-1]
+        out = self.scratch.empty("partial", (self.units, n), W.dtype, xp)
+        return xp.matmul(W.T, x.reshape(self.n_in, n), out=out)
+
+    def activate(self, p, partial, received):
+        xp = namespace(partial)
+        z = partial[self.own]
+        for r in received:
+            z += r
+        z += p["b"][:, None]
+        return self.act.forward(xp, z)
+
+    def delta_buffer(self, xp, dtype, n):
+        """All units' deltas, ``(units, n)``; this piece's own rows are where its dout gathers."""
+        return self.scratch.empty("delta", (self.units, n), dtype, xp)
+
+    def dout(self, xp, dtype, n):
+        return self.delta_buffer(xp, dtype, n)[self.own]
+
+    def local_delta(self, g, y, dout):
+        dz = self.act.backward(namespace(y), y, dout)
+        dz.sum(axis=1, out=g["b"])
+        return dz
+
+    def backward(self, p, g, x, delta, input_grad: bool):
+        W = p["W"]
+        xp = namespace(W)
+        n = x.shape[-1]
+        xp.matmul(x.reshape(self.n_in, n), delta.T, out=g["W"])
+        if not input_grad:
+            return None
+        dx = xp.matmul(W, delta, out=self.scratch.empty("dx", (self.n_in, n), W.dtype, xp))
+        return dx.reshape(*box_shape(self.piece.in_box), n)
+
+
+PIECES = {"inputs": DensePiece, "positions": LocallyConnectedPiece}  # by the layer's partition_cut
+
+
+def piece_op(piece, layer, offset: int):
+    """The operation computing ``piece`` of ``layer``, its parameters at ``offset`` of the block's
+    vector: chosen by how the layer says it is cut (``layer.partition_cut``)."""
+    return PIECES[layer.partition_cut](piece, layer, offset)
