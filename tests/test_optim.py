@@ -219,3 +219,54 @@ def test_lbfgs_bad_settings():
     sp.get("x")[0] = np.nan
     with pytest.raises(ValueError, match="not finite at the starting point"):
         lbfgs(sp, objective)
+
+
+def test_the_two_loop_recursion_on_dot_products_is_the_classic_one():
+    """The direction built from the Gram cache and one ``combine`` equals the textbook two-loop
+    recursion (Nocedal & Wright, Algorithm 7.4) computed with whole NumPy vectors."""
+    from collections import deque
+
+    from daskbelief.optim.lbfgs import Gram, _two_loop
+
+    rng = np.random.default_rng(3)
+    n, m = 50, 4
+    sp = LocalVectors(n, np.float64)
+    S = rng.standard_normal((m, n))
+    Y = S + 0.1 * rng.standard_normal((m, n))  # s'y > 0: a convex-looking history
+    g = rng.standard_normal(n)
+    pairs = deque()
+    for i in range(m):
+        sp.set(f"s{i}", S[i].copy())
+        sp.set(f"y{i}", Y[i].copy())
+        pairs.append((f"s{i}", f"y{i}", 1.0 / (S[i] @ Y[i])))
+    sp.set("g", g.copy())
+    gram = Gram()
+    gram.ensure(sp, pairs, "g")
+    sp.combine(list(_two_loop(gram, pairs, "g").items()), "d")
+
+    q, alphas = g.copy(), []
+    for i in reversed(range(m)):
+        a = (S[i] @ q) / (S[i] @ Y[i])
+        q -= a * Y[i]
+        alphas.append(a)
+    r = q * (S[-1] @ Y[-1]) / (Y[-1] @ Y[-1])
+    for i, a in zip(range(m), reversed(alphas)):
+        b = (Y[i] @ r) / (S[i] @ Y[i])
+        r += (a - b) * S[i]
+    np.testing.assert_allclose(sp.get("d"), -r, rtol=1e-10, atol=1e-12)
+    calls = []
+    sp.dots = lambda pairs: calls.append(pairs) or LocalVectors.dots(sp, pairs)
+    gram.ensure(sp, pairs, "g")
+    assert not calls  # every dot it needs is cached: no call at all
+    gram.forget("g")
+    gram.ensure(sp, pairs, "g")
+    assert len(calls) == 1 and len(calls[0]) == 2 * m + 1  # only g's, in one call
+
+
+def test_combine_refuses_an_output_among_its_terms():
+    sp = LocalVectors(3, np.float64)
+    sp.set("a", np.ones(3))
+    sp.combine([("a", 2.0), ("a", 0.5)], "b")
+    np.testing.assert_array_equal(sp.get("b"), 2.5)
+    with pytest.raises(ValueError, match="output 'a' is also one of its terms"):
+        sp.combine([("a", 2.0)], "a")

@@ -316,7 +316,8 @@ def test_a_plan_for_another_model_is_refused(client, digits_path):
 def shard_holders(client) -> list[str]:
     """The workers holding a parameter shard now (found on the workers, not chosen)."""
     held = client.run(lambda dask_worker: [str(k) for k in dask_worker.state.actors])
-    return sorted(w for w, keys in held.items() if any(k.startswith("parameter-shard") for k in keys))
+    return sorted(w for w, keys in held.items()
+                  if any(k.startswith("parameter-shard") for k in keys))
 
 
 class ShardHolderKiller(threading.Thread):

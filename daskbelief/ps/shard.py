@@ -201,7 +201,7 @@ class ParameterShard:
         ev = self._evaluation()
         self.vectors.get(x_name)  # fail here, not in every worker, when the vector is missing
         ev.acc.fill(0.0)
-        ev.tag, ev.x = tag, x_name
+        ev.tag, ev.x, ev.won = tag, x_name, {}
 
     def read_evaluated(self, tag, offset: int = 0, length: int | None = None):
         """This slice (or its ``[offset, offset + length)`` part, what a model-parallel block
@@ -222,8 +222,10 @@ class ParameterShard:
         self.bytes_out += values.nbytes
         return values
 
-    def accumulate(self, tag, values, offset: int = 0) -> bool:
-        """Add float64 portion sums into the accumulator when ``tag`` is the open evaluation.
+    def accumulate(self, tag, values, offset: int = 0, portions: dict | None = None) -> bool:
+        """Add float64 portion sums into the accumulator when ``tag`` is the open evaluation;
+        ``portions``: ``{portion: (worker, loss, backup)}`` of those the sums hold (a whole-slice
+        push names them, so the shard knows when it holds the whole batch).
 
         Returns whether they were added. Non-finite values are added like any others: the
         reference objective lets them through too, and the line search backs off from them.
@@ -239,22 +241,28 @@ class ParameterShard:
             raise ValueError(f"shard {self.index}: {len(values)} values at offset {offset} do not "
                              f"fit its {len(ev.acc)} elements")
         ev.acc[offset:end] += values
+        ev.won.update(portions or {})
         ev.accepted += 1
         return True
 
-    def finish_evaluation(self, tag, x_name: str, g_name: str, dots=()) -> tuple:
+    def finish_evaluation(self, tag, x_name: str, g_name: str, dots=(),
+                          expect: int | None = None) -> tuple | None:
         """Close evaluation ``tag``: vector ``g_name`` = this slice of the gradient at ``x_name``
         (``finish_gradient``, exactly the reference's arithmetic); returns the slice's share of
-        the regulariser and its partial sums of the ``dots`` pairs taken afterwards (the line
-        search's slope rides along instead of costing another round trip)."""
+        the regulariser, its partial sums of the ``dots`` pairs taken afterwards (the line
+        search's slope rides along instead of costing another round trip) and the portions it
+        holds (``accumulate``). ``expect``: the batch's portion count; while the shard holds
+        fewer, it returns None and stays open (a flush will bring the rest)."""
         ev = self._evaluation()
         if ev.tag != tag:
             raise RuntimeError(f"shard {self.index}: cannot finish evaluation {tag!r}, the open "
                                f"one is {ev.tag!r}")
+        if expect is not None and len(ev.won) < expect:
+            return None
         ev.tag = None
         reg = finish_gradient(ev.acc, self.vectors.get(x_name), ev.mask, ev.n, ev.l2,
                               self.vectors.buffer(g_name))
-        return reg, self.vectors.dots(dots)
+        return reg, self.vectors.dots(dots), ev.won
 
     def objective_stats(self) -> dict:
         """Sandblaster counters: slice reads by workers, contributions accepted and refused."""
@@ -276,5 +284,5 @@ class ObjectiveSlice:
 
     def __init__(self, mask, n: int, l2: float, acc):
         self.mask, self.n, self.l2, self.acc = mask, n, l2, acc
-        self.tag, self.x = None, None
+        self.tag, self.x, self.won = None, None, {}
         self.reads = self.accepted = self.refused = 0

@@ -64,8 +64,8 @@ from daskbelief.train.result import TrainResult
 from daskbelief.train.sandblaster_tasks import (PortionLedger, PortionPlan, abandon_evaluation,
                                                 evaluate_current, flush_worker,
                                                 forget_run, run_portion)
-from daskbelief.train.sharded_vectors import (ShardedVectors, ShardLost, Watch, call_all,
-                                              in_thread)
+from daskbelief.train.sharded_vectors import (WAIT_SLICE, ShardedVectors, ShardLost, Watch,
+                                              call_all, direct, in_thread)
 from daskbelief.waits import WaitTimeout
 
 PORTIONS_PER_THREAD = 8   # default portion size: about this many portions per worker thread
@@ -194,8 +194,8 @@ class BatchObjective:
         self.busy = True
         for _ in range(MAX_RESTARTS + 1):
             self._open(x_name)
-            losses = _Evaluation(self, self.tag).run()
-            if losses is not None:
+            outcome = _Evaluation(self, self.tag).run(x_name, g_name, dots)
+            if outcome is not None:
                 break
             self.space.watch.check()  # a lost shard, not just a lost worker: ShardLost
             self.counters.evaluations_restarted += 1
@@ -204,19 +204,18 @@ class BatchObjective:
                                "workers holding its contributions were lost: the cluster is "
                                "failing")
         self.counters.evaluations += 1
+        winners, replies = outcome
         total = 0.0
-        for loss in losses:  # left to right, exactly as the reference adds them
-            total += loss
-        replies = self.space.execute(("finish_evaluation", self.tag, x_name, g_name,
-                                      [tuple(p) for p in dots]))
-        loss = total / self.n_rows + sum(reg for reg, _ in replies)
+        for portion in range(len(self.bounds)):  # left to right, as the reference adds them
+            total += winners[portion][1]
+        loss = total / self.n_rows + sum(reply[0] for reply in replies)
         self.busy = False
-        return loss, [sum(column) for column in zip(*(partials for _, partials in replies))]
+        return loss, [sum(column) for column in zip(*(reply[1] for reply in replies))]
 
     def _open(self, x_name: str) -> None:
         """A new tag: the ledger and the shards accept nothing older from now on."""
         self.tag += 1
-        ledger = self.plan.ledger.open(self.tag)
+        ledger = self.actors.ledger_here.open(self.tag, len(self.bounds))
         self.space.execute(("open_evaluation", self.tag, x_name))
         self.space.watch.wait(ledger, "the ledger's open")
 
@@ -225,12 +224,15 @@ class BatchObjective:
 
 
 class _Evaluation:
-    """One attempt at one evaluation: portions out, backups for stragglers, winners in, flush.
+    """One attempt at one evaluation: portions out, backups for stragglers, the shards finish.
 
     The coordinator never fetches a portion's result: futures finishing tell it how far the
-    evaluation is (locally, no round trip), and once every portion has a finished copy, the
-    flush that has every worker push what it holds also names each portion's winning copy
-    (worker, loss): one call for both.
+    evaluation is (locally, no round trip). Workers push what they won with the portions'
+    names and losses, the last ones before their tasks end, so once every portion has a
+    finished copy the shards usually hold the whole batch: the call that has them finish the
+    gradient also names each portion's winning copy (worker, loss). Only a shard still missing
+    some makes the coordinator flush the workers first. (Model-parallel replicas push ranges,
+    which name no portions: there the flush, which the blocks answer, always comes first.)
     """
 
     def __init__(self, objective: BatchObjective, tag: int):
@@ -239,10 +241,13 @@ class _Evaluation:
         self.futures: dict = {}          # outstanding copy -> portion
         self.finished: set[int] = set()  # portions with a finished copy
         self.launched: set[int] = set()  # portions with a backup copy
+        self.checked = time.monotonic()  # when the shards' workers were last seen alive
 
-    def run(self) -> list[float] | None:
-        """The portions' losses, in portion order, once every portion is applied on the shards;
-        None when a lost worker took contributions with it (the evaluation must start again)."""
+    def run(self, x_name: str, g_name: str, dots) -> tuple[dict, list] | None:
+        """Once every portion is applied and every shard has finished its slice of the gradient
+        at ``x_name`` into ``g_name``: the winners ``{portion: (worker, loss, backup)}`` and
+        each shard's reply (regulariser share, partial sums of ``dots``); None when a lost
+        worker took contributions with it (the evaluation must start again)."""
         try:
             self._submit_all()
             while len(self.finished) < self.total:
@@ -250,12 +255,29 @@ class _Evaluation:
                 if self.o.backups:
                     self._launch_backups()
         finally:
-            self.o.client.cancel(list(self.futures))  # the losing copies, queued or running
-        winners = self._flush()
-        if winners is None:
-            return None
+            if self.futures:  # the losing copies, queued or running
+                self.o.client.cancel(list(self.futures))
+        space, finish = self.o.space, ("finish_evaluation", self.tag, x_name, g_name,
+                                       [tuple(p) for p in dots])
+        if self.o.plan.groups:
+            winners = self._flush()
+            if len(winners) < self.total:
+                return None
+            replies = space.execute(finish)
+        else:
+            replies = space.execute((*finish, self.total))
+            missing = [i for i, r in enumerate(replies) if r is None]
+            if missing:  # contributions still on the workers: flush them, then ask again
+                self._flush()
+                again = call_all([space.shards[i] for i in missing], "run_ops",
+                                 [(*finish, self.total)], watch=space.watch)
+                for i, results in zip(missing, again):
+                    replies[i] = results[-1]
+                if any(r is None for r in replies):
+                    return None
+            winners = replies[0][2]
         self._count(winners)
-        return [winners[p][1] for p in range(self.total)]
+        return winners, replies
 
     def _key(self, portion: int, backup: bool) -> str:
         return (f"sandblaster-portion-{self.o.plan.run}-{self.tag}-{portion}"
@@ -281,7 +303,9 @@ class _Evaluation:
             done, _ = wait(list(self.futures), timeout=TAIL_POLL if tail else 1.0,
                            return_when="FIRST_COMPLETED")
         except TimeoutError:
-            self.o.space.watch.check()  # portions waiting on a dead shard never finish
+            if time.monotonic() - self.checked >= WAIT_SLICE:  # not every tail poll
+                self.o.space.watch.check()  # portions waiting on a dead shard never finish
+                self.checked = time.monotonic()
             return
         for future in done:
             if future.status == "error":
@@ -294,7 +318,7 @@ class _Evaluation:
         other than its own, a waiting one (queued behind a straggler) to the next free thread."""
         if not self._in_tail():
             return  # the policy would say no: spare the ledger the question
-        snap = self.o.space.watch.wait(self.o.plan.ledger.snapshot(self.tag), "the ledger")
+        snap = self.o.space.watch.wait(self.o.actors.ledger_here.snapshot(self.tag), "the ledger")
         chosen = portions_to_back_up(snap["now"], snap["running"], snap["finished"], self.total,
                                      self.launched)
         live = self.o.live_workers() if chosen else []
@@ -313,10 +337,9 @@ class _Evaluation:
             events.emit(events.PORTION, run=self.o.plan.run, kind="backup-launched",
                         evaluation=self.tag, portion=portion, worker=owner or "")
 
-    def _flush(self) -> dict | None:
-        """Have every worker push what it still holds and name the portions it won and applied:
-        ``{portion: (worker, loss, backup)}`` once every portion is applied on the shards; None
-        when one is missing (a lost worker took its contributions with it)."""
+    def _flush(self) -> dict:
+        """Have every worker push what it still holds; ``{portion: (worker, loss, backup)}``
+        of the portions model-parallel replicas won and applied (a lost worker's are missing)."""
         replies = self.o.space.watch.wait(  # in a thread: a push to a dead shard never returns
             in_thread(self.o.client.run, flush_worker, self.o.plan, self.tag, on_error="return"),
             "the workers' flush")
@@ -324,7 +347,7 @@ class _Evaluation:
         for reply in replies.values():
             if not isinstance(reply, BaseException):
                 winners.update(reply)
-        return winners if len(winners) == self.total else None
+        return winners
 
     def _count(self, winners: dict) -> None:
         counters = self.o.counters
@@ -343,6 +366,7 @@ class _Actors:
     ledger: object  # the ledger actor's future: it lives as long as this does
     plan: PortionPlan
     space: ShardedVectors
+    ledger_here: object  # the coordinator's own handle to it (``direct``)
 
     def close(self) -> None:
         """Release the actors (again: nothing happens)."""
@@ -356,10 +380,10 @@ class _ActorMaker:
     """Starts a run's ``_Actors``: at the start, and again after a lost shard."""
 
     def __init__(self, client, run: str, model, store, n_rows: int, shards: int, shard_workers,
-                 push_every: int, slow: dict, groups: dict):
+                 push_every: int, slow: dict, groups: dict, threads: int):
         self.client, self.run, self.model, self.store = client, run, model, store
         self.n_rows, self.shards, self.shard_workers = n_rows, shards, shard_workers
-        self.push_every, self.slow, self.groups = push_every, slow, groups
+        self.push_every, self.slow, self.groups, self.threads = push_every, slow, groups, threads
 
     def __call__(self, params: np.ndarray, restore=None) -> _Actors:
         """Shards seeded with ``params`` on the live workers (those of ``shard_workers`` still
@@ -376,10 +400,10 @@ class _ActorMaker:
             call_all(ps.shards, "restore_vectors", str(restore), watch=watch)
         plan = PortionPlan(self.run, self.model, self.store, tuple(ps.shards), tuple(ps.ranges),
                            watch.wait(ledger, "the ledger's start"), self.push_every, self.slow,
-                           self.groups)
+                           self.groups, self.threads)
         space = ShardedVectors(ps.shards, ps.ranges, watch)
         space.copy("params", "x")  # queued: travels with the first evaluation
-        return _Actors(ps, ledger, plan, space)
+        return _Actors(ps, ledger, plan, space, direct(plan.ledger))
 
 
 MAX_RECOVERIES = 5  # shard holders lost this often in one run: the cluster is failing
@@ -639,7 +663,7 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
         run = f"sandblaster-{uuid.uuid4().hex[:8]}"
         groups = {}  # filled below, once the shards exist; the plan refers to this very dict
         make = _ActorMaker(c, run, model, store, n_rows, shards, shard_workers, push_every,
-                           dict(_slow_workers or {}), groups)
+                           dict(_slow_workers or {}), groups, threads)
         objective = BatchObjective(c, make(start, resume_from if resumed else None), bounds,
                                    n_rows, backups)
         recovery = _Recovery(c, run, make, start if resumed is None else None)
@@ -662,31 +686,9 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
                         "resumed_at": 0 if resumed is None else resumed.iteration}
             events.emit(events.RUN, run=run, kind="start", algorithm="sandblaster", **settings)
 
-            def optimise(state):
-                try:
-                    return lbfgs(objective.space, objective, "x", m=history, max_iter=iterations,
-                                 gtol=tolerance, ftol=ftol, callback=monitor, resume=state)
-                except OutOfTime:
-                    return monitor.result()
-
-            state = resumed
-            while True:
-                try:
-                    try:
-                        result = optimise(state)
-                    except KeyboardInterrupt:
-                        if objective.busy:  # the shards hold the last iteration's vectors
-                            checkpoints.write()
-                        raise
-                    checkpoints.write()
-                    seconds = time.time() - monitor.started
-                    final = objective.space.gather("x")
-                    shard_stats = call_all(objective.actors.ps.shards, "objective_stats",
-                                           watch=objective.space.watch)
-                    break
-                except ShardLost as lost:
-                    state = recovery(lost, objective, checkpoints)
-                    monitor.rewind(0 if state is None else state.iteration)
+            result, seconds, final, shard_stats = _optimise(
+                objective, checkpoints, monitor, recovery, resumed,
+                {"m": history, "max_iter": iterations, "gtol": tolerance, "ftol": ftol})
         finally:
             for blocks in groups.values():
                 blocks.close()
@@ -703,6 +705,33 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
         events.emit(events.RUN, kind="end",  # the summary's scalars, its run id included
                     **{k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
     return TrainResult(model, final, history_rows, summary)
+
+
+def _optimise(objective: BatchObjective, checkpoints: _Checkpoints, monitor: _Monitor,
+              recovery: _Recovery, resumed: LbfgsState | None, settings: dict):
+    """L-BFGS to the end, through lost shard holders; ``(result, seconds, final iterate,
+    shard counters)``. ``settings``: ``lbfgs``'s m, max_iter, gtol, ftol."""
+    state = resumed
+    while True:
+        try:
+            try:
+                result = lbfgs(objective.space, objective, "x", callback=monitor, resume=state,
+                               **settings)
+            except OutOfTime:
+                result = monitor.result()
+            except KeyboardInterrupt:
+                if objective.busy:  # the shards hold the last iteration's vectors untouched
+                    checkpoints.write()
+                raise
+            checkpoints.write()
+            seconds = time.time() - monitor.started
+            final = objective.space.gather("x")
+            stats = call_all(objective.actors.ps.shards, "objective_stats",
+                             watch=objective.space.watch)
+            return result, seconds, final, stats
+        except ShardLost as lost:
+            state = recovery(lost, objective, checkpoints)
+            monitor.rewind(0 if state is None else state.iteration)
 
 
 def _summary(run: str, result, counters: Counters, settings: dict, seconds: float, n_rows: int,

@@ -11,12 +11,14 @@ task (``run_portion``), so whichever worker is free takes the next one. On its w
 4. *claims* the portion at the ``PortionLedger``: the first copy to finish wins, later copies (a
    backup, or the original a backup overtook) are dropped -- every portion counts exactly once;
 5. adds a won portion into the worker's float64 accumulator for the evaluation and, every
-   ``push_every`` won portions, pushes the accumulator to the shards (tagged), from the worker's
-   event loop while the thread goes on computing.
+   ``push_every`` won portions, pushes the accumulator to the shards (tagged, naming its
+   portions and their losses), from the worker's event loop while the thread goes on
+   computing; in the tail (fewer portions unclaimed than the cluster has threads) it pushes at
+   once and waits, so the shards usually hold the whole batch when the last portion ends.
 
-What is still unpushed when every portion has been won is pushed by ``flush_worker``, which the
-coordinator runs on the holding workers' event loops (``Client.run``), not as a task: a worker
-whose only thread is busy with a straggler still flushes at once.
+What is still unpushed when a shard finds itself short is pushed by ``flush_worker``, which the
+coordinator runs on the workers' event loops (``Client.run``), not as a task: a worker whose
+only thread is busy with a straggler still flushes at once.
 
 Shards accept contributions for the open tag only, and the ledger claims for it only, so the
 leftovers of an abandoned evaluation -- late copies, a restarted evaluation's first attempt --
@@ -36,6 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from distributed import get_worker
+from distributed.utils import sync
 
 from daskbelief.monitor import events
 from daskbelief.train.evaluate import evaluate_rows
@@ -69,6 +72,7 @@ class PortionPlan:
     push_every: int
     slow: dict = field(default_factory=dict)
     groups: dict = field(default_factory=dict)
+    threads: int = 1  # the cluster's worker threads: the last this many portions are the tail
 
 
 class PortionLedger:
@@ -80,14 +84,15 @@ class PortionLedger:
     """
 
     def __init__(self):
-        self.tag = None
+        self.tag, self.total = None, 0
         self._starts: dict[int, tuple[float, str]] = {}
         self._won: set[int] = set()
         self._finished: dict[int, tuple[float, float]] = {}
 
-    async def open(self, tag) -> None:
-        """Forget the previous evaluation; from now on only claims for ``tag`` can win."""
-        self.tag = tag
+    async def open(self, tag, total: int) -> None:
+        """Forget the previous evaluation; from now on only claims for ``tag`` (of its
+        ``total`` portions) can win."""
+        self.tag, self.total = tag, total
         self._starts, self._won, self._finished = {}, set(), {}
 
     async def started(self, tag, portion: int, worker: str) -> None:
@@ -95,14 +100,15 @@ class PortionLedger:
         if tag == self.tag:
             self._starts.setdefault(portion, (time.time(), worker))
 
-    async def claim(self, tag, portion: int, seconds: float) -> bool:
-        """True for the first copy of ``portion`` to finish: its contribution is the one applied.
-        ``seconds``: how long that copy took on its worker."""
+    async def claim(self, tag, portion: int, seconds: float) -> int:
+        """For the first copy of ``portion`` to finish (its contribution is the one applied),
+        how many portions are still unclaimed; -1 for any later copy. ``seconds``: how long
+        that copy took on its worker."""
         if tag != self.tag or portion in self._won:
-            return False
+            return -1
         self._won.add(portion)
         self._finished[portion] = (time.time(), seconds)
-        return True
+        return self.total - len(self._won)
 
     async def snapshot(self, tag) -> dict:
         """What the backup policy needs: ``now``, the running portions' start times (and their
@@ -119,8 +125,8 @@ class _WorkerRun:
     """One run's state in one worker process, shared by the threads running its tasks.
 
     ``lock`` guards the accumulator: the evaluation ``tag`` it is for, ``acc`` with the won
-    portions ``pending`` in it, the portions already ``pushed``, and ``in_flight``: claims asked
-    for but not yet added, and pushes not yet acknowledged. A flush waits for ``in_flight`` to
+    portions ``pending`` in it, and ``in_flight``: claims asked for but not yet added, and
+    pushes not yet acknowledged. A flush waits for ``in_flight`` to
     drop to 0, so it never misses a portion that was just won or is on its way to the shards.
     ``fetch_lock`` makes the threads of one worker fetch an evaluation's vector once between them.
     ``model`` is the first task's copy, kept so that its per-thread work buffers are reused rather
@@ -133,8 +139,8 @@ class _WorkerRun:
         self.group_lock, self.group_steps = threading.Lock(), 0
         self.params, self.params_tag = np.empty(size, dtype=np.float32), None
         self.rows: dict[tuple[int, int], tuple] = {}
-        self.tag, self.pending, self.pushed, self.in_flight = None, [], [], 0
-        self.won_tag, self.won = None, {}  # portion -> (loss, backup): the copies won here
+        self.tag, self.pending, self.in_flight = None, {}, 0
+        self.won_tag, self.won = None, {}  # model-parallel: portion -> (loss, backup) won here
         self.abandoned = 0  # evaluations up to this tag were given up by the coordinator
         self.acc = np.zeros(size, dtype=np.float64)
         self.spare: list[np.ndarray] = []
@@ -145,33 +151,32 @@ class _WorkerRun:
         if self.tag is not None and self.tag > tag:
             return False
         if self.tag != tag:
-            self.tag, self.pending, self.pushed = tag, [], []
+            self.tag, self.pending = tag, {}
             self.acc.fill(0.0)
         return True
 
     def record_win(self, tag: int, portion: int, loss: float, backup: bool) -> None:
-        """Remember a copy won here (its loss goes back with the flush), forgetting older
-        evaluations'."""
+        """Remember a copy a model-parallel replica won here (its loss goes back with the
+        flush), forgetting older evaluations'."""
         with self.lock:
             if self.won_tag is None or tag > self.won_tag:
                 self.won_tag, self.won = tag, {}
             if tag == self.won_tag:
                 self.won[portion] = (float(loss), bool(backup))
 
-    def take(self) -> tuple[np.ndarray, list[int]]:
-        """Hand the accumulator and its portions to a pusher; start an empty one (call locked)."""
+    def take(self) -> tuple[np.ndarray, dict]:
+        """Hand the accumulator and its portions (``{portion: (worker, loss, backup)}``) to a
+        pusher; start an empty one (call locked)."""
         acc, portions = self.acc, self.pending
         self.acc = self.spare.pop() if self.spare else np.zeros_like(acc)
-        self.pending = []
+        self.pending = {}
         return acc, portions
 
-    def pushed_back(self, tag: int, acc: np.ndarray, portions: list[int]) -> None:
-        """After a push: record the portions applied (none when refused), keep the buffer."""
+    def pushed_back(self, acc: np.ndarray) -> None:
+        """After a push (accepted or not: the shards know which): keep the buffer."""
         acc.fill(0.0)
         with self.lock:
             self.spare.append(acc)
-            if self.tag == tag:
-                self.pushed.extend(portions)
 
 
 _RUNS: dict[str, _WorkerRun] = {}
@@ -239,23 +244,25 @@ def _rows(plan: PortionPlan, state: _WorkerRun, bounds: tuple[int, int]):
 
 
 async def _push(plan: PortionPlan, state: _WorkerRun, tag: int, acc: np.ndarray,
-                portions: list[int]) -> None:
+                portions: dict) -> None:
     """Add ``acc`` into every shard's accumulator (all shards at once, on the worker's event
-    loop); its portions count as applied only when every shard accepted them (a shard refuses
-    an abandoned evaluation's contributions)."""
-    pending = [asyncio.ensure_future(s.accumulate(tag, acc[a:b]))
+    loop), naming its portions and their losses (a shard refuses an abandoned evaluation's
+    contributions, and finishes only once it holds every portion)."""
+    pending = [asyncio.ensure_future(s.accumulate(tag, acc[a:b], 0, portions))
                for s, (a, b) in zip(plan.shards, plan.ranges)]
     while state.abandoned < tag:  # a dead shard's reply may never come
         done, waiting = await asyncio.wait(pending, timeout=WAIT_SLICE)
         if not waiting:
             break
-    accepted = all(p.done() and not p.exception() and p.result() for p in pending)
-    state.pushed_back(tag, acc, portions if accepted else [])
+    for reply_ in pending:  # read every error (a lost shard's), so none is reported unread
+        if reply_.done():
+            reply_.exception()
+    state.pushed_back(acc)
 
 
-async def _push_in_background(plan: PortionPlan, state: _WorkerRun, tag: int, acc: np.ndarray,
-                              portions: list[int]) -> None:
-    """A push every ``push_every`` won portions, travelling while the task thread computes on."""
+async def _push_counted(plan: PortionPlan, state: _WorkerRun, tag: int, acc: np.ndarray,
+                        portions: dict) -> None:
+    """A push, counted in flight until it lands (a flush waits for it)."""
     try:
         await _push(plan, state, tag, acc, portions)
     finally:
@@ -265,27 +272,33 @@ async def _push_in_background(plan: PortionPlan, state: _WorkerRun, tag: int, ac
 
 def _claim_and_add(plan: PortionPlan, state: _WorkerRun, tag: int, portion: int, loss, grad,
                    seconds: float, backup: bool) -> bool:
-    """Claim the portion; if this copy won, add it into the worker's accumulator, and every
-    ``push_every`` won portions send that to the shards in the background. Returns whether this
-    copy counted."""
+    """Claim the portion; if this copy won, add it into the worker's accumulator, and push that
+    to the shards every ``push_every`` won portions -- in the background while the thread
+    computes on -- and in the *tail* (fewer portions unclaimed than the cluster has threads:
+    this thread has probably nothing left to do) at once, waiting for it, so that when the last
+    portion ends the shards usually hold everything and no flush is needed. Returns whether
+    this copy counted."""
     worker = get_worker()
     with state.lock:
         state.in_flight += 1
     try:
-        won = reply(state, tag, plan.ledger.claim(tag, portion, seconds))
-        if not won:
+        unclaimed = reply(state, tag, plan.ledger.claim(tag, portion, seconds))
+        if unclaimed < 0:
             return False
-        state.record_win(tag, portion, loss, backup)
+        tail = unclaimed < plan.threads
         with state.lock:
             if not state.current(tag):
                 return True  # counted in an evaluation abandoned meanwhile: nothing to add to
             state.acc += grad
-            state.pending.append(portion)
-            if len(state.pending) < plan.push_every:
+            state.pending[portion] = (worker.address, float(loss), bool(backup))
+            if len(state.pending) < plan.push_every and not tail:
                 return True
             acc, portions = state.take()
             state.in_flight += 1  # the push: a flush waits for it to land
-        worker.loop.add_callback(_push_in_background, plan, state, tag, acc, portions)
+        if tail:
+            sync(worker.loop, _push_counted, plan, state, tag, acc, portions)
+        else:
+            worker.loop.add_callback(_push_counted, plan, state, tag, acc, portions)
         return True
     finally:
         with state.lock:
@@ -368,7 +381,8 @@ def _run_on_blocks(plan: PortionPlan, state: _WorkerRun, group, tag: int, portio
                               regularize=False))
         _straggle(plan, worker, tick)
         compute = time.perf_counter() - tick
-        counted = reply(state, tag, plan.ledger.claim(tag, portion, time.perf_counter() - start))
+        counted = reply(state, tag,
+                        plan.ledger.claim(tag, portion, time.perf_counter() - start)) >= 0
         if counted:
             state.record_win(tag, portion, loss, backup)
             group.call("add_portion", [(tag, portion, plan.push_every)] * k)
@@ -379,8 +393,8 @@ def _run_on_blocks(plan: PortionPlan, state: _WorkerRun, group, tag: int, portio
 async def flush_worker(plan: PortionPlan, tag: int, dask_worker=None) -> dict:
     """Push what this worker still holds for evaluation ``tag`` -- its accumulator, and its
     model-parallel replica's sums -- and return ``{portion: (worker, loss, backup)}`` for every
-    portion of ``tag`` it won and has applied on the shards: with the flush, the coordinator
-    learns the winners without asking the ledger.
+    portion of ``tag`` its replica won and has applied on the shards (block pushes name no
+    portions, so this is how the coordinator learns those winners).
 
     Run by the coordinator through ``Client.run`` on the worker's event loop: it needs no task
     thread, so a worker whose threads are all busy (with a straggler) flushes at once. It waits
@@ -392,29 +406,29 @@ async def flush_worker(plan: PortionPlan, tag: int, dask_worker=None) -> dict:
         state = _RUNS.get(plan.run)
     if state is None:
         return {}
-    applied = await _flush_accumulator(plan, state, tag)
+    await _flush_accumulator(plan, state, tag)
     group = plan.groups.get(dask_worker.address) if dask_worker is not None else None
-    if group is not None:  # a portion counts once every block of the replica has pushed it
-        replies = await asyncio.gather(*[a.flush_evaluation(tag) for a in group.actors])
-        applied += sorted(set.intersection(*map(set, replies)))
+    if group is None:
+        return {}
+    # a portion counts once every block of the replica has pushed it
+    replies = await asyncio.gather(*[a.flush_evaluation(tag) for a in group.actors])
+    applied = set.intersection(*map(set, replies))
     with state.lock:
         won = state.won if state.won_tag == tag else {}
         return {p: (dask_worker.address, *won[p]) for p in applied if p in won}
 
 
-async def _flush_accumulator(plan: PortionPlan, state: _WorkerRun, tag: int) -> list[int]:
+async def _flush_accumulator(plan: PortionPlan, state: _WorkerRun, tag: int) -> None:
+    """Push what the accumulator holds for ``tag`` once no claim or push is in flight."""
     deadline = time.monotonic() + FLUSH_PATIENCE
     while True:
         with state.lock:  # task threads hold it only for an in-memory add
             if state.in_flight == 0 or state.abandoned >= tag:
-                if state.tag != tag or state.abandoned >= tag:
-                    return []
-                acc, portions = state.take() if state.pending else (None, [])
+                if state.tag != tag or state.abandoned >= tag or not state.pending:
+                    return
+                acc, portions = state.take()
                 break
-        if time.monotonic() > deadline:  # a claim that never returns: report nothing applied,
-            return []                    # and the coordinator starts the evaluation again
+        if time.monotonic() > deadline:  # a claim that never returns: push nothing, and the
+            return                       # shards' count starts the evaluation again
         await asyncio.sleep(0.001)
-    if acc is not None:
-        await _push(plan, state, tag, acc, portions)
-    with state.lock:
-        return list(state.pushed) if state.tag == tag else []
+    await _push(plan, state, tag, acc, portions)

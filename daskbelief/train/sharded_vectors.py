@@ -29,6 +29,7 @@ import threading
 from concurrent.futures import Future
 
 import numpy as np
+from distributed import Actor
 
 from daskbelief import waits
 from daskbelief.train.recovery import lost_workers
@@ -79,6 +80,28 @@ class Watch:
             raise
 
 
+class DirectActor(Actor):
+    """An actor handle whose calls from the client go straight to the actor's worker.
+
+    distributed 2026.8 sends a client's actor calls through the scheduler (which forwards them)
+    unless the whole Client was made with ``direct_to_workers=True``: four network hops a call
+    instead of two. The coordinator makes several calls an iteration, so its own handles to the
+    shards and the ledger call the worker directly, as ``direct_to_workers`` would, without
+    changing the user's client. (Pickled, it is a plain ``Actor`` again.)
+    """
+
+    @property
+    def _worker_rpc(self):
+        if self._worker is None and self._client is not None:
+            return self._client.rpc(self._address)
+        return super()._worker_rpc
+
+
+def direct(actor: Actor) -> DirectActor:
+    """The client-side handle of ``actor`` that skips the scheduler (``DirectActor``)."""
+    return DirectActor(actor._cls, actor._address, actor.key)
+
+
 def in_thread(fn, *args, **kwargs) -> Future:
     """``fn(*args, **kwargs)`` in a thread of its own, for a blocking call that may never return
     (one that waits on a dead shard): the caller waits on the future through a ``Watch``."""
@@ -119,7 +142,7 @@ class ShardedVectors:
     """
 
     def __init__(self, shards, ranges, watch: Watch | None = None):
-        self.shards, self.ranges = list(shards), [tuple(r) for r in ranges]
+        self.shards, self.ranges = [direct(s) for s in shards], [tuple(r) for r in ranges]
         self.watch = watch or Watch(None, ())
         self.size = self.ranges[-1][1]
         self.flushes = 0
