@@ -9,11 +9,13 @@ processes: the driver SIGKILLed (its replicas stop within seconds) and the sched
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,7 @@ from daskbelief.train.downpour import downpour
 from daskbelief.train.errors import RunLost
 from daskbelief.train.reference import train_lbfgs
 from daskbelief.train.sandblaster import sandblaster
+from daskbelief.workarounds import worker_info
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -144,38 +147,67 @@ def test_downpour_finishes_whatever_worker_is_lost_at_a_random_step(digits_path,
                                                                                      result.summary)
 
 
-@pytest.mark.xfail(strict=True, raises=waits.WaitTimeout,
-                   reason="engine: replicas whose home died while no worker was running stay in "
-                   "`no-worker` for ever (distributed ignores loose restrictions when a worker "
-                   "joins) and the driver loops on evaluations; notes/chaos.md 22:35")
-def test_downpour_with_every_worker_lost_at_once_finishes_or_ends_cleanly(digits_path, tmp_path):
-    """All three workers SIGKILLed at one random step (their nannies restart them): the run
-    either finishes from its checkpoint or ends with RunLost naming it — it never hangs."""
+def test_downpour_with_every_worker_lost_finishes_or_ends_cleanly(digits_path, tmp_path):
+    """The named case of notes/chaos.md 22:35: two workers SIGKILLed at a random step, then,
+    once every replica has moved to the last one, that one too (the nannies restart all three),
+    so the replicas are rescheduled while no worker runs (distributed then leaves them in
+    ``no-worker``). The run either finishes from its checkpoint or ends with RunLost naming it;
+    it never hangs."""
     seed = 9
     _, moments = chaos.draws(seed)
     moment, = chaos.choose_moments(moments, 20, 60)
     with three_workers(1) as cluster, Client(cluster) as client:
-        with chaos.Chaos(client, seed, [moment] * 3, timeout=60) as killer:
+        with chaos.Chaos(client, seed, [moment] * 2, timeout=60) as killer:
+            last_kill = concurrent.futures.Future()
+
+            def lose_the_last_worker():
+                try:
+                    waits.until(lambda: len(killer.kills) == 2, timeout=60, what="the first two kills")
+                    killed = {k.victim for k in killer.kills}
+
+                    def holding_every_replica():
+                        live = [w for w in worker_info(client) if w not in killed]
+                        return next((w for w in live if len(replicas_on(client, w)) == 3), None)
+                    last = waits.until(holding_every_replica, timeout=30,
+                                       what="every replica on the one worker left")
+                    last_kill.set_result((last, chaos.kill_worker(client, last)))
+                except Exception as e:  # noqa: BLE001 -- asserted below
+                    last_kill.set_exception(e)
+
+            finale = threading.Thread(target=lose_the_last_worker, daemon=True)
+            finale.start()
             try:
                 result = chaos.run_with_deadline(
                     lambda: downpour(mlp(), digits_path, test=digits_path, client=client, replicas=3,
                                      shards=2, n_fetch=5, n_push=5, rule={"name": "adagrad", "lr": 0.05},
                                      batch_size=32, steps=200, report_every=5, seed=0,
                                      checkpoint_dir=tmp_path / "checkpoints", checkpoint_every=0.3),
-                    90, f"Downpour with every worker lost (seed {seed})")
+                    60, f"Downpour with every worker lost (seed {seed})")
             except RunLost as e:
                 assert e.checkpoint is None or checkpoint.is_checkpoint(e.checkpoint), e
                 result = None
-        assert killer.error is None and len(killer.kills) == 3, (killer.error, killer.kills)
+            finally:
+                finale.join(timeout=60)
+        assert killer.error is None and len(killer.kills) == 2, (killer.error, killer.kills)
+        print("the last worker killed:", last_kill.result(timeout=1))
     if result is not None:
         assert result.summary["test_accuracy"] >= 0.9, result.summary
+
+
+def replicas_on(client, address: str) -> list[str]:
+    return [k for k in map(str, client.processing([address]).get(address, ())) if "-replica-" in k]
 
 
 def mlp_lbfgs():
     return Sequential((64,), [Dense(16, "tanh"), Dense(10)], l2=1e-3)
 
 
-@pytest.mark.parametrize("layout, seed", [("no spare thread", 7), ("spare threads", 8)])
+@pytest.mark.parametrize("layout, seed", [
+    pytest.param("no spare thread", 7, marks=pytest.mark.xfail(
+        strict=False, raises=RunLost,
+        reason="sandblaster: intermittently the lost shards cannot be recreated in 120 s with no "
+               "spare thread (RunLost); notes/chaos.md 22:55")),
+    ("spare threads", 8)])
 def test_sandblaster_finishes_whatever_worker_is_lost_at_a_random_iteration(digits_path, layout, seed):
     """A lost shard holder is restored and its iterations replayed; a lost portion worker only
     loses portions: either way the iterates are the reference's."""
