@@ -1,0 +1,114 @@
+"""Downpour under chaos: the speech pipeline trained once undisturbed and once with a random
+worker SIGKILLed every few seconds (its nanny restarts it), side by side on the same cluster.
+
+``python -m benchmarks chaos [--quick]`` runs ``pipelines/speech-downpour.toml`` (its model,
+replicas, shards, rule and warm start, its 60,000 rows for 4 epochs; checkpoints every few
+seconds) on three worker processes of two threads; quick: 10,000 rows, 2 epochs. Both runs
+together take a few minutes (quick: well under one) on two cores. The victims are drawn from a
+printed seed (``daskbelief.testing.chaos``). Printed: kills, recoveries (shards recreated,
+blocks rebuilt, replicas restarted), hangs (the run past its deadline, or a stretch of
+``HANG_SECONDS`` with no replica progress), updates lost, and the final test accuracy and
+seconds of both runs. Targets: no hang; final accuracy within one point of the undisturbed
+run's. Other processes share this machine: the seconds are noisy (one run each), and so is
+the accuracy of an asynchronous run.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from distributed import Client, LocalCluster
+
+import daskbelief_datasets as recipes
+from daskbelief import config as configs
+from daskbelief import pipeline
+from daskbelief.monitor import events
+from daskbelief.testing import chaos
+from daskbelief.train.downpour import downpour
+
+PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "speech-downpour.toml"
+HANG_SECONDS = 30.0  # no replica progress for this long counts as a hang
+SEED = 0
+
+
+def settings(quick: bool) -> dict:
+    """Rows of speech-frames, epochs, seconds between kills, seconds between checkpoints."""
+    if quick:
+        return {"rows": 10000, "epochs": 2, "kill_every": 5.0, "checkpoint_every": 2.0}
+    return {"rows": 60000, "epochs": 4, "kill_every": 8.0, "checkpoint_every": 4.0}
+
+
+def hangs(progress_times: list[float], started: float, ended: float) -> int:
+    """Stretches of more than ``HANG_SECONDS`` between a run's start, its replicas' progress
+    events and its end."""
+    times = np.sort(np.asarray([started, *progress_times, ended]))
+    return int((np.diff(times) > HANG_SECONDS).sum())
+
+
+def train(client, pipe, path: str, run_dir: Path, *, checkpoint_every: float, epochs: int,
+          deadline: float) -> dict:
+    """One Downpour run of the pipeline; its summary, ``{"hung": True}`` past ``deadline``, or
+    ``{"error": ...}`` when it failed (printed, so the benchmark still reports what it saw)."""
+    kwargs = {**pipe.train, "epochs": epochs}
+    try:
+        result = chaos.run_with_deadline(
+            lambda: downpour(pipe.model, path, test=path, client=client, config=pipe.config,
+                             checkpoint_dir=run_dir / "checkpoints", checkpoint_every=checkpoint_every,
+                             **kwargs), deadline, f"Downpour on speech-frames (deadline {deadline:.0f}s)")
+    except TimeoutError as e:
+        print(e, flush=True)
+        return {"hung": True}
+    except Exception as e:  # noqa: BLE001 -- a run the kills broke is a result of this benchmark
+        print(f"the run failed: {e!r}", flush=True)
+        return {"error": repr(e)[:300]}
+    return result.summary
+
+
+def run(quick: bool) -> dict:
+    s = settings(quick)
+    config = configs.load(PIPELINE)
+    pipe = pipeline.prepare(config)
+    with tempfile.TemporaryDirectory(prefix="daskbelief-chaos-") as tmp:
+        tmp = Path(tmp)
+        path = str(recipes.build("speech-frames", tmp / "speech.zarr", size=s["rows"],
+                                 **config["dataset"].get("options", {})))
+        print(f"speech-frames: {s['rows']} rows, {s['epochs']} epochs, model {pipe.model.size:,} "
+              f"parameters, {pipe.train['replicas']} replicas, {pipe.train['shards']} shards; "
+              f"a worker killed every {s['kill_every']:g}s, seed {SEED}", flush=True)
+        with LocalCluster(n_workers=3, threads_per_worker=2, processes=True,
+                          dashboard_address=":0") as cluster, Client(cluster) as client:
+            calm = train(client, pipe, path, tmp / "calm", checkpoint_every=s["checkpoint_every"],
+                         epochs=s["epochs"], deadline=600)
+            if "seconds" not in calm:
+                raise RuntimeError(f"the run without kills did not finish: {calm}")
+            print(f"without kills: {calm['seconds']:.1f}s, accuracy {calm['test_accuracy']:.4f}", flush=True)
+            deadline = 3 * calm["seconds"] + 120
+            moments = chaos.every(s["kill_every"], deadline)
+            with chaos.Chaos(client, SEED, moments, chaos.seconds, timeout=deadline) as killer:
+                stormy = train(client, pipe, path, tmp / "stormy", checkpoint_every=s["checkpoint_every"],
+                               epochs=s["epochs"], deadline=deadline)
+                ended = time.time()
+            progress = [m["time"] for _, m in client.get_events(events.REPLICA) if m["time"] >= killer.since]
+            rebuilt = [m for _, m in client.get_events(events.RUN)
+                       if m["time"] >= killer.since and m.get("kind") == "blocks-recovered"]
+    if killer.error:
+        print(f"chaos: {killer.error}")
+    finished = "seconds" in stormy
+    summary = {
+        "seed": SEED, "kill_every": s["kill_every"], "kills": len(killer.kills),
+        "recoveries": (stormy["shard_recoveries"] + stormy["replica_restarts"] + len(rebuilt)
+                       if finished else None),
+        "hangs": hangs(progress, killer.since, ended) + int(bool(stormy.get("hung"))),
+        "error": stormy.get("error"),
+        "updates_lost": stormy.get("updates_lost"),
+        "final_accuracy": stormy.get("test_accuracy"),
+        "final_accuracy_without_kills": calm["test_accuracy"],
+        "seconds": stormy.get("seconds"), "seconds_without_kills": calm["seconds"],
+    }
+    if finished:
+        print(f"with kills: {stormy['seconds']:.1f}s ({stormy['seconds'] / calm['seconds']:.2f}x), "
+              f"accuracy {stormy['test_accuracy']:.4f} "
+              f"({100 * (stormy['test_accuracy'] - calm['test_accuracy']):+.2f} points)")
+    return summary
