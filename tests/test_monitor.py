@@ -112,9 +112,27 @@ def test_series_and_run_table_from_mixed_events():
                                                      "test_accuracy": [0.7]}}
     assert shaping.iteration_series(events)["run-b"]["loss"] == [3.0]
     table = shaping.run_table(events)
-    assert table["run-a"] == {"algorithm": "downpour", "first": 5.0, "last": 9.0, "ended": True}
+    assert table["run-a"] == {"algorithm": "downpour", "first": 5.0, "last": 9.0, "ended": True,
+                              "recoveries": 0, "last_recovery": None}
     assert table["run-b"]["algorithm"] == "?" and not table["run-b"]["ended"]
     assert shaping.latest_run(events, RUN) == "run-a" and shaping.latest_run(events, SHARD) is None
+
+
+def test_recoveries_are_counted_per_run_and_shown_on_the_page():
+    """Every recovery the engines announce (a shard restored, blocks recreated, a replica
+    resubmitted, Sandblaster's replay) counts; a failed attempt is shown but not counted."""
+    events = [event(RUN, 1.0, kind="start", algorithm="downpour"),
+              event(RUN, 2.0, kind="shard-recovered", shard=0, worker="tcp://w2"),
+              event(RUN, 3.0, kind="recovery-failed", shard=1),
+              event(RUN, 4.0, kind="blocks-recovered", replica="replica-1"),
+              event(RUN, 5.0, run="run-b", kind="recovery", iteration=3),
+              event(RUN, 6.0, kind="replica-restarted", replica="replica-0")]
+    table = shaping.run_table(events[:3])
+    assert (table["run-a"]["recoveries"], table["run-a"]["last_recovery"]) == (1, ("recovery-failed", 3.0))
+    table = shaping.run_table(events[3:], table)  # incrementally, as the page updates
+    assert table["run-a"]["recoveries"] == 3 and table["run-b"]["recoveries"] == 1
+    assert dashboard._recoveries(table["run-a"], now=16.0) == "3, last replica-restarted 10s ago"
+    assert dashboard._recoveries(shaping.run_table(events[:1])["run-a"], now=2.0) == "0"
 
 
 # -- the page on real schedulers ----------------------------------------------------------------

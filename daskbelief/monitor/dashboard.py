@@ -205,10 +205,20 @@ class DaskbeliefPage:
             started = time.strftime("%H:%M:%S", time.localtime(info["first"]))
             rows.append(f"<tr><td>{html.escape(str(run))}</td>"
                         f"<td>{html.escape(str(info['algorithm']))}</td>"
-                        f"<td>{started}</td><td>{state}</td></tr>")
+                        f"<td>{started}</td><td>{state}</td>"
+                        f"<td>{_recoveries(info, now)}</td></tr>")
         return ("<b>daskbelief runs on this cluster</b><table style='font-size:90%'>"
-                "<tr><th>run</th><th>algorithm</th><th>started</th><th>state</th></tr>"
-                f"{''.join(rows)}</table>")
+                "<tr><th>run</th><th>algorithm</th><th>started</th><th>state</th>"
+                f"<th>recoveries</th></tr>{''.join(rows)}</table>")
+
+
+def _recoveries(info: dict, now: float) -> str:
+    """A run's recovery cell: how many, and the latest (e.g. "2, last shard-recovered 5s ago")."""
+    last = info.get("last_recovery")
+    if last is None:
+        return "0"
+    kind, at = last
+    return f"{info['recoveries']}, last {html.escape(kind)} {now - at:.0f}s ago"
 
 
 def daskbelief_doc(scheduler, extra, doc) -> None:

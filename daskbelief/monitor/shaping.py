@@ -175,16 +175,25 @@ def portion_bars(counts: Counter, run) -> dict:
             "discarded": [counts[(run, w, False)] for w in workers]}
 
 
+RECOVERY_KINDS = ("shard-recovered", "blocks-recovered", "replica-restarted", "recovery",
+                  "recovery-failed")  # RUN events a fault leaves: a recovery, or one that failed
+
+
 def run_table(events, runs=None) -> dict:
-    """Per run: algorithm, first and last event times, whether it ended; updated from ``runs``."""
+    """Per run: algorithm, first and last event times, whether it ended, how many recoveries it
+    went through and the latest one (``kind`` and when); updated from ``runs``."""
     runs = {k: dict(v) for k, v in (runs or {}).items()}
     for e in events:
         info = runs.setdefault(e["run"], {"algorithm": "?", "first": e["time"], "last": e["time"],
-                                          "ended": False})
+                                          "ended": False, "recoveries": 0, "last_recovery": None})
         info["first"], info["last"] = min(info["first"], e["time"]), max(info["last"], e["time"])
-        if e["topic"] == RUN and e.get("kind") == "start":
+        kind = e.get("kind") if e["topic"] == RUN else None
+        if kind == "start":
             info["algorithm"], info["first"] = e.get("algorithm", "?"), e["time"]
-        info["ended"] |= e["topic"] == RUN and e.get("kind") == "end"
+        if kind in RECOVERY_KINDS:
+            info["recoveries"] += kind != "recovery-failed"
+            info["last_recovery"] = (kind, e["time"])
+        info["ended"] |= kind == "end"
     return runs
 
 
