@@ -174,3 +174,22 @@ def test_a_finished_run_leaves_no_actor_and_no_variable_behind(client, digits_pa
     waits.until(lambda: not (actors() - before), timeout=30, what="the run's actors to be released")
     variables = client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.extensions["variables"].variables))
     assert not [v for v in variables if v.startswith("downpour-")], variables
+
+
+@pytest.mark.parametrize("compression", ["bf16", "topk-bf16"])
+def test_compressed_pushes_reach_the_exact_runs_accuracy(client, digits_path, compression):
+    """bf16 / top-k pushes with error feedback against the same run with exact pushes (two
+    replicas, two shards): the accuracy of the exact run, within 2 points, while the shards
+    receive half (bf16) or a tenth (top-k 5% in bf16, with int32 indices) of the bytes."""
+    runs = {}
+    for kind in (None, compression):
+        runs[kind] = downpour(mlp(hidden=64), digits_path, test=digits_path, client=client,
+                              replicas=2, shards=2, rule=adagrad(lr=0.05), batch_size=32,
+                              epochs=15, seed=1, compression=kind, topk_fraction=0.05)
+    exact, packed = runs[None].summary, runs[compression].summary
+    assert packed["test_accuracy"] >= exact["test_accuracy"] - 0.02, (exact, packed)
+    sent = [sum(s["bytes_in"] for s in r.shard_stats) / r.summary["updates_applied"]
+            for r in (runs[None], runs[compression])]
+    assert sent[1] <= sent[0] * (0.5 if compression == "bf16" else 0.1), sent
+    with pytest.raises(ValueError, match="compression must be one of"):
+        downpour(mlp(), digits_path, client=client, replicas=1, steps=5, compression="zip")

@@ -128,10 +128,14 @@ class ParameterServer:
                            lambda r: self.wait(r, "a shard's parameters", timeout, give_up))
 
     def push_async(self, grad, versions: list[int], replica: str = "",
-                   steps_done: int | None = None) -> list:
+                   steps_done: int | None = None, encode=None) -> list:
         """Send each shard its slice of ``grad``; returns the pending replies (new versions).
         ``steps_done``: the replica's step count including this push (kept for resuming).
-        A slice larger than one comm frame goes frame by frame (``push_slice``)."""
+        A slice larger than one comm frame goes frame by frame (``push_slice``).
+        ``encode(shard_index, slice)``: a compressed payload to send instead (``ps.compress``)."""
+        if encode is not None:
+            return [s.push(encode(i, grad[a:b]), v, replica, 0, steps_done)
+                    for i, (s, (a, b), v) in enumerate(zip(self.shards, self.ranges, versions))]
         return [push_slice(s, grad[a:b], v, replica, 0, steps_done)
                 for s, (a, b), v in zip(self.shards, self.ranges, versions)]
 

@@ -26,6 +26,7 @@ from daskbelief.data import open_store
 from daskbelief.monitor import events
 from daskbelief.optim.rules import UpdateRule, make_rule
 from daskbelief.ps import checkpoint
+from daskbelief.ps.compress import check_kind
 from daskbelief.ps.policy import place_blocks, place_replicas
 from daskbelief.ps.server import ParameterServer
 from daskbelief.train.driver import Driver
@@ -62,6 +63,7 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
              eval_every: float | None = None, eval_rows: int = 10_000, checkpoint_dir=None,
              checkpoint_every: float | None = None, checkpoint_keep: int = 3, resume_from=None,
              partition: dict | Plan | None = None, device: str | None = None,
+             compression: str | None = None, topk_fraction: float = 0.01,
              config: dict | None = None) -> TrainResult:
     """Train ``model`` with Downpour SGD on a Dask cluster and return a ``TrainResult``.
 
@@ -102,6 +104,11 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
     device : None (replicas compute on host NumPy arrays) or "cupy": every replica computes on
         its worker's GPU, its parameters and gradient sums on the device and only fetches and
         pushes crossing to the host ("numpy" runs that same path on the host, for testing)
+    compression : None (exact float32 pushes, the default) or "bf16", "topk", "topk-bf16": each
+        push is rounded to bf16 and/or thinned to its ``topk_fraction`` largest entries, and the
+        replica keeps what was dropped and adds it to its next push (error feedback,
+        ``ps.compress``); fetches stay exact
+    topk_fraction : the share of each shard's slice a top-k push carries
     config : the pipeline config, stored in checkpoints
     """
     store = open_store(data, split="train") if isinstance(data, str) else data
@@ -121,6 +128,10 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
     plan = as_plan(model, partition)
     if device not in (None, "numpy", "cupy"):
         raise ValueError(f"device must be None, 'numpy' or 'cupy', got {device!r}")
+    check_kind(compression)
+    if compression is not None and plan is not None:
+        raise ValueError("compression= and partition= cannot be combined: model-parallel blocks "
+                         "push exact float32")
     if device is not None and plan is not None:
         raise ValueError("device= and partition= cannot be combined: model-parallel blocks "
                          "compute on the host")
@@ -135,7 +146,8 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
         run = f"downpour-{uuid.uuid4().hex[:8]}"
         replica_plans = [ReplicaPlan(run, r, store.url, store.split, data_shards[r], batch_size, steps,
                              epochs, n_fetch, n_push, seed, overlap, max_in_flight, report_every,
-                             warmstart_steps if r == 0 else 0, device)
+                             warmstart_steps if r == 0 else 0, device, compression,
+                             topk_fraction)
                          for r in range(replicas)]
         ps = ParameterServer.create(c, start_point.params, shards, rule)
         if start_point.shards is not None:

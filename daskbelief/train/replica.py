@@ -23,6 +23,7 @@ from daskbelief import waits
 from daskbelief.backend import get_backend, to_device, to_host
 from daskbelief.data import open_store
 from daskbelief.monitor import events
+from daskbelief.ps.compress import Feedback
 from daskbelief.ps.policy import place_blocks
 from daskbelief.ps.server import CALL_TIMEOUT, RECOVERY_TIMEOUT, WAIT_SLICE, ServerLost
 from daskbelief.train.errors import DriverGone
@@ -54,6 +55,8 @@ class ReplicaPlan:
     report_every: int
     warmstart_steps: int
     device: str | None = None
+    compression: str | None = None
+    topk_fraction: float = 0.01
 
     def name(self, what: str) -> str:
         """Name of one of the run's coordination objects (Dask Events and Variables)."""
@@ -115,6 +118,8 @@ class _Link:
         self.pending = None
         self.staleness: list[int] = []
         self.pushes_lost = 0
+        self.feedback = (None if plan.compression is None
+                         else Feedback(plan.compression, plan.topk_fraction))
 
     def _call(self, fn, *args):
         try:
@@ -158,8 +163,9 @@ class _Link:
     def push(self, grad, versions, steps_done: int, wait_now: bool) -> None:
         """Push ``grad`` (a buffer from ``buffer``) computed on parameters of ``versions``;
         ``steps_done`` counts the replica's steps including those in ``grad``."""
-        self.flight.append((self._call(self.ps.push_async, grad, versions, self.replica, steps_done),
-                            grad, versions))
+        encode = None if self.feedback is None else self.feedback.encode
+        self.flight.append((self._call(self.ps.push_async, grad, versions, self.replica, steps_done,
+                                       encode), grad, versions))
         while len(self.flight) > (0 if wait_now else self.limit):
             self._settle_oldest()
 
@@ -329,6 +335,8 @@ class _PartitionedStepper:
         self.generation = self.var.get(timeout=CALL_TIMEOUT)[0]
         self.staleness: list[int] = []
         self.pushes_lost = 0
+        self.feedback = (None if plan.compression is None
+                         else Feedback(plan.compression, plan.topk_fraction))
         self.rebuilds = 0
         self.steps_done = first_step
         self.n_blocks = blocks.plan.n_blocks
