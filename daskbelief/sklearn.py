@@ -80,21 +80,20 @@ def _dask_array(a):
 class LocalPredictor:
     """A fitted model in this process: raw features in, predictions out (``to_local()``).
 
-    Holds the network, its parameters and the scaling of the first fit: features are centred
-    and scaled with the training statistics; regression outputs are mapped back to the targets'
-    units; classification outputs are the probabilities of ``classes``.
+    Holds the network, its parameters and the first fit's ``Normaliser``: features are
+    standardised with the training statistics; regression outputs are mapped back to the
+    targets' units; classification outputs are the probabilities of ``classes``.
     """
 
-    def __init__(self, model, params, x_mean, x_inv_std, classes=None, y_mean=None, y_std=None):
+    def __init__(self, model, params, normaliser, classes=None, y_mean=None, y_std=None):
         # float64 arithmetic: a prediction must not depend on which other rows share its batch
         # (float32 BLAS rounds differently by batch size; scikit-learn checks 1e-7 agreement)
         self.model, self.params = model, np.asarray(params, dtype=np.float64)
-        self.x_mean, self.x_inv_std = x_mean, x_inv_std
+        self.normaliser = normaliser
         self.classes, self.y_mean, self.y_std = classes, y_mean, y_std
 
     def _outputs(self, X) -> np.ndarray:
-        X = (np.asarray(X, dtype=np.float64) - self.x_mean) * self.x_inv_std
-        return self.model.predict(self.params, X)
+        return self.model.predict(self.params, self.normaliser(X, dtype=np.float64))
 
     def predict_proba(self, X) -> np.ndarray:
         return self._outputs(X)
@@ -154,7 +153,7 @@ class _DaskbeliefEstimator(BaseEstimator):
     def fit(self, X, y, eval_set=None):
         """Train from a fresh start on ``(X, y)``; ``eval_set=(X_val, y_val)`` is evaluated at
         the end of training (and during it, every ``eval_every`` seconds) into ``evals_result_``."""
-        for name in ("model_", "params_"):
+        for name in ("model_", "params_", "rule_state_"):
             self.__dict__.pop(name, None)
         return self._fit(X, y, eval_set, classes=None, continuing=False)
 
@@ -183,12 +182,11 @@ class _DaskbeliefEstimator(BaseEstimator):
                           n_classes=len(self.classes_) if self._loss == CLASSIFICATION else None,
                           normalize=not continuing, overwrite=True)
             if not continuing:
-                norm = open_store(url).normaliser
-                self.x_mean_ = norm.mean if norm.mean is not None else np.float32(0)
-                self.x_inv_std_ = norm.inv_std if norm.inv_std is not None else np.float32(1)
+                self.normaliser_ = open_store(url).normaliser
             result = self._train(model, url, url if test is not None else None,
                                  self.params_ if continuing else None, client, continuing)
         self.model_, self.params_ = model, result.params
+        self.rule_state_ = result.rule_state  # Downpour: the next partial_fit continues the rule
         self.history_ = (self.history_ if continuing else []) + list(result.history)
         self.summary_ = result.summary
         self.n_iter_ = self._iterations(result, continuing)
@@ -196,7 +194,9 @@ class _DaskbeliefEstimator(BaseEstimator):
 
     def _scaled_X(self, X):
         """Features scaled with the first fit's statistics (for stores written afterwards)."""
-        return (X.astype(np.float32) - self.x_mean_) * self.x_inv_std_
+        if not _is_dask(X):
+            return self.normaliser_(X)
+        return X.rechunk({1: -1}).map_blocks(self.normaliser_, dtype=np.float32)
 
     def _chunk_rows(self, X) -> int:
         """Rows per zarr chunk: a Dask array's own chunk size; for NumPy, about 1 MB chunks, but
@@ -230,7 +230,7 @@ class _DaskbeliefEstimator(BaseEstimator):
     def to_local(self) -> LocalPredictor:
         """The fitted model as a plain in-process predictor (NumPy in, NumPy out)."""
         check_is_fitted(self, "params_")
-        return LocalPredictor(self.model_, self.params_, self.x_mean_, self.x_inv_std_,
+        return LocalPredictor(self.model_, self.params_, self.normaliser_,
                               **self._target_decoding())
 
     def _apply(self, method: str, X, columns: int | None, dtype):
@@ -399,7 +399,7 @@ class _DownpourPart(_DaskbeliefEstimator):
                         batch_size=self.batch_size, epochs=1 if continuing else self.max_iter,
                         warmstart_steps=0 if continuing else self.warmstart_steps,
                         overlap=self.overlap, eval_every=self.eval_every, seed=self._seed(),
-                        params=params)
+                        params=params, rule_state=self.rule_state_ if continuing else None)
 
     def _iterations(self, result, continuing: bool) -> int:
         """Epochs each replica made in this call (scikit-learn's ``n_iter_``)."""

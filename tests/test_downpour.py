@@ -13,7 +13,7 @@ from daskbelief.data import open_store
 from daskbelief.nn import Dense, Sequential
 from daskbelief.optim.rules import adagrad
 from daskbelief.train.downpour import downpour
-from daskbelief.train.reference import train_sgd
+from daskbelief.train.reference import schedule, train_sgd
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -33,6 +33,31 @@ def test_one_replica_without_overlap_equals_reference_adagrad(client, digits_pat
     assert not np.array_equal(expect, model.init(3))  # training moved the parameters
     np.testing.assert_allclose(result.params, expect, rtol=0, atol=1e-6)
     assert result.summary["updates_applied"] == 60 * 3
+
+
+def test_a_run_continued_with_its_rule_state_equals_one_reference_run_carrying_it(client, digits_path):
+    """``params=`` plus ``rule_state=`` from a first run continue Adagrad where it stopped: the
+    second run equals the reference loop that keeps one accumulator through both runs' batches
+    (and differs from a restart of the rule)."""
+    model, store = mlp(), open_store(digits_path, split="train")
+    rule = adagrad(lr=0.05)
+    kw = dict(client=client, replicas=1, shards=2, n_fetch=1, n_push=1, rule=rule, batch_size=16,
+              steps=30, overlap=False, seed=3)
+    first = downpour(model, store, **kw)
+    second = downpour(model, store, params=first.params, rule_state=first.rule_state, **kw)
+    params = model.init(3)
+    state, grad = rule.init(params), np.empty_like(params)
+    with threadpool_limits(1):
+        for _ in range(2):
+            for X, y in schedule(store, 16, 3, steps=30):
+                model.loss_and_grad(params, X, y, out=grad)
+                rule.apply(params, grad, state)
+    np.testing.assert_allclose(second.params, params, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(second.rule_state["sum_sq"], state["sum_sq"], rtol=1e-5, atol=1e-6)
+    restarted = downpour(model, store, params=first.params, **kw)
+    assert np.abs(restarted.params - params).max() > 1e-3
+    with pytest.raises(ValueError, match="rule_state holds"):
+        downpour(model, store, params=first.params, rule_state={"velocity": params}, **kw)
 
 
 def test_four_replicas_reach_96_percent_and_every_replica_updates_every_shard(client, digits_path):

@@ -122,10 +122,10 @@ def test_partial_fit_continues_from_the_fitted_parameters(digits):
     est = SandblasterClassifier(hidden_layer_sizes=(16,), max_iter=5, portion_size=300,
                                 random_state=0)
     first = est.partial_fit(X[:900], y[:900], classes=np.arange(10)).summary_["loss"]
-    mean, params = est.x_mean_.copy(), est.params_.copy()
+    mean, params = est.normaliser_.mean.copy(), est.params_.copy()
     second = est.partial_fit(X[:900], y[:900]).summary_
     assert second["loss"] < first  # started where the first call ended, went further down
-    np.testing.assert_array_equal(est.x_mean_, mean)  # the first fit's feature scaling stays
+    np.testing.assert_array_equal(est.normaliser_.mean, mean)  # the first fit's feature scaling stays
     assert not np.array_equal(est.params_, params)
     with pytest.raises(ValueError, match="not among the classes"):
         est.partial_fit(X[:10], y[:10] + 10)

@@ -27,12 +27,13 @@ class Normaliser:
                         np.where(self.std > 0, 1.0 / np.where(self.std > 0, self.std, 1.0), 1.0)
                         .astype(np.float32))
 
-    def __call__(self, X, *, in_place: bool = False) -> np.ndarray:
-        """Raw features ``(n, *feature_shape)`` or ``(n, n_features)`` as standardised float32:
-        a new array, or with ``in_place`` (for rows just read) ``X`` itself when it is a
-        writeable float32 array."""
+    def __call__(self, X, *, in_place: bool = False, dtype=np.float32) -> np.ndarray:
+        """Raw features ``(n, *feature_shape)`` or ``(n, n_features)`` standardised, as ``dtype``
+        (float32 for training; float64 where a prediction must not depend on its batch): a new
+        array, or with ``in_place`` (for rows just read) ``X`` itself when it is a writeable
+        array of that dtype."""
         X = np.asarray(X)
-        out = X.astype(np.float32, copy=not (in_place and X.dtype == np.float32 and X.flags.writeable))
+        out = X.astype(dtype, copy=not (in_place and X.dtype == dtype and X.flags.writeable))
         if self.mean is not None:
             flat = out.reshape(len(out), -1)
             if flat.shape[1] != len(self.mean):

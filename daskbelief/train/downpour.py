@@ -59,7 +59,8 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
              n_push: int = 5, rule: str | dict | UpdateRule = "adagrad", batch_size: int = 32, epochs: int | None = None,
              steps: int | None = None, max_seconds: float | None = None,
              warmstart_steps: int = 0, test=None, seed: int = 0,
-             params=None, overlap: bool = True, max_in_flight: int = 2, report_every: int = 20,
+             params=None, rule_state: dict | None = None, overlap: bool = True,
+             max_in_flight: int = 2, report_every: int = 20,
              eval_every: float | None = None, eval_rows: int = 10_000, checkpoint_dir=None,
              checkpoint_every: float | None = None, checkpoint_keep: int = 3, resume_from=None,
              partition: dict | Plan | None = None, device: str | None = None,
@@ -89,6 +90,9 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
     test : DataStore or str, optional -- evaluated every ``eval_every`` seconds and at the end
     seed : parameter init and data order
     params : initial flat parameter vector (default ``model.init(seed)``)
+    rule_state : the update rule's state to start from (a previous result's ``rule_state``, e.g.
+        Adagrad's accumulator), so that continuing a run with ``params=`` does not restart the
+        rule: without it Adagrad's first steps are again ``lr * sign(g)`` on every parameter
     overlap : overlap fetches and pushes with computation (False: blocking, the exact-oracle mode)
     max_in_flight : pushes a replica may have travelling at once (bounds its memory)
     report_every : steps between a replica's progress events
@@ -135,7 +139,7 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
     if device is not None and plan is not None:
         raise ValueError("device= and partition= cannot be combined: model-parallel blocks "
                          "compute on the host")
-    start_point = _start_point(model, seed, params, resume_from)
+    start_point = _start_point(model, seed, params, resume_from, rule_state, rule)
 
     with client_or_local(client, threads_per_worker=-(-replicas // default_local_workers())) as c:
         require_workers(c)
@@ -189,6 +193,7 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
         try:
             outcomes = driver.wait()
             final, shard_stats = driver.final()
+            final_state = _rule_state(driver.ps)
             driver.report_shards(shard_stats)  # the final counters, however short the run
             if checkpoint_dir is not None:
                 driver.checkpoint()
@@ -223,7 +228,7 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
         history = _history(c.get_events(events.REPLICA), run, driver.started) + test_rows
     history.sort(key=lambda h: h["time"])
     return TrainResult(model, final, history, summary, normaliser=store.normaliser,
-                       shard_stats=shard_stats, replica_outcomes=outcomes)
+                       shard_stats=shard_stats, replica_outcomes=outcomes, rule_state=final_state)
 
 
 @dataclass
@@ -238,12 +243,26 @@ class _StartPoint:
         self.steps = self.steps or {}
 
 
-def _start_point(model, seed: int, params, resume_from) -> _StartPoint:
+def _start_point(model, seed: int, params, resume_from, rule_state=None,
+                 rule: UpdateRule | None = None) -> _StartPoint:
     if resume_from is None:
         init = model.init(seed) if params is None else np.asarray(params, dtype=np.float32)
         if len(init) != model.size:
             raise ValueError(f"params has {len(init)} values, the model has {model.size} parameters")
-        return _StartPoint(init)
+        if rule_state is None:
+            return _StartPoint(init)
+        state = {name: np.asarray(v, dtype=np.float32) for name, v in rule_state.items()}
+        expected = set(rule.init(np.zeros(1, dtype=np.float32)))
+        if set(state) != expected:
+            raise ValueError(f"rule_state holds {sorted(state)}, the rule {rule.name!r} keeps "
+                             f"{sorted(expected)}")
+        for name, v in state.items():
+            if v.shape != init.shape:
+                raise ValueError(f"rule_state[{name!r}] has shape {v.shape}, the model has "
+                                 f"{model.size} parameters")
+        return _StartPoint(init, lambda ranges: [
+            {"params": init[a:b], "state": {k: v[a:b] for k, v in state.items()}, "version": 0,
+             "applied": 0} for a, b in ranges])
     ckpt = checkpoint.load_to_resume(resume_from, model.to_dict(), "downpour")
 
     def snapshots(ranges):
@@ -251,6 +270,12 @@ def _start_point(model, seed: int, params, resume_from) -> _StartPoint:
                  "version": max(ckpt.versions), "applied": 0} for a, b in ranges]
 
     return _StartPoint(ckpt.params, snapshots, ckpt.replica_steps())
+
+
+def _rule_state(ps) -> dict[str, np.ndarray]:
+    """The update rule's state of every shard, joined into model-sized arrays by name."""
+    parts = ps.state_dicts()
+    return {name: np.concatenate([p["state"][name] for p in parts]) for name in parts[0]["state"]}
 
 
 def _coordinate(client, plan: ReplicaPlan, ps, done: dict[int, int], warmstart_steps: int) -> dict:

@@ -26,6 +26,7 @@ class TrainResult:
     normaliser: Normaliser | None = None
     shard_stats: list[dict] = field(default_factory=list)       # each parameter shard's last counters
     replica_outcomes: list[dict] = field(default_factory=list)  # Downpour: what each replica did
+    rule_state: dict | None = None  # Downpour: the update rule's final state (continue with it)
 
     def predict(self, X):
         """Class probabilities (classification) or outputs (regression) for ``X``: raw features as
