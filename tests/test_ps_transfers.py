@@ -13,6 +13,7 @@ from distributed import Client, LocalCluster
 
 from daskbelief.cluster import worker_info
 from daskbelief.optim.rules import adagrad
+from daskbelief.ps.compress import Feedback, from_bf16, to_bf16
 from daskbelief.ps.server import ParameterServer, frame_values, frames
 
 FRAME = "256KiB"  # 65,536 float32 values
@@ -86,3 +87,35 @@ def test_a_frame_with_a_non_finite_value_is_dropped_and_the_parameters_stay_fini
     np.testing.assert_array_equal(values[240_000:], params[240_000:])
     assert (values[:240_000] < 1).all()  # the four finite frames were applied
     assert stats["rejected"] == 1 and stats["applied"] == 0  # a push with a dropped frame is not counted
+
+
+def _push_compressed_and_fetch(ps, grad, kind):
+    """On a worker: one push compressed with error feedback, then the fetched vector."""
+    feedback = Feedback(kind)
+    ps.wait_all(ps.push_async(grad, [0] * len(ps.shards), encode=feedback.encode), "push")
+    whole, _ = ps.fetch()
+    return whole, sorted(feedback.residual)
+
+
+def test_a_compressed_slice_of_several_frames_travels_frame_by_frame(small_frames):
+    """bf16 pushes take the same frame-by-frame path: each frame is encoded on its own (its own
+    residual), none is reassembled on arrival, and the shard applies exactly the rounded values."""
+    client = small_frames
+    rng = np.random.default_rng(2)
+    n = 200_000  # four frames of 50,000 values
+    params = rng.standard_normal(n).astype(np.float32)
+    grad = rng.standard_normal(n).astype(np.float32)
+    rule = adagrad(lr=0.05)
+    shard_worker, caller = sorted(worker_info(client))
+    ps = ParameterServer.create(client, params, 1, rule, workers=[shard_worker])
+    try:
+        whole, keys = client.submit(_push_compressed_and_fetch, ps, grad, "bf16",
+                                    workers=[caller], pure=False).result()
+        stats = ps.stats()[0]
+    finally:
+        ps.close()
+    assert keys == [(0, 0), (0, 50_000), (0, 100_000), (0, 150_000)]  # one residual per frame
+    expect, state = params.copy(), rule.init(params)
+    rule.apply(expect, from_bf16(to_bf16(grad)), state)
+    np.testing.assert_array_equal(whole, expect)
+    assert stats["applied"] == 1 and stats["bytes_in"] == 2 * n  # half the float32 bytes

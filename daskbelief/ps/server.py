@@ -132,12 +132,11 @@ class ParameterServer:
         """Send each shard its slice of ``grad``; returns the pending replies (new versions).
         ``steps_done``: the replica's step count including this push (kept for resuming).
         A slice larger than one comm frame goes frame by frame (``push_slice``).
-        ``encode(shard_index, slice)``: a compressed payload to send instead (``ps.compress``)."""
-        if encode is not None:
-            return [s.push(encode(i, grad[a:b]), v, replica, 0, steps_done)
-                    for i, (s, (a, b), v) in enumerate(zip(self.shards, self.ranges, versions))]
-        return [push_slice(s, grad[a:b], v, replica, 0, steps_done)
-                for s, (a, b), v in zip(self.shards, self.ranges, versions)]
+        ``encode(key, values)``: a compressed payload to send instead of each frame
+        (``ps.compress.Feedback.encode``; ``key`` is the shard and the frame's offset)."""
+        return [push_slice(s, grad[a:b], v, replica, 0, steps_done,
+                           None if encode is None else _keyed(encode, i))
+                for i, (s, (a, b), v) in enumerate(zip(self.shards, self.ranges, versions))]
 
     def push(self, grad, versions: list[int], replica: str = "", steps_done: int | None = None) -> list[int]:
         """Push and wait until every shard has applied its slice."""
@@ -207,20 +206,28 @@ def frames(n: int) -> list[tuple[int, int]]:
     return split(n, -(-n // frame_values()))
 
 
-def push_slice(shard, grad, version: int, replica: str, offset: int, steps_done):
+def _keyed(encode, shard: int):
+    """``encode`` for one shard's frames: ``(offset, values) -> payload`` under key (shard, offset)."""
+    return lambda lo, values: encode((shard, lo), values)
+
+
+def push_slice(shard, grad, version: int, replica: str, offset: int, steps_done, encode=None):
     """Push ``grad`` into ``shard`` at ``offset``; a reply to wait on.
 
     A slice that fits one comm frame is one call. A larger one is sent frame by frame, all
     frames at once: each arrives in its own buffer and is applied there while the others are
     still arriving (one message would be applied only once all of it had arrived, and
     distributed would first copy its split frames back together); the shard counts the update
-    when the last frame is in.
+    when the last frame is in. ``encode(lo, values)``: the compressed payload of the frame
+    starting at ``lo`` (frames are cut by float32 size, so a compressed one is smaller still).
     """
+    pack = (lambda lo, values: values) if encode is None else encode
     spans = frames(len(grad))
     if len(spans) == 1:
-        return shard.push(grad, version, replica, offset, steps_done)
+        return shard.push(pack(0, grad), version, replica, offset, steps_done)
     part = (uuid.uuid4().hex, len(spans))
-    return Replies([shard.push(grad[lo:hi], version, replica, offset + lo, steps_done, part)
+    return Replies([shard.push(pack(lo, grad[lo:hi]), version, replica, offset + lo, steps_done,
+                               part)
                     for lo, hi in spans])
 
 
