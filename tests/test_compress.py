@@ -74,3 +74,12 @@ def test_unknown_kinds_are_refused_by_name():
         compress.Feedback("topk", fraction=0.0)
     with pytest.raises(ValueError, match="unknown compressed payload kind 'zip'"):
         compress.decode(("zip", np.zeros(1)))
+
+
+@pytest.mark.parametrize("kind", compress.KINDS)
+def test_decode_into_writes_what_decode_returns(kind):
+    x = _awkward(1000)
+    out = np.full(len(x), np.nan, dtype=np.float32)
+    payload = compress.encode(x, kind, 0.1)
+    compress.decode_into(payload, out)
+    np.testing.assert_array_equal(out.view(np.uint32), compress.decode(payload).view(np.uint32))

@@ -119,3 +119,26 @@ def test_a_compressed_slice_of_several_frames_travels_frame_by_frame(small_frame
     rule.apply(expect, from_bf16(to_bf16(grad)), state)
     np.testing.assert_array_equal(whole, expect)
     assert stats["applied"] == 1 and stats["bytes_in"] == 2 * n  # half the float32 bytes
+
+
+def _fetch_bf16(ps):
+    out = np.empty(ps.size, dtype=np.float32)
+    whole, versions = ps.gather(ps.fetch_async("bf16"), out)
+    return whole, versions, whole is out
+
+
+def test_a_bf16_fetch_of_several_frames_is_the_rounded_parameters_at_half_the_bytes(small_frames):
+    client = small_frames
+    n = 200_003  # two shards of two frames each
+    params = np.random.default_rng(3).standard_normal(n).astype(np.float32)
+    shard_worker, caller = sorted(worker_info(client))
+    ps = ParameterServer.create(client, params, 2, adagrad(lr=0.05), workers=[shard_worker])
+    try:
+        whole, versions, in_place = client.submit(_fetch_bf16, ps, workers=[caller],
+                                                  pure=False).result()
+        stats = ps.stats()
+    finally:
+        ps.close()
+    np.testing.assert_array_equal(whole, from_bf16(to_bf16(params)))
+    assert in_place and versions == [0, 0]
+    assert sum(s["bytes_out"] for s in stats) == 2 * n

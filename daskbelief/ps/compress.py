@@ -4,7 +4,9 @@ Between hosts a push or fetch of float32 values is bound by the link, so halving
 thinning (top-k) what crosses it buys throughput. Rounding and dropping lose information; the
 replica keeps what was lost (the *residual*) and adds it to its next push, so over a run every
 gradient component is applied in full, only later (error feedback, as in 1-bit SGD and
-Deep Gradient Compression). Exact transfer stays the default; every function here is pure except
+Deep Gradient Compression). Fetches can travel as bf16 too (the replica computes its gradients
+on parameters rounded to bf16's 8 significant bits, as mixed-precision training does; the shards
+keep and update float32). Exact transfer stays the default; every function here is pure except
 ``Feedback``, which owns one residual per pushed range.
 
 A compressed payload is a small tuple, cheap to pickle and with its arrays as out-of-band buffers:
@@ -74,6 +76,17 @@ def decode(payload) -> np.ndarray:
         out[idx] = from_bf16(values) if kind == "topk-bf16" else values
         return out
     raise ValueError(f"unknown compressed payload kind {kind!r}")
+
+
+def decode_into(payload, out: np.ndarray) -> None:
+    """Write the float32 values a fetched payload stands for into ``out`` (exact values are
+    copied; bf16 ones are widened straight into ``out``'s bits: no float32 temporary)."""
+    if not isinstance(payload, tuple):
+        out[...] = payload
+    elif payload[0] == "bf16":
+        np.left_shift(payload[1], np.uint32(16), out=out.view(np.uint32), dtype=np.uint32)
+    else:
+        out[...] = decode(payload)
 
 
 def payload_bytes(payload) -> int:

@@ -14,6 +14,7 @@ from dask.utils import parse_bytes
 
 from daskbelief import waits
 from daskbelief.workarounds import local_actor, start_actors, worker_info
+from daskbelief.ps.compress import decode_into
 from daskbelief.ps.policy import overlaps, place_shards, shard_ranges
 from daskbelief.ps.shard import ParameterShard
 from daskbelief.ranges import split
@@ -88,14 +89,15 @@ class ParameterServer:
         return ParameterServer(shards, self.ranges, futures, self.rule_spec, self.backend)
 
     # -- whole-vector traffic ---------------------------------------------------------------------
-    def fetch_async(self) -> list:
+    def fetch_async(self, kind: str | None = None) -> list:
         """Ask every shard for its slice; returns the pending replies in shard order.
 
         A slice larger than one comm frame is asked for frame by frame, all at once: the shard
         copies one frame while the previous one travels, and the caller places each one as it
         arrives, so the two copies a fetch makes overlap the transfer instead of adding to it.
+        ``kind="bf16"``: the slices travel rounded to bf16 (``ps.compress``).
         """
-        return [[(lo, s.fetch(lo, hi - lo)) for lo, hi in frames(b - a)]
+        return [[(lo, s.fetch(lo, hi - lo, kind)) for lo, hi in frames(b - a)]
                 for s, (a, b) in zip(self.shards, self.ranges)]
 
     def gather(self, replies, out=None, wait=None) -> tuple[np.ndarray, list[int]]:
@@ -108,7 +110,8 @@ class ParameterServer:
             seen = []
             for lo, reply in parts:
                 values, version = wait(reply)
-                out[a + lo:a + lo + len(values)] = values
+                n = len(values) if not isinstance(values, tuple) else len(values[1])
+                decode_into(values, out[a + lo:a + lo + n])
                 seen.append(version)
             versions.append(min(seen))  # the oldest part is what the replica's update is based on
         return out, versions

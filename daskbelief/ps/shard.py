@@ -16,7 +16,7 @@ import numpy as np
 from daskbelief.backend import get_backend, namespace, to_numpy
 from daskbelief.optim.rules import make_rule
 from daskbelief.optim.vectors import LocalVectors, finish_gradient  # the reference's own code
-from daskbelief.ps.compress import decode, payload_bytes
+from daskbelief.ps.compress import decode, payload_bytes, to_bf16
 
 STALENESS_BINS = 64  # staleness >= this lands in the last histogram bin
 APPLY_BLOCK = 1 << 20  # values the update rule is applied to at a time (4 MB of float32)
@@ -110,11 +110,17 @@ class ParameterShard:
             return False
         return good
 
-    def fetch(self, offset: int = 0, length: int | None = None):
-        """A copy of ``params[offset:offset+length]`` of this slice and the shard's version."""
+    def fetch(self, offset: int = 0, length: int | None = None, kind: str | None = None):
+        """A copy of ``params[offset:offset+length]`` of this slice and the shard's version;
+        ``kind="bf16"``: the values rounded to bf16 (half the bytes on the link)."""
         stop = len(self.params) if length is None else offset + length
-        values = self.params[offset:stop].copy()
-        self.bytes_out += values.nbytes
+        if kind is None:
+            values = self.params[offset:stop].copy()
+        elif kind == "bf16":
+            values = ("bf16", to_bf16(to_numpy(self.params[offset:stop])))
+        else:
+            raise ValueError(f"fetches travel exact (None) or as 'bf16', not {kind!r}")
+        self.bytes_out += payload_bytes(values)
         self.fetches += 1
         return values, self.version
 
