@@ -218,3 +218,21 @@ def test_compressed_pushes_reach_the_exact_runs_accuracy(client, digits_path, co
     assert sent[1] <= sent[0] * (0.5 if compression == "bf16" else 0.1), sent
     with pytest.raises(ValueError, match="compression must be one of"):
         downpour(mlp(), digits_path, client=client, replicas=1, steps=5, compression="zip")
+
+
+def test_bf16_fetches_reach_the_exact_runs_accuracy_at_half_the_bytes(client, digits_path):
+    """Replicas computing on parameters fetched as bf16 (pushes exact): the exact run's accuracy
+    within 2 points, half the bytes out of the shards per fetch (the driver's own fetches, for
+    the final parameters, stay exact)."""
+    runs = {}
+    for kind in (None, "bf16"):
+        runs[kind] = downpour(mlp(hidden=64), digits_path, test=digits_path, client=client,
+                              replicas=2, shards=2, rule=adagrad(lr=0.05), batch_size=32,
+                              epochs=15, seed=1, fetch_compression=kind)
+    exact, rounded = runs[None].summary, runs["bf16"].summary
+    assert rounded["test_accuracy"] >= exact["test_accuracy"] - 0.02, (exact, rounded)
+    per_fetch = [sum(s["bytes_out"] for s in r.shard_stats) / sum(s["fetches"] for s in r.shard_stats)
+                 for r in (runs[None], runs["bf16"])]
+    assert per_fetch[0] / 2 < per_fetch[1] <= per_fetch[0] * 0.51, per_fetch
+    with pytest.raises(ValueError, match="fetch_compression must be None or 'bf16'"):
+        downpour(mlp(), digits_path, client=client, replicas=1, steps=5, fetch_compression="topk")

@@ -65,6 +65,7 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
              checkpoint_every: float | None = None, checkpoint_keep: int = 3, resume_from=None,
              partition: dict | Plan | None = None, device: str | None = None,
              compression: str | None = None, topk_fraction: float = 0.01,
+             fetch_compression: str | None = None,
              config: dict | None = None) -> TrainResult:
     """Train ``model`` with Downpour SGD on a Dask cluster and return a ``TrainResult``.
 
@@ -111,8 +112,11 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
     compression : None (exact float32 pushes, the default) or "bf16", "topk", "topk-bf16": each
         push is rounded to bf16 and/or thinned to its ``topk_fraction`` largest entries, and the
         replica keeps what was dropped and adds it to its next push (error feedback,
-        ``ps.compress``); fetches stay exact
+        ``ps.compress``)
     topk_fraction : the share of each shard's slice a top-k push carries
+    fetch_compression : None (exact fetches, the default) or "bf16": the parameters a replica
+        fetches travel rounded to bf16 (half the bytes; its gradients are computed on the rounded
+        values, the shards keep and update float32)
     config : the pipeline config, stored in checkpoints
     """
     store = open_store(data, split="train") if isinstance(data, str) else data
@@ -133,9 +137,11 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
     if device not in (None, "numpy", "cupy"):
         raise ValueError(f"device must be None, 'numpy' or 'cupy', got {device!r}")
     check_kind(compression)
-    if compression is not None and plan is not None:
+    if fetch_compression not in (None, "bf16"):
+        raise ValueError(f"fetch_compression must be None or 'bf16', got {fetch_compression!r}")
+    if (compression is not None or fetch_compression is not None) and plan is not None:
         raise ValueError("compression= and partition= cannot be combined: model-parallel blocks "
-                         "push exact float32")
+                         "push and fetch exact float32")
     if device is not None and plan is not None:
         raise ValueError("device= and partition= cannot be combined: model-parallel blocks "
                          "compute on the host")
@@ -151,7 +157,7 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
         replica_plans = [ReplicaPlan(run, r, store.url, store.split, data_shards[r], batch_size, steps,
                              epochs, n_fetch, n_push, seed, overlap, max_in_flight, report_every,
                              warmstart_steps if r == 0 else 0, device, compression,
-                             topk_fraction)
+                             topk_fraction, fetch_compression=fetch_compression)
                          for r in range(replicas)]
         ps = ParameterServer.create(c, start_point.params, shards, rule)
         if start_point.shards is not None:

@@ -57,6 +57,7 @@ class ReplicaPlan:
     device: str | None = None
     compression: str | None = None
     topk_fraction: float = 0.01
+    fetch_compression: str | None = None
 
     def name(self, what: str) -> str:
         """Name of one of the run's coordination objects (Dask Events and Variables)."""
@@ -120,6 +121,7 @@ class _Link:
         self.pushes_lost = 0
         self.feedback = (None if plan.compression is None
                          else Feedback(plan.compression, plan.topk_fraction))
+        self.fetch_kind = plan.fetch_compression
 
     def _call(self, fn, *args):
         try:
@@ -137,10 +139,11 @@ class _Link:
         return self.lease.give_up()
 
     def fetch(self, out=None):
-        return self._call(lambda: self.ps.gather(self.ps.fetch_async(), out, self._wait))
+        return self._call(lambda: self.ps.gather(self.ps.fetch_async(self.fetch_kind), out,
+                                                 self._wait))
 
     def fetch_begin(self) -> None:
-        self.pending = self._call(self.ps.fetch_async)
+        self.pending = self._call(self.ps.fetch_async, self.fetch_kind)
 
     def fetch_end(self, out):
         """The fetched parameters (into ``out``) and versions, or None when none was pending."""
