@@ -220,6 +220,26 @@ def test_compressed_pushes_reach_the_exact_runs_accuracy(client, digits_path, co
         downpour(mlp(), digits_path, client=client, replicas=1, steps=5, compression="zip")
 
 
+def test_delay_compensation_and_a_staleness_bound_train_and_do_what_they_say(client, digits_path):
+    """DC-ASGD (the rule's delay_compensation) corrects the replicas' pushes on every shard, and a
+    staleness bound of 0 keeps the two replicas in lockstep (no push lands more than one ahead of
+    the slowest replica on shard 0, and the replicas did wait); both still learn digits."""
+    kw = dict(test=digits_path, client=client, replicas=2, shards=2, batch_size=32, epochs=15,
+              seed=1)
+    dc = downpour(mlp(hidden=64), digits_path,
+                  rule={"name": "adagrad", "lr": 0.05, "delay_compensation": 0.5}, **kw)
+    assert dc.summary["test_accuracy"] >= 0.9, dc.summary
+    assert dc.summary["pushes_compensated"] >= dc.summary["updates_applied"] // 2, dc.summary
+    ssp = downpour(mlp(hidden=64), digits_path, rule=adagrad(lr=0.05), staleness_bound=0, **kw)
+    assert ssp.summary["test_accuracy"] >= 0.9, ssp.summary
+    assert ssp.shard_stats[0]["max_lead"] <= 1 and ssp.summary["bound_waits"] > 0, ssp.summary
+    free = downpour(mlp(hidden=64), digits_path, rule=adagrad(lr=0.05), steps=5,
+                    **{k: v for k, v in kw.items() if k != "epochs"})
+    assert free.summary["bound_waits"] == 0 and free.summary["pushes_compensated"] == 0
+    with pytest.raises(ValueError, match="staleness_bound must be an integer >= 0"):
+        downpour(mlp(), digits_path, client=client, replicas=1, steps=5, staleness_bound=-1)
+
+
 def test_bf16_fetches_reach_the_exact_runs_accuracy_at_half_the_bytes(client, digits_path):
     """Replicas computing on parameters fetched as bf16 (pushes exact): the exact run's accuracy
     within 2 points, half the bytes out of the shards per fetch (the driver's own fetches, for

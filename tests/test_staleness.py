@@ -102,3 +102,51 @@ def test_a_shard_scales_each_push_by_its_staleness_and_decodes_compressed_pushes
     assert shard.bytes_in == 5 * 8 * 4 + 8 * 2
     with pytest.raises(ValueError, match="staleness policy must be one of"):
         make_rule({"name": "adagrad", "staleness": "sometimes"})
+
+
+def test_a_shard_compensates_a_push_by_what_its_replica_fetched_at_the_push_base():
+    """DC-ASGD on ParameterShard (in process) against the formula by hand: replica a fetches at
+    version 0 (in two frames), replica b's push moves the parameters, then a's push based on
+    version 0 is corrected by lam * g * g * (w_now - w_fetched_by_a); a push whose base copy is
+    no longer kept (or from a replica that never fetched) is applied uncorrected."""
+    from daskbelief.ps.asynchrony import FETCHED_KEPT
+    from daskbelief.ps.shard import ParameterShard
+
+    spec = {"name": "sgd", "lr": 0.5, "delay_compensation": 2.0}
+    assert make_rule(spec).to_dict() == spec
+    g = _grads(n=8, steps=3, seed=6)
+    w0 = np.linspace(-1, 1, 8, dtype=np.float32)
+    shard = ParameterShard(0, 0, 8, w0, spec)
+    shard.fetch(0, 5, replica="a")
+    shard.fetch(5, 3, replica="a")
+    shard.push(g[0], base_version=0, replica="b")       # b never fetched: plain SGD
+    w1 = w0 - np.float32(0.5) * g[0]
+    np.testing.assert_allclose(shard.fetch()[0], w1, rtol=1e-6)
+    shard.push(g[1], base_version=0, replica="a")
+    corrected = g[1] + 2.0 * g[1] * g[1] * (w1 - w0)
+    w2 = w1 - np.float32(0.5) * corrected
+    np.testing.assert_allclose(shard.fetch()[0], w2, rtol=1e-5, atol=1e-7)
+    assert shard.stats()["compensated"] == 1
+    for _ in range(FETCHED_KEPT):                        # later fetches push version 0 out
+        shard.fetch(replica="a")
+        shard.push(np.zeros(8, np.float32), base_version=shard.version, replica="b")
+    before = shard.fetch()[0]
+    shard.push(g[2], base_version=0, replica="a")
+    np.testing.assert_allclose(shard.fetch()[0], before - np.float32(0.5) * g[2], rtol=1e-6)
+    assert shard.stats()["compensated"] == 1
+
+
+def test_clocks_start_a_late_replica_at_the_slowest_and_forget_one_that_left():
+    from daskbelief.ps.asynchrony import Clocks
+
+    clocks = Clocks()
+    for _ in range(5):
+        clocks.tick("r0")                    # a warm start: r0 alone
+    assert clocks.lead("r0") == 0 and clocks.lead("r1") == 0
+    clocks.tick("r1")                        # joins at r0's clock
+    assert clocks.clock == {"r0": 5, "r1": 6} and clocks.lead("r1") == 1
+    clocks.tick("r1")
+    clocks.tick("r1")
+    assert clocks.lead("r1") == 3 and clocks.max_lead == 3
+    clocks.leave("r0")
+    assert clocks.lead("r1") == 0

@@ -17,6 +17,8 @@ would to that slice: sharding the server never changes the arithmetic.
 update: how a parameter shard applies staleness-aware step sizes. A rule's ``staleness`` policy
 (``{"name": "adagrad", "lr": 0.05, "staleness": "inverse"}``; see ``optim.staleness``) tells the
 shard which scale each push gets from its measured staleness; "none" (the default) is the paper's.
+A rule's ``delay_compensation`` (DC-ASGD's lambda, 0 by default) makes the shard correct each push
+by ``lam * g * g * (w_now - w_fetched)`` before applying it (``optim.staleness.delay_compensate``).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ class UpdateRule:
     _init: Callable = None
     _apply: Callable = None
     staleness: str = "none"
+    delay_compensation: float = 0.0
 
     def init(self, params) -> dict:
         """Fresh state for ``params`` (zeros, in the parameters' array type and dtype)."""
@@ -54,6 +57,8 @@ class UpdateRule:
 
     def to_dict(self) -> dict:
         extra = {} if self.staleness == "none" else {"staleness": self.staleness}
+        if self.delay_compensation:
+            extra["delay_compensation"] = self.delay_compensation
         return {"name": self.name, **self.hyper, **extra}
 
     def __repr__(self) -> str:
@@ -143,8 +148,12 @@ def make_rule(spec) -> UpdateRule:
     if name not in RULES:
         raise ValueError(f"unknown update rule {name!r}: expected one of {sorted(RULES)}")
     try:
-        rule = RULES[name](**{k: v for k, v in spec.items() if k not in ("name", "staleness")})
+        rule = RULES[name](**{k: v for k, v in spec.items() if k not in ASYNCHRONY_KEYS})
     except TypeError as e:
         raise ValueError(f"bad settings for the {name!r} rule: {e}") from None
-    policy = check_policy(spec.get("staleness", "none"))
-    return rule if policy == "none" else replace(rule, staleness=policy)
+    return replace(rule, staleness=check_policy(spec.get("staleness", "none")),
+                   delay_compensation=_rate(spec.get("delay_compensation", 0.0),
+                                            "delay_compensation"))
+
+
+ASYNCHRONY_KEYS = ("name", "staleness", "delay_compensation")  # a table's keys besides the rule's

@@ -41,19 +41,19 @@ def step_scale(staleness: int, policy: str = "none") -> float:
 
 
 def delay_compensate(grad, params_now, params_fetched, lam: float):
-    """DC-ASGD's corrected gradient, computed in place in ``grad`` and returned.
+    """DC-ASGD's corrected gradient, a new array (``grad`` may be a read-only received buffer).
 
     ``g + lam * g * g * (w_now - w_fetched)``: the first-order Taylor term of the gradient at the
     parameters it is applied to, with ``g * g`` standing for the Hessian's diagonal.
     """
     if lam == 0.0:
         return grad
-    correction = params_now - params_fetched
-    correction *= grad
-    correction *= grad
-    correction *= lam
-    grad += correction
-    return grad
+    corrected = params_now - params_fetched
+    corrected *= grad
+    corrected *= grad
+    corrected *= lam
+    corrected += grad
+    return corrected
 
 
 def must_wait(own_pushes: int, slowest_pushes: int, bound: int | None) -> bool:

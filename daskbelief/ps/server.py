@@ -89,15 +89,16 @@ class ParameterServer:
         return ParameterServer(shards, self.ranges, futures, self.rule_spec, self.backend)
 
     # -- whole-vector traffic ---------------------------------------------------------------------
-    def fetch_async(self, kind: str | None = None) -> list:
+    def fetch_async(self, kind: str | None = None, replica: str = "") -> list:
         """Ask every shard for its slice; returns the pending replies in shard order.
 
         A slice larger than one comm frame is asked for frame by frame, all at once: the shard
         copies one frame while the previous one travels, and the caller places each one as it
         arrives, so the two copies a fetch makes overlap the transfer instead of adding to it.
-        ``kind="bf16"``: the slices travel rounded to bf16 (``ps.compress``).
+        ``kind="bf16"``: the slices travel rounded to bf16 (``ps.compress``). ``replica``: who
+        asks (a shard with delay compensation keeps what it sent).
         """
-        return [[(lo, s.fetch(lo, hi - lo, kind)) for lo, hi in frames(b - a)]
+        return [[(lo, s.fetch(lo, hi - lo, kind, replica)) for lo, hi in frames(b - a)]
                 for s, (a, b) in zip(self.shards, self.ranges)]
 
     def gather(self, replies, out=None, wait=None) -> tuple[np.ndarray, list[int]]:

@@ -16,6 +16,8 @@ import numpy as np
 from daskbelief.backend import get_backend, namespace, to_numpy
 from daskbelief.optim.rules import make_rule
 from daskbelief.optim.vectors import LocalVectors, finish_gradient  # the reference's own code
+from daskbelief.optim.staleness import delay_compensate
+from daskbelief.ps.asynchrony import Clocks, FetchedCopies
 from daskbelief.ps.compress import decode, payload_bytes, to_bf16
 
 STALENESS_BINS = 64  # staleness >= this lands in the last histogram bin
@@ -54,6 +56,10 @@ class ParameterShard:
         self.vectors = LocalVectors(stop - start, dtype=np.float32, xp=xp)
         self.vectors.set("params", self.params)
         self._objective: ObjectiveSlice | None = None  # Sandblaster: set by ``prepare_objective``
+        # asynchrony (ps.asynchrony): fetched copies for delay compensation, clocks for a bound
+        self.fetched = FetchedCopies(stop - start) if self.rule.delay_compensation else None
+        self.clocks = Clocks()
+        self.compensated = 0
 
     # -- Downpour -------------------------------------------------------------------------------
     def push(self, grad, base_version: int, replica: str = "", offset: int = 0,
@@ -85,10 +91,15 @@ class ParameterShard:
                              f"does not fit its {len(self.params)} parameters")
         staleness = max(self.version - int(base_version), 0)
         scale = self.rule.step_scale(staleness)
+        fetched = None if self.fetched is None else self.fetched.get(replica, int(base_version))
         for g in blocks:
             span = slice(offset, offset + len(g))
+            if fetched is not None:
+                g = delay_compensate(g, self.params[span], xp.asarray(fetched[span]),
+                                     self.rule.delay_compensation)
             self.rule.apply(self.params[span], g, {k: v[span] for k, v in self.state.items()}, scale)
             offset += len(g)
+        self.compensated += fetched is not None and complete
         if not complete:
             return self.version
         self.staleness_hist[min(staleness, STALENESS_BINS - 1)] += 1
@@ -96,6 +107,7 @@ class ParameterShard:
         self.version += 1
         self.applied += 1
         self.per_replica[replica] = self.per_replica.get(replica, 0) + 1
+        self.clocks.tick(replica)
         if steps_done is not None:  # what a checkpoint needs to resume the replica exactly
             self.replica_steps[replica] = max(self.replica_steps.get(replica, 0), int(steps_done))
         return self.version
@@ -110,9 +122,11 @@ class ParameterShard:
             return False
         return good
 
-    def fetch(self, offset: int = 0, length: int | None = None, kind: str | None = None):
+    def fetch(self, offset: int = 0, length: int | None = None, kind: str | None = None,
+              replica: str = ""):
         """A copy of ``params[offset:offset+length]`` of this slice and the shard's version;
-        ``kind="bf16"``: the values rounded to bf16 (half the bytes on the link)."""
+        ``kind="bf16"``: the values rounded to bf16 (half the bytes on the link). With delay
+        compensation, what ``replica`` was sent is kept (``FetchedCopies``)."""
         stop = len(self.params) if length is None else offset + length
         if kind is None:
             values = self.params[offset:stop].copy()
@@ -121,14 +135,25 @@ class ParameterShard:
         else:
             raise ValueError(f"fetches travel exact (None) or as 'bf16', not {kind!r}")
         self.bytes_out += payload_bytes(values)
+        if self.fetched is not None and replica:
+            self.fetched.record(replica, self.version, offset, to_numpy(decode(values)))
         self.fetches += 1
         return values, self.version
+
+    def lead(self, replica: str) -> int:
+        """Complete pushes ``replica`` is ahead of the slowest replica (a staleness bound)."""
+        return self.clocks.lead(replica)
+
+    def leave(self, replica: str) -> None:
+        """``replica`` has finished: the slowest clock no longer counts it."""
+        self.clocks.leave(replica)
 
     def stats(self) -> dict:
         """Counters for monitoring and tests: updates applied/rejected, staleness, traffic."""
         return {
             "shard": self.index, "start": self.start, "stop": self.stop, "version": self.version,
             "applied": self.applied, "rejected": self.rejected, "fetches": self.fetches,
+            "compensated": self.compensated, "max_lead": self.clocks.max_lead,
             "per_replica": dict(self.per_replica), "replica_steps": dict(self.replica_steps),
             "staleness_hist": self.staleness_hist.tolist(),
             "staleness_mean": self.staleness_sum / self.applied if self.applied else 0.0,

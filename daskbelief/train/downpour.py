@@ -65,7 +65,7 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
              checkpoint_every: float | None = None, checkpoint_keep: int = 3, resume_from=None,
              partition: dict | Plan | None = None, device: str | None = None,
              compression: str | None = None, topk_fraction: float = 0.01,
-             fetch_compression: str | None = None,
+             fetch_compression: str | None = None, staleness_bound: int | None = None,
              config: dict | None = None) -> TrainResult:
     """Train ``model`` with Downpour SGD on a Dask cluster and return a ``TrainResult``.
 
@@ -117,6 +117,9 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
     fetch_compression : None (exact fetches, the default) or "bf16": the parameters a replica
         fetches travel rounded to bf16 (half the bytes; its gradients are computed on the rounded
         values, the shards keep and update float32)
+    staleness_bound : None (fully asynchronous, the paper's) or s >= 0: a replica more than ``s``
+        pushes ahead of the slowest replica waits before pushing (stale-synchronous parallel;
+        a replica that stops pushing holds the others at most ``replica.BOUND_PATIENCE`` s)
     config : the pipeline config, stored in checkpoints
     """
     store = open_store(data, split="train") if isinstance(data, str) else data
@@ -137,6 +140,11 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
     if device not in (None, "numpy", "cupy"):
         raise ValueError(f"device must be None, 'numpy' or 'cupy', got {device!r}")
     check_kind(compression)
+    if staleness_bound is not None:
+        check_integer("staleness_bound", staleness_bound, 0)
+        if plan is not None:
+            raise ValueError("staleness_bound= and partition= cannot be combined: model-parallel "
+                             "blocks push on their own")
     if fetch_compression not in (None, "bf16"):
         raise ValueError(f"fetch_compression must be None or 'bf16', got {fetch_compression!r}")
     if (compression is not None or fetch_compression is not None) and plan is not None:
@@ -157,7 +165,8 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
         replica_plans = [ReplicaPlan(run, r, store.url, store.split, data_shards[r], batch_size, steps,
                              epochs, n_fetch, n_push, seed, overlap, max_in_flight, report_every,
                              warmstart_steps if r == 0 else 0, device, compression,
-                             topk_fraction, fetch_compression=fetch_compression)
+                             topk_fraction, fetch_compression=fetch_compression,
+                             staleness_bound=staleness_bound)
                          for r in range(replicas)]
         ps = ParameterServer.create(c, start_point.params, shards, rule)
         if start_point.shards is not None:
@@ -221,6 +230,8 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
                    "updates_rejected": sum(s["rejected"] for s in shard_stats),
                    "updates_lost": driver.updates_lost, "shard_recoveries": driver.recoveries,
                    "replica_restarts": sum(o["attempt"] for o in outcomes),
+                   "bound_waits": sum(o.get("bound_waits", 0) for o in outcomes),
+                   "pushes_compensated": sum(s["compensated"] for s in shard_stats),
                    "staleness_mean": float(np.mean([s["staleness_mean"] for s in shard_stats]))}
         summary["samples_per_second"] = summary["samples"] / seconds
         test_rows = driver.test_rows

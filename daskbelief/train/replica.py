@@ -23,6 +23,7 @@ from daskbelief import waits
 from daskbelief.backend import get_backend, to_device, to_host
 from daskbelief.data import open_store
 from daskbelief.monitor import events
+from daskbelief.optim.staleness import must_wait
 from daskbelief.ps.compress import Feedback
 from daskbelief.ps.policy import place_blocks
 from daskbelief.ps.server import CALL_TIMEOUT, RECOVERY_TIMEOUT, WAIT_SLICE, ServerLost
@@ -33,6 +34,7 @@ from daskbelief.workarounds import HandleVariable, leave_thread_pool, worker_inf
 
 
 WARM_TIMEOUT = 3600.0  # seconds the other replicas wait for replica 0's warm start
+BOUND_PATIENCE = 5.0   # seconds a staleness bound waits for a slowest replica that does not push
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class ReplicaPlan:
     compression: str | None = None
     topk_fraction: float = 0.01
     fetch_compression: str | None = None
+    staleness_bound: int | None = None
 
     def name(self, what: str) -> str:
         """Name of one of the run's coordination objects (Dask Events and Variables)."""
@@ -122,6 +125,8 @@ class _Link:
         self.feedback = (None if plan.compression is None
                          else Feedback(plan.compression, plan.topk_fraction))
         self.fetch_kind = plan.fetch_compression
+        self.bound, self.ahead = plan.staleness_bound, 0  # pushes ahead of the slowest, at most
+        self.bound_waits, self.bound_wait_seconds = 0, 0.0
 
     def _call(self, fn, *args):
         try:
@@ -139,11 +144,11 @@ class _Link:
         return self.lease.give_up()
 
     def fetch(self, out=None):
-        return self._call(lambda: self.ps.gather(self.ps.fetch_async(self.fetch_kind), out,
-                                                 self._wait))
+        return self._call(lambda: self.ps.gather(self.ps.fetch_async(self.fetch_kind, self.replica),
+                                                 out, self._wait))
 
     def fetch_begin(self) -> None:
-        self.pending = self._call(self.ps.fetch_async, self.fetch_kind)
+        self.pending = self._call(self.ps.fetch_async, self.fetch_kind, self.replica)
 
     def fetch_end(self, out):
         """The fetched parameters (into ``out``) and versions, or None when none was pending."""
@@ -166,7 +171,9 @@ class _Link:
     def push(self, grad, versions, steps_done: int, wait_now: bool) -> None:
         """Push ``grad`` (a buffer from ``buffer``) computed on parameters of ``versions``;
         ``steps_done`` counts the replica's steps including those in ``grad``."""
+        self._keep_bound()
         encode = None if self.feedback is None else self.feedback.encode
+        self.ahead += 1
         self.flight.append((self._call(self.ps.push_async, grad, versions, self.replica, steps_done,
                                        encode), grad, versions))
         while len(self.flight) > (0 if wait_now else self.limit):
@@ -182,6 +189,33 @@ class _Link:
     def drain(self) -> None:
         while self.flight:
             self._settle_oldest()
+
+    def _keep_bound(self) -> None:
+        """Under a staleness bound, push only while at most ``bound`` pushes ahead of the
+        slowest replica (stale-synchronous parallel: bound 0 is lockstep). ``ahead`` only
+        overestimates (the slowest only moves on), so the shard is asked only when it says
+        wait; a slowest replica that stops pushing (lost, not yet resubmitted) holds this one
+        at most ``BOUND_PATIENCE`` seconds."""
+        if not must_wait(self.ahead, 0, self.bound):
+            return
+        started = time.time()
+        self.drain()  # its own pushes landed, the shard's count is exact
+
+        def caught_up():
+            self.ahead = self._wait(self._call(self.ps.shards[0].lead, self.replica))
+            return not must_wait(self.ahead, 0, self.bound) or time.time() - started > BOUND_PATIENCE
+
+        if not caught_up():
+            self.bound_waits += 1
+            waits.until(caught_up, timeout=BOUND_PATIENCE + RECOVERY_TIMEOUT, every=0.002,
+                        give_up=self.lease.give_up,
+                        what=f"{self.replica}: the slowest replica, under the staleness bound")
+        self.bound_wait_seconds += time.time() - started
+
+    def leave(self) -> None:
+        """Tell the shards this replica has finished (a staleness bound stops counting it)."""
+        if self.bound is not None:
+            self._call(lambda: [self._wait(s.leave(self.replica)) for s in self.ps.shards])
 
     def recover(self, timeout: float = RECOVERY_TIMEOUT) -> None:
         """Wait for a server newer than the one that failed; forget the old one's traffic."""
@@ -216,6 +250,10 @@ class _Stepper:
     @property
     def pushes_lost(self) -> int:
         return self.link.pushes_lost
+
+    @property
+    def bound_waits(self) -> int:
+        return self.link.bound_waits
 
     def step(self, step: int, X, y) -> float | None:
         """One minibatch; None when a shard was lost meanwhile (the step's gradient with it)."""
@@ -280,6 +318,7 @@ class _Stepper:
             if self.acc_steps:
                 self.link.push(self._take_push(), self.versions, self.steps_done, wait_now=True)
             self.link.drain()
+            self.link.leave()
         except ServerLost:
             self.link.pushes_lost += 1
 
@@ -331,6 +370,7 @@ class _PartitionedStepper:
     """
 
     MAX_REBUILDS = 10  # block sets one replica may recreate before its failure is final
+    bound_waits = 0    # a staleness bound is refused with partition=
 
     def __init__(self, blocks, plan: ReplicaPlan, first_step: int, lease: LeaseWatch):
         self.blocks, self.plan, self.first, self.lease = blocks, plan, first_step, lease
@@ -495,7 +535,7 @@ def _train(model, plan: ReplicaPlan, blocks, lease: LeaseWatch, attempt: int, do
         Event(plan.name("warm")).set()  # never leave the others waiting, however short the shard
     progress.set({"done": step, "attempt": attempt})
     return {"replica": plan.replica, "steps": step - done, "samples": samples, "worker": worker,
-            "attempt": attempt, "pushes_lost": stepper.pushes_lost,
+            "attempt": attempt, "pushes_lost": stepper.pushes_lost, "bound_waits": stepper.bound_waits,
             "loss": float(np.mean(losses)) if losses else float("nan"),
             "staleness_mean": float(np.mean(stepper.staleness)) if stepper.staleness else 0.0}
 

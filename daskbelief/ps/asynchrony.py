@@ -1,0 +1,75 @@
+"""What a parameter shard keeps for two answers to stale gradients (``optim.staleness``): the
+parameters each replica fetched (delay compensation) and each replica's push clock (a
+staleness bound).
+
+Both are per-replica bookkeeping on the shard's actor thread, so they need no locks; neither
+exists unless the run asks for it (the rule's ``delay_compensation``, Downpour's
+``staleness_bound``).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+FETCHED_KEPT = 4  # fetched copies kept per replica: its pushes in flight may be based on any
+
+
+class FetchedCopies:
+    """The last ``FETCHED_KEPT`` parameter slices each replica fetched, by version.
+
+    DC-ASGD corrects a gradient with ``w_now - w_fetched``, the parameters it was computed on
+    (Zheng et al. keep one backup per worker, set when it pulls). A replica that overlaps its
+    fetches and keeps pushes in flight bases a push on one of its last few fetches, so they are
+    kept by the version the replica reports with the push. A fetch arrives as frames (offset 0
+    first, in order on the actor thread): the copy is tagged with the version its first frame
+    was served at, which is the base version the replica reports (the oldest of its frames).
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.copies: dict[str, OrderedDict] = {}
+        self._current: dict[str, np.ndarray] = {}
+
+    def record(self, replica: str, version: int, offset: int, values) -> None:
+        """Keep ``values`` (host float32), served to ``replica`` at ``version`` from ``offset``."""
+        ring = self.copies.setdefault(replica, OrderedDict())
+        if offset == 0 or replica not in self._current:
+            copy = ring.pop(version, None)
+            ring[version] = copy if copy is not None else np.empty(self.size, dtype=np.float32)
+            while len(ring) > FETCHED_KEPT:
+                ring.popitem(last=False)
+            self._current[replica] = ring[version]
+        self._current[replica][offset:offset + len(values)] = values
+
+    def get(self, replica: str, version: int):
+        """The slice ``replica`` fetched at ``version``, or None when no longer kept."""
+        return self.copies.get(replica, {}).get(version)
+
+
+class Clocks:
+    """Each replica's complete pushes, for a staleness bound (stale-synchronous parallel).
+
+    A replica's clock starts at the slowest clock when its first push arrives, so a replica that
+    starts after the warm start, or joins later, is not behind by everything it missed; a replica
+    that finished leaves (``leave``) and no longer holds the others back.
+    """
+
+    def __init__(self):
+        self.clock: dict[str, int] = {}
+        self.max_lead = 0  # the largest lead a push ever made (what a bound keeps small)
+
+    def tick(self, replica: str) -> None:
+        if replica not in self.clock:
+            self.clock[replica] = min(self.clock.values(), default=0)
+        self.clock[replica] += 1
+        self.max_lead = max(self.max_lead, self.lead(replica))
+
+    def leave(self, replica: str) -> None:
+        self.clock.pop(replica, None)
+
+    def lead(self, replica: str) -> int:
+        """How many pushes ``replica`` is ahead of the slowest replica (0 if it has none yet)."""
+        if replica not in self.clock:
+            return 0
+        return self.clock[replica] - min(self.clock.values())
