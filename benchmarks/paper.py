@@ -179,14 +179,14 @@ def _curve_from(result, name: str, cores: int, seed: int, sampled_samples: bool)
     return curve
 
 
-def _downpour(client, name, path, rule, replicas, budget, eval_rows, seed=0,
-              compression=None, fetch_compression=None) -> Curve:
+def _downpour(client, name, path, rule, replicas, budget, eval_rows, seed=0, **options) -> Curve:
+    """Downpour on the paper task; ``options``: further ``downpour`` arguments (compression,
+    staleness_bound, warmstart_steps instead of 1/80 of the budget in steps, ...)."""
+    options = {"warmstart_steps": int(budget * 1.25) if replicas > 1 else 0, **options}
     result = downpour(speech_model(), path, test=path, client=client, replicas=replicas,
                       shards=replicas, n_fetch=N_PUSH, n_push=N_PUSH, rule=rule, batch_size=BATCH,
-                      steps=10**8, max_seconds=budget, seed=seed, compression=compression,
-                      fetch_compression=fetch_compression,
-                      warmstart_steps=int(budget * 1.25) if replicas > 1 else 0,
-                      eval_every=SAMPLE_EVERY, eval_rows=eval_rows, report_every=5)
+                      steps=10**8, max_seconds=budget, seed=seed, eval_every=SAMPLE_EVERY,
+                      eval_rows=eval_rows, report_every=5, **options)
     return _curve_from(result, name, replicas, seed, sampled_samples=True)
 
 
