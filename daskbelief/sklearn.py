@@ -36,6 +36,7 @@ from daskbelief.cluster import client_or_local
 from daskbelief.data import open_store, write_dataset
 from daskbelief.data.write import default_chunk_rows
 from daskbelief.nn import Dense, Sequential
+from daskbelief.optim.rules import make_rule
 
 _ASYNC = ("Downpour's replicas push asynchronously: the order in which their updates interleave "
           "depends on timing, so two fits on the same data with the same random_state differ "
@@ -399,7 +400,15 @@ class _DownpourPart(_DaskbeliefEstimator):
                         batch_size=self.batch_size, epochs=1 if continuing else self.max_iter,
                         warmstart_steps=0 if continuing else self.warmstart_steps,
                         overlap=self.overlap, eval_every=self.eval_every, seed=self._seed(),
-                        params=params, rule_state=self.rule_state_ if continuing else None)
+                        params=params, rule_state=self._rule_state(continuing))
+
+    def _rule_state(self, continuing: bool):
+        """The fitted rule state to continue from: None for a fresh fit, or when ``rule`` was
+        changed (``set_params``) to one that keeps other state."""
+        state = self.rule_state_ if continuing else None
+        if state is None or set(state) != set(make_rule(self.rule).init(np.zeros(1, np.float32))):
+            return None
+        return state
 
     def _iterations(self, result, continuing: bool) -> int:
         """Epochs each replica made in this call (scikit-learn's ``n_iter_``)."""

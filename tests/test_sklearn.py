@@ -144,6 +144,9 @@ def test_downpour_regressor_partial_fit_and_named_client(current_client):
     scores = [est.partial_fit(X, y).score(X, y) for _ in range(6)]
     assert est.predict(X).shape == (600, 2)
     assert scores[-1] > scores[0] and scores[-1] > 0.6
+    assert sorted(est.rule_state_) == ["sum_sq"]  # the next partial_fit continues Adagrad
+    est.set_params(rule="sgd", learning_rate=1e-4).partial_fit(X, y)  # a rule keeping no state
+    assert est.rule_state_ == {}
 
 
 def test_pipeline_and_grid_search(digits):
