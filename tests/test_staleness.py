@@ -136,17 +136,22 @@ def test_a_shard_compensates_a_push_by_what_its_replica_fetched_at_the_push_base
     assert shard.stats()["compensated"] == 1
 
 
-def test_clocks_start_a_late_replica_at_the_slowest_and_forget_one_that_left():
-    from daskbelief.ps.asynchrony import Clocks
+def test_clocks_start_a_late_replica_at_the_slowest_and_forget_one_stalled_or_gone():
+    from daskbelief.ps.asynchrony import STALL_SECONDS, Clocks
 
-    clocks = Clocks()
+    clocks, t = Clocks(), 100.0
     for _ in range(5):
-        clocks.tick("r0")                    # a warm start: r0 alone
-    assert clocks.lead("r0") == 0 and clocks.lead("r1") == 0
-    clocks.tick("r1")                        # joins at r0's clock
-    assert clocks.clock == {"r0": 5, "r1": 6} and clocks.lead("r1") == 1
-    clocks.tick("r1")
-    clocks.tick("r1")
-    assert clocks.lead("r1") == 3 and clocks.max_lead == 3
+        clocks.tick("r0", t)                 # a warm start: r0 alone
+    assert clocks.lead("r0", t) == 0 and clocks.lead("r1", t) == 0
+    clocks.tick("r1", t)                     # joins at r0's clock
+    assert clocks.clock == {"r0": 5, "r1": 6} and clocks.lead("r1", t) == 1
+    clocks.tick("r1", t)
+    clocks.tick("r1", t)
+    assert clocks.lead("r1", t) == 3 and clocks.max_lead == 3 and clocks.lead("r0", t) == 0
+    later = t + STALL_SECONDS + 1            # r0 silent since t: stalled, holds r1 back no more
+    clocks.tick("r1", later)
+    assert clocks.lead("r1", later) == 0
+    clocks.tick("r0", later)                 # back: starts over at the slowest active clock
+    assert clocks.clock["r0"] == 10 and clocks.lead("r0", later) == 1
     clocks.leave("r0")
-    assert clocks.lead("r1") == 0
+    assert clocks.lead("r1", later) == 0

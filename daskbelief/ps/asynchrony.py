@@ -13,6 +13,7 @@ from collections import OrderedDict
 import numpy as np
 
 FETCHED_KEPT = 4  # fetched copies kept per replica: its pushes in flight may be based on any
+STALL_SECONDS = 5.0  # a replica that has not pushed for this long holds no other back
 
 
 class FetchedCopies:
@@ -50,26 +51,38 @@ class FetchedCopies:
 class Clocks:
     """Each replica's complete pushes, for a staleness bound (stale-synchronous parallel).
 
-    A replica's clock starts at the slowest clock when its first push arrives, so a replica that
-    starts after the warm start, or joins later, is not behind by everything it missed; a replica
-    that finished leaves (``leave``) and no longer holds the others back.
+    A replica's clock starts at the slowest active clock when its first push arrives, so a
+    replica that starts after the warm start, or joins later, is not behind by everything it
+    missed. A replica that has not pushed for ``STALL_SECONDS`` (lost, or waiting on a recovery)
+    holds nobody back, and when it pushes again it starts over at the slowest active clock; a
+    replica that finished leaves (``leave``).
     """
 
     def __init__(self):
         self.clock: dict[str, int] = {}
+        self.last: dict[str, float] = {}
         self.max_lead = 0  # the largest lead a push ever made (what a bound keeps small)
 
-    def tick(self, replica: str) -> None:
-        if replica not in self.clock:
-            self.clock[replica] = min(self.clock.values(), default=0)
+    def _slowest(self, now: float, besides: str | None = None) -> int | None:
+        active = [c for r, c in self.clock.items()
+                  if r != besides and now - self.last[r] <= STALL_SECONDS]
+        return min(active, default=None)
+
+    def tick(self, replica: str, now: float) -> None:
+        if replica not in self.clock or now - self.last[replica] > STALL_SECONDS:
+            slowest = self._slowest(now, besides=replica)
+            self.clock[replica] = max(self.clock.get(replica, 0), slowest or 0)
         self.clock[replica] += 1
-        self.max_lead = max(self.max_lead, self.lead(replica))
+        self.last[replica] = now
+        self.max_lead = max(self.max_lead, self.lead(replica, now))
 
     def leave(self, replica: str) -> None:
         self.clock.pop(replica, None)
+        self.last.pop(replica, None)
 
-    def lead(self, replica: str) -> int:
-        """How many pushes ``replica`` is ahead of the slowest replica (0 if it has none yet)."""
+    def lead(self, replica: str, now: float) -> int:
+        """How many pushes ``replica`` is ahead of the slowest active replica (0 if it has none)."""
         if replica not in self.clock:
             return 0
-        return self.clock[replica] - min(self.clock.values())
+        slowest = self._slowest(now, besides=replica)
+        return 0 if slowest is None else max(self.clock[replica] - slowest, 0)

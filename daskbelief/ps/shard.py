@@ -107,7 +107,7 @@ class ParameterShard:
         self.version += 1
         self.applied += 1
         self.per_replica[replica] = self.per_replica.get(replica, 0) + 1
-        self.clocks.tick(replica)
+        self.clocks.tick(replica, time.time())
         if steps_done is not None:  # what a checkpoint needs to resume the replica exactly
             self.replica_steps[replica] = max(self.replica_steps.get(replica, 0), int(steps_done))
         return self.version
@@ -142,7 +142,7 @@ class ParameterShard:
 
     def lead(self, replica: str) -> int:
         """Complete pushes ``replica`` is ahead of the slowest replica (a staleness bound)."""
-        return self.clocks.lead(replica)
+        return self.clocks.lead(replica, time.time())
 
     def leave(self, replica: str) -> None:
         """``replica`` has finished: the slowest clock no longer counts it."""

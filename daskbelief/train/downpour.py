@@ -119,7 +119,7 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
         values, the shards keep and update float32)
     staleness_bound : None (fully asynchronous, the paper's) or s >= 0: a replica more than ``s``
         pushes ahead of the slowest replica waits before pushing (stale-synchronous parallel;
-        a replica that stops pushing holds the others at most ``replica.BOUND_PATIENCE`` s)
+        a replica that has not pushed for ``ps.asynchrony.STALL_SECONDS`` holds nobody back)
     config : the pipeline config, stored in checkpoints
     """
     store = open_store(data, split="train") if isinstance(data, str) else data

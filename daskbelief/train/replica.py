@@ -34,7 +34,6 @@ from daskbelief.workarounds import HandleVariable, leave_thread_pool, worker_inf
 
 
 WARM_TIMEOUT = 3600.0  # seconds the other replicas wait for replica 0's warm start
-BOUND_PATIENCE = 5.0   # seconds a staleness bound waits for a slowest replica that does not push
 
 
 @dataclass(frozen=True)
@@ -194,8 +193,8 @@ class _Link:
         """Under a staleness bound, push only while at most ``bound`` pushes ahead of the
         slowest replica (stale-synchronous parallel: bound 0 is lockstep). ``ahead`` only
         overestimates (the slowest only moves on), so the shard is asked only when it says
-        wait; a slowest replica that stops pushing (lost, not yet resubmitted) holds this one
-        at most ``BOUND_PATIENCE`` seconds."""
+        wait; a replica that stops pushing (lost, not yet resubmitted) holds nobody back once
+        the shard sees it stalled (``ps.asynchrony.STALL_SECONDS``)."""
         if not must_wait(self.ahead, 0, self.bound):
             return
         started = time.time()
@@ -203,11 +202,11 @@ class _Link:
 
         def caught_up():
             self.ahead = self._wait(self._call(self.ps.shards[0].lead, self.replica))
-            return not must_wait(self.ahead, 0, self.bound) or time.time() - started > BOUND_PATIENCE
+            return not must_wait(self.ahead, 0, self.bound)
 
         if not caught_up():
             self.bound_waits += 1
-            waits.until(caught_up, timeout=BOUND_PATIENCE + RECOVERY_TIMEOUT, every=0.002,
+            waits.until(caught_up, timeout=RECOVERY_TIMEOUT, every=0.002,
                         give_up=self.lease.give_up,
                         what=f"{self.replica}: the slowest replica, under the staleness bound")
         self.bound_wait_seconds += time.time() - started
