@@ -26,6 +26,7 @@ from daskbelief.monitor import events
 from daskbelief.ps.compress import Feedback
 from daskbelief.ps.policy import place_blocks
 from daskbelief.ps.server import CALL_TIMEOUT, RECOVERY_TIMEOUT, WAIT_SLICE, ServerLost
+from daskbelief.train import elastic
 from daskbelief.train.errors import DriverGone
 from daskbelief.train.partitioned import Blocks
 from daskbelief.train.recovery import LeaseWatch, lost_workers
@@ -462,7 +463,7 @@ def _train(model, plan: ReplicaPlan, blocks, lease: LeaseWatch, attempt: int, do
     if blocks is not None:
         stepper = _PartitionedStepper(blocks, plan, done, lease)
     else:
-        stepper = (_Stepper if plan.device is None else _DeviceStepper)(model, plan, done, lease)
+        stepper = _plain_stepper(model, plan, done, lease)
     losses: deque = deque(maxlen=plan.report_every)
     samples, step = 0, done
     tick = time.time()
@@ -495,6 +496,90 @@ def _train(model, plan: ReplicaPlan, blocks, lease: LeaseWatch, attempt: int, do
             "attempt": attempt, "pushes_lost": stepper.pushes_lost,
             "loss": float(np.mean(losses)) if losses else float("nan"),
             "staleness_mean": float(np.mean(stepper.staleness)) if stepper.staleness else 0.0}
+
+
+def _plain_stepper(model, plan: ReplicaPlan, done: int, lease: LeaseWatch) -> _Stepper:
+    return (_Stepper if plan.device is None else _DeviceStepper)(model, plan, done, lease)
+
+
+def run_elastic_replica(model, plan: ReplicaPlan, units: list[tuple[int, int]]) -> dict:
+    """An elastic Downpour replica (``replicas="auto"``): train on data units taken from the run's
+    ledger (``elastic.Ledger``; ``units``: their row ranges) until none is left, the driver stops
+    it, or its worker closes; its outcome is left in the ledger, whatever ends it.
+
+    A closing worker (retired, scaled down) sets the ``leave`` flag through ``elastic.Retirement``:
+    the replica pushes what it holds, hands back the batches of its unit it did not read, and
+    returns, status "retired". The task is pinned to its worker, so it is not run again elsewhere.
+    """
+    leave_thread_pool()
+    worker = get_worker().address
+    ledger = elastic.Units(plan.run)
+    with elastic.running_replica(worker, plan.name(f"replica-{plan.replica}")) as leave:
+        try:
+            outcome, at = _train_elastic(model, plan, units, ledger, leave, worker)
+        except DriverGone:
+            outcome, at = {"replica": plan.replica, "status": "orphaned", "worker": worker}, None
+        ledger("leave", plan.replica, at, outcome)
+        return outcome
+
+
+def _train_elastic(model, plan: ReplicaPlan, units, ledger, leave, worker: str) -> tuple[dict, int | None]:
+    """The elastic replica's loop; returns its outcome and the batch of its unit it stopped at
+    (None: it holds no unit)."""
+    stop, lease = Event(plan.name("stop")), LeaseWatch(plan.name("lease"))
+    store = open_store(plan.url, split=plan.split)
+    stepper = _plain_stepper(model, plan, 0, lease)
+    losses: deque = deque(maxlen=plan.report_every)
+    samples = step = 0
+    status, at, tick = None, None, time.time()
+
+    def next_piece():
+        """A piece to read, "done", or None while the last units are held by others (who may
+        hand some back); None too once this replica must stop."""
+        if lease.expired():
+            raise DriverGone(f"replica {plan.replica}: the driver's lease expired")
+        if leave.is_set() or stop.is_set():
+            return "stop"
+        piece = ledger("take", plan.replica, {"steps": step, "samples": samples})
+        return None if piece == "wait" else piece
+
+    piece = waits.until(next_piece, timeout=RECOVERY_TIMEOUT, every=0.2,
+                        what=f"replica {plan.replica}: a data unit or the end of the run")
+    while status is None:
+        if piece in ("done", "stop"):
+            status = piece
+            break
+        epoch, unit, first = piece
+        batches = elastic.unit_batches(store, units[unit], plan.batch_size, plan.seed, epoch, unit, first)
+        for at, (X, y) in enumerate(batches, start=first):
+            if leave.is_set() or lease.expired() or (step % plan.report_every == 0 and stop.is_set()):
+                status = "stop"
+                break
+            loss = stepper.step(step, X, y)
+            if loss is None:
+                continue
+            losses.append(float(loss))
+            samples += len(X)
+            step += 1
+            if step % plan.report_every == 0:
+                now = time.time()
+                events.emit(events.REPLICA, run=plan.run, replica=plan.replica, step=step,
+                            batch_size=plan.batch_size, loss=float(np.mean(losses)), worker=worker,
+                            samples_per_s=plan.report_every * plan.batch_size / max(now - tick, 1e-9),
+                            staleness=float(np.mean(stepper.staleness[-20:])) if stepper.staleness else 0.0)
+                tick = now
+        else:
+            at = None
+            piece = waits.until(next_piece, timeout=RECOVERY_TIMEOUT, every=0.2,
+                                what=f"replica {plan.replica}: a data unit or the end of the run")
+    if lease.expired():
+        raise DriverGone(f"replica {plan.replica}: the driver's lease expired")
+    stepper.finish()
+    status = "done" if status == "done" else "retired" if leave.is_set() else "stopped"
+    return {"replica": plan.replica, "status": status, "steps": step, "samples": samples,
+            "worker": worker, "attempt": 0, "pushes_lost": stepper.pushes_lost,
+            "loss": float(np.mean(losses)) if losses else float("nan"),
+            "staleness_mean": float(np.mean(stepper.staleness)) if stepper.staleness else 0.0}, at
 
 
 def _connect(link: _Link, out):
