@@ -117,18 +117,24 @@ def scale_up(s: Scenario):
     return ("scaled up", sorted(new))
 
 
+def replica_workers_without_shards(s: Scenario) -> list[str]:
+    """Live workers whose replicas have reported, holding no parameter shard."""
+    hosting = {m["worker"] for m in s.replica_events()} & set(worker_info(s.client))
+    return sorted(hosting - shard_holders(s.client))
+
+
 def retire_one(s: Scenario):
     s.after_steps(0, 40)
-    hosting = {m["worker"] for m in s.replica_events()} & set(worker_info(s.client))
-    victim = s.rng.choice(sorted(hosting - shard_holders(s.client)))
+    victim = s.rng.choice(s.wait_for(lambda: replica_workers_without_shards(s),
+                                     "a replica on a worker without shards"))
     s.client.retire_workers(workers=[victim])
     return ("retired", victim)
 
 
 def kill_one(s: Scenario):
     s.after_steps(10, 60)
-    hosting = {m["worker"] for m in s.replica_events()} & set(worker_info(s.client))
-    victim = s.rng.choice(sorted(hosting - shard_holders(s.client)))
+    victim = s.rng.choice(s.wait_for(lambda: replica_workers_without_shards(s),
+                                     "a replica on a worker without shards"))
     pid = s.client.run(os.getpid, workers=[victim])[victim]
     os.kill(pid, signal.SIGKILL)
     return ("killed", victim)
@@ -254,7 +260,10 @@ def test_the_ledger_hands_back_and_requeues_so_each_unit_is_read_once():
     assert ledger.pending[0] == (a[0], a[1], a[2] + 1)
     ledger.lose(1, "w")                                  # killed: its whole piece goes back
     assert ledger.pending[0] == b
-    while (piece := ledger.take(2, {})) != "done":
+    c = ledger.take(2, {})
+    ledger.leave(2, ledger.batches[c[1]], {"status": "stopped"})  # read to its end, then stopped
+    assert c not in ledger.pending and ledger.take(2, {}) == "done"  # and it gets nothing more
+    while (piece := ledger.take(3, {})) != "done":
         assert piece != "wait"
     assert ledger.finished()
     reads = sorted(p for r in ledger.read.values() for p in r)

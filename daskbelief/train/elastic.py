@@ -33,6 +33,7 @@ from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.scheduler import KilledWorker
 
+from daskbelief import waits
 from daskbelief.checks import check_integer
 from daskbelief.monitor import events
 from daskbelief.ps.policy import threads_to_fill
@@ -101,6 +102,8 @@ class Ledger:
         """Replica ``replica`` read all of its piece: record it and give it the next one, or
         "wait" (nothing queued, but pieces held by others may come back), or "done"."""
         self.progress[replica] = progress
+        if replica in self.ended:  # declared gone by the driver: it gets nothing more
+            return "done"
         if replica in self.held:
             epoch, unit, first = self.held.pop(replica)
             self._record(replica, epoch, unit, first, self.batches[unit])
@@ -120,14 +123,19 @@ class Ledger:
                 self._record(replica, epoch, unit, first, at)
             if at < self.batches[unit]:
                 self.pending.appendleft((epoch, unit, at))
-        self.ended[replica] = {**outcome, "units": self.read.get(replica, [])}
+        # a replica the driver declared gone meanwhile keeps the outcome the driver reported
+        self.ended.setdefault(replica, {**outcome, "units": self.read.get(replica, [])})
 
-    def lose(self, replica: int, worker: str) -> dict:
-        """Replica ``replica`` was lost with its worker: its whole piece goes back to the queue."""
+    def lose(self, replica: int, worker: str, status: str = "lost") -> dict:
+        """Replica ``replica`` left with its worker without a word (``status``: "lost" when the
+        worker died, "retired" when it held no unit anyway): its whole piece goes back to the
+        queue, and it is given nothing more."""
+        if replica in self.ended:
+            return self.ended[replica]
         if replica in self.held:
             self.pending.appendleft(self.held.pop(replica))
-        self.ended[replica] = {"replica": replica, "status": "lost", "worker": worker,
-                               "attempt": 1, "pushes_lost": 0, "loss": float("nan"),
+        self.ended[replica] = {"replica": replica, "status": status, "worker": worker,
+                               "attempt": int(status == "lost"), "pushes_lost": 0, "loss": float("nan"),
                                "staleness_mean": 0.0, "steps": 0, "samples": 0,
                                **self.progress.get(replica, {}),
                                "units": self.read.get(replica, [])}
@@ -141,7 +149,7 @@ class Ledger:
         return not self.pending and not self.held and self.epoch + 1 >= self.epochs
 
     def state(self) -> dict:
-        return {"ended": self.ended, "finished": self.finished(), "epoch": self.epoch}
+        return {"ended": self.ended, "finished": self.finished(), "held": list(self.held)}
 
 
 _LEDGERS: dict[str, Ledger] = {}  # on the scheduler: run -> its ledger
@@ -172,23 +180,30 @@ class Units:
 
 # -- retirement: in each worker process ----------------------------------------------------------
 
-_RUNNING: dict[str, dict[str, tuple]] = {}  # worker address -> replica key -> (leave, left) Events
+_RUNNING: dict[str, dict[str, threading.Event]] = {}  # worker -> replica -> its "leave" flag
+_CLOSING: set[str] = set()                            # workers whose teardown has begun
 _LOCK = threading.Lock()
 
 
 @contextmanager
 def running_replica(worker: str, key: str):
     """Register a replica thread with its worker while it runs; yields the Event set when the
-    worker is closing (the replica then pushes, hands back and returns)."""
-    leave, left = threading.Event(), threading.Event()
+    worker is closing (already set if it is: the replica then pushes, hands back, returns)."""
+    leave = threading.Event()
     with _LOCK:
-        _RUNNING.setdefault(worker, {})[key] = (leave, left)
+        _RUNNING.setdefault(worker, {})[key] = leave
+        if worker in _CLOSING:
+            leave.set()
     try:
         yield leave
     finally:
         with _LOCK:
-            _RUNNING.get(worker, {}).pop(key, None)
-        left.set()
+            _RUNNING[worker].pop(key, None)
+
+
+def _replicas_on(worker: str) -> list[threading.Event]:
+    with _LOCK:
+        return list(_RUNNING.get(worker, {}).values())
 
 
 class Retirement(WorkerPlugin):
@@ -201,12 +216,19 @@ class Retirement(WorkerPlugin):
         if worker.status not in (Status.closing, Status.closing_gracefully):
             return
         with _LOCK:
-            replicas = list(_RUNNING.get(worker.address, {}).values())
-        for leave, _ in replicas:
+            _CLOSING.add(worker.address)
+        for leave in _replicas_on(worker.address):
             leave.set()
-        deadline = time.monotonic() + RETIRE_DEADLINE
-        for _, left in replicas:
-            await asyncio.to_thread(left.wait, max(deadline - time.monotonic(), 0.0))
+        try:
+            await waits.result_async(_until_gone(worker.address), timeout=RETIRE_DEADLINE,
+                                     what=f"the replicas of {worker.address} to push and hand back")
+        except waits.WaitTimeout:
+            pass  # the worker closes anyway; the driver finds those replicas lost
+
+
+async def _until_gone(worker: str) -> None:
+    while _replicas_on(worker):
+        await asyncio.sleep(0.02)
 
 
 # -- the driver ----------------------------------------------------------------------------------
@@ -245,41 +267,48 @@ class ElasticDriver(Driver):
             return False
         state = self.units("state")
         workers = worker_info(self.client)
-        self._collect(state["ended"], workers)
+        self._collect(state, workers)
         self.over = state["finished"] and not self.live
         if not state["finished"]:
             self._grow(workers)
         self.futures = [f for f, _ in self.live.values()]
         return False
 
-    def _collect(self, ended: dict, workers: dict) -> None:
+    def _collect(self, state: dict, workers: dict) -> None:
         for r, (future, worker) in list(self.live.items()):
             if future.status == "error" and not isinstance(future.exception(timeout=CALL_TIMEOUT),
                                                            KilledWorker):
                 raise future.exception(timeout=CALL_TIMEOUT)
-            outcome = ended.get(r)
-            if outcome is None and self._lost(r, worker, workers, future):
-                outcome = self.units("lose", r, worker)
-                events.emit(events.RUN, run=self.run, kind="replica-lost", replica=r, worker=worker)
+            outcome = state["ended"].get(r)
+            gone = None if outcome is not None else self._gone_as(r, worker, workers, future,
+                                                                   r in state["held"])
+            if gone is not None:
+                outcome = self.units("lose", r, worker, gone)
             if outcome is None:
                 continue
-            if outcome["status"] == "retired":
-                events.emit(events.RUN, run=self.run, kind="replica-retired", replica=r,
+            if outcome["status"] in ("retired", "lost"):
+                events.emit(events.RUN, run=self.run, kind=f"replica-{outcome['status']}", replica=r,
                             worker=worker, steps=outcome["steps"])
             self.outcomes.append(outcome)
             self.client.cancel([future])  # a retired replica's task waits, pinned, for its worker
             del self.live[r]
             self._gone.pop(r, None)
 
-    def _lost(self, r: int, worker: str, workers: dict, future) -> bool:
-        """True once replica ``r`` is gone without an outcome: its worker left (and, if that was a
-        retirement, the replica had ``RETIRE_DEADLINE`` to hand back), or Dask gave up on it."""
+    def _gone_as(self, r: int, worker: str, workers: dict, future, holding: bool) -> str | None:
+        """How replica ``r`` left without an outcome, once that is sure: "lost" when Dask gave up
+        on it, its worker died, or a retired worker gave it ``RETIRE_DEADLINE`` seconds and it
+        did not hand back its unit; "retired" when its worker was retired while it held no unit
+        (or before it started). None while it may still leave an outcome."""
         if future.status == "error":
-            return True
+            return "lost"
         if worker in workers:
-            return False
+            return None
         since = self._gone.setdefault(r, time.time())
-        return not removal_expected(self.client, worker) or time.time() - since > RETIRE_DEADLINE + 5
+        if not removal_expected(self.client, worker):
+            return "lost"
+        if not holding:
+            return "retired"
+        return "lost" if time.time() - since > RETIRE_DEADLINE + 5 else None
 
     def _grow(self, workers: dict) -> None:
         """A replica on every free thread of a running worker, up to ``max_replicas``."""

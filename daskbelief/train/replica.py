@@ -525,7 +525,7 @@ def run_elastic_replica(model, plan: ReplicaPlan, units: list[tuple[int, int]]) 
 
 def _train_elastic(model, plan: ReplicaPlan, units, ledger, leave, worker: str) -> tuple[dict, int | None]:
     """The elastic replica's loop; returns its outcome and the batch of its unit it stopped at
-    (None: it holds no unit)."""
+    (the ledger ignores it when the replica holds no unit)."""
     stop, lease = Event(plan.name("stop")), LeaseWatch(plan.name("lease"))
     store = open_store(plan.url, split=plan.split)
     stepper = _plain_stepper(model, plan, 0, lease)
@@ -569,7 +569,7 @@ def _train_elastic(model, plan: ReplicaPlan, units, ledger, leave, worker: str) 
                             staleness=float(np.mean(stepper.staleness[-20:])) if stepper.staleness else 0.0)
                 tick = now
         else:
-            at = None
+            at += 1  # read to its end: recorded by the next take, or by the leave if it is "stop"
             piece = waits.until(next_piece, timeout=RECOVERY_TIMEOUT, every=0.2,
                                 what=f"replica {plan.replica}: a data unit or the end of the run")
     if lease.expired():
