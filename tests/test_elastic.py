@@ -131,6 +131,15 @@ def retire_one(s: Scenario):
     return ("retired", victim)
 
 
+def scale_down(s: Scenario):
+    """``cluster.scale`` back down: SpecCluster retires the newest worker (the one added)."""
+    s.after_steps(0, 30)
+    before = set(worker_info(s.client))
+    s.cluster.scale(len(before) - 1)
+    gone = s.wait_for(lambda: before - set(worker_info(s.client)), "a worker to leave")
+    return ("scaled down", sorted(gone))
+
+
 def kill_one(s: Scenario):
     s.after_steps(10, 60)
     victim = s.rng.choice(s.wait_for(lambda: replica_workers_without_shards(s),
@@ -154,12 +163,12 @@ def seeded() -> int:
 
 @pytest.fixture(scope="module")
 def grown_and_shrunk(digits_path):
-    """One run on 2 single-thread workers: a third worker added, then a replica's worker (one
-    holding no shard) retired, at seeded moments."""
+    """One run on 2 single-thread workers: a third worker added, scaled down again, then a
+    replica's worker (one holding no shard) retired, at seeded moments."""
     seed = seeded()
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=":0") as cluster, Client(cluster) as client:
-        scenario = Scenario(client, cluster, seed, [scale_up, retire_one])
+        scenario = Scenario(client, cluster, seed, [scale_up, scale_down, retire_one])
         scenario.start()
         result = downpour(mlp(), digits_path, test=digits_path, client=client, replicas="auto",
                           shards=1, rule=RULE, batch_size=32, epochs=EPOCHS, report_every=10,
@@ -185,15 +194,16 @@ def test_a_retired_worker_lets_its_replica_go_without_a_failure(grown_and_shrunk
                                                                 reference_accuracy):
     result, scenario, events = grown_and_shrunk
     assert scenario.error is None, (scenario.error, scenario.log)
-    victim = scenario.log[1][1]
+    (scaled_down,), victim = scenario.log[1][1], scenario.log[2][1]
+    assert scaled_down == scenario.log[0][1][0]  # the worker added went again
     retired = [o for o in result.replica_outcomes if o["status"] == "retired"]
-    assert [o["worker"] for o in retired] == [victim], result.replica_outcomes
-    assert [m["worker"] for m in events["replica-retired"]] == [victim]
+    assert sorted(o["worker"] for o in retired) == sorted([scaled_down, victim]), result.replica_outcomes
+    assert sorted(m["worker"] for m in events["replica-retired"]) == sorted([scaled_down, victim])
     assert not events["replica-lost"] and not events["replica-restarted"]
     summary = result.summary
-    assert summary["replicas_retired"] == 1 and summary["replicas_lost"] == 0
+    assert summary["replicas_retired"] == 2 and summary["replicas_lost"] == 0
     assert summary["replica_restarts"] == 0 and summary["shard_recoveries"] == 0
-    assert sorted(o["status"] for o in result.replica_outcomes) == ["done", "done", "retired"]
+    assert sorted(o["status"] for o in result.replica_outcomes) == ["done", "retired", "retired"]
     # asynchronous, so not the reference's parameters: within 2 points of its accuracy
     assert summary["test_accuracy"] >= reference_accuracy - 0.02, (summary, reference_accuracy)
 

@@ -127,6 +127,8 @@ def downpour(model, data, *, client=None, replicas: int | str = 2, max_replicas:
     if elastic_run:
         elastic.validate(max_replicas=max_replicas, unit_chunks=unit_chunks, steps=steps,
                          warmstart_steps=warmstart_steps, partition=partition, resume_from=resume_from)
+    elif isinstance(replicas, str):
+        raise ValueError(f"replicas must be an integer >= 1 or 'auto', got {replicas!r}")
     elif max_replicas is not None:
         raise ValueError(f"max_replicas= needs replicas='auto', got replicas={replicas!r}")
     validate(replicas=1 if elastic_run else replicas, shards=shards, n_fetch=n_fetch,
