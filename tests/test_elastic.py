@@ -325,3 +325,10 @@ def test_a_pipeline_trains_elastic_replicas_and_logs_their_comings(client, tmp_p
     bad = tomllib.loads(text.replace("replicas = 4", 'replicas = "auto"\nmax_replicas = "two"'))
     with pytest.raises(ValueError, match="max_replicas"):
         validate(bad)
+
+
+def test_max_seconds_stops_elastic_replicas_and_starts_no_more(client, digits_path):
+    result = downpour(mlp(), digits_path, client=client, replicas="auto", shards=1, rule=RULE,
+                      epochs=10_000, max_seconds=1.0, seed=0)
+    assert {o["status"] for o in result.replica_outcomes} == {"stopped"}, result.replica_outcomes
+    assert result.summary["replicas_joined"] == 4 and result.summary["samples"] > 0

@@ -148,8 +148,11 @@ class Ledger:
         """Every unit of every epoch read."""
         return not self.pending and not self.held and self.epoch + 1 >= self.epochs
 
-    def state(self) -> dict:
-        return {"ended": self.ended, "finished": self.finished(), "held": list(self.held)}
+    def state(self, replicas: list[int]) -> dict:
+        """What the driver needs to know of ``replicas`` (the outcomes of those that ended) and
+        whether the run is over."""
+        return {"ended": {r: self.ended[r] for r in replicas if r in self.ended},
+                "finished": self.finished(), "held": list(self.held)}
 
 
 _LEDGERS: dict[str, Ledger] = {}  # on the scheduler: run -> its ledger
@@ -265,14 +268,19 @@ class ElasticDriver(Driver):
         """Collect the replicas that ended, then start replicas on free threads."""
         if not self._every("elastic", ELASTIC_EVERY):
             return False
-        state = self.units("state")
+        state = self.units("state", list(self.live))
         workers = worker_info(self.client)
         self._collect(state, workers)
-        self.over = state["finished"] and not self.live
-        if not state["finished"]:
+        ending = state["finished"] or self._timed_out()
+        self.over = ending and not self.live
+        if not ending:
             self._grow(workers)
         self.futures = [f for f, _ in self.live.values()]
         return False
+
+    def _timed_out(self) -> bool:
+        """``max_seconds`` passed: the replicas are told to stop (``Driver._tick``), none starts."""
+        return self.max_seconds is not None and time.time() - self.started > self.max_seconds
 
     def _collect(self, state: dict, workers: dict) -> None:
         for r, (future, worker) in list(self.live.items()):

@@ -464,38 +464,57 @@ def _train(model, plan: ReplicaPlan, blocks, lease: LeaseWatch, attempt: int, do
         stepper = _PartitionedStepper(blocks, plan, done, lease)
     else:
         stepper = _plain_stepper(model, plan, done, lease)
-    losses: deque = deque(maxlen=plan.report_every)
-    samples, step = 0, done
-    tick = time.time()
+    tally = _Tally(plan, worker, done)
     for X, y in _batches(store, plan, done):
         if lease.expired():
             raise DriverGone(f"replica {plan.replica}: the driver's lease expired")
-        loss = stepper.step(step, X, y)
+        loss = stepper.step(tally.step, X, y)
         if loss is None:
             continue
-        losses.append(float(loss))
-        samples += len(X)
-        step += 1
-        if step == plan.warmstart_steps:
+        report = tally.add(loss, len(X), stepper)
+        if tally.step == plan.warmstart_steps:
             Event(plan.name("warm")).set()
-        if step % plan.report_every == 0:
-            progress.set({"done": step, "attempt": attempt})
-            now = time.time()
-            events.emit(events.REPLICA, run=plan.run, replica=plan.replica, step=step,
-                        batch_size=plan.batch_size, loss=float(np.mean(losses)), worker=worker,
-                        samples_per_s=plan.report_every * plan.batch_size / max(now - tick, 1e-9),
-                        staleness=float(np.mean(stepper.staleness[-20:])) if stepper.staleness else 0.0)
-            tick = now
+        if report:
+            progress.set({"done": tally.step, "attempt": attempt})
             if stop.is_set():
                 break
     stepper.finish()
     if plan.warmstart_steps:
         Event(plan.name("warm")).set()  # never leave the others waiting, however short the shard
-    progress.set({"done": step, "attempt": attempt})
-    return {"replica": plan.replica, "steps": step - done, "samples": samples, "worker": worker,
-            "attempt": attempt, "pushes_lost": stepper.pushes_lost,
-            "loss": float(np.mean(losses)) if losses else float("nan"),
-            "staleness_mean": float(np.mean(stepper.staleness)) if stepper.staleness else 0.0}
+    progress.set({"done": tally.step, "attempt": attempt})
+    return tally.outcome(stepper, attempt)
+
+
+class _Tally:
+    """A replica's counters (steps, samples, recent losses), its progress events every
+    ``report_every`` steps, and its outcome."""
+
+    def __init__(self, plan: ReplicaPlan, worker: str, step: int):
+        self.plan, self.worker, self.first, self.step, self.samples = plan, worker, step, step, 0
+        self.losses: deque = deque(maxlen=plan.report_every)
+        self.tick = time.time()
+
+    def add(self, loss: float, rows: int, stepper) -> bool:
+        """Count one step (emitting the progress event when one is due); True when it was."""
+        self.losses.append(float(loss))
+        self.samples += rows
+        self.step += 1
+        if self.step % self.plan.report_every:
+            return False
+        now, plan = time.time(), self.plan
+        events.emit(events.REPLICA, run=plan.run, replica=plan.replica, step=self.step,
+                    batch_size=plan.batch_size, loss=float(np.mean(self.losses)), worker=self.worker,
+                    samples_per_s=plan.report_every * plan.batch_size / max(now - self.tick, 1e-9),
+                    staleness=float(np.mean(stepper.staleness[-20:])) if stepper.staleness else 0.0)
+        self.tick = now
+        return True
+
+    def outcome(self, stepper, attempt: int, **more) -> dict:
+        return {"replica": self.plan.replica, "steps": self.step - self.first, "samples": self.samples,
+                "worker": self.worker, "attempt": attempt, "pushes_lost": stepper.pushes_lost,
+                "loss": float(np.mean(self.losses)) if self.losses else float("nan"),
+                "staleness_mean": float(np.mean(stepper.staleness)) if stepper.staleness else 0.0,
+                **more}
 
 
 def _plain_stepper(model, plan: ReplicaPlan, done: int, lease: LeaseWatch) -> _Stepper:
@@ -529,57 +548,44 @@ def _train_elastic(model, plan: ReplicaPlan, units, ledger, leave, worker: str) 
     stop, lease = Event(plan.name("stop")), LeaseWatch(plan.name("lease"))
     store = open_store(plan.url, split=plan.split)
     stepper = _plain_stepper(model, plan, 0, lease)
-    losses: deque = deque(maxlen=plan.report_every)
-    samples = step = 0
-    status, at, tick = None, None, time.time()
+    tally = _Tally(plan, worker, 0)
+    status, at, reported = None, None, False
 
     def next_piece():
-        """A piece to read, "done", or None while the last units are held by others (who may
-        hand some back); None too once this replica must stop."""
+        """A piece to read, "done", "stop" (this replica must stop), or None while the last
+        units are held by others (who may hand some back)."""
         if lease.expired():
             raise DriverGone(f"replica {plan.replica}: the driver's lease expired")
         if leave.is_set() or stop.is_set():
             return "stop"
-        piece = ledger("take", plan.replica, {"steps": step, "samples": samples})
+        piece = ledger("take", plan.replica, {"steps": tally.step, "samples": tally.samples})
         return None if piece == "wait" else piece
 
-    piece = waits.until(next_piece, timeout=RECOVERY_TIMEOUT, every=0.2,
-                        what=f"replica {plan.replica}: a data unit or the end of the run")
+    def wait_for_piece():
+        return waits.until(next_piece, timeout=RECOVERY_TIMEOUT, every=0.2,
+                           what=f"replica {plan.replica}: a data unit or the end of the run")
+
+    piece = wait_for_piece()
     while status is None:
         if piece in ("done", "stop"):
             status = piece
-            break
+            continue
         epoch, unit, first = piece
         batches = elastic.unit_batches(store, units[unit], plan.batch_size, plan.seed, epoch, unit, first)
         for at, (X, y) in enumerate(batches, start=first):
-            if leave.is_set() or lease.expired() or (step % plan.report_every == 0 and stop.is_set()):
+            if leave.is_set() or lease.expired() or (reported and stop.is_set()):
                 status = "stop"
                 break
-            loss = stepper.step(step, X, y)
-            if loss is None:
-                continue
-            losses.append(float(loss))
-            samples += len(X)
-            step += 1
-            if step % plan.report_every == 0:
-                now = time.time()
-                events.emit(events.REPLICA, run=plan.run, replica=plan.replica, step=step,
-                            batch_size=plan.batch_size, loss=float(np.mean(losses)), worker=worker,
-                            samples_per_s=plan.report_every * plan.batch_size / max(now - tick, 1e-9),
-                            staleness=float(np.mean(stepper.staleness[-20:])) if stepper.staleness else 0.0)
-                tick = now
+            loss = stepper.step(tally.step, X, y)
+            reported = loss is not None and tally.add(loss, len(X), stepper)
         else:
             at += 1  # read to its end: recorded by the next take, or by the leave if it is "stop"
-            piece = waits.until(next_piece, timeout=RECOVERY_TIMEOUT, every=0.2,
-                                what=f"replica {plan.replica}: a data unit or the end of the run")
+            piece = wait_for_piece()
     if lease.expired():
         raise DriverGone(f"replica {plan.replica}: the driver's lease expired")
     stepper.finish()
     status = "done" if status == "done" else "retired" if leave.is_set() else "stopped"
-    return {"replica": plan.replica, "status": status, "steps": step, "samples": samples,
-            "worker": worker, "attempt": 0, "pushes_lost": stepper.pushes_lost,
-            "loss": float(np.mean(losses)) if losses else float("nan"),
-            "staleness_mean": float(np.mean(stepper.staleness)) if stepper.staleness else 0.0}, at
+    return tally.outcome(stepper, 0, status=status), at
 
 
 def _connect(link: _Link, out):
