@@ -19,7 +19,7 @@ from daskbelief.nn import Dense, Sequential
 from daskbelief.optim.rules import make_rule
 from daskbelief.ps.policy import threads_to_fill
 from daskbelief.train.downpour import downpour
-from daskbelief.train.elastic import Ledger, batches_per_unit, unit_batches, unit_ranges
+from daskbelief.train.elastic import Ledger, batches_per_unit, read_unit, unit_batches, unit_ranges
 from daskbelief.train.evaluate import evaluate_rows, finish
 from daskbelief.train.reference import train_sgd
 from daskbelief.data import open_store
@@ -256,7 +256,7 @@ def test_one_elastic_replica_without_overlap_equals_training_in_the_ledgers_orde
     with threadpool_limits(1):
         for epoch in range(2):
             for unit in np.random.default_rng([5, epoch]).permutation(len(units)):
-                for X, y in unit_batches(store, units[unit], 32, 5, epoch, int(unit), 0):
+                for X, y in unit_batches(read_unit(store, units[unit], 5, epoch, int(unit)), 32, 0):
                     model.loss_and_grad(params, X, y, out=grad)
                     rule.apply(params, grad, state)
     np.testing.assert_allclose(result.params, params, rtol=0, atol=1e-5)
@@ -265,16 +265,20 @@ def test_one_elastic_replica_without_overlap_equals_training_in_the_ledgers_orde
 
 def test_the_ledger_hands_back_and_requeues_so_each_unit_is_read_once():
     ledger = Ledger([2, 3, 2], epochs=2, seed=0)
-    a, b = ledger.take(0, {}), ledger.take(1, {})
-    ledger.leave(0, a[2] + 1, {"status": "retired"})   # read one batch, hands back the rest
-    assert ledger.pending[0] == (a[0], a[1], a[2] + 1)
+    a, a2 = ledger.take(0, {}), ledger.take(0, {})       # reading a, a2 taken ahead
+    ledger.leave(0, a, a[2] + 1, {"status": "retired"})  # read one batch of a: the rest goes back
+    assert list(ledger.pending)[:2] == [(a[0], a[1], a[2] + 1), a2]
+    b = ledger.take(1, {})
     ledger.lose(1, "w")                                  # killed: its whole piece goes back
     assert ledger.pending[0] == b
-    c = ledger.take(2, {})
-    ledger.leave(2, ledger.batches[c[1]], {"status": "stopped"})  # read to its end, then stopped
-    assert c not in ledger.pending and ledger.take(2, {}) == "done"  # and it gets nothing more
-    while (piece := ledger.take(3, {})) != "done":
+    c, c2 = ledger.take(2, {}), ledger.take(2, {})
+    ledger.leave(2, c2, 0, {"status": "stopped"})        # read c to its end, none of c2
+    assert ledger.pending[0] == c2 and c not in ledger.pending
+    assert ledger.take(2, {}) == "done"                  # it left: it gets nothing more
+    finished = 0
+    while (piece := ledger.take(3, {}, finished)) != "done":
         assert piece != "wait"
+        finished = 1
     assert ledger.finished()
     reads = sorted(p for r in ledger.read.values() for p in r)
     assert {(e, u) for e, u, _, _ in reads} == {(e, u) for e in range(2) for u in range(3)}

@@ -66,12 +66,16 @@ def unit_ranges(store, unit_chunks: int) -> list[tuple[int, int]]:
     return [(a, min(a + step, store.n)) for a in range(0, store.n, step)]
 
 
-def unit_batches(store, rows: tuple[int, int], batch_size: int, seed: int, epoch: int, unit: int,
-                 first: int):
-    """The minibatches of one unit from batch ``first`` on: its rows read at once, in an order that
-    is a pure function of (seed, epoch, unit), so a unit handed back is resumed where it stopped."""
+def read_unit(store, rows: tuple[int, int], seed: int, epoch: int, unit: int):
+    """One unit's rows, read at once, and the order they are trained in: a pure function of
+    (seed, epoch, unit), so a unit handed back is resumed where it stopped."""
     X, y = store.read(*rows)
-    order = np.random.default_rng([seed, epoch, unit]).permutation(len(X))
+    return X, y, np.random.default_rng([seed, epoch, unit]).permutation(len(X))
+
+
+def unit_batches(data, batch_size: int, first: int):
+    """The minibatches of a unit read by ``read_unit``, from batch ``first`` on."""
+    X, y, order = data
     for a in range(first * batch_size, len(X), batch_size):
         take = order[a:a + batch_size]
         yield X[take], y[take]
@@ -80,14 +84,16 @@ def unit_batches(store, rows: tuple[int, int], batch_size: int, seed: int, epoch
 class Ledger:
     """The queue of data units of one run and the record of who read what; see the module docstring.
 
-    A *piece* is ``(epoch, unit, first_batch)``: a unit from one of its batches to its end.
+    A *piece* is ``(epoch, unit, first_batch)``: a unit from one of its batches to its end. A
+    replica holds the pieces it took, oldest first: the one it reads, perhaps one it finished
+    and has not yet said so, and the next one it reads ahead.
     """
 
     def __init__(self, batches: list[int], epochs: int, seed: int):
         self.batches, self.epochs, self.seed = batches, epochs, seed
         self.epoch = -1
         self.pending: deque = deque()
-        self.held: dict[int, tuple] = {}
+        self.held: dict[int, list] = {}      # replica -> the pieces it took, oldest first
         self.read: dict[int, list] = {}      # replica -> [(epoch, unit, first, stop)]
         self.progress: dict[int, dict] = {}  # replica -> its last reported counters
         self.ended: dict[int, dict] = {}     # replica -> its outcome
@@ -98,42 +104,48 @@ class Ledger:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.batches))
             self.pending.extend((self.epoch, int(u), 0) for u in order)
 
-    def take(self, replica: int, progress: dict):
-        """Replica ``replica`` read all of its piece: record it and give it the next one, or
-        "wait" (nothing queued, but pieces held by others may come back), or "done"."""
+    def take(self, replica: int, progress: dict, finished: int = 0):
+        """Replica ``replica`` read its ``finished`` oldest pieces to their end: record them, and
+        give it the next piece, or "wait" (nothing queued, but pieces held may come back), or
+        "done"."""
         self.progress[replica] = progress
         if replica in self.ended:  # declared gone by the driver: it gets nothing more
             return "done"
-        if replica in self.held:
-            epoch, unit, first = self.held.pop(replica)
+        held = self.held.setdefault(replica, [])
+        for epoch, unit, first in held[:finished]:
             self._record(replica, epoch, unit, first, self.batches[unit])
+        del held[:finished]
         self._refill()
         if self.pending:
-            self.held[replica] = self.pending.popleft()
-            return self.held[replica]
-        return "wait" if self.held else "done"
+            held.append(self.pending.popleft())
+            return held[-1]
+        return "wait" if any(self.held.values()) else "done"
 
-    def leave(self, replica: int, at: int | None, outcome: dict) -> None:
-        """Replica ``replica`` ends with ``outcome``, having read its piece up to batch ``at``:
-        the rest of the unit goes back to the front of the queue."""
-        if replica in self.held:
-            epoch, unit, first = self.held.pop(replica)
-            at = first if at is None else at
+    def leave(self, replica: int, piece, at: int, outcome: dict) -> None:
+        """Replica ``replica`` ends with ``outcome``, having read the pieces it holds before
+        ``piece`` to their end and ``piece`` up to batch ``at`` (None: it read none of them):
+        the rest of ``piece`` and the pieces after it go back to the front of the queue."""
+        held = self.held.pop(replica, [])
+        current = held.index(piece) if piece in held else 0
+        for epoch, unit, first in held[:current]:
+            self._record(replica, epoch, unit, first, self.batches[unit])
+        back = held[current:]
+        if piece in held:
+            epoch, unit, first = back[0]
             if at > first:
                 self._record(replica, epoch, unit, first, at)
-            if at < self.batches[unit]:
-                self.pending.appendleft((epoch, unit, at))
+            back[0] = (epoch, unit, at)
+        self.pending.extendleft(p for p in reversed(back) if p[2] < self.batches[p[1]])
         # a replica the driver declared gone meanwhile keeps the outcome the driver reported
         self.ended.setdefault(replica, {**outcome, "units": self.read.get(replica, [])})
 
     def lose(self, replica: int, worker: str, status: str = "lost") -> dict:
         """Replica ``replica`` left with its worker without a word (``status``: "lost" when the
-        worker died, "retired" when it held no unit anyway): its whole piece goes back to the
-        queue, and it is given nothing more."""
+        worker died, "retired" when it held no unit anyway): its pieces go back to the queue
+        whole, and it is given nothing more."""
         if replica in self.ended:
             return self.ended[replica]
-        if replica in self.held:
-            self.pending.appendleft(self.held.pop(replica))
+        self.pending.extendleft(reversed(self.held.pop(replica, [])))
         self.ended[replica] = {"replica": replica, "status": status, "worker": worker,
                                "attempt": int(status == "lost"), "pushes_lost": 0, "loss": float("nan"),
                                "staleness_mean": 0.0, "steps": 0, "samples": 0,
@@ -146,13 +158,13 @@ class Ledger:
 
     def finished(self) -> bool:
         """Every unit of every epoch read."""
-        return not self.pending and not self.held and self.epoch + 1 >= self.epochs
+        return not self.pending and not any(self.held.values()) and self.epoch + 1 >= self.epochs
 
     def state(self, replicas: list[int]) -> dict:
-        """What the driver needs to know of ``replicas`` (the outcomes of those that ended) and
-        whether the run is over."""
+        """What the driver needs to know of ``replicas`` (the outcomes of those that ended, which
+        hold pieces) and whether the run is over."""
         return {"ended": {r: self.ended[r] for r in replicas if r in self.ended},
-                "finished": self.finished(), "held": list(self.held)}
+                "finished": self.finished(), "held": [r for r, h in self.held.items() if h]}
 
 
 _LEDGERS: dict[str, Ledger] = {}  # on the scheduler: run -> its ledger

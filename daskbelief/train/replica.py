@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 
@@ -535,57 +536,102 @@ def run_elastic_replica(model, plan: ReplicaPlan, units: list[tuple[int, int]]) 
     ledger = elastic.Units(plan.run)
     with elastic.running_replica(worker, plan.name(f"replica-{plan.replica}")) as leave:
         try:
-            outcome, at = _train_elastic(model, plan, units, ledger, leave, worker)
+            outcome, piece, at = _train_elastic(model, plan, units, ledger, leave, worker)
         except DriverGone:
-            outcome, at = {"replica": plan.replica, "status": "orphaned", "worker": worker}, None
-        ledger("leave", plan.replica, at, outcome)
+            outcome, piece, at = {"replica": plan.replica, "status": "orphaned", "worker": worker}, None, None
+        ledger("leave", plan.replica, piece, at, outcome)
         return outcome
 
 
-def _train_elastic(model, plan: ReplicaPlan, units, ledger, leave, worker: str) -> tuple[dict, int | None]:
-    """The elastic replica's loop; returns its outcome and the batch of its unit it stopped at
-    (the ledger ignores it when the replica holds no unit)."""
+def _train_elastic(model, plan: ReplicaPlan, units, ledger, leave, worker: str) -> tuple:
+    """The elastic replica's loop; returns its outcome, the piece it was reading and the batch
+    of it where it stopped (for the ledger's ``leave``)."""
     stop, lease = Event(plan.name("stop")), LeaseWatch(plan.name("lease"))
-    store = open_store(plan.url, split=plan.split)
     stepper = _plain_stepper(model, plan, 0, lease)
     tally = _Tally(plan, worker, 0)
-    status, at, reported = None, None, False
 
-    def next_piece():
-        """A piece to read, "done", "stop" (this replica must stop), or None while the last
-        units are held by others (who may hand some back)."""
+    def quitting() -> bool:
         if lease.expired():
             raise DriverGone(f"replica {plan.replica}: the driver's lease expired")
-        if leave.is_set() or stop.is_set():
-            return "stop"
-        piece = ledger("take", plan.replica, {"steps": tally.step, "samples": tally.samples})
-        return None if piece == "wait" else piece
+        return leave.is_set()
 
-    def wait_for_piece():
-        return waits.until(next_piece, timeout=RECOVERY_TIMEOUT, every=0.2,
-                           what=f"replica {plan.replica}: a data unit or the end of the run")
-
-    piece = wait_for_piece()
-    while status is None:
-        if piece in ("done", "stop"):
-            status = piece
-            continue
-        epoch, unit, first = piece
-        batches = elastic.unit_batches(store, units[unit], plan.batch_size, plan.seed, epoch, unit, first)
-        for at, (X, y) in enumerate(batches, start=first):
-            if leave.is_set() or lease.expired() or (reported and stop.is_set()):
-                status = "stop"
-                break
-            loss = stepper.step(tally.step, X, y)
-            reported = loss is not None and tally.add(loss, len(X), stepper)
-        else:
-            at += 1  # read to its end: recorded by the next take, or by the leave if it is "stop"
-            piece = wait_for_piece()
-    if lease.expired():
-        raise DriverGone(f"replica {plan.replica}: the driver's lease expired")
+    supply = _Supply(plan, units, ledger, tally, lambda: quitting() or stop.is_set())
+    status, piece, at, reported = None, None, None, False
+    try:
+        while status is None:
+            piece, data = supply.next()
+            if piece in ("done", "stop"):
+                status, piece = piece, None
+                continue
+            supply.read_ahead()
+            for at, (X, y) in enumerate(elastic.unit_batches(data, plan.batch_size, piece[2]),
+                                        start=piece[2]):
+                if quitting() or (reported and stop.is_set()):
+                    status = "stop"
+                    break
+                loss = stepper.step(tally.step, X, y)
+                reported = loss is not None and tally.add(loss, len(X), stepper)
+            else:
+                at += 1  # read to its end: said so by the next take, or by the leave
+                supply.finished += 1
+    finally:
+        supply.close()
     stepper.finish()
     status = "done" if status == "done" else "retired" if leave.is_set() else "stopped"
-    return tally.outcome(stepper, 0, status=status), at
+    return tally.outcome(stepper, 0, status=status), piece, at
+
+
+class _Supply:
+    """An elastic replica's data units: the next one is taken from the ledger and read in the
+    background while the replica trains on the current one, hiding both (a scheduler round trip
+    and a read) behind its steps."""
+
+    def __init__(self, plan: ReplicaPlan, units, ledger, tally, stopping):
+        self.plan, self.units, self.ledger, self.tally, self.stopping = plan, units, ledger, tally, stopping
+        self.store = open_store(plan.url, split=plan.split)
+        self.finished = 0   # pieces read to their end that the ledger has not been told of
+        self.ahead = None   # the future of the next (piece, data), taken and read in the background
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="daskbelief-units")
+
+    def _take(self, finished: int):
+        piece = self.ledger("take", self.plan.replica,
+                            {"steps": self.tally.step, "samples": self.tally.samples}, finished)
+        if isinstance(piece, str):
+            return piece, None
+        epoch, unit, _ = piece
+        return piece, elastic.read_unit(self.store, self.units[unit], self.plan.seed, epoch, unit)
+
+    def _told(self) -> int:
+        finished, self.finished = self.finished, 0
+        return finished
+
+    def read_ahead(self) -> None:
+        self.ahead = self.pool.submit(self._take, self._told())
+
+    def next(self):
+        """The next piece and its data: the one read ahead, or one taken now; waits while the
+        last units are held by others (who may hand some back). ("stop", None) once the
+        replica must stop, ("done", None) when every unit was read."""
+        if self.ahead is not None:
+            ahead, self.ahead = self.ahead, None
+            piece, data = waits.result(ahead, timeout=CALL_TIMEOUT, what=f"replica {self.plan.replica}: a data unit")
+            if piece not in ("wait", "done"):
+                return piece, data
+
+        def now():
+            if self.stopping():
+                return "stop", None
+            piece, data = self._take(self._told())
+            return None if piece == "wait" else (piece, data)
+
+        return waits.until(now, timeout=RECOVERY_TIMEOUT, every=0.2,
+                           what=f"replica {self.plan.replica}: a data unit or the end of the run")
+
+    def close(self) -> None:
+        """Let the read-ahead finish, so that the ledger knows every piece this replica holds."""
+        if self.ahead is not None:
+            waits.result(self.ahead, timeout=CALL_TIMEOUT, what=f"replica {self.plan.replica}: a data unit")
+        self.pool.shutdown()
 
 
 def _connect(link: _Link, out):
