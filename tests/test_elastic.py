@@ -315,7 +315,7 @@ def test_a_pipeline_trains_elastic_replicas_and_logs_their_comings(client, tmp_p
     import tomllib
 
     from daskbelief import pipeline
-    from daskbelief.config import validate
+    from daskbelief.config import ConfigError, validate
 
     text = (Path(__file__).parents[1] / "pipelines" / "digits-downpour.toml").read_text()
     config = tomllib.loads(text.replace("replicas = 4", 'replicas = "auto"\nmax_replicas = 2')
@@ -329,6 +329,9 @@ def test_a_pipeline_trains_elastic_replicas_and_logs_their_comings(client, tmp_p
     bad = tomllib.loads(text.replace("replicas = 4", 'replicas = "auto"\nmax_replicas = "two"'))
     with pytest.raises(ValueError, match="max_replicas"):
         validate(bad)
+    warm = tomllib.loads(text.replace("replicas = 4", 'replicas = "auto"'))  # warmstart_steps = 20
+    with pytest.raises(ConfigError, match=r"\[train\]: replicas='auto' cannot be combined with warmstart_steps="):
+        pipeline.prepare(validate(warm))
 
 
 def test_max_seconds_stops_elastic_replicas_and_starts_no_more(client, digits_path):
