@@ -24,6 +24,7 @@ from daskbelief.train.evaluate import evaluate_rows, finish
 from daskbelief.train.reference import train_sgd
 from daskbelief.data import open_store
 from daskbelief.workarounds import worker_info
+from test_submission import _start, _stop, user_cluster  # noqa: F401 -- `dask scheduler`, `dask worker`
 
 pytestmark = pytest.mark.timeout(240)
 RULE = {"name": "adagrad", "lr": 0.05}
@@ -339,3 +340,40 @@ def test_max_seconds_stops_elastic_replicas_and_starts_no_more(client, digits_pa
                       epochs=10_000, max_seconds=1.0, seed=0)
     assert {o["status"] for o in result.replica_outcomes} == {"stopped"}, result.replica_outcomes
     assert result.summary["replicas_joined"] == 4 and result.summary["samples"] > 0
+
+
+def test_on_dask_scheduler_and_dask_worker_a_worker_stopped_with_sigterm_retires_its_replica(
+        user_cluster, tmp_path, digits_path):
+    """The ledger on a scheduler process of its own; a `dask worker` joining mid-run and then
+    stopped with SIGTERM to its main process (as Kubernetes stops a pod) retires its replica.
+    (SIGTERM to the worker process itself kills it at once: that replica is lost.)"""
+    rng = random.Random(seed := seeded())
+    with Client(scheduler_file=str(user_cluster), timeout=60) as client:
+        def scenario():
+            before = set(worker_info(client))
+            proc = _start(["worker", "--scheduler-file", str(user_cluster), "--nthreads", "1",
+                           "--memory-limit", "0"], tmp_path / "extra-worker.log")
+            s = Scenario(client, None, seed, [])
+            try:
+                new = s.wait_for(lambda: set(worker_info(client)) - before, "the extra worker", 90)
+                at = rng.randint(10, 30)
+                s.wait_for(lambda: any(m["worker"] in new and m["step"] >= at
+                                       for m in s.replica_events()), f"its replica at step {at}", 90)
+                os.kill(proc.pid, signal.SIGTERM)  # the `dask worker` process: its nanny
+                proc.wait(timeout=60)
+                log.append(sorted(new))
+            finally:
+                _stop(proc)
+
+        log: list = []
+        thread = threading.Thread(target=scenario, daemon=True)
+        thread.start()
+        result = downpour(mlp(), digits_path, client=client, replicas="auto", shards=1, rule=RULE,
+                          epochs=EPOCHS, report_every=10, seed=0)
+        thread.join(timeout=90)
+    assert log, "the extra worker never joined, trained and stopped during the run"
+    (extra,) = log[0]
+    statuses = sorted((o["worker"] == extra, o["status"]) for o in result.replica_outcomes)
+    assert statuses == [(False, "done")] * 4 + [(True, "retired")], result.replica_outcomes
+    assert result.summary["replicas_lost"] == 0 and result.summary["replicas_joined"] == 5
+    assert_every_unit_read_once(result, digits_path)
