@@ -613,8 +613,7 @@ class _Supply:
         last units are held by others (who may hand some back). ("stop", None) once the
         replica must stop, ("done", None) when every unit was read."""
         if self.ahead is not None:
-            ahead, self.ahead = self.ahead, None
-            piece, data = waits.result(ahead, timeout=CALL_TIMEOUT, what=f"replica {self.plan.replica}: a data unit")
+            piece, data = self._settle()
             if piece not in ("wait", "done"):
                 return piece, data
 
@@ -627,10 +626,14 @@ class _Supply:
         return waits.until(now, timeout=RECOVERY_TIMEOUT, every=0.2,
                            what=f"replica {self.plan.replica}: a data unit or the end of the run")
 
+    def _settle(self):
+        ahead, self.ahead = self.ahead, None
+        return waits.result(ahead, timeout=CALL_TIMEOUT, what=f"replica {self.plan.replica}: a data unit")
+
     def close(self) -> None:
         """Let the read-ahead finish, so that the ledger knows every piece this replica holds."""
         if self.ahead is not None:
-            waits.result(self.ahead, timeout=CALL_TIMEOUT, what=f"replica {self.plan.replica}: a data unit")
+            self._settle()
         self.pool.shutdown()
 
 
