@@ -356,7 +356,7 @@ def test_on_dask_scheduler_and_dask_worker_a_worker_stopped_with_sigterm_retires
             s = Scenario(client, None, seed, [])
             try:
                 new = s.wait_for(lambda: set(worker_info(client)) - before, "the extra worker", 90)
-                at = rng.randint(10, 30)
+                at = rng.randint(10, 20)
                 s.wait_for(lambda: any(m["worker"] in new and m["step"] >= at
                                        for m in s.replica_events()), f"its replica at step {at}", 90)
                 os.kill(proc.pid, signal.SIGTERM)  # the `dask worker` process: its nanny
