@@ -175,8 +175,8 @@ def portion_bars(counts: Counter, run) -> dict:
             "discarded": [counts[(run, w, False)] for w in workers]}
 
 
-RECOVERY_KINDS = ("shard-recovered", "blocks-recovered", "replica-restarted", "recovery",
-                  "recovery-failed")  # RUN events a fault leaves: a recovery, or one that failed
+RECOVERY_KINDS = ("shard-recovered", "blocks-recovered", "replica-restarted", "replica-lost",
+                  "recovery", "recovery-failed")  # RUN events a fault leaves: a recovery, or one that failed
 
 
 def run_table(events, runs=None) -> dict:

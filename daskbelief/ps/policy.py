@@ -88,3 +88,18 @@ def _by_shard_load(workers: list[str], shard_holders: list[str]) -> list[str]:
         if holder in load:
             load[holder] += 1
     return sorted(workers, key=lambda w: (load[w], w))
+
+
+def threads_to_fill(threads: dict[str, int], busy: list[str], shard_holders: list[str],
+                    max_replicas: int | None) -> list[str]:
+    """Elastic Downpour: the workers to start one more replica on each (a worker once per free
+    thread), up to ``max_replicas`` replicas in all (None: one per thread).
+
+    ``threads``: running worker -> threads; ``busy``: the worker of every live replica (those of
+    workers no longer running are ignored). Workers take turns, those holding fewer shards first,
+    for the reason ``place_replicas`` gives.
+    """
+    ordered = _by_shard_load(list(threads), shard_holders)
+    free = {w: max(threads[w] - busy.count(w), 0) for w in ordered}
+    turns = [w for k in range(max(free.values(), default=0)) for w in ordered if free[w] > k]
+    return turns if max_replicas is None else turns[:max(max_replicas - len(busy), 0)]

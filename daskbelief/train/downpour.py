@@ -14,7 +14,8 @@ parameter-server handle is published in a Dask Variable); see docs/architecture.
 from __future__ import annotations
 
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 
 import numpy as np
 from distributed import Event, Variable
@@ -29,13 +30,15 @@ from daskbelief.ps import checkpoint
 from daskbelief.ps.compress import check_kind
 from daskbelief.ps.policy import place_blocks, place_replicas
 from daskbelief.ps.server import ParameterServer
+from daskbelief.train import elastic
 from daskbelief.train.driver import Driver
+from daskbelief.train.elastic import ElasticDriver
 from daskbelief.train.errors import RunLost
 from daskbelief.train.evaluate import announce_test, evaluate, test_row
 from daskbelief.train.partition import Plan, as_plan
 from daskbelief.train.partitioned import Blocks
 from daskbelief.train.recovery import Lease
-from daskbelief.train.replica import ReplicaPlan, run_replica
+from daskbelief.train.replica import ReplicaPlan, run_elastic_replica, run_replica
 from daskbelief.train.result import TrainResult
 from daskbelief.workarounds import HandleVariable
 
@@ -55,7 +58,8 @@ def validate(*, replicas: int, shards: int, n_fetch: int, n_push: int, batch_siz
         raise ValueError(f"warmstart_steps must be >= 0, got {warmstart_steps}")
 
 
-def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_fetch: int = 5,
+def downpour(model, data, *, client=None, replicas: int | str = 2, max_replicas: int | None = None,
+             unit_chunks: int = 1, shards: int = 2, n_fetch: int = 5,
              n_push: int = 5, rule: str | dict | UpdateRule = "adagrad", batch_size: int = 32, epochs: int | None = None,
              steps: int | None = None, max_seconds: float | None = None,
              warmstart_steps: int = 0, test=None, seed: int = 0,
@@ -75,7 +79,12 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
     data : DataStore or str -- the training store (a URL opens its ``train`` split)
     client : distributed.Client, optional -- default: the current client, else a local cluster
     replicas : number of model replicas R; each gets one contiguous data shard of the store and
-        runs as one long task, so the cluster needs R worker threads
+        runs as one long task, so the cluster needs R worker threads. ``"auto"``: elastic replicas,
+        one on every worker thread present or joining while the run lasts (up to
+        ``max_replicas``), all drawing data units from one shared queue (``train.elastic``); a
+        worker retired gracefully lets its replicas push, hand back their unit and stop
+    max_replicas : with ``replicas="auto"``, the most replicas at once (None: one per thread)
+    unit_chunks : with ``replicas="auto"``, store chunks per data unit
     shards : number of parameter-server shards S (actors placed on distinct workers)
     n_fetch, n_push : a replica fetches parameters every ``n_fetch`` steps and pushes its
         accumulated gradient (the sum of ``n_push`` minibatch gradients) every ``n_push`` steps.
@@ -86,6 +95,7 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
     rule : "adagrad" | "sgd" | "momentum" | dict | UpdateRule -- applied by every shard
     batch_size : minibatch size of each replica step
     epochs, steps : exactly one: passes over each replica's shard, or steps per replica
+        (elastic replicas: ``epochs`` only, passes over the whole store)
     max_seconds : stop every replica (cleanly, pushing what it holds) after this many seconds
     warmstart_steps : replica 0 trains alone for this many steps before the others start
     test : DataStore or str, optional -- evaluated every ``eval_every`` seconds and at the end
@@ -124,17 +134,26 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
     """
     store = open_store(data, split="train") if isinstance(data, str) else data
     test_store = open_store(test, split="test") if isinstance(test, str) else test
-    validate(replicas=replicas, shards=shards, n_fetch=n_fetch, n_push=n_push,
-             batch_size=batch_size, epochs=epochs, steps=steps, warmstart_steps=warmstart_steps,
-             max_in_flight=max_in_flight)
+    elastic_run = replicas == "auto"
+    if elastic_run:
+        elastic.validate(max_replicas=max_replicas, unit_chunks=unit_chunks, steps=steps,
+                         warmstart_steps=warmstart_steps, partition=partition, resume_from=resume_from)
+    elif isinstance(replicas, str):
+        raise ValueError(f"replicas must be an integer >= 1 or 'auto', got {replicas!r}")
+    elif max_replicas is not None:
+        raise ValueError(f"max_replicas= needs replicas='auto', got replicas={replicas!r}")
+    validate(replicas=1 if elastic_run else replicas, shards=shards, n_fetch=n_fetch,
+             n_push=n_push, batch_size=batch_size, epochs=epochs, steps=steps,
+             warmstart_steps=warmstart_steps, max_in_flight=max_in_flight)
     model.check_data(store.feature_shape, store.n_classes)
     if test_store is not None:
         model.check_data(test_store.feature_shape, test_store.n_classes)
-    if replicas > store.n_chunks:
+    if not elastic_run and replicas > store.n_chunks:
         raise ValueError(f"replicas={replicas} need one data shard each, but the store "
                          f"{store.url} has only {store.n_chunks} chunks: use fewer replicas or "
                          "rewrite the store with smaller chunk_rows")
-    data_shards = store.shards(replicas)
+    data_shards = [(0, store.n)] if elastic_run else store.shards(replicas)
+    units = elastic.unit_ranges(store, unit_chunks) if elastic_run else None
     rule = make_rule(rule)
     plan = as_plan(model, partition)
     if device not in (None, "numpy", "cupy"):
@@ -155,9 +174,11 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
                          "compute on the host")
     start_point = _start_point(model, seed, params, resume_from, rule_state, rule)
 
-    with client_or_local(client, threads_per_worker=-(-replicas // default_local_workers())) as c:
+    with client_or_local(client, threads_per_worker=-(-(1 if elastic_run else replicas)
+                                                      // default_local_workers())) as c:
         require_workers(c)
-        require_threads(c, replicas, f"{replicas} Downpour replicas")
+        if not elastic_run:
+            require_threads(c, replicas, f"{replicas} Downpour replicas")
         warm_workers(c, "daskbelief.train.replica")
         if device == "cupy":
             require_gpus(c)
@@ -167,7 +188,7 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
                              warmstart_steps if r == 0 else 0, device, compression,
                              topk_fraction, fetch_compression=fetch_compression,
                              staleness_bound=staleness_bound)
-                         for r in range(replicas)]
+                         for r in range(1 if elastic_run else replicas)]
         ps = ParameterServer.create(c, start_point.params, shards, rule)
         if start_point.shards is not None:
             ps.load_state_dicts(start_point.shards(ps.ranges))
@@ -178,7 +199,7 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
                     **{k: v for k, v in asdict(replica_plans[0]).items()
                        if isinstance(v, (int, str)) and k != "run"})
         workers = require_workers(c)
-        blocks = [None] * replicas
+        blocks = [None] * len(replica_plans)
         if plan is not None:
             where = place_blocks(workers, ps.addresses(), replicas, plan.n_blocks)
             blocks = [Blocks.start(c, plan, start_point.params, ps=ps, replica=f"replica-{r}",
@@ -189,16 +210,26 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
             if b is not None:
                 coordination["variables"].append(HandleVariable(p.name(f"blocks-{p.replica}"), client=c))
                 coordination["variables"][-1].set(b)
-        homes = place_replicas(workers, ps.addresses(), replicas)
+        if elastic_run:
+            def start(r: int, worker: str):
+                return c.submit(run_elastic_replica, model, replace(replica_plans[0], replica=r),
+                                units, key=f"{run}-replica-{r}-{uuid.uuid4().hex[:6]}",
+                                workers=[worker], allow_other_workers=False, pure=False, retries=0)
 
-        def submit(r: int, home=None):
-            return c.submit(run_replica, model, replica_plans[r], blocks[r],
-                            key=f"{run}-replica-{r}-{uuid.uuid4().hex[:6]}", workers=home,
-                            allow_other_workers=home is not None, pure=False, retries=0)
+            driver_for = partial(ElasticDriver, start=start, max_replicas=max_replicas,
+                                 ledger=(elastic.batches_per_unit(units, batch_size), epochs, seed))
+        else:
+            homes = place_replicas(workers, ps.addresses(), replicas)
 
-        futures = [submit(r, [home]) for r, home in enumerate(homes)]
-        driver = Driver(c, run, ps, futures, model, test_store, coordination, blocks=block_names,
-                        resubmit=submit,
+            def submit(r: int, home=None):
+                return c.submit(run_replica, model, replica_plans[r], blocks[r],
+                                key=f"{run}-replica-{r}-{uuid.uuid4().hex[:6]}", workers=home,
+                                allow_other_workers=home is not None, pure=False, retries=0)
+
+            futures = [submit(r, [home]) for r, home in enumerate(homes)]
+            driver_for = partial(Driver, futures=futures, resubmit=submit)
+        driver = driver_for(c, run, ps, model=model, test_store=test_store,
+                        coordination=coordination, blocks=block_names,
                         eval_every=eval_every, eval_rows=eval_rows, max_seconds=max_seconds,
                         checkpoint_dir=checkpoint_dir,
                         checkpoint_every=checkpoint_every, initial=start_point.params,
@@ -233,6 +264,8 @@ def downpour(model, data, *, client=None, replicas: int = 2, shards: int = 2, n_
                    "bound_waits": sum(o.get("bound_waits", 0) for o in outcomes),
                    "pushes_compensated": sum(s["compensated"] for s in shard_stats),
                    "staleness_mean": float(np.mean([s["staleness_mean"] for s in shard_stats]))}
+        if elastic_run:
+            summary.update(driver.counts(), max_replicas=max_replicas, unit_chunks=unit_chunks)
         summary["samples_per_second"] = summary["samples"] / seconds
         test_rows = driver.test_rows
         if test_store is not None:

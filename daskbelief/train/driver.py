@@ -69,7 +69,7 @@ class Driver:
     def wait(self) -> list[dict]:
         """Block until every replica finished; return their outcomes (re-raising a failure)."""
         try:
-            while not all(f.done() for f in self.futures):
+            while not self._finished():
                 self.check_scheduler()
                 if self._failed():
                     break
@@ -85,6 +85,12 @@ class Driver:
             raise
         self.seconds = time.time() - self.started
         self.check_scheduler()
+        return self._outcomes()
+
+    def _finished(self) -> bool:
+        return all(f.done() for f in self.futures)
+
+    def _outcomes(self) -> list[dict]:
         return waits.results(self.futures, timeout=CALL_TIMEOUT, what="the replicas' outcomes")
 
     def final(self) -> tuple:

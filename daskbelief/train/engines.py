@@ -90,6 +90,7 @@ def _downpour_work(settings: dict, rows: int) -> tuple[int, str]:
 
 
 register(Engine("downpour", "daskbelief.train.downpour:downpour",
-                threads=lambda s: s["replicas"], work=_downpour_work))
+                threads=lambda s: 1 if s["replicas"] == "auto" else s["replicas"],  # elastic: any
+                work=_downpour_work))
 register(Engine("sandblaster", "daskbelief.train.sandblaster:sandblaster",
                 threads=lambda s: 1, work=lambda s, rows: (s["iterations"], "iterations")))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 
@@ -27,6 +28,7 @@ from daskbelief.optim.staleness import must_wait
 from daskbelief.ps.compress import Feedback
 from daskbelief.ps.policy import place_blocks
 from daskbelief.ps.server import CALL_TIMEOUT, RECOVERY_TIMEOUT, WAIT_SLICE, ServerLost
+from daskbelief.train import elastic
 from daskbelief.train.errors import DriverGone
 from daskbelief.train.partitioned import Blocks
 from daskbelief.train.recovery import LeaseWatch, lost_workers
@@ -504,39 +506,178 @@ def _train(model, plan: ReplicaPlan, blocks, lease: LeaseWatch, attempt: int, do
     if blocks is not None:
         stepper = _PartitionedStepper(blocks, plan, done, lease)
     else:
-        stepper = (_Stepper if plan.device is None else _DeviceStepper)(model, plan, done, lease)
-    losses: deque = deque(maxlen=plan.report_every)
-    samples, step = 0, done
-    tick = time.time()
+        stepper = _plain_stepper(model, plan, done, lease)
+    tally = _Tally(plan, worker, done)
     for X, y in _batches(store, plan, done):
         if lease.expired():
             raise DriverGone(f"replica {plan.replica}: the driver's lease expired")
-        loss = stepper.step(step, X, y)
+        loss = stepper.step(tally.step, X, y)
         if loss is None:
             continue
-        losses.append(float(loss))
-        samples += len(X)
-        step += 1
-        if step == plan.warmstart_steps:
+        report = tally.add(loss, len(X), stepper)
+        if tally.step == plan.warmstart_steps:
             Event(plan.name("warm")).set()
-        if step % plan.report_every == 0:
-            progress.set({"done": step, "attempt": attempt})
-            now = time.time()
-            events.emit(events.REPLICA, run=plan.run, replica=plan.replica, step=step,
-                        batch_size=plan.batch_size, loss=float(np.mean(losses)), worker=worker,
-                        samples_per_s=plan.report_every * plan.batch_size / max(now - tick, 1e-9),
-                        staleness=float(np.mean(stepper.staleness[-20:])) if stepper.staleness else 0.0)
-            tick = now
+        if report:
+            progress.set({"done": tally.step, "attempt": attempt})
             if stop.is_set():
                 break
     stepper.finish()
     if plan.warmstart_steps:
         Event(plan.name("warm")).set()  # never leave the others waiting, however short the shard
-    progress.set({"done": step, "attempt": attempt})
-    return {"replica": plan.replica, "steps": step - done, "samples": samples, "worker": worker,
-            "attempt": attempt, "pushes_lost": stepper.pushes_lost, "bound_waits": stepper.bound_waits,
-            "loss": float(np.mean(losses)) if losses else float("nan"),
-            "staleness_mean": float(np.mean(stepper.staleness)) if stepper.staleness else 0.0}
+    progress.set({"done": tally.step, "attempt": attempt})
+    return tally.outcome(stepper, attempt)
+
+
+class _Tally:
+    """A replica's counters (steps, samples, recent losses), its progress events every
+    ``report_every`` steps, and its outcome."""
+
+    def __init__(self, plan: ReplicaPlan, worker: str, step: int):
+        self.plan, self.worker, self.first, self.step, self.samples = plan, worker, step, step, 0
+        self.losses: deque = deque(maxlen=plan.report_every)
+        self.tick = time.time()
+
+    def add(self, loss: float, rows: int, stepper) -> bool:
+        """Count one step (emitting the progress event when one is due); True when it was."""
+        self.losses.append(float(loss))
+        self.samples += rows
+        self.step += 1
+        if self.step % self.plan.report_every:
+            return False
+        now, plan = time.time(), self.plan
+        events.emit(events.REPLICA, run=plan.run, replica=plan.replica, step=self.step,
+                    batch_size=plan.batch_size, loss=float(np.mean(self.losses)), worker=self.worker,
+                    samples_per_s=plan.report_every * plan.batch_size / max(now - self.tick, 1e-9),
+                    staleness=float(np.mean(stepper.staleness[-20:])) if stepper.staleness else 0.0)
+        self.tick = now
+        return True
+
+    def outcome(self, stepper, attempt: int, **more) -> dict:
+        return {"replica": self.plan.replica, "steps": self.step - self.first, "samples": self.samples,
+                "worker": self.worker, "attempt": attempt, "pushes_lost": stepper.pushes_lost,
+                "bound_waits": stepper.bound_waits,
+                "loss": float(np.mean(self.losses)) if self.losses else float("nan"),
+                "staleness_mean": float(np.mean(stepper.staleness)) if stepper.staleness else 0.0,
+                **more}
+
+
+def _plain_stepper(model, plan: ReplicaPlan, done: int, lease: LeaseWatch) -> _Stepper:
+    return (_Stepper if plan.device is None else _DeviceStepper)(model, plan, done, lease)
+
+
+def run_elastic_replica(model, plan: ReplicaPlan, units: list[tuple[int, int]]) -> dict:
+    """An elastic Downpour replica (``replicas="auto"``): train on data units taken from the run's
+    ledger (``elastic.Ledger``; ``units``: their row ranges) until none is left, the driver stops
+    it, or its worker closes; its outcome is left in the ledger, whatever ends it.
+
+    A closing worker (retired, scaled down) sets the ``leave`` flag through ``elastic.Retirement``:
+    the replica pushes what it holds, hands back the batches of its unit it did not read, and
+    returns, status "retired". The task is pinned to its worker, so it is not run again elsewhere.
+    """
+    leave_thread_pool()
+    worker = get_worker().address
+    ledger = elastic.Units(plan.run)
+    with elastic.running_replica(worker, plan.name(f"replica-{plan.replica}")) as leave:
+        try:
+            outcome, piece, at = _train_elastic(model, plan, units, ledger, leave, worker)
+        except DriverGone:
+            outcome, piece, at = {"replica": plan.replica, "status": "orphaned", "worker": worker}, None, None
+        ledger("leave", plan.replica, piece, at, outcome)
+        return outcome
+
+
+def _train_elastic(model, plan: ReplicaPlan, units, ledger, leave, worker: str) -> tuple:
+    """The elastic replica's loop; returns its outcome, the piece it was reading and the batch
+    of it where it stopped (for the ledger's ``leave``)."""
+    stop, lease = Event(plan.name("stop")), LeaseWatch(plan.name("lease"))
+    stepper = _plain_stepper(model, plan, 0, lease)
+    tally = _Tally(plan, worker, 0)
+
+    def quitting() -> bool:
+        if lease.expired():
+            raise DriverGone(f"replica {plan.replica}: the driver's lease expired")
+        return leave.is_set()
+
+    supply = _Supply(plan, units, ledger, tally, lambda: quitting() or stop.is_set())
+    status, piece, at, reported = None, None, None, False
+    try:
+        while status is None:
+            piece, data = supply.next()
+            if piece in ("done", "stop"):
+                status, piece = piece, None
+                continue
+            supply.read_ahead()
+            for at, (X, y) in enumerate(elastic.unit_batches(data, plan.batch_size, piece[2]),
+                                        start=piece[2]):
+                if quitting() or (reported and stop.is_set()):
+                    status = "stop"
+                    break
+                loss = stepper.step(tally.step, X, y)
+                reported = loss is not None and tally.add(loss, len(X), stepper)
+            else:
+                at += 1  # read to its end: said so by the next take, or by the leave
+                supply.finished += 1
+    finally:
+        supply.close()
+    stepper.finish()
+    status = "done" if status == "done" else "retired" if leave.is_set() else "stopped"
+    return tally.outcome(stepper, 0, status=status), piece, at
+
+
+class _Supply:
+    """An elastic replica's data units: the next one is taken from the ledger and read in the
+    background while the replica trains on the current one, hiding both (a scheduler round trip
+    and a read) behind its steps."""
+
+    def __init__(self, plan: ReplicaPlan, units, ledger, tally, stopping):
+        self.plan, self.units, self.ledger, self.tally, self.stopping = plan, units, ledger, tally, stopping
+        self.store = open_store(plan.url, split=plan.split)
+        self.finished = 0   # pieces read to their end that the ledger has not been told of
+        self.ahead = None   # the future of the next (piece, data), taken and read in the background
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="daskbelief-units")
+
+    def _take(self, finished: int):
+        piece = self.ledger("take", self.plan.replica,
+                            {"steps": self.tally.step, "samples": self.tally.samples}, finished)
+        if isinstance(piece, str):
+            return piece, None
+        epoch, unit, _ = piece
+        return piece, elastic.read_unit(self.store, self.units[unit], self.plan.seed, epoch, unit)
+
+    def _told(self) -> int:
+        finished, self.finished = self.finished, 0
+        return finished
+
+    def read_ahead(self) -> None:
+        self.ahead = self.pool.submit(self._take, self._told())
+
+    def next(self):
+        """The next piece and its data: the one read ahead, or one taken now; waits while the
+        last units are held by others (who may hand some back). ("stop", None) once the
+        replica must stop, ("done", None) when every unit was read."""
+        if self.ahead is not None:
+            piece, data = self._settle()
+            if piece not in ("wait", "done"):
+                return piece, data
+
+        def now():
+            if self.stopping():
+                return "stop", None
+            piece, data = self._take(self._told())
+            return None if piece == "wait" else (piece, data)
+
+        return waits.until(now, timeout=RECOVERY_TIMEOUT, every=0.2,
+                           what=f"replica {self.plan.replica}: a data unit or the end of the run")
+
+    def _settle(self):
+        ahead, self.ahead = self.ahead, None
+        return waits.result(ahead, timeout=CALL_TIMEOUT, what=f"replica {self.plan.replica}: a data unit")
+
+    def close(self) -> None:
+        """Let the read-ahead finish, so that the ledger knows every piece this replica holds."""
+        if self.ahead is not None:
+            self._settle()
+        self.pool.shutdown()
 
 
 def _connect(link: _Link, out):
