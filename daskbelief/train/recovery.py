@@ -59,10 +59,17 @@ def pick_worker(live: list[str], holders: list[str]) -> str:
     return min(sorted(live), key=lambda w: load[w])
 
 
-def updates_missing(alive: dict[int, int], saved: list[int]) -> int:
+def updates_missing(alive: dict[int, int], saved: list[int], restored: int | None = None) -> int:
     """Updates a shard restored from a checkpoint lacks: the most any surviving shard received
-    since that checkpoint (``alive``: shard -> version now; ``saved``: versions at the checkpoint)."""
-    return max((max(v - saved[i], 0) for i, v in alive.items()), default=0)
+    since that checkpoint (``alive``: shard -> version now; ``saved``: versions at the checkpoint).
+
+    ``restored``: the index of the shard restored, whose own saved version is then the base for
+    every shard: a checkpoint reads its shards one after another while pushes travel, so a
+    survivor may have been saved an update or two ahead of it, and every push reaches every
+    shard, so the restored slice lacks those too."""
+    def base(i: int) -> int:
+        return saved[i if restored is None else restored]
+    return max((max(v - base(i), 0) for i, v in alive.items()), default=0)
 
 
 class Lease(threading.Thread):

@@ -36,6 +36,7 @@ from daskbelief.train.recovery import lost_workers
 
 WAIT_SLICE = 0.5  # seconds between liveness checks while a reply is awaited
 PATIENCE = 300.0  # seconds without a reply from live workers before giving up
+LEAVE_GRACE = 10.0  # seconds a failed call waits for the scheduler to see its worker gone
 
 
 class ShardLost(RuntimeError):
@@ -75,9 +76,21 @@ class Watch:
         try:
             return waits.result(reply, timeout=patience, what=what, every=WAIT_SLICE,
                                 give_up=self.give_up)
-        except (OSError, RuntimeError):  # "Unable to contact Actor's worker", "... was lost"
-            self.check()
-            raise
+        except (OSError, RuntimeError) as e:  # "Unable to contact Actor's worker", "... was lost"
+            lost = self.lost_soon()
+            if lost is None:
+                raise
+            raise lost from e
+
+    def lost_soon(self, grace: float = LEAVE_GRACE) -> ShardLost | None:
+        """``ShardLost`` once the scheduler reports a watched worker gone, waiting up to
+        ``grace`` seconds for it: a call to a worker that just died can fail (its connection
+        reset) before the scheduler has noticed the death. None if all stay."""
+        try:
+            return waits.until(self.give_up, timeout=grace, every=0.1,
+                               what="the scheduler to see a shard's worker leave")
+        except waits.WaitTimeout:
+            return None
 
 
 class DirectActor(Actor):
