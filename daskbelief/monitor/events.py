@@ -76,6 +76,8 @@ class EventLog:
         self._echo.clear()
         deadline = time.time() + timeout
         while not self._echo.wait(0.05):
+            if self.client.status != "running":  # the scheduler is gone: nothing comes back
+                raise ConnectionError(f"the client lost its scheduler ({self.client.status})")
             if time.time() > deadline:
                 raise TimeoutError(f"the scheduler did not echo an event in {timeout:.0f}s")
             self.client.log_event(self._probe, {"probe": True})
