@@ -62,11 +62,13 @@ from daskbelief.train.partition import Plan, as_plan
 from daskbelief.train.partitioned import Blocks
 from daskbelief.train.result import TrainResult
 from daskbelief.train.sandblaster_tasks import (PortionLedger, PortionPlan, abandon_evaluation,
-                                                evaluate_current, flush_worker,
-                                                forget_run, run_portion)
+                                                evaluate_current, flush_worker, forget_run,
+                                                free_threads, run_portion)
 from daskbelief.train.sharded_vectors import (WAIT_SLICE, ShardedVectors, ShardLost, Watch,
                                               call_all, direct, in_thread)
+from daskbelief import waits
 from daskbelief.waits import WaitTimeout
+from daskbelief.workarounds import ACTOR_START_TIMEOUT
 
 PORTIONS_PER_THREAD = 8   # default portion size: about this many portions per worker thread
 MIN_PORTION_FLOPS = 2e8   # ... but no less work than this (~5 ms): a task has a fixed cost
@@ -385,11 +387,13 @@ class _ActorMaker:
         self.n_rows, self.shards, self.shard_workers = n_rows, shards, shard_workers
         self.push_every, self.slow, self.groups, self.threads = push_every, slow, groups, threads
 
-    def __call__(self, params: np.ndarray, restore=None) -> _Actors:
+    def __call__(self, params: np.ndarray, restore=None, free=None) -> _Actors:
         """Shards seeded with ``params`` on the live workers (those of ``shard_workers`` still
-        there, else any); ``restore``: a checkpoint whose vectors they load."""
+        there, else any; of those, the ones in ``free`` if any); ``restore``: a checkpoint whose
+        vectors they load."""
         c, live = self.client, sorted(worker_info(self.client))
         allowed = [w for w in (self.shard_workers or live) if w in live] or live
+        allowed = [w for w in allowed if w in (free or ())] or allowed
         ps = ParameterServer.create(c, params, self.shards, IDLE_RULE, workers=allowed)
         ledger = c.submit(PortionLedger, actor=True, workers=[ps.addresses()[0]],
                           allow_other_workers=False, pure=False,
@@ -407,6 +411,7 @@ class _ActorMaker:
 
 
 MAX_RECOVERIES = 5  # shard holders lost this often in one run: the cluster is failing
+FREE_THREADS_WAIT = 10.0  # seconds a recovery waits for a free pool thread on a worker per shard
 
 
 class _Recovery:
@@ -458,7 +463,7 @@ class _Recovery:
             params, state = saved.params, LbfgsState(**saved.lbfgs)
         else:
             params, state = self.start, None
-        objective.actors = checkpoints.actors = self.make(params, where)
+        objective.actors = checkpoints.actors = self.make(params, where, self._free_workers())
         checkpoints.restored(state)
         back_to = 0 if state is None else state.iteration
         self.replayed += reached - back_to
@@ -466,6 +471,30 @@ class _Recovery:
                     restored_from=str(where or "the start point"), iteration=back_to,
                     replayed=reached - back_to)
         return state
+
+    def _free_workers(self) -> list[str]:
+        """The workers with a pool thread that no task holds, to make the new shards on: an
+        actor's constructor runs on a pool thread, so a shard placed where the run's tasks hold
+        every thread would wait for them. The abandoned portions hand their threads back within
+        a wait slice or two: waits ``FREE_THREADS_WAIT`` seconds for one such worker per shard,
+        then takes what there is, and fails (``WaitTimeout``) only when no worker has had a free
+        thread for ``ACTOR_START_TIMEOUT`` seconds."""
+        found: list[str] = []
+
+        def free(per_shard: bool) -> list[str]:
+            threads = self.client.run(free_threads, on_error="return")
+            found[:] = sorted(w for w, n in threads.items() if isinstance(n, int) and n > 0)
+            need = min(self.make.shards, len(threads)) if per_shard else 1
+            return found if found and len(found) >= need else []
+
+        try:
+            return waits.until(lambda: free(True), timeout=FREE_THREADS_WAIT,
+                               what="a free pool thread on a worker per shard")
+        except WaitTimeout:
+            if found:
+                return found
+        return waits.until(lambda: free(False), timeout=ACTOR_START_TIMEOUT,
+                           what="a worker with a pool thread no task holds, to make the shards on")
 
     def summary(self) -> dict:
         return {"shard_holders_lost": len(self.lost), "iterations_replayed": self.replayed}

@@ -200,6 +200,13 @@ def abandon_evaluation(run: str, tag: int) -> None:
         state.abandoned = max(state.abandoned, tag)
 
 
+def free_threads(dask_worker=None) -> int:
+    """How many of this worker's pool threads no task holds now (run by the coordinator through
+    ``Client.run``, on the event loop: asking needs no thread). A seceded task holds none."""
+    state = dask_worker.state
+    return state.nthreads - len(state.executing)
+
+
 _TASK = threading.local()  # per task thread: whether this task left the thread pool
 
 
