@@ -47,7 +47,9 @@ def emit(topic: str, **fields) -> None:
     try:
         get_worker().log_event(topic, fields)
     except ValueError:
-        get_client().log_event(topic, fields)
+        client = get_client()
+        if client.status == "running":  # else no scheduler takes it: the call would wait out
+            client.log_event(topic, fields)  # the connect timeout, and the run is lost anyway
 
 
 class EventLog:

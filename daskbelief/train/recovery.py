@@ -28,7 +28,10 @@ LEASE_TIMEOUT = 10.0  # seconds without a renewal after which a replica stops
 
 
 def lost_workers(client, addresses) -> list[str]:
-    """Those of ``addresses`` that are no longer workers of the cluster."""
+    """Those of ``addresses`` that are no longer workers of the cluster. ``ConnectionError``
+    once the client has lost the scheduler: asking it would wait out the connect timeout."""
+    if client.status != "running":
+        raise ConnectionError(f"lost the scheduler (the client is {client.status})")
     live = worker_info(client)
     return sorted({a for a in addresses if a not in live})
 

@@ -791,7 +791,8 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
             for blocks in groups.values():
                 blocks.close()
             objective.actors.close()
-            c.run(forget_run, run, on_error="ignore")
+            if c.status == "running":  # else there is no scheduler to reach the workers by
+                c.run(forget_run, run, on_error="ignore")
         summary = _summary(run, result, objective.counters, settings, seconds, n_rows, shard_stats)
         summary.update(recovery.summary())
         history_rows = monitor.rows
