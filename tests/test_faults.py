@@ -406,3 +406,13 @@ def test_a_shard_holder_lost_while_a_checkpoint_is_written(digits_path, tmp_path
         resumed = downpour(mlp(), digits_path, client=client, steps=320,
                            **{**train, "resume_from": checkpoint.latest(root)})
     assert resumed.summary["test_accuracy"] >= 0.9, resumed.summary
+
+
+def test_the_updates_a_restored_shard_lacks_count_from_its_own_saved_version():
+    """Shard 0 restored at version 9 while shard 2, saved at 12, is at 18 now: every push went to
+    both, so shard 0 lacks 18 - 9 (the 3 that shard 2 was saved ahead are missing too)."""
+    from daskbelief.train.recovery import updates_missing
+
+    assert updates_missing({1: 17, 2: 18}, [9, 10, 12], restored=0) == 9
+    assert updates_missing({1: 17, 2: 18}, [9, 10, 12]) == 7  # without: per survivor's own
+    assert updates_missing({0: 3}, [4, 0], restored=0) == 0
