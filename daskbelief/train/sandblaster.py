@@ -50,6 +50,7 @@ from numbers import Real
 import numpy as np
 from distributed import wait
 
+from daskbelief import waits
 from daskbelief.checks import check_integer
 from daskbelief.cluster import client_or_local, require_workers, warm_workers, worker_info
 from daskbelief.data import open_store
@@ -64,14 +65,13 @@ from daskbelief.train.evaluate import announce_test, evaluate, finish, test_row
 from daskbelief.train.objective import portions
 from daskbelief.train.partition import Plan, as_plan
 from daskbelief.train.partitioned import Blocks
+from daskbelief.train.recovery import lost_workers
 from daskbelief.train.result import TrainResult
 from daskbelief.train.sandblaster_tasks import (PortionLedger, PortionPlan, abandon_evaluation,
                                                 evaluate_current, flush_worker, forget_run,
                                                 free_threads, run_portion)
-from daskbelief.train.recovery import lost_workers
 from daskbelief.train.sharded_vectors import (PATIENCE, WAIT_SLICE, ShardedVectors, ShardLost,
                                               Watch, call_all, direct, in_thread)
-from daskbelief import waits
 from daskbelief.waits import WaitTimeout
 from daskbelief.workarounds import ACTOR_START_TIMEOUT
 
@@ -451,6 +451,8 @@ class _ActorMaker:
         if there were none. Each live block is handed ``ps`` again first, which ends its waits
         on lost shards, so the portion tasks waiting on it end and hand back their threads."""
         old = list(self.groups.values())
+        if not old:
+            return None
         self.groups.clear()
         live = set(worker_info(self.client))
         replies = [a.set_server(ps) for blocks in old for a in blocks.actors if a._address in live]
@@ -461,7 +463,7 @@ class _ActorMaker:
                 continue
         for blocks in old:
             blocks.close()
-        return old[0].plan if old else None
+        return old[0].plan
 
     def start_groups(self, plan: Plan, ps: ParameterServer) -> None:
         """A model-parallel replica homed on each live worker, as at the start, its blocks
@@ -498,6 +500,7 @@ class _Recovery:
     def __init__(self, client, run: str, make: _ActorMaker, start: np.ndarray | None):
         """``start``: the start point, None for a resumed run (whose checkpoint comes first)."""
         self.client, self.run, self.make, self.start = client, run, make, start
+        self.partition: Plan | None = None  # model-parallel: the replicas' plan, once released
         self.lost: list[str] = []
         self.replayed = 0
 
@@ -524,7 +527,7 @@ class _Recovery:
         reached = checkpoints.state.iteration if checkpoints.state is not None else 0
         # release every wait on the workers for the evaluation in progress
         self.client.run(abandon_evaluation, self.run, objective.tag, on_error="ignore")
-        partition = self.make.release_groups(objective.actors.ps)
+        self.partition = self.make.release_groups(objective.actors.ps) or self.partition
         objective.actors.close()
         if where is not None:
             saved = checkpoint.load(where, vectors=False)
@@ -532,8 +535,8 @@ class _Recovery:
         else:
             params, state = self.start, None
         objective.actors = checkpoints.actors = self.make(params, where, self._free_workers())
-        if partition is not None:
-            self.make.start_groups(partition, objective.actors.ps)
+        if self.partition is not None:
+            self.make.start_groups(self.partition, objective.actors.ps)
         checkpoints.restored(state)
         back_to = 0 if state is None else state.iteration
         self.replayed += reached - back_to
