@@ -341,7 +341,10 @@ class _Evaluation:
                 self.checked = time.monotonic()
             return
         for future in done:
-            if future.status == "error":
+            if future.status == "error":  # a lost shard's or block's, or a bug
+                lost = self.o.space.watch.lost_soon() or self.o.make.blocks_gone()
+                if lost is not None:
+                    raise lost from future.exception()
                 future.result()
             self.finished.add(self.futures.pop(future))
             self.o.counters.portion_runs += 1

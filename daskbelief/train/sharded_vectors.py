@@ -109,6 +109,17 @@ class DirectActor(Actor):
             return self._client.rpc(self._address)
         return super()._worker_rpc
 
+    def __getattr__(self, key):
+        """A method of the actor; once distributed has marked the actor lost with its worker
+        (the lookup itself raises "Worker holding Actor was lost"), one whose call fails as a
+        call to a dead worker does, so that waits on it turn that into ``ShardLost``."""
+        try:
+            return super().__getattr__(key)
+        except RuntimeError as e:
+            failed: Future = Future()
+            failed.set_exception(OSError(str(e)))
+            return lambda *args, **kwargs: failed
+
 
 def direct(actor: Actor) -> DirectActor:
     """The client-side handle of ``actor`` that skips the scheduler (``DirectActor``)."""
