@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import re
 import subprocess
 import sys
@@ -112,22 +111,24 @@ MP = {"kind": "horizontal", "k": 2}
     pytest.param("no spare thread", 2, None, 2, {}, id="plain-no-spare-seed2-two-kills"),
     pytest.param("spare threads", 3, None, 1, {}, id="plain-spare-seed3"),
     pytest.param("spare threads", 4, None, 1,
-                 {"warmstart_steps": 40, "eval_every": 0.2, "checkpoint_every": 0.3},
-                 id="plain-spare-seed4-warm-start-checkpoints-evaluations"),
+                 {"warmstart_steps": 80, "eval_every": 0.2, "checkpoint_every": 0.3},
+                 id="plain-spare-seed4-in-the-warm-start-checkpoints-evaluations"),
     pytest.param("no spare thread", 5, MP, 1, {}, id="model-parallel-no-spare-seed5"),
     pytest.param("spare threads", 6, MP, 1, {}, id="model-parallel-spare-seed6"),
 ])
 def test_downpour_finishes_whatever_worker_is_lost_at_a_random_step(digits_path, tmp_path, layout,
                                                                      seed, partition, kills, extra):
-    """``extra`` adds a warm start, checkpoints and evaluations for the kill to land in."""
+    """``extra`` adds a warm start, checkpoints and evaluations for the kill to land in (seed 4
+    draws a moment inside the warm start: only replica 0 steps, the others wait)."""
     threads, replicas = LAYOUTS[layout]
     steps = 200 if partition is None else 60
     if "checkpoint_every" in extra:
         extra = {**extra, "checkpoint_dir": tmp_path / "checkpoints"}
     _, moments = chaos.draws(seed)
+    moments = chaos.choose_moments(moments, 10, steps // 3, kills)
+    assert all(m < extra.get("warmstart_steps", steps) for m in moments)
     with three_workers(threads) as cluster, Client(cluster) as client:
-        with chaos.Chaos(client, seed, chaos.choose_moments(moments, 10, steps // 3, kills),
-                         timeout=60) as killer:
+        with chaos.Chaos(client, seed, moments, timeout=60) as killer:
             result = chaos.run_with_deadline(
                 lambda: downpour(mlp(), digits_path, test=digits_path, client=client,
                                  replicas=replicas, shards=2 if partition is None else 1,
@@ -202,16 +203,23 @@ def mlp_lbfgs():
     return Sequential((64,), [Dense(16, "tanh"), Dense(10)], l2=1e-3)
 
 
-@pytest.mark.parametrize("layout, seed", [
-    pytest.param("no spare thread", 7, marks=pytest.mark.xfail(
-        strict=False, raises=RunLost,
-        reason="sandblaster: intermittently the lost shards cannot be recreated in 120 s with no "
-               "spare thread (RunLost); notes/chaos.md 22:55")),
-    ("spare threads", 8)])
-def test_sandblaster_finishes_whatever_worker_is_lost_at_a_random_iteration(digits_path, layout, seed):
+@pytest.mark.parametrize("layout, seed, partition", [
+    pytest.param("no spare thread", 7, None, id="plain-no-spare-seed7"),
+    pytest.param("spare threads", 8, None, id="plain-spare-seed8-evaluations"),
+    pytest.param("no spare thread", 11, MP, id="model-parallel-no-spare-seed11"),
+    pytest.param("spare threads", 12, MP, id="model-parallel-spare-seed12")])
+def test_sandblaster_finishes_whatever_worker_is_lost_at_a_random_iteration(digits_path, layout, seed,
+                                                                            partition):
     """A lost shard holder is restored and its iterations replayed; a lost portion worker only
-    loses portions: either way the iterates are the reference's."""
+    loses portions; a lost block's model-parallel replicas are made anew and the evaluation
+    starts again: either way the iterates are the reference's (model-parallel: to 1e-4, a
+    partitioned pass adds in another float32 order). With spare threads, plain, a test
+    evaluation (a task reading the iterate from the shards) follows every iteration, so the
+    kill lands among portions and evaluations."""
     threads, _ = LAYOUTS[layout]
+    rel = 1e-5 if partition is None else 1e-4
+    evaluations = ({"test": digits_path, "eval_every": 1e-3}
+                   if layout == "spare threads" and partition is None else {})
     iterations, portion = 10, 100
     _, moments = chaos.draws(seed)
     with three_workers(threads) as cluster, Client(cluster) as client:
@@ -219,18 +227,24 @@ def test_sandblaster_finishes_whatever_worker_is_lost_at_a_random_iteration(digi
                          timeout=60) as killer:
             result = chaos.run_with_deadline(
                 lambda: sandblaster(mlp_lbfgs(), digits_path, client=client, shards=2,
-                                    iterations=iterations, portion_size=portion, tolerance=0.0),
+                                    iterations=iterations, portion_size=portion, tolerance=0.0,
+                                    partition=partition, **evaluations),
                 RUN_DEADLINE, f"Sandblaster under chaos (seed {seed}, {layout})")
         kill = the_kill(killer)
         recoveries = run_events(client, result.summary["run"], "recovery")
+        rebuilt = run_events(client, result.summary["run"], "blocks-recovered")
     if any(k.startswith("parameter-shard") for k in kill.held):
         assert len(recoveries) == 1 and kill.victim in recoveries[0]["lost"], (kill, recoveries)
+    elif any(k.startswith("partition-block") for k in kill.held):
+        assert rebuilt and kill.victim in rebuilt[0]["lost_workers"], (kill, rebuilt)
     with threadpool_limits(1):
         params, ref = train_lbfgs(mlp_lbfgs(), digits_path, iterations=iterations,
                                   portion_size=portion, seed=0)
+    if evaluations:  # one after every iteration (those replayed too), and the final one
+        assert sum(h["test_loss"] is not None for h in result.history) > iterations, result.history
     ours = [h["loss"] for h in result.history if h["loss"] is not None]
-    assert ours == pytest.approx([h["loss"] for h in ref.history], rel=1e-5), kill
-    assert np.linalg.norm(result.params - params) <= 1e-5 * np.linalg.norm(params)
+    assert ours == pytest.approx([h["loss"] for h in ref.history], rel=rel), kill
+    assert np.linalg.norm(result.params - params) <= rel * np.linalg.norm(params)
 
 
 # -- through the CLI, on real `dask scheduler` and `dask worker` processes ------------------------
@@ -246,21 +260,16 @@ loss = "softmax_cross_entropy"
 layers = [{{ type = "dense", units = 64, activation = "relu" }}, {{ type = "dense", units = 10 }}]
 
 [train]
-algorithm = "downpour"
-replicas = 2
-shards = 2
-batch_size = 32
-epochs = 400
+{train}
 eval_every = 1.0
-rule = {{ name = "adagrad", lr = 0.05 }}
 
 [checkpoint]
 every_seconds = 1.0
 """
-
-
-# a record of distributed's own logging (its client says it could not reconnect): not ours
-DISTRIBUTED_LOG = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ - distributed\.[\w.]+ - [A-Z]+ - ")
+TRAIN = {"downpour": 'algorithm = "downpour"\nreplicas = 2\nshards = 2\nbatch_size = 32\n'
+                     'epochs = 400\nrule = { name = "adagrad", lr = 0.05 }',
+         "sandblaster": 'algorithm = "sandblaster"\nshards = 2\niterations = 100000\n'
+                        'tolerance = 0.0'}
 
 
 @pytest.fixture
@@ -271,13 +280,14 @@ def real_cluster(tmp_path):
         yield scheduler, file
 
 
-def start_training(tmp_path, digits_path, scheduler_file, env=None) -> tuple[subprocess.Popen, object]:
+def start_training(tmp_path, digits_path, scheduler_file,
+                   algorithm: str = "downpour") -> tuple[subprocess.Popen, object]:
     config = tmp_path / "chaos.toml"
-    config.write_text(PIPELINE.format(data=digits_path))
+    config.write_text(PIPELINE.format(data=digits_path, train=TRAIN[algorithm]))
     run_dir = tmp_path / "run"
     cli = subprocess.Popen([DASKBELIEF, "train", str(config),
                             "--scheduler-file", str(scheduler_file), "--out", str(run_dir)],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return cli, run_dir
 
 
@@ -303,29 +313,29 @@ def test_a_driver_killed_leaves_no_replica_running(tmp_path, digits_path, real_c
                     timeout=30, every=0.5, what="every worker to stop the dead driver's replicas")
 
 
+@pytest.mark.parametrize("algorithm", ["downpour", "sandblaster"])
 def test_a_scheduler_killed_ends_the_run_with_one_line_that_says_how_to_resume(tmp_path, digits_path,
-                                                                                real_cluster):
+                                                                                real_cluster, algorithm):
+    """Within seconds (no call waits out distributed's connect timeout), one line on stderr."""
     scheduler, file = real_cluster
-    # distributed's client retries the scheduler for `comm.timeouts.connect` (30 s) before it
-    # gives up; 10 s keeps the test short and still well above a connection's set-up time
-    env = {**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "10s"}
-    cli, run_dir = start_training(tmp_path, digits_path, file, env)
+    cli, run_dir = start_training(tmp_path, digits_path, file, algorithm)
     try:
         waits.until(lambda: training_under_way(cli, run_dir), timeout=120,
                     what="the first checkpoint of `daskbelief train`")
         chaos.sigkill(scheduler.pid)
-        _, stderr = cli.communicate(timeout=120)
+        _, stderr = cli.communicate(timeout=60)  # a hang, not a deadline for speed
     finally:
         if cli.poll() is None:
             chaos.sigkill(cli.pid)
             cli.communicate(timeout=30)
     print(stderr)
-    assert cli.returncode not in (0, None)
-    assert "Traceback" not in stderr
-    ours = [line for line in stderr.splitlines() if line.strip() and not DISTRIBUTED_LOG.match(line)]
+    assert cli.returncode == 3
+    ours = stderr.splitlines()
     last = checkpoint.latest(run_dir / "checkpoints")
     assert last is not None and checkpoint.is_checkpoint(last)
-    assert len(ours) == 1 and stderr.rstrip().endswith(ours[0]), stderr
-    assert "scheduler" in ours[0] and str(last) in ours[0], ours
+    assert len(ours) == 1, stderr  # nothing of distributed's: no ERROR record, no traceback
+    assert "Traceback" not in stderr and "ERROR" not in stderr
+    assert ours[0].startswith("daskbelief train: lost the scheduler at tcp://"), ours
+    assert f"last complete checkpoint: {last};" in ours[0], ours
     assert f"--out {run_dir} --resume" in ours[0] and f"--scheduler-file {file}" in ours[0], ours
     json.dumps(checkpoint.describe(last))  # the run directory is intact: its checkpoint reads

@@ -47,7 +47,9 @@ def emit(topic: str, **fields) -> None:
     try:
         get_worker().log_event(topic, fields)
     except ValueError:
-        get_client().log_event(topic, fields)
+        client = get_client()
+        if client.status == "running":  # else no scheduler takes it: the call would wait out
+            client.log_event(topic, fields)  # the connect timeout, and the run is lost anyway
 
 
 class EventLog:
@@ -76,6 +78,8 @@ class EventLog:
         self._echo.clear()
         deadline = time.time() + timeout
         while not self._echo.wait(0.05):
+            if self.client.status != "running":  # the scheduler is gone: nothing comes back
+                raise ConnectionError(f"the client lost its scheduler ({self.client.status})")
             if time.time() > deadline:
                 raise TimeoutError(f"the scheduler did not echo an event in {timeout:.0f}s")
             self.client.log_event(self._probe, {"probe": True})

@@ -232,7 +232,7 @@ class Driver:
         worker = pick_worker(live, self.ps.addresses())
         self.ps = self.ps.replace_shard(self.client, index, snapshot, worker, timeout=recovery_timeout(),
                                         give_up=gone(self.client, [worker], f"recreating shard {index}"))
-        missing = updates_missing(versions, saved)
+        missing = updates_missing(versions, saved, index)
         self.updates_lost += missing
         self.recoveries += 1
         self.versions[index] = snapshot["version"]

@@ -28,7 +28,10 @@ LEASE_TIMEOUT = 10.0  # seconds without a renewal after which a replica stops
 
 
 def lost_workers(client, addresses) -> list[str]:
-    """Those of ``addresses`` that are no longer workers of the cluster."""
+    """Those of ``addresses`` that are no longer workers of the cluster. ``ConnectionError``
+    once the client has lost the scheduler: asking it would wait out the connect timeout."""
+    if client.status != "running":
+        raise ConnectionError(f"lost the scheduler (the client is {client.status})")
     live = worker_info(client)
     return sorted({a for a in addresses if a not in live})
 
@@ -59,10 +62,17 @@ def pick_worker(live: list[str], holders: list[str]) -> str:
     return min(sorted(live), key=lambda w: load[w])
 
 
-def updates_missing(alive: dict[int, int], saved: list[int]) -> int:
+def updates_missing(alive: dict[int, int], saved: list[int], restored: int | None = None) -> int:
     """Updates a shard restored from a checkpoint lacks: the most any surviving shard received
-    since that checkpoint (``alive``: shard -> version now; ``saved``: versions at the checkpoint)."""
-    return max((max(v - saved[i], 0) for i, v in alive.items()), default=0)
+    since that checkpoint (``alive``: shard -> version now; ``saved``: versions at the checkpoint).
+
+    ``restored``: the index of the shard restored, whose own saved version is then the base for
+    every shard: a checkpoint reads its shards one after another while pushes travel, so a
+    survivor may have been saved an update or two ahead of it, and every push reaches every
+    shard, so the restored slice lacks those too."""
+    def base(i: int) -> int:
+        return saved[i if restored is None else restored]
+    return max((max(v - base(i), 0) for i, v in alive.items()), default=0)
 
 
 class Lease(threading.Thread):

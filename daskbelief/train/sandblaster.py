@@ -27,7 +27,11 @@ and checks that the shards' workers are still there (``sharded_vectors.Watch``: 
 the workers' waits give up once the evaluation is abandoned, so no thread stays stuck on a dead
 actor; and ``_Recovery`` makes every shard anew from the run's last checkpoint, or the start
 point, and runs the iterations since again -- the same iterates, so the run still matches the
-reference (the cost: those iterations; ``checkpoint_every`` bounds it).
+reference (the cost: those iterations; ``checkpoint_every`` bounds it). The new shards go where
+a pool thread is free (an actor's constructor needs one), so a recovery never waits behind the
+run's own tasks. Model-parallel, the replicas' blocks are made anew with the shards; a block's
+worker lost on its own (``BlocksLost``) costs only the evaluation in progress, which starts
+again on replicas made anew.
 
 Checkpoints (``checkpoint_dir``): between iterations, every ``checkpoint_every`` seconds, at the
 end, and when Ctrl-C / SIGTERM interrupts an evaluation, each shard writes its slice of the
@@ -46,6 +50,7 @@ from numbers import Real
 import numpy as np
 from distributed import wait
 
+from daskbelief import waits
 from daskbelief.checks import check_integer
 from daskbelief.cluster import client_or_local, require_workers, warm_workers, worker_info
 from daskbelief.data import open_store
@@ -60,13 +65,15 @@ from daskbelief.train.evaluate import announce_test, evaluate, finish, test_row
 from daskbelief.train.objective import portions
 from daskbelief.train.partition import Plan, as_plan
 from daskbelief.train.partitioned import Blocks
+from daskbelief.train.recovery import lost_workers
 from daskbelief.train.result import TrainResult
 from daskbelief.train.sandblaster_tasks import (PortionLedger, PortionPlan, abandon_evaluation,
-                                                evaluate_current, flush_worker,
-                                                forget_run, run_portion)
-from daskbelief.train.sharded_vectors import (WAIT_SLICE, ShardedVectors, ShardLost, Watch,
-                                              call_all, direct, in_thread)
+                                                evaluate_current, flush_worker, forget_run,
+                                                free_threads, run_portion)
+from daskbelief.train.sharded_vectors import (PATIENCE, WAIT_SLICE, ShardedVectors, ShardLost,
+                                              Watch, call_all, direct, in_thread)
 from daskbelief.waits import WaitTimeout
+from daskbelief.workarounds import ACTOR_START_TIMEOUT
 
 PORTIONS_PER_THREAD = 8   # default portion size: about this many portions per worker thread
 MIN_PORTION_FLOPS = 2e8   # ... but no less work than this (~5 ms): a task has a fixed cost
@@ -170,8 +177,9 @@ class BatchObjective:
     """
 
     def __init__(self, client, actors: "_Actors", bounds: list[tuple[int, int]], n_rows: int,
-                 backups: bool):
+                 backups: bool, make: "_ActorMaker"):
         self.client, self.actors = client, actors  # ``actors``: replaced by a recovery
+        self.make = make  # remakes the model-parallel replicas when a block's worker is lost
         self.bounds, self.n_rows, self.backups = bounds, n_rows, backups
         self.tag = 0
         self.counters = Counters()
@@ -194,7 +202,11 @@ class BatchObjective:
         self.busy = True
         for _ in range(MAX_RESTARTS + 1):
             self._open(x_name)
-            outcome = _Evaluation(self, self.tag).run(x_name, g_name, dots)
+            try:
+                outcome = _Evaluation(self, self.tag).run(x_name, g_name, dots)
+            except BlocksLost as lost:
+                self._regroup(lost)
+                outcome = None
             if outcome is not None:
                 break
             self.space.watch.check()  # a lost shard, not just a lost worker: ShardLost
@@ -211,6 +223,20 @@ class BatchObjective:
         loss = total / self.n_rows + sum(reply[0] for reply in replies)
         self.busy = False
         return loss, [sum(column) for column in zip(*(reply[1] for reply in replies))]
+
+    def _regroup(self, lost: BlocksLost) -> None:
+        """Model-parallel replicas made anew after a block's worker left (the shards, and so the
+        iterate and the L-BFGS history, are intact): the evaluation then starts again."""
+        started = time.time()
+        self.client.run(abandon_evaluation, self.plan.run, self.tag, on_error="ignore")
+        self.make.start_groups(self.make.release_groups(self.actors.ps), self.actors.ps)
+        events.emit(events.RUN, run=self.plan.run, kind="blocks-recovered", evaluation=self.tag,
+                    lost_workers=lost.workers, workers=sorted(self.plan.groups),
+                    seconds=time.time() - started)
+
+    def give_up(self) -> ShardLost | BlocksLost | None:
+        """For waits during an evaluation: a shard's or a block's worker has left."""
+        return self.space.watch.give_up() or self.make.blocks_gone()
 
     def _open(self, x_name: str) -> None:
         """A new tag: the ledger and the shards accept nothing older from now on."""
@@ -283,13 +309,18 @@ class _Evaluation:
         return (f"sandblaster-portion-{self.o.plan.run}-{self.tag}-{portion}"
                 + ("-backup" if backup else ""))
 
+    def _homes(self) -> list[str] | None:
+        """Where portions may run: anywhere, or, model-parallel, on the workers homing a replica
+        (a worker that joined later, say one restarted by its nanny, has none)."""
+        return list(self.o.plan.groups) or None
+
     def _submit_all(self) -> None:
-        """Every portion at once, without restrictions: Dask queues them and hands the next one
-        to whichever worker thread is free (one ``map`` call, the plan pickled once)."""
+        """Every portion at once, without other restrictions: Dask queues them and hands the
+        next one to whichever worker thread is free (one ``map`` call, the plan pickled once)."""
         n = self.total
         futures = self.o.client.map(run_portion, [self.o.plan] * n, [self.tag] * n, range(n),
                                     self.o.bounds, key=[self._key(p, False) for p in range(n)],
-                                    pure=False)
+                                    workers=self._homes(), pure=False)
         self.futures.update(zip(futures, range(n)))
 
     def _in_tail(self) -> bool:
@@ -304,11 +335,16 @@ class _Evaluation:
                            return_when="FIRST_COMPLETED")
         except TimeoutError:
             if time.monotonic() - self.checked >= WAIT_SLICE:  # not every tail poll
-                self.o.space.watch.check()  # portions waiting on a dead shard never finish
+                lost = self.o.give_up()  # portions waiting on a dead shard never finish
+                if lost is not None:
+                    raise lost
                 self.checked = time.monotonic()
             return
         for future in done:
-            if future.status == "error":
+            if future.status == "error":  # a lost shard's or block's, or a bug
+                lost = self.o.space.watch.lost_soon() or self.o.make.blocks_gone()
+                if lost is not None:
+                    raise lost from future.exception()
                 future.result()
             self.finished.add(self.futures.pop(future))
             self.o.counters.portion_runs += 1
@@ -321,7 +357,7 @@ class _Evaluation:
         snap = self.o.space.watch.wait(self.o.actors.ledger_here.snapshot(self.tag), "the ledger")
         chosen = portions_to_back_up(snap["now"], snap["running"], snap["finished"], self.total,
                                      self.launched)
-        live = self.o.live_workers() if chosen else []
+        live = (self._homes() or self.o.live_workers()) if chosen else []
         for portion in chosen:
             self.launched.add(portion)
             owner = snap["workers"].get(portion)
@@ -330,7 +366,7 @@ class _Evaluation:
                 continue
             future = self.o.client.submit(
                 run_portion, self.o.plan, self.tag, portion, self.o.bounds[portion], True,
-                key=self._key(portion, True), workers=others if owner else None,
+                key=self._key(portion, True), workers=others if owner else self._homes(),
                 allow_other_workers=False, pure=False, priority=1)
             self.futures[future] = portion
             self.o.counters.backups_launched += 1
@@ -340,9 +376,9 @@ class _Evaluation:
     def _flush(self) -> dict:
         """Have every worker push what it still holds; ``{portion: (worker, loss, backup)}``
         of the portions model-parallel replicas won and applied (a lost worker's are missing)."""
-        replies = self.o.space.watch.wait(  # in a thread: a push to a dead shard never returns
+        replies = waits.result(  # in a thread: a push to a dead shard or block never returns
             in_thread(self.o.client.run, flush_worker, self.o.plan, self.tag, on_error="return"),
-            "the workers' flush")
+            timeout=PATIENCE, every=WAIT_SLICE, give_up=self.o.give_up, what="the workers' flush")
         winners = {}
         for reply in replies.values():
             if not isinstance(reply, BaseException):
@@ -385,11 +421,13 @@ class _ActorMaker:
         self.n_rows, self.shards, self.shard_workers = n_rows, shards, shard_workers
         self.push_every, self.slow, self.groups, self.threads = push_every, slow, groups, threads
 
-    def __call__(self, params: np.ndarray, restore=None) -> _Actors:
+    def __call__(self, params: np.ndarray, restore=None, free=None) -> _Actors:
         """Shards seeded with ``params`` on the live workers (those of ``shard_workers`` still
-        there, else any); ``restore``: a checkpoint whose vectors they load."""
+        there, else any; of those, the ones in ``free`` if any); ``restore``: a checkpoint whose
+        vectors they load."""
         c, live = self.client, sorted(worker_info(self.client))
         allowed = [w for w in (self.shard_workers or live) if w in live] or live
+        allowed = [w for w in allowed if w in (free or ())] or allowed
         ps = ParameterServer.create(c, params, self.shards, IDLE_RULE, workers=allowed)
         ledger = c.submit(PortionLedger, actor=True, workers=[ps.addresses()[0]],
                           allow_other_workers=False, pure=False,
@@ -405,8 +443,50 @@ class _ActorMaker:
         space.copy("params", "x")  # queued: travels with the first evaluation
         return _Actors(ps, ledger, plan, space, direct(plan.ledger))
 
+    def blocks_gone(self) -> BlocksLost | None:
+        """``BlocksLost`` once a worker holding a block of a model-parallel replica has left."""
+        held = {a._address for blocks in self.groups.values() for a in blocks.actors}
+        lost = lost_workers(self.client, held) if held else []
+        return BlocksLost(lost) if lost else None
+
+    def release_groups(self, ps: ParameterServer) -> Plan | None:
+        """Release the model-parallel replicas (``groups`` emptied); their partition plan, None
+        if there were none. Each live block is handed ``ps`` again first, which ends its waits
+        on lost shards, so the portion tasks waiting on it end and hand back their threads."""
+        old = list(self.groups.values())
+        if not old:
+            return None
+        self.groups.clear()
+        live = set(worker_info(self.client))
+        replies = [a.set_server(ps) for blocks in old for a in blocks.actors if a._address in live]
+        for reply in replies:
+            try:
+                waits.result(reply, timeout=5.0, what="a block to drop its waits on the shards")
+            except Exception:  # noqa: BLE001 -- its worker left meanwhile: nothing waits there
+                continue
+        for blocks in old:
+            blocks.close()
+        return old[0].plan
+
+    def start_groups(self, plan: Plan, ps: ParameterServer) -> None:
+        """A model-parallel replica homed on each live worker, as at the start, its blocks
+        talking to the shards ``ps`` (they load the vector to evaluate from them each time)."""
+        live = sorted(worker_info(self.client))
+        seed = np.zeros(plan.model.size, dtype=np.float32)
+        self.groups.update({home: Blocks.start(self.client, plan, seed, ps=ps, addresses=where)
+                            for home, where in place_groups(live, plan.n_blocks).items()})
+
+
+class BlocksLost(RuntimeError):
+    """Workers holding blocks of Sandblaster's model-parallel replicas left the cluster."""
+
+    def __init__(self, workers):
+        self.workers = sorted(workers)
+        super().__init__(f"lost the worker(s) holding model-parallel blocks: {', '.join(self.workers)}")
+
 
 MAX_RECOVERIES = 5  # shard holders lost this often in one run: the cluster is failing
+FREE_THREADS_WAIT = 10.0  # seconds a recovery waits for a free pool thread on a worker per shard
 
 
 class _Recovery:
@@ -423,6 +503,7 @@ class _Recovery:
     def __init__(self, client, run: str, make: _ActorMaker, start: np.ndarray | None):
         """``start``: the start point, None for a resumed run (whose checkpoint comes first)."""
         self.client, self.run, self.make, self.start = client, run, make, start
+        self.partition: Plan | None = None  # model-parallel: the replicas' plan, once released
         self.lost: list[str] = []
         self.replayed = 0
 
@@ -443,22 +524,22 @@ class _Recovery:
                  checkpoints: _Checkpoints) -> LbfgsState | None:
         self.lost += lost.workers
         where = checkpoints.last
-        if objective.plan.groups:
-            raise RunLost(f"{', '.join(lost.workers)} (parameter shards); model-parallel "
-                          "Sandblaster cannot restore its shards yet", where)
         if len(self.lost) > MAX_RECOVERIES:
             raise RunLost(f"{', '.join(lost.workers)} (parameter shards), the "
                           f"{len(self.lost)}th shard holder lost in this run", where)
         reached = checkpoints.state.iteration if checkpoints.state is not None else 0
         # release every wait on the workers for the evaluation in progress
         self.client.run(abandon_evaluation, self.run, objective.tag, on_error="ignore")
+        self.partition = self.make.release_groups(objective.actors.ps) or self.partition
         objective.actors.close()
         if where is not None:
             saved = checkpoint.load(where, vectors=False)
             params, state = saved.params, LbfgsState(**saved.lbfgs)
         else:
             params, state = self.start, None
-        objective.actors = checkpoints.actors = self.make(params, where)
+        objective.actors = checkpoints.actors = self.make(params, where, self._free_workers())
+        if self.partition is not None:
+            self.make.start_groups(self.partition, objective.actors.ps)
         checkpoints.restored(state)
         back_to = 0 if state is None else state.iteration
         self.replayed += reached - back_to
@@ -466,6 +547,30 @@ class _Recovery:
                     restored_from=str(where or "the start point"), iteration=back_to,
                     replayed=reached - back_to)
         return state
+
+    def _free_workers(self) -> list[str]:
+        """The workers with a pool thread that no task holds, to make the new shards on: an
+        actor's constructor runs on a pool thread, so a shard placed where the run's tasks hold
+        every thread would wait for them. The abandoned portions hand their threads back within
+        a wait slice or two: waits ``FREE_THREADS_WAIT`` seconds for one such worker per shard,
+        then takes what there is, and fails (``WaitTimeout``) only when no worker has had a free
+        thread for ``ACTOR_START_TIMEOUT`` seconds."""
+        found: list[str] = []
+
+        def free(per_shard: bool) -> list[str]:
+            threads = self.client.run(free_threads, on_error="return")
+            found[:] = sorted(w for w, n in threads.items() if isinstance(n, int) and n > 0)
+            need = min(self.make.shards, len(threads)) if per_shard else 1
+            return found if found and len(found) >= need else []
+
+        try:
+            return waits.until(lambda: free(True), timeout=FREE_THREADS_WAIT,
+                               what="a free pool thread on a worker per shard")
+        except WaitTimeout:
+            if found:
+                return found
+        return waits.until(lambda: free(False), timeout=ACTOR_START_TIMEOUT,
+                           what="a worker with a pool thread no task holds, to make the shards on")
 
     def summary(self) -> dict:
         return {"shard_holders_lost": len(self.lost), "iterations_replayed": self.replayed}
@@ -663,7 +768,7 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
         make = _ActorMaker(c, run, model, store, n_rows, shards, shard_workers, push_every,
                            dict(_slow_workers or {}), groups, threads)
         objective = BatchObjective(c, make(start, resume_from if resumed else None), bounds,
-                                   n_rows, backups)
+                                   n_rows, backups, make)
         recovery = _Recovery(c, run, make, start if resumed is None else None)
         try:
             if plan_p is not None:
@@ -692,7 +797,8 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
             for blocks in groups.values():
                 blocks.close()
             objective.actors.close()
-            c.run(forget_run, run, on_error="ignore")
+            if c.status == "running":  # else there is no scheduler to reach the workers by
+                c.run(forget_run, run, on_error="ignore")
         summary = _summary(run, result, objective.counters, settings, seconds, n_rows, shard_stats)
         summary.update(recovery.summary())
         history_rows = monitor.rows

@@ -40,6 +40,7 @@ import numpy as np
 from distributed import get_worker
 
 from daskbelief.monitor import events
+from daskbelief.ps.server import ServerLost
 from daskbelief.workarounds import leave_thread_pool
 from daskbelief.train.evaluate import evaluate_rows
 from daskbelief.train.objective import portion_gradient
@@ -198,6 +199,13 @@ def abandon_evaluation(run: str, tag: int) -> None:
         state = _RUNS.get(run)
     if state is not None:
         state.abandoned = max(state.abandoned, tag)
+
+
+def free_threads(dask_worker=None) -> int:
+    """How many of this worker's pool threads no task holds now (run by the coordinator through
+    ``Client.run``, on the event loop: asking needs no thread). A seceded task holds none."""
+    state = dask_worker.state
+    return state.nthreads - len(state.executing)
 
 
 _TASK = threading.local()  # per task thread: whether this task left the thread pool
@@ -388,20 +396,25 @@ def _run_on_blocks(plan: PortionPlan, state: _WorkerRun, group, tag: int, portio
     the claim is decided."""
     k = group.plan.n_blocks
     with state.group_lock:
-        if not all(group.call("load_evaluated", [(tag,)] * k)):
+        if state.abandoned >= tag:  # queued behind a portion the recovery released
             return False
-        X, y = _rows(plan, state, bounds)
-        tick = time.perf_counter()
-        state.group_steps += 1
-        loss = sum(group.step(X, y, tag=(tag, portion, state.group_steps), reduction="sum",
-                              regularize=False))
-        _straggle(plan, worker, tick)
-        compute = time.perf_counter() - tick
-        counted = reply(state, tag,
-                        plan.ledger.claim(tag, portion, time.perf_counter() - start)) >= 0
-        if counted:
-            state.record_win(tag, portion, loss, backup)
-            group.call("add_portion", [(tag, portion, plan.push_every)] * k)
+        try:
+            if not all(group.call("load_evaluated", [(tag,)] * k)):
+                return False
+            X, y = _rows(plan, state, bounds)
+            tick = time.perf_counter()
+            state.group_steps += 1
+            loss = sum(group.step(X, y, tag=(tag, portion, state.group_steps), reduction="sum",
+                                  regularize=False))
+            _straggle(plan, worker, tick)
+            compute = time.perf_counter() - tick
+            counted = reply(state, tag,
+                            plan.ledger.claim(tag, portion, time.perf_counter() - start)) >= 0
+            if counted:
+                state.record_win(tag, portion, loss, backup)
+                group.call("add_portion", [(tag, portion, plan.push_every)] * k)
+        except (Abandoned, ServerLost, OSError):  # a shard or a block lost: so is the portion
+            return False                          # (OSError: a block's worker left, a timeout)
     _report(plan, tag, portion, worker, compute, backup, counted)
     return counted
 

@@ -36,6 +36,7 @@ from daskbelief.train.recovery import lost_workers
 
 WAIT_SLICE = 0.5  # seconds between liveness checks while a reply is awaited
 PATIENCE = 300.0  # seconds without a reply from live workers before giving up
+LEAVE_GRACE = 10.0  # seconds a failed call waits for the scheduler to see its worker gone
 
 
 class ShardLost(RuntimeError):
@@ -75,9 +76,21 @@ class Watch:
         try:
             return waits.result(reply, timeout=patience, what=what, every=WAIT_SLICE,
                                 give_up=self.give_up)
-        except (OSError, RuntimeError):  # "Unable to contact Actor's worker", "... was lost"
-            self.check()
-            raise
+        except (OSError, RuntimeError) as e:  # "Unable to contact Actor's worker", "... was lost"
+            lost = self.lost_soon()
+            if lost is None:
+                raise
+            raise lost from e
+
+    def lost_soon(self, grace: float = LEAVE_GRACE) -> ShardLost | None:
+        """``ShardLost`` once the scheduler reports a watched worker gone, waiting up to
+        ``grace`` seconds for it: a call to a worker that just died can fail (its connection
+        reset) before the scheduler has noticed the death. None if all stay."""
+        try:
+            return waits.until(self.give_up, timeout=grace, every=0.1,
+                               what="the scheduler to see a shard's worker leave")
+        except waits.WaitTimeout:
+            return None
 
 
 class DirectActor(Actor):
@@ -95,6 +108,17 @@ class DirectActor(Actor):
         if self._worker is None and self._client is not None:
             return self._client.rpc(self._address)
         return super()._worker_rpc
+
+    def __getattr__(self, key):
+        """A method of the actor; once distributed has marked the actor lost with its worker
+        (the lookup itself raises "Worker holding Actor was lost"), one whose call fails as a
+        call to a dead worker does, so that waits on it turn that into ``ShardLost``."""
+        try:
+            return super().__getattr__(key)
+        except RuntimeError as e:
+            failed: Future = Future()
+            failed.set_exception(OSError(str(e)))
+            return lambda *args, **kwargs: failed
 
 
 def direct(actor: Actor) -> DirectActor:
