@@ -30,6 +30,7 @@ from daskbelief.train.downpour import downpour
 
 PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "speech-downpour.toml"
 HANG_SECONDS = 30.0  # no replica progress for this long counts as a hang
+MIN_KILLS = 2       # kills at least this many times within the undisturbed run's duration
 SEED = 0
 
 
@@ -66,6 +67,12 @@ def train(client, pipe, path: str, run_dir: Path, *, checkpoint_every: float, ep
     return result.summary
 
 
+def kill_period(planned: float, calm_seconds: float) -> float:
+    """Seconds between kills: as planned, but short enough that at least ``MIN_KILLS`` land
+    in a run as long as the undisturbed one (a quick run can end before a first kill)."""
+    return min(planned, calm_seconds / (MIN_KILLS + 1))
+
+
 def run(quick: bool) -> dict:
     s = settings(quick)
     config = configs.load(PIPELINE)
@@ -76,7 +83,7 @@ def run(quick: bool) -> dict:
                                  **config["dataset"].get("options", {})))
         print(f"speech-frames: {s['rows']} rows, {s['epochs']} epochs, model {pipe.model.size:,} "
               f"parameters, {pipe.train['replicas']} replicas, {pipe.train['shards']} shards; "
-              f"a worker killed every {s['kill_every']:g}s, seed {SEED}", flush=True)
+              f"a worker killed every {s['kill_every']:g}s at most, seed {SEED}", flush=True)
         with LocalCluster(n_workers=3, threads_per_worker=2, processes=True,
                           dashboard_address=":0") as cluster, Client(cluster) as client:
             calm = train(client, pipe, path, tmp / "calm", checkpoint_every=s["checkpoint_every"],
@@ -85,7 +92,9 @@ def run(quick: bool) -> dict:
                 raise RuntimeError(f"the run without kills did not finish: {calm}")
             print(f"without kills: {calm['seconds']:.1f}s, accuracy {calm['test_accuracy']:.4f}", flush=True)
             deadline = 3 * calm["seconds"] + 120
-            moments = chaos.every(s["kill_every"], deadline)
+            kill_every = kill_period(s["kill_every"], calm["seconds"])
+            print(f"a worker killed every {kill_every:.2f}s", flush=True)
+            moments = chaos.every(kill_every, deadline)
             with chaos.Chaos(client, SEED, moments, chaos.seconds, timeout=deadline) as killer:
                 stormy = train(client, pipe, path, tmp / "stormy", checkpoint_every=s["checkpoint_every"],
                                epochs=s["epochs"], deadline=deadline)
@@ -97,7 +106,7 @@ def run(quick: bool) -> dict:
         print(f"chaos: {killer.error}")
     finished = "seconds" in stormy
     summary = {
-        "seed": SEED, "kill_every": s["kill_every"], "kills": len(killer.kills),
+        "seed": SEED, "kill_every": kill_every, "kills": len(killer.kills),
         "recoveries": (stormy["shard_recoveries"] + stormy["replica_restarts"] + len(rebuilt)
                        if finished else None),
         "hangs": hangs(progress, killer.since, ended) + int(bool(stormy.get("hung"))),
