@@ -270,7 +270,7 @@ def test_sandblaster_run_stopped_by_sigterm_resumes_to_the_reference(tmp_path, d
     test_sandblaster); a Downpour run's checkpoint is refused by a Sandblaster config."""
     from daskbelief.train.reference import train_lbfgs
 
-    iterations = 40
+    iterations = 15
     cfg = tmp_path / "lbfgs.toml"
     cfg.write_text(SANDBLASTER.format(data=digits_path, iterations=iterations))
     run_dir = tmp_path / "stopped"
