@@ -5,8 +5,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,9 +18,7 @@ from daskbelief.monitor import events
 from daskbelief.nn import Dense, Sequential
 from daskbelief.ps import checkpoint
 from daskbelief.testing import chaos
-from daskbelief.train.recovery import LEASE_TIMEOUT
 from daskbelief.workarounds import worker_info
-from test_submission import _start, _stop  # the `dask scheduler` / `dask worker` processes
 from daskbelief.train.downpour import downpour
 
 pytestmark = pytest.mark.timeout(240)
@@ -202,93 +198,8 @@ def test_a_lost_block_is_recreated_and_its_replica_resumes(three_workers, digits
 
 # -- what cannot be survived, and a driver that dies ----------------------------------------------
 
-def replica_threads(dask_worker) -> int:
-    """Threads of this worker running a Downpour replica (whatever Dask thinks of its task)."""
-    def in_replica(frame):
-        while frame is not None:
-            if frame.f_code.co_name == "run_replica":
-                return True
-            frame = frame.f_back
-        return False
-    return sum(in_replica(f) for f in sys._current_frames().values())
-
-
-DRIVER = """
-import sys
-from distributed import Client
-from daskbelief import waits
-from daskbelief.nn import Dense, Sequential
-from daskbelief.train.downpour import downpour
-
-with Client(sys.argv[1]) as client:
-    downpour(Sequential((64,), [Dense(64, "relu"), Dense(10)]), sys.argv[2], client=client,
-             replicas=2, shards=1, batch_size=32, epochs=2000, report_every=5)
-"""
-
-
-def test_a_dead_driver_leaves_no_replica_running(digits_path):
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster, Client(cluster) as client:
-        driver = subprocess.Popen([sys.executable, "-c", DRIVER, cluster.scheduler_address, digits_path])
-        try:
-            def running():
-                assert driver.poll() is None, f"the driver exited early ({driver.returncode})"
-                return sum(client.run(replica_threads).values())
-            waits.until(lambda: running() == 2, timeout=120, what="both replicas to be running")
-            driver.kill()
-            driver.wait(timeout=10)
-            waits.until(lambda: sum(client.run(replica_threads).values()) == 0,
-                        timeout=LEASE_TIMEOUT + 20, what="the dead driver's replicas to stop")
-        finally:
-            if driver.poll() is None:
-                driver.kill()
-                driver.wait(timeout=10)
-
-
-def test_a_lost_scheduler_ends_the_run_with_one_line_naming_the_checkpoint_and_resume_command(
-        tmp_path, digits_path):
-    sched_file = tmp_path / "scheduler.json"
-    scheduler = _start(["scheduler", "--scheduler-file", str(sched_file), "--port", "0",
-                        "--dashboard-address", ":0"], tmp_path / "scheduler.log")
-    procs, train = [scheduler], None
-    try:
-        waits.until(sched_file.exists, timeout=60, what="the scheduler file")
-        procs.append(_start(["worker", "--scheduler-file", str(sched_file), "--nworkers", "2",
-                             "--nthreads", "1", "--memory-limit", "0"], tmp_path / "worker.log"))
-        with Client(scheduler_file=str(sched_file), timeout=60) as client:
-            client.wait_for_workers(2, timeout=60)
-        text = (Path(__file__).parents[1] / "pipelines" / "digits-downpour.toml").read_text()
-        text = text.replace('path = "data/digits.zarr"', f'path = "{digits_path}"')
-        text = text.replace("replicas = 4", "replicas = 2").replace("epochs = 30", "epochs = 2000")
-        cfg = tmp_path / "digits.toml"
-        cfg.write_text(text + "\n[checkpoint]\nevery_seconds = 0.5\n")
-        run_dir = tmp_path / "run"
-        train = subprocess.Popen([sys.executable, "-m", "daskbelief.cli", "train", str(cfg),
-                                  "--scheduler-file", str(sched_file), "--out", str(run_dir)],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-        def checkpointed():
-            assert train.poll() is None, train.communicate()[1][-3000:]
-            return checkpoint.latest(run_dir / "checkpoints")
-        waits.until(checkpointed, timeout=180, what="the run's first complete checkpoint")
-        os.killpg(scheduler.pid, signal.SIGKILL)
-        _, err = train.communicate(timeout=180)
-        last = err.strip().splitlines()[-1]
-        assert train.returncode == 3, err[-20000:]
-        assert "Traceback" not in err and "ERROR" not in err, err[-3000:]
-        assert err.strip() == last, err[-3000:]  # our one line, nothing of distributed's
-        assert "lost the scheduler" in last, last
-        kept = checkpoint.complete(run_dir / "checkpoints")
-        assert kept and f"last complete checkpoint: {kept[-1]}" in last, (last, kept)
-        assert last.endswith(f"resume with: daskbelief train {cfg} --out {run_dir} --resume "
-                             f"--scheduler-file {sched_file}"), last
-        assert (run_dir / "config.json").exists() and (run_dir / "metrics.jsonl").exists()
-    finally:
-        if train is not None and train.poll() is None:
-            train.kill()
-            train.wait(timeout=10)
-        for proc in reversed(procs):
-            _stop(proc)
+# The driver killed and the scheduler killed are tests/test_chaos.py's, on real `dask scheduler`
+# and `dask worker` processes through the CLI.
 
 
 def test_every_worker_lost_at_once_and_restarted_by_its_nanny(digits_path):

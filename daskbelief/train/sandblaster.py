@@ -342,7 +342,8 @@ class _Evaluation:
             return
         for future in done:
             if future.status == "error":  # a lost shard's or block's, or a bug
-                lost = self.o.space.watch.lost_soon() or self.o.make.blocks_gone()
+                lost = (self.o.space.watch.lost_after(future.exception())
+                        or self.o.make.blocks_gone())
                 if lost is not None:
                     raise lost from future.exception()
                 future.result()

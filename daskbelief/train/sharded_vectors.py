@@ -39,6 +39,10 @@ PATIENCE = 300.0  # seconds without a reply from live workers before giving up
 LEAVE_GRACE = 10.0  # seconds a failed call waits for the scheduler to see its worker gone
 
 
+# Errors a lost worker never causes: bad data or a bug, reported without waiting for the scheduler
+NOT_A_LOSS = (ValueError, TypeError, IndexError, ArithmeticError)
+
+
 class ShardLost(RuntimeError):
     """Workers holding parameter shards (or Sandblaster's ledger) left the cluster."""
 
@@ -81,6 +85,12 @@ class Watch:
             if lost is None:
                 raise
             raise lost from e
+
+    def lost_after(self, error: BaseException) -> ShardLost | None:
+        """``ShardLost`` if a watched worker left, for a task that failed with ``error``: an
+        error of the data or the code (``NOT_A_LOSS``: a damaged store's ``DataError`` is a
+        ValueError) is answered at once, any other after ``lost_soon``'s grace."""
+        return self.give_up() if isinstance(error, NOT_A_LOSS) else self.lost_soon()
 
     def lost_soon(self, grace: float = LEAVE_GRACE) -> ShardLost | None:
         """``ShardLost`` once the scheduler reports a watched worker gone, waiting up to
