@@ -94,11 +94,7 @@ class Lease(threading.Thread):
                 continue
 
     def stop(self) -> None:
-        """End the heartbeat, and wait for a renewal in flight: one landing after the run has
-        deleted its Variables would make the lease's Variable anew and leave it behind."""
         self._stopped.set()
-        if self.is_alive() and self.var.client.status == "running":
-            self.join(timeout=LEASE_EVERY * 5 + 1)
 
 
 class LeaseWatch:
