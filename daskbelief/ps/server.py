@@ -172,9 +172,9 @@ class ParameterServer:
         """Every shard's counters."""
         return self.wait_all([s.stats() for s in self.shards], "counters", timeout, give_up)
 
-    def state_dicts(self, timeout: float = CALL_TIMEOUT, give_up=None) -> list[dict]:
+    def state_dicts(self) -> list[dict]:
         """Every shard's parameters, rule state and version (for checkpoints)."""
-        return self.wait_all([s.state_dict() for s in self.shards], "state", timeout, give_up)
+        return self.wait_all([s.state_dict() for s in self.shards], "state")
 
     def write_checkpoint(self, path: str, timeout: float = CALL_TIMEOUT, vectors=(),
                          give_up=None) -> list[dict]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 
 import dask.config
-import numpy as np
 from distributed.scheduler import KilledWorker
 
 from daskbelief import waits
@@ -95,15 +94,11 @@ class Driver:
         return waits.results(self.futures, timeout=CALL_TIMEOUT, what="the replicas' outcomes")
 
     def final(self) -> tuple:
-        """The trained parameters, the shards' counters and the update rule's state (joined into
-        model-sized arrays by name), recovering a shard lost at the end."""
+        """The trained parameters and the shards' counters, recovering a shard lost at the end."""
         def attempt():
             try:
                 params, _ = self.ps.fetch(timeout=CALL_TIMEOUT, give_up=self._server_gone)
-                stats = self.ps.stats(timeout=CALL_TIMEOUT, give_up=self._server_gone)
-                parts = self.ps.state_dicts(timeout=CALL_TIMEOUT, give_up=self._server_gone)
-                return params, stats, {name: np.concatenate([p["state"][name] for p in parts])
-                                       for name in parts[0]["state"]}
+                return params, self.ps.stats(timeout=CALL_TIMEOUT, give_up=self._server_gone)
             except Exception:  # noqa: BLE001 -- a shard lost: recover it and ask again
                 self.check_scheduler(probe=True)
                 self._watch()
