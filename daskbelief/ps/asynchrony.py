@@ -2,9 +2,11 @@
 parameters each replica fetched (delay compensation) and each replica's push clock (a
 staleness bound).
 
-Both are per-replica bookkeeping on the shard's actor thread, so they need no locks; neither
-exists unless the run asks for it (the rule's ``delay_compensation``, Downpour's
-``staleness_bound``).
+Both are per-replica bookkeeping on the shard's actor thread, so they need no locks. The fetched
+copies exist only with the rule's ``delay_compensation`` (a slice copy per fetch and replica).
+The clocks are always kept, because the shard does not know whether a replica runs under
+``staleness_bound``; they cost two dict updates and a scan over the replicas per push, and
+their ``max_lead`` is a monitoring figure for free runs too.
 """
 from __future__ import annotations
 
