@@ -95,6 +95,19 @@ def start_actors(client: Client, specs: list[tuple], timeout: float = ACTOR_STAR
     return actors, futures
 
 
+def release_actors(futures, actors) -> None:
+    """Release actors now: their ``start_actors`` futures and the Future every ``Actor`` object
+    made in a client holds on its own key. Releasing only the former leaves each actor alive
+    until the garbage collector happens to find its handle (in a reference cycle: any time
+    later), so a long-lived cluster would keep a finished run's actors for a while."""
+    for f in futures or []:
+        f.release()
+    for a in actors:
+        own = getattr(a, "_future", None)
+        if own is not None:
+            own.release()
+
+
 class HandleVariable:
     """A Dask ``Variable`` whose value (actor handles and all) travels pickled as bytes."""
 

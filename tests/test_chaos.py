@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -280,14 +282,15 @@ def real_cluster(tmp_path):
         yield scheduler, file
 
 
-def start_training(tmp_path, digits_path, scheduler_file,
-                   algorithm: str = "downpour") -> tuple[subprocess.Popen, object]:
+def start_training(tmp_path, digits_path, scheduler_file, algorithm: str = "downpour",
+                   env: dict | None = None) -> tuple[subprocess.Popen, object]:
     config = tmp_path / "chaos.toml"
     config.write_text(PIPELINE.format(data=digits_path, train=TRAIN[algorithm]))
     run_dir = tmp_path / "run"
     cli = subprocess.Popen([DASKBELIEF, "train", str(config),
                             "--scheduler-file", str(scheduler_file), "--out", str(run_dir)],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=None if env is None else {**os.environ, **env})
     return cli, run_dir
 
 
@@ -339,3 +342,32 @@ def test_a_scheduler_killed_ends_the_run_with_one_line_that_says_how_to_resume(t
     assert f"last complete checkpoint: {last};" in ours[0], ours
     assert f"--out {run_dir} --resume" in ours[0] and f"--scheduler-file {file}" in ours[0], ours
     json.dumps(checkpoint.describe(last))  # the run directory is intact: its checkpoint reads
+
+
+def test_every_worker_lost_for_good_ends_the_run_with_one_line_that_says_how_to_resume(tmp_path,
+                                                                                   digits_path):
+    """Every worker SIGKILLed with its nanny (each `dask worker` session), so none comes back:
+    once ``daskbelief.recovery-timeout`` (1 s here) has passed, exit 3 and one line naming what
+    was lost, the last complete checkpoint and the command that resumes; no traceback."""
+    with chaos.dask_scheduler(tmp_path / "cluster") as (_, file), \
+            chaos.dask_workers(file, 2, nthreads=1) as nannies:
+        cli, run_dir = start_training(tmp_path, digits_path, file,
+                                      env={"DASK_DASKBELIEF__RECOVERY_TIMEOUT": "1"})
+        try:
+            waits.until(lambda: training_under_way(cli, run_dir), timeout=120,
+                        what="the first checkpoint of `daskbelief train`")
+            for nanny in nannies:
+                os.killpg(nanny.pid, signal.SIGKILL)
+            _, stderr = cli.communicate(timeout=120)  # a hang, not a deadline for speed
+        finally:
+            if cli.poll() is None:
+                chaos.sigkill(cli.pid)
+                cli.communicate(timeout=30)
+    print(stderr)
+    assert cli.returncode == 3, stderr
+    last = checkpoint.latest(run_dir / "checkpoints")
+    assert last is not None and checkpoint.is_checkpoint(last)
+    assert "Traceback" not in stderr
+    line = stderr.splitlines()[-1]
+    assert line.startswith("daskbelief train: lost every worker; "), line
+    assert f"last complete checkpoint: {last};" in line and f"--out {run_dir} --resume" in line, line

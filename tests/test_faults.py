@@ -304,3 +304,87 @@ def test_the_updates_a_restored_shard_lacks_count_from_its_own_saved_version():
     assert updates_missing({1: 17, 2: 18}, [9, 10, 12], restored=0) == 9
     assert updates_missing({1: 17, 2: 18}, [9, 10, 12]) == 7  # without: per survivor's own
     assert updates_missing({0: 3}, [4, 0], restored=0) == 0
+
+
+@pytest.mark.parametrize("seed", [5])
+def test_a_shard_holder_lost_as_the_run_ends_is_recovered_before_the_final_state(three_workers,
+                                                                                 tmp_path, seed):
+    """The named case of the chaos benchmark at a kill every 0.7 s: a shard's worker died once the
+    replicas were done, and the final checkpoint failed with a raw ``OSError``. The end of a run
+    (parameters, rule state, counters, last checkpoint) is one recovering attempt: the lost shard
+    (seeded) comes back from the latest checkpoint and all of it describes the recovered server."""
+    from daskbelief.optim.rules import make_rule
+    from daskbelief.ps.server import ParameterServer
+    from daskbelief.train.downpour import _coordinate
+    from daskbelief.train.driver import Driver
+    from daskbelief.train.replica import ReplicaPlan
+
+    client, model = three_workers, mlp()
+    lost = int(chaos.draws(seed)[0].integers(2))
+    print(f"seed {seed}: shard {lost}'s holder killed after the replicas finished", flush=True)
+    ps = ParameterServer.create(client, model.init(0), 2, make_rule({"name": "adagrad", "lr": 0.1}))
+    plan = ReplicaPlan("downpour-endtest", 0, "", "train", (0, 1), 1, 1, None, 1, 1, 0, False, 1, 1, 0)
+    driver = Driver(client, plan.run, ps, [], model, None, _coordinate(client, plan, ps, {0: 0}, 0),
+                    checkpoint_dir=tmp_path, initial=model.init(0), checkpoint_meta={"model": model.to_dict()})
+    try:
+        grad = np.random.default_rng(seed).standard_normal(model.size).astype(np.float32)
+        for _ in range(2):
+            ps.push(grad, [0, 0], replica="replica-0")
+        saved = driver.checkpoint()
+        ps.push(grad, [2, 2], replica="replica-0")
+        chaos.sigkill(chaos.worker_pids(client)[ps.addresses()[lost]])
+        params, stats, state = driver.final()
+    finally:
+        driver.close()
+    a, b = ps.ranges[lost]
+    restored = checkpoint.load(saved, 0, model.size)
+    final = checkpoint.load(checkpoint.latest(tmp_path), 0, model.size)
+    assert checkpoint.latest(tmp_path) != saved and driver.recoveries == 1
+    np.testing.assert_array_equal(params[a:b], restored.params[a:b])
+    np.testing.assert_array_equal(state["sum_sq"][a:b], restored.state["sum_sq"][a:b])
+    np.testing.assert_array_equal(final.params, params)
+    np.testing.assert_array_equal(final.state["sum_sq"], state["sum_sq"])
+    survivor = slice(*ps.ranges[1 - lost])
+    assert not np.array_equal(params[survivor], restored.params[survivor])  # its third push stays
+    assert sorted(s["version"] for s in stats) == [2, 3] and driver.updates_lost == 1
+
+
+def _dies_the_first_time(marker: str) -> dict:
+    """A replica stand-in whose first run kills its own worker process (the marker says it ran)."""
+    if not os.path.exists(marker):
+        Path(marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"replica": 0, "samples": 1, "attempt": 0}
+
+
+def test_a_replica_dask_gave_up_on_as_the_others_finish_is_submitted_again(tmp_path):
+    """The named case of the chaos benchmark at a kill every 0.65 s: the last replica still
+    running ended in ``KilledWorker`` and the driver took it for an outcome (raising it) because
+    every future was done. A failed replica is submitted again whenever it failed."""
+    import dask
+
+    from daskbelief.ps.server import ParameterServer
+    from daskbelief.train.downpour import _coordinate
+    from daskbelief.train.driver import Driver
+    from daskbelief.train.replica import ReplicaPlan
+
+    marker = str(tmp_path / "ran")
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                         dashboard_address=":0") as cluster, Client(cluster) as client:
+        first = client.submit(_dies_the_first_time, marker, pure=False)
+        waits.until(lambda: first.status == "error", timeout=60, what="the first attempt to fail")
+        waits.until(lambda: worker_info(client), timeout=60, what="the nanny to restart the worker")
+        ps = ParameterServer.create(client, np.zeros(4, dtype=np.float32), 1)
+        plan = ReplicaPlan("downpour-giveup", 0, "", "train", (0, 1), 1, 1, None, 1, 1, 0, False, 1, 1, 0)
+        driver = Driver(client, plan.run, ps, [first], mlp(), None,
+                        _coordinate(client, plan, ps, {0: 0}, 0),
+                        resubmit=lambda r: client.submit(_dies_the_first_time, marker, pure=False))
+        try:
+            outcomes = driver.wait()
+        finally:
+            driver.close()
+        restarted = [m for _, m in client.get_events(events.RUN)
+                     if m.get("run") == plan.run and m.get("kind") == "replica-restarted"]
+    assert outcomes == [{"replica": 0, "samples": 1, "attempt": 0}] and driver.resubmits == [1]
+    assert len(restarted) == 1, restarted

@@ -13,7 +13,7 @@ import numpy as np
 from dask.utils import parse_bytes
 
 from daskbelief import waits
-from daskbelief.workarounds import local_actor, start_actors, worker_info
+from daskbelief.workarounds import local_actor, release_actors, start_actors, worker_info
 from daskbelief.ps.compress import decode_into
 from daskbelief.ps.policy import overlaps, place_shards, shard_ranges
 from daskbelief.ps.shard import ParameterShard
@@ -172,9 +172,9 @@ class ParameterServer:
         """Every shard's counters."""
         return self.wait_all([s.stats() for s in self.shards], "counters", timeout, give_up)
 
-    def state_dicts(self) -> list[dict]:
+    def state_dicts(self, timeout: float = CALL_TIMEOUT, give_up=None) -> list[dict]:
         """Every shard's parameters, rule state and version (for checkpoints)."""
-        return self.wait_all([s.state_dict() for s in self.shards], "state")
+        return self.wait_all([s.state_dict() for s in self.shards], "state", timeout, give_up)
 
     def write_checkpoint(self, path: str, timeout: float = CALL_TIMEOUT, vectors=(),
                          give_up=None) -> list[dict]:
@@ -194,8 +194,7 @@ class ParameterServer:
 
     def close(self) -> None:
         """Release the actors (their workers drop them once no future refers to them)."""
-        for f in self._futures or []:
-            f.release()
+        release_actors(self._futures, self.shards)
         self._futures = None
 
 

@@ -238,11 +238,8 @@ def downpour(model, data, *, client=None, replicas: int | str = 2, max_replicas:
                                          "keep": checkpoint_keep})
         try:
             outcomes = driver.wait()
-            final, shard_stats = driver.final()
-            final_state = _rule_state(driver.ps)
+            final, shard_stats, final_state = driver.final()
             driver.report_shards(shard_stats)  # the final counters, however short the run
-            if checkpoint_dir is not None:
-                driver.checkpoint()
         except RunLost:
             raise
         except Exception:
@@ -320,12 +317,6 @@ def _start_point(model, seed: int, params, resume_from, rule_state=None,
                  "version": max(ckpt.versions), "applied": 0} for a, b in ranges]
 
     return _StartPoint(ckpt.params, snapshots, ckpt.replica_steps())
-
-
-def _rule_state(ps) -> dict[str, np.ndarray]:
-    """The update rule's state of every shard, joined into model-sized arrays by name."""
-    parts = ps.state_dicts()
-    return {name: np.concatenate([p["state"][name] for p in parts]) for name in parts[0]["state"]}
 
 
 def _coordinate(client, plan: ReplicaPlan, ps, done: dict[int, int], warmstart_steps: int) -> dict:

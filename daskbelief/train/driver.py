@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 
 import dask.config
+import numpy as np
 from distributed.scheduler import KilledWorker
 
 from daskbelief import waits
@@ -69,9 +70,9 @@ class Driver:
     def wait(self) -> list[dict]:
         """Block until every replica finished; return their outcomes (re-raising a failure)."""
         try:
-            while not self._finished():
+            while True:
                 self.check_scheduler()
-                if self._failed():
+                if self._failed() or self._finished():
                     break
                 time.sleep(0.05)
                 self._tick()
@@ -88,23 +89,34 @@ class Driver:
         return self._outcomes()
 
     def _finished(self) -> bool:
-        return all(f.done() for f in self.futures)
+        """Every replica done, none of them failed: a replica Dask gave up on is done too, and is
+        ``_failed``'s to submit again rather than an outcome."""
+        return all(f.done() and f.status != "error" for f in self.futures)
 
     def _outcomes(self) -> list[dict]:
         return waits.results(self.futures, timeout=CALL_TIMEOUT, what="the replicas' outcomes")
 
     def final(self) -> tuple:
-        """The trained parameters and the shards' counters, recovering a shard lost at the end."""
+        """The trained parameters, the shards' counters and the update rule's state (joined into
+        model-sized arrays by name), and the final checkpoint when the run keeps them.
+
+        All of it comes from one recovering attempt: a shard lost at any point of it is
+        recreated and the whole attempt starts again, so the parameters, the state and the
+        checkpoint returned always describe the same server."""
         def attempt():
             try:
-                params, _ = self.ps.fetch(timeout=CALL_TIMEOUT, give_up=self._server_gone)
-                return params, self.ps.stats(timeout=CALL_TIMEOUT, give_up=self._server_gone)
+                parts = self.ps.state_dicts(timeout=CALL_TIMEOUT, give_up=self._server_gone)
+                stats = self.ps.stats(timeout=CALL_TIMEOUT, give_up=self._server_gone)
+                if self.checkpoint_dir is not None:
+                    self.checkpoint()
             except Exception:  # noqa: BLE001 -- a shard lost: recover it and ask again
                 self.check_scheduler(probe=True)
                 self._watch()
                 return None
+            return (np.concatenate([p["params"] for p in parts]), stats,
+                    {name: np.concatenate([p["state"][name] for p in parts]) for name in parts[0]["state"]})
         return waits.until(attempt, timeout=recovery_timeout(), every=0.5,
-                           what="the final parameters from every shard")
+                           what="the final parameters and state from every shard")
 
     def check_scheduler(self, probe: bool = False) -> None:
         """Raise ``RunLost`` when the connection to the scheduler is gone (``probe``: or the
@@ -305,15 +317,16 @@ class Driver:
 
     def close(self, grace: float = 5.0) -> None:
         """Stop any replica still running (released from the warm start too, given ``grace``
-        seconds to return before its task is cancelled), end the lease, delete the run's
+        seconds to return before its task is cancelled, unless no worker is left), end the lease, delete the run's
         Variables and release the shards."""
         self.coordination["lease"].stop()
         if self.client.status == "running":
             self.coordination["stop"].set()
             self.coordination["warm"].set()
             try:
-                waits.until(lambda: all(f.done() for f in self.futures), timeout=grace,
-                            what="the replicas to stop")
+                if worker_info(self.client):  # with no worker left, no replica can return
+                    waits.until(lambda: all(f.done() for f in self.futures), timeout=grace,
+                                what="the replicas to stop")
             except waits.WaitTimeout:
                 pass  # cancelled below
             self.client.cancel(self.futures)

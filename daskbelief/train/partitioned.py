@@ -28,7 +28,7 @@ from daskbelief.ps.server import CALL_TIMEOUT
 from daskbelief.train.block import block_values, gather_ranges, split_inputs
 from daskbelief.train.block_actor import BlockActor
 from daskbelief.train.partition import Plan
-from daskbelief.workarounds import start_actors, worker_info
+from daskbelief.workarounds import release_actors, start_actors, worker_info
 
 
 def _loop():
@@ -134,6 +134,5 @@ class Blocks:
 
     def close(self) -> None:
         """Release the actors."""
-        for f in self._futures or []:
-            f.release()
+        release_actors(self._futures, self.actors)
         self._futures = None
