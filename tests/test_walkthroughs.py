@@ -4,6 +4,7 @@ stops being true, this fails."""
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -16,11 +17,10 @@ from daskbelief.nn import Dense, LocallyConnected1D, Sequential
 from daskbelief.nn.layers import LAYER_TYPES
 from daskbelief.optim import rules
 from daskbelief.optim.rules import UpdateRule
-from daskbelief.train import engines
+from daskbelief.train import engines, run
 from daskbelief.train import partition as P
 from daskbelief.train.block import loss_and_grad
 from daskbelief.train.downpour import downpour
-from daskbelief.train.evaluate import evaluate
 from daskbelief.train.reference import train_sgd
 from daskbelief.train.result import TrainResult
 
@@ -106,13 +106,20 @@ def toy_sgd(model, data, *, client=None, test=None, config=None, checkpoint_dir=
             checkpoint_every=None, checkpoint_keep: int = 3, resume_from=None,
             rule: str | dict = "sgd", batch_size: int = 32, steps: int = 50,
             seed: int = 0) -> TrainResult:
-    """A toy engine: the single-process reference trainer, evaluated on the cluster."""
+    """A toy engine: the single-process reference trainer inside the run skeleton
+    (``train.run``), which evaluates it on the cluster and emits its events."""
     store = open_store(data, "train")
-    params, history = train_sgd(model, store, rule, batch_size=batch_size, steps=steps, seed=seed)
-    metrics = evaluate(model, params, test, client=client) if test is not None else {}
-    return TrainResult(model, params, history, {"algorithm": "toy-sgd", "steps": steps,
-                                                "test_accuracy": metrics.get("accuracy")},
-                       normaliser=store.normaliser)
+    test_store = None if test is None else open_store(test, "test")
+    with run.cluster(client, "daskbelief.train.reference") as c:
+        name = run.run_id("toy-sgd")
+        run.announce(name, "toy-sgd", {"steps": steps, "batch_size": batch_size})
+        started = time.time()
+        params, history = train_sgd(model, store, rule, batch_size=batch_size, steps=steps,
+                                    seed=seed)
+        return run.finish_run(model, params, run=name, client=c, test_store=test_store,
+                              seconds=time.time() - started, step=steps,
+                              summary={"algorithm": "toy-sgd", "steps": steps}, history=history,
+                              normaliser=store.normaliser)
 
 
 @pytest.fixture
@@ -145,3 +152,6 @@ def test_a_new_engine_runs_as_a_pipeline_with_its_signature_as_schema(toy_engine
     assert summary["test_accuracy"] >= 0.9, summary
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 200
     assert np.load(tmp_path / "run" / "params.npy").shape == (650,)
+    kinds = [e.get("kind") for e in map(json.loads, open(tmp_path / "run" / "metrics.jsonl"))
+             if str(e.get("run", "")).startswith("toy-sgd-")]
+    assert kinds[0] == "start" and kinds[-1] == "end", kinds  # the skeleton's events, as any engine's

@@ -21,8 +21,7 @@ import numpy as np
 from distributed import Event, Variable
 
 from daskbelief.checks import check_integer
-from daskbelief.cluster import (client_or_local, default_local_workers, require_gpus,
-                                require_threads, require_workers, warm_workers)
+from daskbelief.cluster import default_local_workers, require_gpus, require_threads, require_workers
 from daskbelief.data import open_store
 from daskbelief.monitor import events
 from daskbelief.optim.rules import UpdateRule, make_rule
@@ -34,12 +33,12 @@ from daskbelief.train import elastic
 from daskbelief.train.driver import Driver
 from daskbelief.train.elastic import ElasticDriver
 from daskbelief.train.errors import RunLost
-from daskbelief.train.evaluate import announce_test, evaluate, test_row
 from daskbelief.train.partition import Plan, as_plan
 from daskbelief.train.partitioned import Blocks
 from daskbelief.train.recovery import Lease
 from daskbelief.train.replica import ReplicaPlan, run_elastic_replica, run_replica
 from daskbelief.train.result import TrainResult
+from daskbelief.train.run import announce, cluster, finish_run, initial_params, run_id
 from daskbelief.workarounds import HandleVariable
 
 
@@ -174,15 +173,13 @@ def downpour(model, data, *, client=None, replicas: int | str = 2, max_replicas:
                          "compute on the host")
     start_point = _start_point(model, seed, params, resume_from, rule_state, rule)
 
-    with client_or_local(client, threads_per_worker=-(-(1 if elastic_run else replicas)
-                                                      // default_local_workers())) as c:
-        require_workers(c)
+    with cluster(client, "daskbelief.train.replica",
+                 threads_per_worker=-(-(1 if elastic_run else replicas) // default_local_workers())) as c:
         if not elastic_run:
             require_threads(c, replicas, f"{replicas} Downpour replicas")
-        warm_workers(c, "daskbelief.train.replica")
         if device == "cupy":
             require_gpus(c)
-        run = f"downpour-{uuid.uuid4().hex[:8]}"
+        run = run_id("downpour")
         replica_plans = [ReplicaPlan(run, r, store.url, store.split, data_shards[r], batch_size, steps,
                              epochs, n_fetch, n_push, seed, overlap, max_in_flight, report_every,
                              warmstart_steps if r == 0 else 0, device, compression,
@@ -195,9 +192,7 @@ def downpour(model, data, *, client=None, replicas: int | str = 2, max_replicas:
         done = {p.replica: min(start_point.steps.get(f"replica-{p.replica}", 0), p.total_steps)
                 for p in replica_plans}
         coordination = _coordinate(c, replica_plans[0], ps, done, warmstart_steps)
-        events.emit(events.RUN, run=run, kind="start", algorithm="downpour",
-                    **{k: v for k, v in asdict(replica_plans[0]).items()
-                       if isinstance(v, (int, str)) and k != "run"})
+        announce(run, "downpour", {k: v for k, v in asdict(replica_plans[0]).items() if k != "run"})
         workers = require_workers(c)
         blocks = [None] * len(replica_plans)
         if plan is not None:
@@ -264,18 +259,10 @@ def downpour(model, data, *, client=None, replicas: int | str = 2, max_replicas:
         if elastic_run:
             summary.update(driver.counts(), max_replicas=max_replicas, unit_chunks=unit_chunks)
         summary["samples_per_second"] = summary["samples"] / seconds
-        test_rows = driver.test_rows
-        if test_store is not None:
-            metrics = evaluate(model, final, test_store, client=c)
-            summary.update({"test_loss": metrics["loss"], "test_accuracy": metrics.get("accuracy")})
-            test_rows.append(test_row(seconds, None, metrics))
-            announce_test(run, test_rows[-1])  # the final evaluation is an eval event, as Sandblaster's
-        events.emit(events.RUN, run=run, kind="end",
-                    **{k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
-        history = _history(c.get_events(events.REPLICA), run, driver.started) + test_rows
-    history.sort(key=lambda h: h["time"])
-    return TrainResult(model, final, history, summary, normaliser=store.normaliser,
-                       shard_stats=shard_stats, replica_outcomes=outcomes, rule_state=final_state)
+        history = _history(c.get_events(events.REPLICA), run, driver.started) + driver.test_rows
+        return finish_run(model, final, run=run, client=c, test_store=test_store, seconds=seconds,
+                      step=None, summary=summary, history=history, normaliser=store.normaliser,
+                      shard_stats=shard_stats, replica_outcomes=outcomes, rule_state=final_state)
 
 
 @dataclass
@@ -293,9 +280,7 @@ class _StartPoint:
 def _start_point(model, seed: int, params, resume_from, rule_state=None,
                  rule: UpdateRule | None = None) -> _StartPoint:
     if resume_from is None:
-        init = model.init(seed) if params is None else np.asarray(params, dtype=np.float32)
-        if len(init) != model.size:
-            raise ValueError(f"params has {len(init)} values, the model has {model.size} parameters")
+        init = initial_params(model, params, seed)
         if rule_state is None:
             return _StartPoint(init)
         state = {name: np.asarray(v, dtype=np.float32) for name, v in rule_state.items()}

@@ -23,6 +23,7 @@ from daskbelief.ps import checkpoint
 from daskbelief.train.evaluate import announce_test, evaluate_rows, finish, test_row
 from daskbelief.train.errors import RunLost
 from daskbelief.train.recovery import gone, pick_worker, scheduler_lost, updates_missing
+from daskbelief.train.run import Every
 from daskbelief.workarounds import HandleVariable, stuck_without_worker, worker_info
 
 CALL_TIMEOUT = 30.0         # seconds the driver waits for a shard before giving up on it this time
@@ -53,10 +54,9 @@ class Driver:
         self.resubmit = resubmit
         self.model, self.test_store = model, test_store
         self.coordination, self.generation = coordination, 0
-        self.eval_every, self.eval_rows, self.max_seconds = eval_every, eval_rows, max_seconds
-        self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
+        self.eval_rows, self.max_seconds = eval_rows, max_seconds
+        self.checkpoint_dir = checkpoint_dir
         self.initial, self.meta = initial, checkpoint_meta or {}
-        self.watch_every = watch_every
         self.started = time.time()
         self.seconds = 0.0
         self.test_rows: list[dict] = []
@@ -65,7 +65,8 @@ class Driver:
         self.recoveries = 0
         self.resubmits = [0] * len(self.futures)
         self._lost_since: dict[int, float] = {}  # shard -> when it was first found lost
-        self._due = {"eval": self.started, "watch": self.started, "checkpoint": self.started}
+        self.duties = {"eval": Every(eval_every), "watch": Every(watch_every),
+                       "checkpoint": Every(checkpoint_every)}
 
     def wait(self) -> list[dict]:
         """Block until every replica finished; return their outcomes (re-raising a failure)."""
@@ -149,20 +150,14 @@ class Driver:
         """The latest complete checkpoint of this run's directory, or None."""
         return checkpoint.latest(self.checkpoint_dir) if self.checkpoint_dir else None
 
-    def _every(self, duty: str, period) -> bool:
-        if period is None or time.time() < self._due[duty] + period:
-            return False
-        self._due[duty] = time.time()
-        return True
-
     def _tick(self) -> None:
         if self.max_seconds is not None and time.time() - self.started > self.max_seconds:
             self.coordination["stop"].set()  # replicas stop at their next report
-        if self._every("watch", self.watch_every):
+        if self.duties["watch"].due():
             self._watch()
-        if self.test_store is not None and self._every("eval", self.eval_every):
+        if self.test_store is not None and self.duties["eval"].due():
             self._evaluate()
-        if self.checkpoint_dir is not None and self._every("checkpoint", self.checkpoint_every):
+        if self.checkpoint_dir is not None and self.duties["checkpoint"].due():
             try:
                 self.checkpoint()
             except Exception as e:  # noqa: BLE001 -- a shard lost meanwhile: the next watch recovers it

@@ -39,6 +39,7 @@ from daskbelief.monitor import events
 from daskbelief.ps.policy import threads_to_fill
 from daskbelief.train.driver import CALL_TIMEOUT, Driver, recovery_timeout
 from daskbelief.train.errors import RunLost
+from daskbelief.train.run import Every
 from daskbelief.workarounds import worker_info
 
 RETIRE_DEADLINE = 30.0  # seconds a retiring worker waits for its replicas to push and hand back
@@ -268,7 +269,7 @@ class ElasticDriver(Driver):
         self.over = False
         self._gone: dict[int, float] = {}  # replica -> when its worker was first seen gone
         self._idle_since = time.time()
-        self._due["elastic"] = 0.0
+        self.duties["elastic"] = Every(ELASTIC_EVERY, now=True)
 
     def _finished(self) -> bool:
         return self.over
@@ -278,7 +279,7 @@ class ElasticDriver(Driver):
 
     def _failed(self) -> bool:
         """Collect the replicas that ended, then start replicas on free threads."""
-        if not self._every("elastic", ELASTIC_EVERY):
+        if not self.duties["elastic"].due():
             return False
         state = self.units("state", list(self.live))
         workers = worker_info(self.client)

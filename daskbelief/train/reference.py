@@ -18,13 +18,7 @@ from daskbelief.optim.lbfgs import lbfgs
 from daskbelief.optim.rules import make_rule
 from daskbelief.optim.vectors import LocalVectors, finish_gradient
 from daskbelief.train.objective import portion_gradient, portions
-
-
-def _initial(model, params, seed: int) -> np.ndarray:
-    init = model.init(seed) if params is None else np.array(params, dtype=np.float32)
-    if init.shape != (model.size,):
-        raise ValueError(f"params has shape {init.shape}, the model has {model.size} parameters")
-    return init
+from daskbelief.train.run import initial_params
 
 
 def schedule(store, batch_size: int, seed: int, steps: int | None = None, epochs: int | None = None):
@@ -52,7 +46,7 @@ def train_sgd(model, data, rule="adagrad", *, batch_size: int = 32, steps: int |
     store = open_store(data, split="train")
     model.check_data(store.feature_shape, store.n_classes)
     rule = make_rule(rule)
-    params = _initial(model, params, seed)
+    params = initial_params(model, params, seed)
     state = rule.init(params)
     grad = np.empty_like(params)
     history, losses, start = [], [], time.perf_counter()
@@ -112,7 +106,7 @@ def train_lbfgs(model, data, *, iterations: int = 100, history: int = 10,
     if not 1 <= n_rows <= store.n:
         raise ValueError(f"batch_rows must lie in [1, {store.n}], got {batch_rows!r}")
     space = LocalVectors(model.size, np.float32)
-    space.set("x", _initial(model, params, seed))
+    space.set("x", initial_params(model, params, seed))
     objective = LocalBatchObjective(model, store, space, n_rows, portion_size or n_rows)
     result = lbfgs(space, objective, "x", m=history, max_iter=iterations, gtol=gtol, ftol=ftol,
                    callback=callback)

@@ -52,7 +52,7 @@ from distributed import wait
 
 from daskbelief import waits
 from daskbelief.checks import check_integer
-from daskbelief.cluster import client_or_local, require_workers, warm_workers, worker_info
+from daskbelief.cluster import require_workers, worker_info
 from daskbelief.data import open_store
 from daskbelief.monitor import events
 from daskbelief.optim.lbfgs import LbfgsResult, LbfgsState, lbfgs
@@ -61,12 +61,13 @@ from daskbelief.ps.policy import place_groups
 from daskbelief.ps.server import ParameterServer
 from daskbelief.train.backup import portions_to_back_up, tail_start
 from daskbelief.train.errors import RunLost
-from daskbelief.train.evaluate import announce_test, evaluate, finish, test_row
+from daskbelief.train.evaluate import announce_test, finish, test_row
 from daskbelief.train.objective import portions
 from daskbelief.train.partition import Plan, as_plan
 from daskbelief.train.partitioned import Blocks
 from daskbelief.train.recovery import lost_workers
 from daskbelief.train.result import TrainResult
+from daskbelief.train.run import Every, announce, cluster, finish_run, initial_params, run_id
 from daskbelief.train.sandblaster_tasks import (PortionLedger, PortionPlan, abandon_evaluation,
                                                 evaluate_current, flush_worker, forget_run,
                                                 free_threads, run_portion)
@@ -148,10 +149,7 @@ def _start(model, params, seed: int, resume_from, history: int) -> tuple[np.ndar
             raise ValueError(f"checkpoint {resume_from} holds an L-BFGS history of size {state.m}; "
                              f"history={history} cannot resume it")
         return ckpt.params, state
-    start = model.init(seed) if params is None else np.array(params, dtype=np.float32)
-    if start.shape != (model.size,):
-        raise ValueError(f"params has shape {start.shape}, the model has {model.size} parameters")
-    return start, None
+    return initial_params(model, params, seed), None
 
 
 @dataclass
@@ -595,11 +593,10 @@ class _Checkpoints:
     def __init__(self, root, every: float | None, keep: int, actors: "_Actors", meta: dict,
                  run: str, state: LbfgsState | None, resumed_from=None):
         self.root, self.keep, self.actors = root, keep, actors  # ``actors``: see BatchObjective
-        self.every = math.inf if every is None else every
+        self.due = Every(every)
         self.meta, self.run, self.state = meta, run, state
         self.written = None if state is None else state.iteration  # the one resumed from
         self.last = resumed_from
-        self._due = time.time() + self.every
 
     def restored(self, state: LbfgsState | None) -> None:
         """A recovery went back to ``state`` (None: the start), which is saved already."""
@@ -608,7 +605,7 @@ class _Checkpoints:
 
     def after_iteration(self, state: LbfgsState) -> None:
         self.state = state
-        if time.time() >= self._due:
+        if self.due.due():
             self.write()
 
     def write(self):
@@ -623,7 +620,7 @@ class _Checkpoints:
                                vectors=self.state.vectors(), lbfgs=asdict(self.state),
                                algorithm="sandblaster", give_up=space.watch.give_up)
         self.written, self.last = self.state.iteration, path
-        self._due = time.time() + self.every
+        self.due.done()
         events.emit(events.RUN, run=self.run, kind="checkpoint", path=str(path),
                     iteration=self.state.iteration)
         return path
@@ -637,12 +634,12 @@ class _Monitor:
                  eval_rows: int, max_seconds: float | None, checkpoints: _Checkpoints):
         self.client, self.run, self.objective = client, run, objective
         self.checkpoints = checkpoints
-        self.test_store, self.eval_every, self.eval_rows = test_store, eval_every, eval_rows
+        self.test_store, self.eval_rows = test_store, eval_rows
         self.max_seconds = max_seconds
         self.started = time.time()
         self.rows: list[dict] = []       # history rows: iterations and test evaluations
         self.iterations: list[dict] = []  # what lbfgs reported
-        self._next_eval = self.started + (eval_every or 0.0)
+        self.evaluations = Every(eval_every if test_store is not None else None)
 
     def __call__(self, row: dict) -> None:
         self.checkpoints.after_iteration(row["state"])  # before reporting it: a reported
@@ -655,9 +652,9 @@ class _Monitor:
         events.emit(events.RUN, run=self.run, kind="iteration", iteration=row["iteration"],
                     loss=row["loss"], grad_norm=row["grad_norm"],
                     evaluations=row["evaluations"], elapsed=elapsed)
-        if self.test_store is not None and self.eval_every and time.time() >= self._next_eval:
+        if self.evaluations.due():
             self._evaluate(row["iteration"])
-            self._next_eval = time.time() + self.eval_every
+            self.evaluations.done()  # the period counts from the end of the evaluation
         if self.max_seconds is not None and time.time() - self.started >= self.max_seconds:
             raise OutOfTime
 
@@ -754,9 +751,8 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
     start, resumed = _start(model, params, seed, resume_from, history)
     plan_p = as_plan(model, partition)
 
-    with client_or_local(client) as c:
+    with cluster(client, "daskbelief.train.sandblaster_tasks") as c:
         workers = require_workers(c)
-        warm_workers(c, "daskbelief.train.sandblaster_tasks")
         unknown = sorted(set(shard_workers or ()) - set(workers))
         if unknown:
             raise ValueError(f"shard_workers names {', '.join(unknown)}, which are not workers of "
@@ -764,7 +760,7 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
         threads = sum(w["nthreads"] for w in worker_info(c).values())
         size = portion_size or default_portion_size(n_rows, threads, model.flops_per_example())
         bounds = portions(n_rows, size)
-        run = f"sandblaster-{uuid.uuid4().hex[:8]}"
+        run = run_id("sandblaster")
         groups = {}  # filled below, once the shards exist; the plan refers to this very dict
         make = _ActorMaker(c, run, model, store, n_rows, shards, shard_workers, push_every,
                            dict(_slow_workers or {}), groups, threads)
@@ -789,7 +785,7 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
                         "push_every": push_every, "backups": backups, "tolerance": tolerance,
                         "partition": "" if plan_p is None else f"{plan_p.kind}/{plan_p.n_blocks}",
                         "resumed_at": 0 if resumed is None else resumed.iteration}
-            events.emit(events.RUN, run=run, kind="start", algorithm="sandblaster", **settings)
+            announce(run, "sandblaster", settings)
 
             result, seconds, final, shard_stats = _optimise(
                 objective, checkpoints, monitor, recovery, resumed,
@@ -802,15 +798,9 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
                 c.run(forget_run, run, on_error="ignore")
         summary = _summary(run, result, objective.counters, settings, seconds, n_rows, shard_stats)
         summary.update(recovery.summary())
-        history_rows = monitor.rows
-        if test_store is not None:
-            metrics = evaluate(model, final, test_store, client=c)
-            summary.update({"test_loss": metrics["loss"], "test_accuracy": metrics.get("accuracy")})
-            history_rows.append(test_row(seconds, result.iterations, metrics))
-            announce_test(run, history_rows[-1])
-        events.emit(events.RUN, kind="end",  # the summary's scalars, its run id included
-                    **{k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
-    return TrainResult(model, final, history_rows, summary, store.normaliser)
+        return finish_run(model, final, run=run, client=c, test_store=test_store, seconds=seconds,
+                      step=result.iterations, summary=summary, history=monitor.rows,
+                      normaliser=store.normaliser, shard_stats=shard_stats)
 
 
 def _optimise(objective: BatchObjective, checkpoints: _Checkpoints, monitor: _Monitor,
