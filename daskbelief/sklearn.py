@@ -438,10 +438,6 @@ class _SandblasterPart(_DaskbeliefEstimator):
         """L-BFGS iterations made in this call (scikit-learn's ``n_iter_``)."""
         return int(result.summary["iterations"])
 
-    def _iterations(self, result, continuing: bool) -> int:
-        """Epochs each replica made in this call (scikit-learn's ``n_iter_``)."""
-        return 1 if continuing else self.max_iter
-
 
 class DownpourClassifier(_ClassifierPart, _DownpourPart):
     """A neural-network classifier trained with Downpour SGD: ``replicas`` asynchronous model

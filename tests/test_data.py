@@ -97,18 +97,18 @@ def test_fsspec_url_opens_lazily_and_reads(tmp_path):
     store = open_store(f"file://{tmp_path}/u.zarr")
     assert store.url.startswith("file://")
     np.testing.assert_array_equal(store.read_raw(slice(120, 180))[0], X[120:180])
-    assert [len(xb) for xb, _ in store.minibatches(store.shards(2)[0], 100)] == [100, 100, 50]
+    assert [len(xb) for xb, _ in store.minibatches(store.row_ranges(2)[0], 100)] == [100, 100, 50]
 
 
 def test_store_with_several_shards_reads_back_shard_by_shard(tmp_path):
     X, y = arrays(1000)
     store = open_store(write_dataset(tmp_path / "s.zarr", (X, y), chunk_rows=64))
-    shards = store.shards(3)
+    shards = store.row_ranges(3)
     assert shards == [(0, 384), (384, 704), (704, 1000)]  # 6 + 5 + 5 chunks
     got = np.concatenate([store.read_raw(slice(a, b))[0] for a, b in shards])
     np.testing.assert_array_equal(got, X)
-    with pytest.raises(ValueError, match="16 chunks .* 17 data shards"):
-        store.shards(17)
+    with pytest.raises(ValueError, match="16 chunks .* 17 row ranges"):
+        store.row_ranges(17)
 
 
 def test_overwrite_replaces_only_when_asked(tmp_path):
@@ -128,7 +128,7 @@ def test_an_epoch_visits_every_row_of_the_shard_once_in_a_seeded_order(tmp_path)
     X = np.arange(n, dtype=np.float32)[:, None].repeat(2, axis=1)
     store = open_store(write_dataset(tmp_path / "m.zarr", (X, np.zeros(n, int)), chunk_rows=64,
                                      normalize=False))
-    shard = store.shards(3)[1]
+    shard = store.row_ranges(3)[1]
     from daskbelief.data.batches import minibatches
 
     def rows(seed, epoch, window_rows=128):

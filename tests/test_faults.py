@@ -317,14 +317,14 @@ def test_a_shard_holder_lost_as_the_run_ends_is_recovered_before_the_final_state
     from daskbelief.ps.server import ParameterServer
     from daskbelief.train.downpour import _coordinate
     from daskbelief.train.driver import Driver
-    from daskbelief.train.replica import ReplicaPlan
+    from daskbelief.train.replica import ReplicaSpec
 
     client, model = three_workers, mlp()
     lost = int(chaos.draws(seed)[0].integers(2))
     print(f"seed {seed}: shard {lost}'s holder killed after the replicas finished", flush=True)
     ps = ParameterServer.create(client, model.init(0), 2, make_rule({"name": "adagrad", "lr": 0.1}))
-    plan = ReplicaPlan("downpour-endtest", 0, "", "train", (0, 1), 1, 1, None, 1, 1, 0, False, 1, 1, 0)
-    driver = Driver(client, plan.run, ps, [], model, None, _coordinate(client, plan, ps, {0: 0}, 0),
+    spec = ReplicaSpec("downpour-endtest", 0, "", "train", (0, 1), 1, 1, None, 1, 1, 0, False, 1, 1, 0)
+    driver = Driver(client, spec.run, ps, [], model, None, _coordinate(client, spec, ps, {0: 0}, 0),
                     checkpoint_dir=tmp_path, initial=model.init(0), checkpoint_meta={"model": model.to_dict()})
     try:
         grad = np.random.default_rng(seed).standard_normal(model.size).astype(np.float32)
@@ -366,7 +366,7 @@ def test_a_replica_dask_gave_up_on_as_the_others_finish_is_submitted_again(tmp_p
     from daskbelief.ps.server import ParameterServer
     from daskbelief.train.downpour import _coordinate
     from daskbelief.train.driver import Driver
-    from daskbelief.train.replica import ReplicaPlan
+    from daskbelief.train.replica import ReplicaSpec
 
     marker = str(tmp_path / "ran")
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
@@ -376,15 +376,15 @@ def test_a_replica_dask_gave_up_on_as_the_others_finish_is_submitted_again(tmp_p
         waits.until(lambda: first.status == "error", timeout=60, what="the first attempt to fail")
         waits.until(lambda: worker_info(client), timeout=60, what="the nanny to restart the worker")
         ps = ParameterServer.create(client, np.zeros(4, dtype=np.float32), 1)
-        plan = ReplicaPlan("downpour-giveup", 0, "", "train", (0, 1), 1, 1, None, 1, 1, 0, False, 1, 1, 0)
-        driver = Driver(client, plan.run, ps, [first], mlp(), None,
-                        _coordinate(client, plan, ps, {0: 0}, 0),
+        spec = ReplicaSpec("downpour-giveup", 0, "", "train", (0, 1), 1, 1, None, 1, 1, 0, False, 1, 1, 0)
+        driver = Driver(client, spec.run, ps, [first], mlp(), None,
+                        _coordinate(client, spec, ps, {0: 0}, 0),
                         resubmit=lambda r: client.submit(_dies_the_first_time, marker, pure=False))
         try:
             outcomes = driver.wait()
         finally:
             driver.close()
         restarted = [m for _, m in client.get_events(events.RUN)
-                     if m.get("run") == plan.run and m.get("kind") == "replica-restarted"]
+                     if m.get("run") == spec.run and m.get("kind") == "replica-restarted"]
     assert outcomes == [{"replica": 0, "samples": 1, "attempt": 0}] and driver.resubmits == [1]
     assert len(restarted) == 1, restarted

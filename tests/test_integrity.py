@@ -78,7 +78,7 @@ def test_damaged_store_is_an_error_naming_the_chunk_through_the_api(digits_path,
     path, message = damaged(digits_path, tmp_path, case)
     with pytest.raises(DataError, match=f"dataset store {path}: {message}"):
         store = open_store(path)  # the length case is found here, before any read
-        for shard in store.shards(3):
+        for shard in store.row_ranges(3):
             list(store.minibatches(shard, 32))
     with pytest.raises(DataError, match=message):
         open_store(path).read()

@@ -4,7 +4,6 @@ counters and the coordinator's tallies)."""
 from __future__ import annotations
 
 import threading
-import time
 import urllib.request
 
 import pytest

@@ -149,8 +149,8 @@ def test_updates_missing_from_a_restored_shard():
     assert pick_worker(["a", "b"], ["gone", "a"]) == "b"
 
 
-def test_place_groups_homes_one_replica_per_worker_on_distinct_workers():
-    from daskbelief.ps.policy import place_groups
+def test_place_homed_blocks_homes_one_replica_per_worker_on_distinct_workers():
+    from daskbelief.ps.policy import place_homed_blocks
 
-    assert place_groups(["b", "a", "c"], 2) == {"a": ["a", "b"], "b": ["b", "c"], "c": ["c", "a"]}
-    assert place_groups(["a"], 2) == {"a": ["a", "a"]}
+    assert place_homed_blocks(["b", "a", "c"], 2) == {"a": ["a", "b"], "b": ["b", "c"], "c": ["c", "a"]}
+    assert place_homed_blocks(["a"], 2) == {"a": ["a", "a"]}

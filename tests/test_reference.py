@@ -37,7 +37,7 @@ def test_reference_sgd_and_momentum_learn_digits(digits_path, rule):
 
 def test_schedule_reads_whole_epochs_in_order(digits_path):
     store = open_store(digits_path)
-    per_epoch = store.steps_per_epoch(store.shards(1)[0], 100)
+    per_epoch = store.steps_per_epoch(store.row_ranges(1)[0], 100)
     batches = list(schedule(store, 100, seed=0, epochs=2))
     assert len(batches) == 2 * per_epoch
     first = np.concatenate([y for _, y in batches[:per_epoch]])

@@ -115,6 +115,7 @@ def test_dask_dataframe_regression_matches_least_squares():
     assert isinstance(got, da.Array)
     np.testing.assert_allclose(got.compute(), oracle.predict(X), rtol=1e-3, atol=2e-3)
     assert float(est.score(dX, dy).compute()) == pytest.approx(oracle.score(X, y), abs=1e-4)
+    assert est.n_iter_ == est.summary_["iterations"] < 60  # the iterations made, not max_iter
 
 
 def test_partial_fit_continues_from_the_fitted_parameters(digits):

@@ -82,15 +82,15 @@ class DataStore:
         other.normaliser = normaliser
         return other
 
-    # -- data shards ------------------------------------------------------------------------
-    def shards(self, k: int) -> list[tuple[int, int]]:
-        """``k`` data shards: runs of whole chunks, as ``(start_row, stop_row)``, their chunk counts
+    # -- row ranges (a replica's data; "shards" are the parameter server's) -------------------
+    def row_ranges(self, k: int) -> list[tuple[int, int]]:
+        """``k`` row ranges (the paper's data shards): runs of whole chunks, as ``(start_row, stop_row)``, their chunk counts
         differing by at most one."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"the number of data shards must be a positive integer, got {k!r}")
+            raise ValueError(f"the number of row ranges must be a positive integer, got {k!r}")
         if k > self.n_chunks:
             raise ValueError(f"cannot cut {self.url} ({self.split}: {self.n_chunks} chunks of "
-                             f"{self.chunk_rows} rows) into {k} data shards: a shard is at least "
+                             f"{self.chunk_rows} rows) into {k} row ranges: a range is at least "
                              "one chunk; rewrite the store with smaller chunk_rows")
         return [(a * self.chunk_rows, min(b * self.chunk_rows, self.n))
                 for a, b in split(self.n_chunks, k)]
@@ -136,23 +136,23 @@ class DataStore:
         X, y = self.read_raw(slice(start, stop))
         return self.standardise(X), y
 
-    def steps_per_epoch(self, shard: tuple[int, int], batch_size: int) -> int:
-        return steps_per_epoch(shard, batch_size)
+    def steps_per_epoch(self, rows: tuple[int, int], batch_size: int) -> int:
+        return steps_per_epoch(rows, batch_size)
 
-    def minibatches(self, shard: tuple[int, int], batch_size: int, seed: int = 0, epoch: int = 0):
-        """One epoch over ``shard`` in minibatches, shuffled as a pure function of
-        (shard, batch_size, seed, epoch), the next window of chunks read in the background.
+    def minibatches(self, rows: tuple[int, int], batch_size: int, seed: int = 0, epoch: int = 0):
+        """One epoch over ``rows`` in minibatches, shuffled as a pure function of
+        (rows, batch_size, seed, epoch), the next window of chunks read in the background.
 
         The reference trainer and a Downpour replica given the same arguments see exactly the
         same batches; the last batch of an epoch may be smaller.
         """
-        return minibatches(self, shard, batch_size, seed, epoch)
+        return minibatches(self, rows, batch_size, seed, epoch)
 
-    def stream(self, shard: tuple[int, int], batch_size: int, seed: int = 0, start_epoch: int = 0):
+    def stream(self, rows: tuple[int, int], batch_size: int, seed: int = 0, start_epoch: int = 0):
         """Minibatches over epochs ``start_epoch``, ``start_epoch + 1``, ... without end."""
         epoch = start_epoch
         while True:
-            yield from self.minibatches(shard, batch_size, seed, epoch)
+            yield from self.minibatches(rows, batch_size, seed, epoch)
             epoch += 1
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from daskbelief.data.checks import (check_block, check_features, check_finite, check_label_range,
+from daskbelief.data.checks import (check_block, check_features, check_label_range,
                                     check_targets)
 from daskbelief.data.integrity import ARRAY_OPTIONS, EVERY_CHUNK
 

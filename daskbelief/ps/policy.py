@@ -71,7 +71,7 @@ def place_blocks(workers: list[str], shard_holders: list[str], n_replicas: int,
     return [[pool[(r * n_blocks + k) % len(pool)] for k in range(n_blocks)] for r in range(n_replicas)]
 
 
-def place_groups(workers: list[str], n_blocks: int) -> dict[str, list[str]]:
+def place_homed_blocks(workers: list[str], n_blocks: int) -> dict[str, list[str]]:
     """Sandblaster's model-parallel replicas: one per worker (portions that land on a worker run
     on the replica homed there), its blocks on that worker and the next ones, wrapping around."""
     if not workers:

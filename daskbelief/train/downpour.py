@@ -36,7 +36,7 @@ from daskbelief.train.errors import RunLost
 from daskbelief.train.partition import Plan, as_plan
 from daskbelief.train.partitioned import Blocks
 from daskbelief.train.recovery import Lease
-from daskbelief.train.replica import ReplicaPlan, run_elastic_replica, run_replica
+from daskbelief.train.replica import ReplicaSpec, run_elastic_replica, run_replica
 from daskbelief.train.result import TrainResult
 from daskbelief.train.run import announce, cluster, finish_run, initial_params, run_id
 from daskbelief.workarounds import HandleVariable
@@ -151,7 +151,7 @@ def downpour(model, data, *, client=None, replicas: int | str = 2, max_replicas:
         raise ValueError(f"replicas={replicas} need one data shard each, but the store "
                          f"{store.url} has only {store.n_chunks} chunks: use fewer replicas or "
                          "rewrite the store with smaller chunk_rows")
-    data_shards = [(0, store.n)] if elastic_run else store.shards(replicas)
+    rows = [(0, store.n)] if elastic_run else store.row_ranges(replicas)
     units = elastic.unit_ranges(store, unit_chunks) if elastic_run else None
     rule = make_rule(rule)
     plan = as_plan(model, partition)
@@ -180,7 +180,7 @@ def downpour(model, data, *, client=None, replicas: int | str = 2, max_replicas:
         if device == "cupy":
             require_gpus(c)
         run = run_id("downpour")
-        replica_plans = [ReplicaPlan(run, r, store.url, store.split, data_shards[r], batch_size, steps,
+        replica_specs = [ReplicaSpec(run, r, store.url, store.split, rows[r], batch_size, steps,
                              epochs, n_fetch, n_push, seed, overlap, max_in_flight, report_every,
                              warmstart_steps if r == 0 else 0, device, compression,
                              topk_fraction, fetch_compression=fetch_compression,
@@ -190,24 +190,24 @@ def downpour(model, data, *, client=None, replicas: int | str = 2, max_replicas:
         if start_point.shards is not None:
             ps.load_state_dicts(start_point.shards(ps.ranges))
         done = {p.replica: min(start_point.steps.get(f"replica-{p.replica}", 0), p.total_steps)
-                for p in replica_plans}
-        coordination = _coordinate(c, replica_plans[0], ps, done, warmstart_steps)
-        announce(run, "downpour", {k: v for k, v in asdict(replica_plans[0]).items() if k != "run"})
+                for p in replica_specs}
+        coordination = _coordinate(c, replica_specs[0], ps, done, warmstart_steps)
+        announce(run, "downpour", {k: v for k, v in asdict(replica_specs[0]).items() if k != "run"})
         workers = require_workers(c)
-        blocks = [None] * len(replica_plans)
+        blocks = [None] * len(replica_specs)
         if plan is not None:
             where = place_blocks(workers, ps.addresses(), replicas, plan.n_blocks)
             blocks = [Blocks.start(c, plan, start_point.params, ps=ps, replica=f"replica-{r}",
                                    overlap=overlap, max_in_flight=max_in_flight, addresses=where[r])
                       for r in range(replicas)]
-        block_names = [p.name(f"blocks-{p.replica}") for p, b in zip(replica_plans, blocks) if b is not None]
-        for p, b in zip(replica_plans, blocks):
+        block_names = [p.name(f"blocks-{p.replica}") for p, b in zip(replica_specs, blocks) if b is not None]
+        for p, b in zip(replica_specs, blocks):
             if b is not None:
                 coordination["variables"].append(HandleVariable(p.name(f"blocks-{p.replica}"), client=c))
                 coordination["variables"][-1].set(b)
         if elastic_run:
             def start(r: int, worker: str):
-                return c.submit(run_elastic_replica, model, replace(replica_plans[0], replica=r),
+                return c.submit(run_elastic_replica, model, replace(replica_specs[0], replica=r),
                                 units, key=f"{run}-replica-{r}-{uuid.uuid4().hex[:6]}",
                                 workers=[worker], allow_other_workers=False, pure=False, retries=0)
 
@@ -217,7 +217,7 @@ def downpour(model, data, *, client=None, replicas: int | str = 2, max_replicas:
             homes = place_replicas(workers, ps.addresses(), replicas)
 
             def submit(r: int, home=None):
-                return c.submit(run_replica, model, replica_plans[r], blocks[r],
+                return c.submit(run_replica, model, replica_specs[r], blocks[r],
                                 key=f"{run}-replica-{r}-{uuid.uuid4().hex[:6]}", workers=home,
                                 allow_other_workers=home is not None, pure=False, retries=0)
 
@@ -304,18 +304,18 @@ def _start_point(model, seed: int, params, resume_from, rule_state=None,
     return _StartPoint(ckpt.params, snapshots, ckpt.replica_steps())
 
 
-def _coordinate(client, plan: ReplicaPlan, ps, done: dict[int, int], warmstart_steps: int) -> dict:
+def _coordinate(client, spec: ReplicaSpec, ps, done: dict[int, int], warmstart_steps: int) -> dict:
     """The run's Events and Variables: warm start, stop, the current server, each replica's progress."""
-    warm, stop = Event(plan.name("warm"), client=client), Event(plan.name("stop"), client=client)
+    warm, stop = Event(spec.name("warm"), client=client), Event(spec.name("stop"), client=client)
     if warmstart_steps == 0 or done[0] >= warmstart_steps:
         warm.set()
-    server = HandleVariable(plan.name("ps"), client=client)
+    server = HandleVariable(spec.name("ps"), client=client)
     server.set((0, ps))
     variables = [server]
     for replica, steps_done in done.items():
-        variables.append(Variable(plan.name(f"progress-{replica}"), client=client))
+        variables.append(Variable(spec.name(f"progress-{replica}"), client=client))
         variables[-1].set({"done": steps_done, "attempt": -1})
-    lease = Lease(client, plan.name("lease"))
+    lease = Lease(client, spec.name("lease"))
     lease.start()
     return {"warm": warm, "stop": stop, "ps": server, "lease": lease,
             "variables": variables + [lease.var]}

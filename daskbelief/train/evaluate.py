@@ -77,7 +77,7 @@ def evaluate(model, params, data, *, split: str = "test", client=None, n_parts: 
         k = min(n_parts or len(workers), store.n_chunks)
         shared = c.scatter(params, broadcast=True, hash=False)
         futures = [c.submit(evaluate_rows, model, shared, store, a, b, pure=False)
-                   for a, b in store.shards(k)]
+                   for a, b in store.row_ranges(k)]
         parts = waits.results(futures, timeout=EVALUATION_TIMEOUT,
                               what=f"the evaluation of {store.url} ({k} parts)")
     return finish(parts, store.task)

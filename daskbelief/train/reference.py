@@ -1,6 +1,6 @@
 """Single-process reference trainers: the oracles and baselines for the distributed algorithms.
 
-``train_sgd`` reads exactly the minibatches a lone Downpour replica reads (``store.shards(1)[0]``,
+``train_sgd`` reads exactly the minibatches a lone Downpour replica reads (``store.row_ranges(1)[0]``,
 epochs 0, 1, ... in order) and applies the same update rule code a parameter shard applies, so
 Downpour with one replica and ``n_fetch = n_push = 1`` without overlap must reproduce it.
 ``train_lbfgs`` runs the same L-BFGS code Sandblaster runs, over ``LocalVectors``, with the batch
@@ -25,11 +25,11 @@ def schedule(store, batch_size: int, seed: int, steps: int | None = None, epochs
     """The minibatches of one replica owning the whole split: ``steps`` of them, or ``epochs``."""
     if (steps is None) == (epochs is None):
         raise ValueError("give exactly one of steps= or epochs=")
-    shard = store.shards(1)[0]
-    total = steps if steps is not None else epochs * store.steps_per_epoch(shard, batch_size)
+    rows = store.row_ranges(1)[0]
+    total = steps if steps is not None else epochs * store.steps_per_epoch(rows, batch_size)
     epoch = 0
     while total > 0:
-        for batch in islice(store.minibatches(shard, batch_size, seed=seed, epoch=epoch), total):
+        for batch in islice(store.minibatches(rows, batch_size, seed=seed, epoch=epoch), total):
             total -= 1
             yield batch
         epoch += 1

@@ -39,14 +39,14 @@ WARM_TIMEOUT = 3600.0  # seconds the other replicas wait for replica 0's warm st
 
 
 @dataclass(frozen=True)
-class ReplicaPlan:
+class ReplicaSpec:
     """What one replica does: its data, its schedule and how it talks to the parameter server."""
 
     run: str
     replica: int
     url: str
     split: str
-    shard: tuple[int, int]
+    rows: tuple[int, int]
     batch_size: int
     steps: int | None
     epochs: int | None
@@ -76,19 +76,19 @@ class ReplicaPlan:
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil((self.shard[1] - self.shard[0]) / self.batch_size)
+        return math.ceil((self.rows[1] - self.rows[0]) / self.batch_size)
 
 
-def _batches(store, plan: ReplicaPlan, done: int):
+def _batches(store, spec: ReplicaSpec, done: int):
     """The replica's remaining minibatches, resuming after the first ``done`` steps of its schedule.
 
     The schedule is epochs 0, 1, ... of the shard's minibatches in order, exactly what the
     reference trainer reads, cut at ``total_steps``.
     """
-    remaining = plan.total_steps - done
-    epoch, skip = divmod(done, plan.steps_per_epoch)
+    remaining = spec.total_steps - done
+    epoch, skip = divmod(done, spec.steps_per_epoch)
     while remaining > 0:
-        batches = islice(store.minibatches(plan.shard, plan.batch_size, seed=plan.seed, epoch=epoch),
+        batches = islice(store.minibatches(spec.rows, spec.batch_size, seed=spec.seed, epoch=epoch),
                          skip, skip + remaining)
         for batch in batches:
             remaining -= 1
@@ -112,21 +112,21 @@ class _Link:
     the call once the driver has published a newer server.
     """
 
-    def __init__(self, plan: ReplicaPlan, size: int, lease: LeaseWatch):
-        self.var, self.lease = HandleVariable(plan.name("ps")), lease
+    def __init__(self, spec: ReplicaSpec, size: int, lease: LeaseWatch):
+        self.var, self.lease = HandleVariable(spec.name("ps")), lease
         generation, ps = self.var.get(timeout=CALL_TIMEOUT)
         self.generation, self.ps = generation, ps.here()
-        self.limit = plan.max_in_flight if plan.overlap else 1
-        self.replica = f"replica-{plan.replica}"
+        self.limit = spec.max_in_flight if spec.overlap else 1
+        self.replica = f"replica-{spec.replica}"
         self.free = [np.zeros(size, dtype=np.float32) for _ in range(self.limit + 1)]
         self.flight: deque = deque()
         self.pending = None
         self.staleness: list[int] = []
         self.pushes_lost = 0
-        self.feedback = (None if plan.compression is None
-                         else Feedback(plan.compression, plan.topk_fraction))
-        self.fetch_kind = plan.fetch_compression
-        self.bound, self.ahead = plan.staleness_bound, 0  # pushes ahead of the slowest, at most
+        self.feedback = (None if spec.compression is None
+                         else Feedback(spec.compression, spec.topk_fraction))
+        self.fetch_kind = spec.fetch_compression
+        self.bound, self.ahead = spec.staleness_bound, 0  # pushes ahead of the slowest, at most
         self.bound_waits, self.bound_wait_seconds = 0, 0.0
 
     def _call(self, fn, *args):
@@ -237,9 +237,9 @@ class _Stepper:
     """A plain replica's steps: a local copy of the parameters, its gradient accumulator, and the
     ``_Link`` to the parameter server (fetch every ``n_fetch`` steps, push every ``n_push``)."""
 
-    def __init__(self, model, plan: ReplicaPlan, first_step: int, lease: LeaseWatch):
-        self.model, self.plan, self.first = model, plan, first_step
-        self.link = _Link(plan, model.size, lease)
+    def __init__(self, model, spec: ReplicaSpec, first_step: int, lease: LeaseWatch):
+        self.model, self.spec, self.first = model, spec, first_step
+        self.link = _Link(spec, model.size, lease)
         self.params, self.versions = _connect(self.link, None)
         self.grad, self.acc, self.acc_steps = None, None, 0
         self.steps_done = first_step
@@ -258,10 +258,10 @@ class _Stepper:
 
     def step(self, step: int, X, y) -> float | None:
         """One minibatch; None when a shard was lost meanwhile (the step's gradient with it)."""
-        plan, link = self.plan, self.link
+        spec, link = self.spec, self.link
         try:
-            if step > 0 and step % plan.n_fetch == 0:
-                if plan.overlap:
+            if step > 0 and step % spec.n_fetch == 0:
+                if spec.overlap:
                     link.fetch_begin()
                 else:
                     self.params, self.versions = link.fetch(self.params)
@@ -273,9 +273,9 @@ class _Stepper:
                 self._fetched()
             self.acc_steps += 1
             self.steps_done = step + 1
-            if self.acc_steps == plan.n_push:
+            if self.acc_steps == spec.n_push:
                 link.push(self._take_push(), self.versions, self.steps_done,
-                          wait_now=not plan.overlap)
+                          wait_now=not spec.overlap)
             return loss
         except ServerLost:
             link.recover()
@@ -325,16 +325,16 @@ class _Stepper:
 
 
 class _DeviceStepper(_Stepper):
-    """A plain replica computing on a device (``plan.device``: "cupy" for the worker's GPU;
+    """A plain replica computing on a device (``spec.device``: "cupy" for the worker's GPU;
     "numpy" runs this very path on a second host copy, which is how it is tested without one).
 
     The parameters and the gradient sums live on the device; only fetches (every ``n_fetch``
     steps) and pushes (every ``n_push``) cross between host and device, each one copy.
     """
 
-    def __init__(self, model, plan: ReplicaPlan, first_step: int, lease: LeaseWatch):
-        super().__init__(model, plan, first_step, lease)
-        xp = get_backend(plan.device)
+    def __init__(self, model, spec: ReplicaSpec, first_step: int, lease: LeaseWatch):
+        super().__init__(model, spec, first_step, lease)
+        xp = get_backend(spec.device)
         self.dev_params = xp.array(self.params, copy=True)
         self.dev_acc, self.dev_grad = xp.empty_like(self.dev_params), xp.empty_like(self.dev_params)
 
@@ -373,14 +373,14 @@ class _PartitionedStepper:
     MAX_REBUILDS = 10  # block sets one replica may recreate before its failure is final
     bound_waits = 0    # a staleness bound is refused with partition=
 
-    def __init__(self, blocks, plan: ReplicaPlan, first_step: int, lease: LeaseWatch):
-        self.blocks, self.plan, self.first, self.lease = blocks, plan, first_step, lease
-        self.var = HandleVariable(plan.name("ps"))
+    def __init__(self, blocks, spec: ReplicaSpec, first_step: int, lease: LeaseWatch):
+        self.blocks, self.spec, self.first, self.lease = blocks, spec, first_step, lease
+        self.var = HandleVariable(spec.name("ps"))
         self.generation = self.var.get(timeout=CALL_TIMEOUT)[0]
         self.staleness: list[int] = []
         self.pushes_lost = 0
-        self.feedback = (None if plan.compression is None
-                         else Feedback(plan.compression, plan.topk_fraction))
+        self.feedback = (None if spec.compression is None
+                         else Feedback(spec.compression, spec.topk_fraction))
         self.rebuilds = 0
         self.steps_done = first_step
         self.n_blocks = blocks.plan.n_blocks
@@ -389,11 +389,11 @@ class _PartitionedStepper:
     def step(self, step: int, X, y) -> float | None:
         """One minibatch; None when a shard or a block was lost meanwhile (the step's gradient
         with it)."""
-        plan = self.plan
-        fetch = step > 0 and step % plan.n_fetch == 0
-        push = (step - self.first + 1) % plan.n_push == 0
+        spec = self.spec
+        fetch = step > 0 and step % spec.n_fetch == 0
+        push = (step - self.first + 1) % spec.n_push == 0
         try:
-            out = self.blocks.train_step(X, y, tag=(plan.run, plan.replica, step), fetch=fetch,
+            out = self.blocks.train_step(X, y, tag=(spec.run, spec.replica, step), fetch=fetch,
                                          push=push, steps_done=step + 1)
         except DriverGone:
             raise
@@ -439,26 +439,26 @@ class _PartitionedStepper:
     def _rebuild(self, client, lost: list[str]) -> None:
         """New blocks on live workers, from a server whose shards are all alive."""
         if self.rebuilds >= self.MAX_REBUILDS:
-            raise RuntimeError(f"replica {self.plan.replica}: its blocks were lost "
+            raise RuntimeError(f"replica {self.spec.replica}: its blocks were lost "
                                f"{self.rebuilds} times over")
         self.rebuilds += 1
-        started, plan = time.time(), self.plan
+        started, spec = time.time(), self.spec
 
         def usable():
             generation, ps = self.var.get(timeout=CALL_TIMEOUT)
             return None if lost_workers(client, ps.addresses()) else (generation, ps)
 
         generation, ps = waits.until(usable, timeout=RECOVERY_TIMEOUT, every=0.5, give_up=self.lease.give_up,
-                                     what=f"replica {plan.replica}: a parameter server with every shard alive")
+                                     what=f"replica {spec.replica}: a parameter server with every shard alive")
         params, _ = ps.here().fetch(timeout=RECOVERY_TIMEOUT, give_up=self.lease.give_up)
         where = place_blocks(sorted(worker_info(client)), ps.addresses(), 1, self.n_blocks)[0]
         old, self.generation = self.blocks, generation
-        self.blocks = Blocks.start(client, old.plan, params, ps=ps, replica=f"replica-{plan.replica}",
-                                   overlap=plan.overlap, max_in_flight=plan.max_in_flight,
+        self.blocks = Blocks.start(client, old.plan, params, ps=ps, replica=f"replica-{spec.replica}",
+                                   overlap=spec.overlap, max_in_flight=spec.max_in_flight,
                                    addresses=where)
-        HandleVariable(plan.name(f"blocks-{plan.replica}")).set(self.blocks, timeout=CALL_TIMEOUT)
+        HandleVariable(spec.name(f"blocks-{spec.replica}")).set(self.blocks, timeout=CALL_TIMEOUT)
         old.close()
-        events.emit(events.RUN, run=plan.run, kind="blocks-recovered", replica=plan.replica,
+        events.emit(events.RUN, run=spec.run, kind="blocks-recovered", replica=spec.replica,
                     lost_workers=lost, workers=where, seconds=time.time() - started)
 
     def finish(self) -> None:
@@ -470,7 +470,7 @@ class _PartitionedStepper:
         self.blocks.close()
 
 
-def run_replica(model, plan: ReplicaPlan, blocks=None) -> dict:
+def run_replica(model, spec: ReplicaSpec, blocks=None) -> dict:
     """One Downpour replica: train on its data shard against the parameter server.
 
     Runs as a Dask task that leaves its worker's thread pool (recoveries create actors, which need
@@ -480,50 +480,50 @@ def run_replica(model, plan: ReplicaPlan, blocks=None) -> dict:
     resumes after the last step it reported. It stops when its driver's lease expires.
     """
     leave_thread_pool()
-    progress = Variable(plan.name(f"progress-{plan.replica}"))
+    progress = Variable(spec.name(f"progress-{spec.replica}"))
     state = progress.get(timeout=CALL_TIMEOUT)
     attempt, done = state["attempt"] + 1, state["done"]
     progress.set({"done": done, "attempt": attempt})
-    lease = LeaseWatch(plan.name("lease"))
+    lease = LeaseWatch(spec.name("lease"))
     worker = get_worker().address
     try:
-        if plan.replica or not plan.warmstart_steps:
-            warm = Event(plan.name("warm"))
+        if spec.replica or not spec.warmstart_steps:
+            warm = Event(spec.name("warm"))
             waits.until(lambda: warm.wait(timeout=1.0), timeout=WARM_TIMEOUT, every=0.0,
-                        give_up=lease.give_up, what=f"replica {plan.replica}: the warm start")
-        return _train(model, plan, blocks, lease, attempt, done, progress, worker)
+                        give_up=lease.give_up, what=f"replica {spec.replica}: the warm start")
+        return _train(model, spec, blocks, lease, attempt, done, progress, worker)
     except DriverGone:
-        return {"replica": plan.replica, "steps": 0, "samples": 0, "worker": worker,
+        return {"replica": spec.replica, "steps": 0, "samples": 0, "worker": worker,
                 "attempt": attempt, "pushes_lost": 0, "loss": float("nan"), "staleness_mean": 0.0,
                 "orphaned": True}
 
 
-def _train(model, plan: ReplicaPlan, blocks, lease: LeaseWatch, attempt: int, done: int,
+def _train(model, spec: ReplicaSpec, blocks, lease: LeaseWatch, attempt: int, done: int,
            progress, worker: str) -> dict:
     """The replica's loop: steps, progress reports, the warm-start signal, stopping."""
-    stop = Event(plan.name("stop"))
-    store = open_store(plan.url, split=plan.split)
+    stop = Event(spec.name("stop"))
+    store = open_store(spec.url, split=spec.split)
     if blocks is not None:
-        stepper = _PartitionedStepper(blocks, plan, done, lease)
+        stepper = _PartitionedStepper(blocks, spec, done, lease)
     else:
-        stepper = _plain_stepper(model, plan, done, lease)
-    tally = _Tally(plan, worker, done)
-    for X, y in _batches(store, plan, done):
+        stepper = _plain_stepper(model, spec, done, lease)
+    tally = _Tally(spec, worker, done)
+    for X, y in _batches(store, spec, done):
         if lease.expired():
-            raise DriverGone(f"replica {plan.replica}: the driver's lease expired")
+            raise DriverGone(f"replica {spec.replica}: the driver's lease expired")
         loss = stepper.step(tally.step, X, y)
         if loss is None:
             continue
         report = tally.add(loss, len(X), stepper)
-        if tally.step == plan.warmstart_steps:
-            Event(plan.name("warm")).set()
+        if tally.step == spec.warmstart_steps:
+            Event(spec.name("warm")).set()
         if report:
             progress.set({"done": tally.step, "attempt": attempt})
             if stop.is_set():
                 break
     stepper.finish()
-    if plan.warmstart_steps:
-        Event(plan.name("warm")).set()  # never leave the others waiting, however short the shard
+    if spec.warmstart_steps:
+        Event(spec.name("warm")).set()  # never leave the others waiting, however short the shard
     progress.set({"done": tally.step, "attempt": attempt})
     return tally.outcome(stepper, attempt)
 
@@ -532,9 +532,9 @@ class _Tally:
     """A replica's counters (steps, samples, recent losses), its progress events every
     ``report_every`` steps, and its outcome."""
 
-    def __init__(self, plan: ReplicaPlan, worker: str, step: int):
-        self.plan, self.worker, self.first, self.step, self.samples = plan, worker, step, step, 0
-        self.losses: deque = deque(maxlen=plan.report_every)
+    def __init__(self, spec: ReplicaSpec, worker: str, step: int):
+        self.spec, self.worker, self.first, self.step, self.samples = spec, worker, step, step, 0
+        self.losses: deque = deque(maxlen=spec.report_every)
         self.tick = time.time()
 
     def add(self, loss: float, rows: int, stepper) -> bool:
@@ -542,18 +542,18 @@ class _Tally:
         self.losses.append(float(loss))
         self.samples += rows
         self.step += 1
-        if self.step % self.plan.report_every:
+        if self.step % self.spec.report_every:
             return False
-        now, plan = time.time(), self.plan
-        events.emit(events.REPLICA, run=plan.run, replica=plan.replica, step=self.step,
-                    batch_size=plan.batch_size, loss=float(np.mean(self.losses)), worker=self.worker,
-                    samples_per_s=plan.report_every * plan.batch_size / max(now - self.tick, 1e-9),
+        now, spec = time.time(), self.spec
+        events.emit(events.REPLICA, run=spec.run, replica=spec.replica, step=self.step,
+                    batch_size=spec.batch_size, loss=float(np.mean(self.losses)), worker=self.worker,
+                    samples_per_s=spec.report_every * spec.batch_size / max(now - self.tick, 1e-9),
                     staleness=float(np.mean(stepper.staleness[-20:])) if stepper.staleness else 0.0)
         self.tick = now
         return True
 
     def outcome(self, stepper, attempt: int, **more) -> dict:
-        return {"replica": self.plan.replica, "steps": self.step - self.first, "samples": self.samples,
+        return {"replica": self.spec.replica, "steps": self.step - self.first, "samples": self.samples,
                 "worker": self.worker, "attempt": attempt, "pushes_lost": stepper.pushes_lost,
                 "bound_waits": stepper.bound_waits,
                 "loss": float(np.mean(self.losses)) if self.losses else float("nan"),
@@ -561,11 +561,11 @@ class _Tally:
                 **more}
 
 
-def _plain_stepper(model, plan: ReplicaPlan, done: int, lease: LeaseWatch) -> _Stepper:
-    return (_Stepper if plan.device is None else _DeviceStepper)(model, plan, done, lease)
+def _plain_stepper(model, spec: ReplicaSpec, done: int, lease: LeaseWatch) -> _Stepper:
+    return (_Stepper if spec.device is None else _DeviceStepper)(model, spec, done, lease)
 
 
-def run_elastic_replica(model, plan: ReplicaPlan, units: list[tuple[int, int]]) -> dict:
+def run_elastic_replica(model, spec: ReplicaSpec, units: list[tuple[int, int]]) -> dict:
     """An elastic Downpour replica (``replicas="auto"``): train on data units taken from the run's
     ledger (``elastic.Ledger``; ``units``: their row ranges) until none is left, the driver stops
     it, or its worker closes; its outcome is left in the ledger, whatever ends it.
@@ -576,29 +576,29 @@ def run_elastic_replica(model, plan: ReplicaPlan, units: list[tuple[int, int]]) 
     """
     leave_thread_pool()
     worker = get_worker().address
-    ledger = elastic.Units(plan.run)
-    with elastic.running_replica(worker, plan.name(f"replica-{plan.replica}")) as leave:
+    ledger = elastic.Units(spec.run)
+    with elastic.running_replica(worker, spec.name(f"replica-{spec.replica}")) as leave:
         try:
-            outcome, piece, at = _train_elastic(model, plan, units, ledger, leave, worker)
+            outcome, piece, at = _train_elastic(model, spec, units, ledger, leave, worker)
         except DriverGone:
-            outcome, piece, at = {"replica": plan.replica, "status": "orphaned", "worker": worker}, None, None
-        ledger("leave", plan.replica, piece, at, outcome)
+            outcome, piece, at = {"replica": spec.replica, "status": "orphaned", "worker": worker}, None, None
+        ledger("leave", spec.replica, piece, at, outcome)
         return outcome
 
 
-def _train_elastic(model, plan: ReplicaPlan, units, ledger, leave, worker: str) -> tuple:
+def _train_elastic(model, spec: ReplicaSpec, units, ledger, leave, worker: str) -> tuple:
     """The elastic replica's loop; returns its outcome, the piece it was reading and the batch
     of it where it stopped (for the ledger's ``leave``)."""
-    stop, lease = Event(plan.name("stop")), LeaseWatch(plan.name("lease"))
-    stepper = _plain_stepper(model, plan, 0, lease)
-    tally = _Tally(plan, worker, 0)
+    stop, lease = Event(spec.name("stop")), LeaseWatch(spec.name("lease"))
+    stepper = _plain_stepper(model, spec, 0, lease)
+    tally = _Tally(spec, worker, 0)
 
     def quitting() -> bool:
         if lease.expired():
-            raise DriverGone(f"replica {plan.replica}: the driver's lease expired")
+            raise DriverGone(f"replica {spec.replica}: the driver's lease expired")
         return leave.is_set()
 
-    supply = _Supply(plan, units, ledger, tally, lambda: quitting() or stop.is_set())
+    supply = _Supply(spec, units, ledger, tally, lambda: quitting() or stop.is_set())
     status, piece, at, reported = None, None, None, False
     try:
         while status is None:
@@ -607,7 +607,7 @@ def _train_elastic(model, plan: ReplicaPlan, units, ledger, leave, worker: str) 
                 status, piece = piece, None
                 continue
             supply.read_ahead()
-            for at, (X, y) in enumerate(elastic.unit_batches(data, plan.batch_size, piece[2]),
+            for at, (X, y) in enumerate(elastic.unit_batches(data, spec.batch_size, piece[2]),
                                         start=piece[2]):
                 if quitting() or (reported and stop.is_set()):
                     status = "stop"
@@ -629,20 +629,20 @@ class _Supply:
     background while the replica trains on the current one, hiding both (a scheduler round trip
     and a read) behind its steps."""
 
-    def __init__(self, plan: ReplicaPlan, units, ledger, tally, stopping):
-        self.plan, self.units, self.ledger, self.tally, self.stopping = plan, units, ledger, tally, stopping
-        self.store = open_store(plan.url, split=plan.split)
+    def __init__(self, spec: ReplicaSpec, units, ledger, tally, stopping):
+        self.spec, self.units, self.ledger, self.tally, self.stopping = spec, units, ledger, tally, stopping
+        self.store = open_store(spec.url, split=spec.split)
         self.finished = 0   # pieces read to their end that the ledger has not been told of
         self.ahead = None   # the future of the next (piece, data), taken and read in the background
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="daskbelief-units")
 
     def _take(self, finished: int):
-        piece = self.ledger("take", self.plan.replica,
+        piece = self.ledger("take", self.spec.replica,
                             {"steps": self.tally.step, "samples": self.tally.samples}, finished)
         if isinstance(piece, str):
             return piece, None
         epoch, unit, _ = piece
-        return piece, elastic.read_unit(self.store, self.units[unit], self.plan.seed, epoch, unit)
+        return piece, elastic.read_unit(self.store, self.units[unit], self.spec.seed, epoch, unit)
 
     def _told(self) -> int:
         finished, self.finished = self.finished, 0
@@ -667,11 +667,11 @@ class _Supply:
             return None if piece == "wait" else (piece, data)
 
         return waits.until(now, timeout=RECOVERY_TIMEOUT, every=0.2,
-                           what=f"replica {self.plan.replica}: a data unit or the end of the run")
+                           what=f"replica {self.spec.replica}: a data unit or the end of the run")
 
     def _settle(self):
         ahead, self.ahead = self.ahead, None
-        return waits.result(ahead, timeout=CALL_TIMEOUT, what=f"replica {self.plan.replica}: a data unit")
+        return waits.result(ahead, timeout=CALL_TIMEOUT, what=f"replica {self.spec.replica}: a data unit")
 
     def close(self) -> None:
         """Let the read-ahead finish, so that the ledger knows every piece this replica holds."""

@@ -57,7 +57,7 @@ from daskbelief.data import open_store
 from daskbelief.monitor import events
 from daskbelief.optim.lbfgs import LbfgsResult, LbfgsState, lbfgs
 from daskbelief.ps import checkpoint
-from daskbelief.ps.policy import place_groups
+from daskbelief.ps.policy import place_homed_blocks
 from daskbelief.ps.server import ParameterServer
 from daskbelief.train.backup import portions_to_back_up, tail_start
 from daskbelief.train.errors import RunLost
@@ -68,7 +68,7 @@ from daskbelief.train.partitioned import Blocks
 from daskbelief.train.recovery import lost_workers
 from daskbelief.train.result import TrainResult
 from daskbelief.train.run import Every, announce, cluster, finish_run, initial_params, run_id
-from daskbelief.train.sandblaster_tasks import (PortionLedger, PortionPlan, abandon_evaluation,
+from daskbelief.train.sandblaster_tasks import (PortionLedger, PortionSpec, abandon_evaluation,
                                                 evaluate_current, flush_worker, forget_run,
                                                 free_threads, run_portion)
 from daskbelief.train.sharded_vectors import (PATIENCE, WAIT_SLICE, ShardedVectors, ShardLost,
@@ -184,8 +184,8 @@ class BatchObjective:
         self.busy = False  # from an evaluation's start until it returns: still set if interrupted
 
     @property
-    def plan(self) -> PortionPlan:
-        return self.actors.plan
+    def spec(self) -> PortionSpec:
+        return self.actors.spec
 
     @property
     def space(self) -> ShardedVectors:
@@ -203,7 +203,7 @@ class BatchObjective:
             try:
                 outcome = _Evaluation(self, self.tag).run(x_name, g_name, dots)
             except BlocksLost as lost:
-                self._regroup(lost)
+                self._rebuild_replicas(lost)
                 outcome = None
             if outcome is not None:
                 break
@@ -222,14 +222,14 @@ class BatchObjective:
         self.busy = False
         return loss, [sum(column) for column in zip(*(reply[1] for reply in replies))]
 
-    def _regroup(self, lost: BlocksLost) -> None:
+    def _rebuild_replicas(self, lost: BlocksLost) -> None:
         """Model-parallel replicas made anew after a block's worker left (the shards, and so the
         iterate and the L-BFGS history, are intact): the evaluation then starts again."""
         started = time.time()
-        self.client.run(abandon_evaluation, self.plan.run, self.tag, on_error="ignore")
-        self.make.start_groups(self.make.release_groups(self.actors.ps), self.actors.ps)
-        events.emit(events.RUN, run=self.plan.run, kind="blocks-recovered", evaluation=self.tag,
-                    lost_workers=lost.workers, workers=sorted(self.plan.groups),
+        self.client.run(abandon_evaluation, self.spec.run, self.tag, on_error="ignore")
+        self.make.start_replicas(self.make.release_replicas(self.actors.ps), self.actors.ps)
+        events.emit(events.RUN, run=self.spec.run, kind="blocks-recovered", evaluation=self.tag,
+                    lost_workers=lost.workers, workers=sorted(self.spec.replicas),
                     seconds=time.time() - started)
 
     def give_up(self) -> ShardLost | BlocksLost | None:
@@ -283,7 +283,7 @@ class _Evaluation:
                 self.o.client.cancel(list(self.futures))
         space, finish = self.o.space, ("finish_evaluation", self.tag, x_name, g_name,
                                        [tuple(p) for p in dots])
-        if self.o.plan.groups:
+        if self.o.spec.replicas:
             winners = self._flush()
             if len(winners) < self.total:
                 return None
@@ -304,19 +304,19 @@ class _Evaluation:
         return winners, replies
 
     def _key(self, portion: int, backup: bool) -> str:
-        return (f"sandblaster-portion-{self.o.plan.run}-{self.tag}-{portion}"
+        return (f"sandblaster-portion-{self.o.spec.run}-{self.tag}-{portion}"
                 + ("-backup" if backup else ""))
 
     def _homes(self) -> list[str] | None:
         """Where portions may run: anywhere, or, model-parallel, on the workers homing a replica
         (a worker that joined later, say one restarted by its nanny, has none)."""
-        return list(self.o.plan.groups) or None
+        return list(self.o.spec.replicas) or None
 
     def _submit_all(self) -> None:
         """Every portion at once, without other restrictions: Dask queues them and hands the
         next one to whichever worker thread is free (one ``map`` call, the plan pickled once)."""
         n = self.total
-        futures = self.o.client.map(run_portion, [self.o.plan] * n, [self.tag] * n, range(n),
+        futures = self.o.client.map(run_portion, [self.o.spec] * n, [self.tag] * n, range(n),
                                     self.o.bounds, key=[self._key(p, False) for p in range(n)],
                                     workers=self._homes(), pure=False)
         self.futures.update(zip(futures, range(n)))
@@ -364,19 +364,19 @@ class _Evaluation:
             if not others:
                 continue
             future = self.o.client.submit(
-                run_portion, self.o.plan, self.tag, portion, self.o.bounds[portion], True,
+                run_portion, self.o.spec, self.tag, portion, self.o.bounds[portion], True,
                 key=self._key(portion, True), workers=others if owner else self._homes(),
                 allow_other_workers=False, pure=False, priority=1)
             self.futures[future] = portion
             self.o.counters.backups_launched += 1
-            events.emit(events.PORTION, run=self.o.plan.run, kind="backup-launched",
+            events.emit(events.PORTION, run=self.o.spec.run, kind="backup-launched",
                         evaluation=self.tag, portion=portion, worker=owner or "")
 
     def _flush(self) -> dict:
         """Have every worker push what it still holds; ``{portion: (worker, loss, backup)}``
         of the portions model-parallel replicas won and applied (a lost worker's are missing)."""
         replies = waits.result(  # in a thread: a push to a dead shard or block never returns
-            in_thread(self.o.client.run, flush_worker, self.o.plan, self.tag, on_error="return"),
+            in_thread(self.o.client.run, flush_worker, self.o.spec, self.tag, on_error="return"),
             timeout=PATIENCE, every=WAIT_SLICE, give_up=self.o.give_up, what="the workers' flush")
         winners = {}
         for reply in replies.values():
@@ -399,7 +399,7 @@ class _Actors:
 
     ps: ParameterServer
     ledger: object  # the ledger actor's future: it lives as long as this does
-    plan: PortionPlan
+    spec: PortionSpec
     space: ShardedVectors
     ledger_here: object  # the coordinator's own handle to it (``direct``)
 
@@ -415,10 +415,10 @@ class _ActorMaker:
     """Starts a run's ``_Actors``: at the start, and again after a lost shard."""
 
     def __init__(self, client, run: str, model, store, n_rows: int, shards: int, shard_workers,
-                 push_every: int, slow: dict, groups: dict, threads: int):
+                 push_every: int, slow: dict, replicas: dict, threads: int):
         self.client, self.run, self.model, self.store = client, run, model, store
         self.n_rows, self.shards, self.shard_workers = n_rows, shards, shard_workers
-        self.push_every, self.slow, self.groups, self.threads = push_every, slow, groups, threads
+        self.push_every, self.slow, self.replicas, self.threads = push_every, slow, replicas, threads
 
     def __call__(self, params: np.ndarray, restore=None, free=None) -> _Actors:
         """Shards seeded with ``params`` on the live workers (those of ``shard_workers`` still
@@ -435,27 +435,27 @@ class _ActorMaker:
         call_all(ps.shards, "prepare_objective", self.model, self.n_rows, watch=watch)
         if restore is not None:
             call_all(ps.shards, "restore_vectors", str(restore), watch=watch)
-        plan = PortionPlan(self.run, self.model, self.store, tuple(ps.shards), tuple(ps.ranges),
+        spec = PortionSpec(self.run, self.model, self.store, tuple(ps.shards), tuple(ps.ranges),
                            watch.wait(ledger, "the ledger's start"), self.push_every, self.slow,
-                           self.groups, self.threads)
+                           self.replicas, self.threads)
         space = ShardedVectors(ps.shards, ps.ranges, watch)
         space.copy("params", "x")  # queued: travels with the first evaluation
-        return _Actors(ps, ledger, plan, space, direct(plan.ledger))
+        return _Actors(ps, ledger, spec, space, direct(spec.ledger))
 
     def blocks_gone(self) -> BlocksLost | None:
         """``BlocksLost`` once a worker holding a block of a model-parallel replica has left."""
-        held = {a._address for blocks in self.groups.values() for a in blocks.actors}
+        held = {a._address for blocks in self.replicas.values() for a in blocks.actors}
         lost = lost_workers(self.client, held) if held else []
         return BlocksLost(lost) if lost else None
 
-    def release_groups(self, ps: ParameterServer) -> Plan | None:
-        """Release the model-parallel replicas (``groups`` emptied); their partition plan, None
+    def release_replicas(self, ps: ParameterServer) -> Plan | None:
+        """Release the model-parallel replicas (``replicas`` emptied); their partition plan, None
         if there were none. Each live block is handed ``ps`` again first, which ends its waits
         on lost shards, so the portion tasks waiting on it end and hand back their threads."""
-        old = list(self.groups.values())
+        old = list(self.replicas.values())
         if not old:
             return None
-        self.groups.clear()
+        self.replicas.clear()
         live = set(worker_info(self.client))
         replies = [a.set_server(ps) for blocks in old for a in blocks.actors if a._address in live]
         for reply in replies:
@@ -467,13 +467,13 @@ class _ActorMaker:
             blocks.close()
         return old[0].plan
 
-    def start_groups(self, plan: Plan, ps: ParameterServer) -> None:
+    def start_replicas(self, plan: Plan, ps: ParameterServer) -> None:
         """A model-parallel replica homed on each live worker, as at the start, its blocks
         talking to the shards ``ps`` (they load the vector to evaluate from them each time)."""
         live = sorted(worker_info(self.client))
         seed = np.zeros(plan.model.size, dtype=np.float32)
-        self.groups.update({home: Blocks.start(self.client, plan, seed, ps=ps, addresses=where)
-                            for home, where in place_groups(live, plan.n_blocks).items()})
+        self.replicas.update({home: Blocks.start(self.client, plan, seed, ps=ps, addresses=where)
+                            for home, where in place_homed_blocks(live, plan.n_blocks).items()})
 
 
 class BlocksLost(RuntimeError):
@@ -529,7 +529,7 @@ class _Recovery:
         reached = checkpoints.state.iteration if checkpoints.state is not None else 0
         # release every wait on the workers for the evaluation in progress
         self.client.run(abandon_evaluation, self.run, objective.tag, on_error="ignore")
-        self.partition = self.make.release_groups(objective.actors.ps) or self.partition
+        self.partition = self.make.release_replicas(objective.actors.ps) or self.partition
         objective.actors.close()
         if where is not None:
             saved = checkpoint.load(where, vectors=False)
@@ -538,7 +538,7 @@ class _Recovery:
             params, state = self.start, None
         objective.actors = checkpoints.actors = self.make(params, where, self._free_workers())
         if self.partition is not None:
-            self.make.start_groups(self.partition, objective.actors.ps)
+            self.make.start_replicas(self.partition, objective.actors.ps)
         checkpoints.restored(state)
         back_to = 0 if state is None else state.iteration
         self.replayed += reached - back_to
@@ -675,7 +675,7 @@ class _Monitor:
         stop = min(self.eval_rows, self.test_store.n)
         actors = self.objective.actors
         part = actors.space.watch.wait(self.client.submit(
-            evaluate_current, actors.plan, self.test_store, stop, self.objective.tag,
+            evaluate_current, actors.spec, self.test_store, stop, self.objective.tag,
             pure=False), "a test evaluation")
         if part is None:  # abandoned: a shard was lost, the next wait reports it
             actors.space.watch.check()
@@ -761,17 +761,17 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
         size = portion_size or default_portion_size(n_rows, threads, model.flops_per_example())
         bounds = portions(n_rows, size)
         run = run_id("sandblaster")
-        groups = {}  # filled below, once the shards exist; the plan refers to this very dict
+        replicas = {}  # filled below, once the shards exist; the plan refers to this very dict
         make = _ActorMaker(c, run, model, store, n_rows, shards, shard_workers, push_every,
-                           dict(_slow_workers or {}), groups, threads)
+                           dict(_slow_workers or {}), replicas, threads)
         objective = BatchObjective(c, make(start, resume_from if resumed else None), bounds,
                                    n_rows, backups, make)
         recovery = _Recovery(c, run, make, start if resumed is None else None)
         try:
             if plan_p is not None:
-                groups.update({home: Blocks.start(c, plan_p, start, ps=objective.actors.ps,
+                replicas.update({home: Blocks.start(c, plan_p, start, ps=objective.actors.ps,
                                                   addresses=where)
-                               for home, where in place_groups(workers, plan_p.n_blocks).items()})
+                               for home, where in place_homed_blocks(workers, plan_p.n_blocks).items()})
             del start  # from here on the parameters live on the shards (and in ``recovery``)
             checkpoints = _Checkpoints(checkpoint_dir, checkpoint_every, checkpoint_keep,
                                        objective.actors,
@@ -791,7 +791,7 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
                 objective, checkpoints, monitor, recovery, resumed,
                 {"m": history, "max_iter": iterations, "gtol": tolerance, "ftol": ftol})
         finally:
-            for blocks in groups.values():
+            for blocks in replicas.values():
                 blocks.close()
             objective.actors.close()
             if c.status == "running":  # else there is no scheduler to reach the workers by

@@ -55,12 +55,12 @@ class Abandoned(Exception):
 
 
 @dataclass(frozen=True)
-class PortionPlan:
+class PortionSpec:
     """Everything a portion task needs, shipped with each task (small: no arrays).
 
     ``slow`` maps a worker address to a slowdown factor: a test and benchmark option only, which
     makes that worker sleep ``(factor - 1)`` times its compute time after each portion.
-    ``groups`` maps a worker address to the model-parallel replica (a ``partitioned.Blocks``)
+    ``replicas`` maps a worker address to the model-parallel replica (a ``partitioned.Blocks``)
     that computes the portions landing on that worker (empty: each worker computes them alone).
     """
 
@@ -72,7 +72,7 @@ class PortionPlan:
     ledger: object
     push_every: int
     slow: dict = field(default_factory=dict)
-    groups: dict = field(default_factory=dict)
+    replicas: dict = field(default_factory=dict)
     threads: int = 1  # the cluster's worker threads: the last this many portions are the tail
 
 
@@ -137,7 +137,7 @@ class _WorkerRun:
     def __init__(self, model):
         self.model, size = model, model.size
         self.lock, self.fetch_lock = threading.Lock(), threading.Lock()
-        self.group_lock, self.group_steps = threading.Lock(), 0
+        self.replica_lock, self.replica_steps = threading.Lock(), 0
         self.params, self.params_tag = np.empty(size, dtype=np.float32), None
         self.rows: dict[tuple[int, int], tuple] = {}
         self.tag, self.pending, self.in_flight = None, {}, 0
@@ -184,11 +184,11 @@ _RUNS: dict[str, _WorkerRun] = {}
 _RUNS_LOCK = threading.Lock()
 
 
-def _state(plan: PortionPlan) -> _WorkerRun:
+def _state(spec: PortionSpec) -> _WorkerRun:
     with _RUNS_LOCK:
-        state = _RUNS.get(plan.run)
+        state = _RUNS.get(spec.run)
         if state is None:
-            state = _RUNS[plan.run] = _WorkerRun(plan.model)
+            state = _RUNS[spec.run] = _WorkerRun(spec.model)
         return state
 
 
@@ -239,37 +239,37 @@ def forget_run(run: str) -> bool:
         return _RUNS.pop(run, None) is not None
 
 
-def _parameters(plan: PortionPlan, state: _WorkerRun, tag: int):
+def _parameters(spec: PortionSpec, state: _WorkerRun, tag: int):
     """The vector evaluated under ``tag``, fetched once per evaluation; None when ``tag`` is not
     the shards' open evaluation (this task is a leftover of an abandoned one)."""
     with state.fetch_lock:
         if state.params_tag != tag:
             if state.params_tag is not None and state.params_tag > tag:
                 return None
-            pending = [s.read_evaluated(tag) for s in plan.shards]
+            pending = [s.read_evaluated(tag) for s in spec.shards]
             slices = [reply(state, tag, p) for p in pending]
             if any(s is None for s in slices):
                 return None
-            assemble(slices, plan.ranges, state.params)
+            assemble(slices, spec.ranges, state.params)
             state.params_tag = tag
         return state.params
 
 
-def _rows(plan: PortionPlan, state: _WorkerRun, bounds: tuple[int, int]):
+def _rows(spec: PortionSpec, state: _WorkerRun, bounds: tuple[int, int]):
     """The portion's rows, read from the store the first time this worker computes it."""
     rows = state.rows.get(bounds)
     if rows is None:
-        rows = state.rows[bounds] = plan.store.read(*bounds)
+        rows = state.rows[bounds] = spec.store.read(*bounds)
     return rows
 
 
-async def _push(plan: PortionPlan, state: _WorkerRun, tag: int, acc: np.ndarray,
+async def _push(spec: PortionSpec, state: _WorkerRun, tag: int, acc: np.ndarray,
                 portions: dict) -> None:
     """Add ``acc`` into every shard's accumulator (all shards at once, on the worker's event
     loop), naming its portions and their losses (a shard refuses an abandoned evaluation's
     contributions, and finishes only once it holds every portion)."""
     pending = [asyncio.ensure_future(s.accumulate(tag, acc[a:b], 0, portions))
-               for s, (a, b) in zip(plan.shards, plan.ranges)]
+               for s, (a, b) in zip(spec.shards, spec.ranges)]
     while state.abandoned < tag:  # a dead shard's reply may never come
         done, waiting = await asyncio.wait(pending, timeout=WAIT_SLICE)
         if not waiting:
@@ -280,11 +280,11 @@ async def _push(plan: PortionPlan, state: _WorkerRun, tag: int, acc: np.ndarray,
     state.pushed_back(acc)
 
 
-async def _push_counted(plan: PortionPlan, state: _WorkerRun, tag: int, acc: np.ndarray,
+async def _push_counted(spec: PortionSpec, state: _WorkerRun, tag: int, acc: np.ndarray,
                         portions: dict, landed: threading.Event | None = None) -> None:
     """A push, counted in flight until it lands (a flush waits for it); ``landed`` is set then."""
     try:
-        await _push(plan, state, tag, acc, portions)
+        await _push(spec, state, tag, acc, portions)
     finally:
         with state.lock:
             state.in_flight -= 1
@@ -292,7 +292,7 @@ async def _push_counted(plan: PortionPlan, state: _WorkerRun, tag: int, acc: np.
             landed.set()
 
 
-def _claim_and_add(plan: PortionPlan, state: _WorkerRun, tag: int, portion: int, loss, grad,
+def _claim_and_add(spec: PortionSpec, state: _WorkerRun, tag: int, portion: int, loss, grad,
                    seconds: float, backup: bool) -> bool:
     """Claim the portion; if this copy won, add it into the worker's accumulator, and push that
     to the shards every ``push_every`` won portions -- in the background while the thread
@@ -304,21 +304,21 @@ def _claim_and_add(plan: PortionPlan, state: _WorkerRun, tag: int, portion: int,
     with state.lock:
         state.in_flight += 1
     try:
-        unclaimed = reply(state, tag, plan.ledger.claim(tag, portion, seconds))
+        unclaimed = reply(state, tag, spec.ledger.claim(tag, portion, seconds))
         if unclaimed < 0:
             return False
-        tail = unclaimed < plan.threads
+        tail = unclaimed < spec.threads
         with state.lock:
             if not state.current(tag):
                 return True  # counted in an evaluation abandoned meanwhile: nothing to add to
             state.acc += grad
             state.pending[portion] = (worker.address, float(loss), bool(backup))
-            if len(state.pending) < plan.push_every and not tail:
+            if len(state.pending) < spec.push_every and not tail:
                 return True
             acc, portions = state.take()
             state.in_flight += 1  # the push: a flush waits for it to land
         landed = threading.Event() if tail else None
-        worker.loop.add_callback(_push_counted, plan, state, tag, acc, portions, landed)
+        worker.loop.add_callback(_push_counted, spec, state, tag, acc, portions, landed)
         while tail and not landed.wait(WAIT_SLICE):  # the thread waits, but never for an
             _stalled()                                # abandoned evaluation (a lost shard)
             if state.abandoned >= tag:
@@ -329,7 +329,7 @@ def _claim_and_add(plan: PortionPlan, state: _WorkerRun, tag: int, portion: int,
             state.in_flight -= 1
 
 
-def run_portion(plan: PortionPlan, tag: int, portion: int, bounds: tuple[int, int],
+def run_portion(spec: PortionSpec, tag: int, portion: int, bounds: tuple[int, int],
                 backup: bool = False) -> bool:
     """Compute one portion of evaluation ``tag``, claim it, keep it if won (module docstring).
 
@@ -339,87 +339,87 @@ def run_portion(plan: PortionPlan, tag: int, portion: int, bounds: tuple[int, in
     """
     start, _TASK.left = time.perf_counter(), False
     worker = get_worker().address
-    plan.ledger.started(tag, portion, worker)  # not awaited: the reply is of no use here
-    state = _state(plan)
-    group = plan.groups.get(worker)
-    if group is not None:
-        return _run_on_blocks(plan, state, group, tag, portion, bounds, backup, start, worker)
+    spec.ledger.started(tag, portion, worker)  # not awaited: the reply is of no use here
+    state = _state(spec)
+    replica = spec.replicas.get(worker)
+    if replica is not None:
+        return _run_on_blocks(spec, state, replica, tag, portion, bounds, backup, start, worker)
     try:
-        params = _parameters(plan, state, tag)
+        params = _parameters(spec, state, tag)
         if params is None:
             return False
-        X, y = _rows(plan, state, bounds)
+        X, y = _rows(spec, state, bounds)
         tick = time.perf_counter()
         loss, grad = portion_gradient(state.model, params, X, y)
-        _straggle(plan, worker, tick)
+        _straggle(spec, worker, tick)
         compute = time.perf_counter() - tick
-        counted = _claim_and_add(plan, state, tag, portion, loss, grad,
+        counted = _claim_and_add(spec, state, tag, portion, loss, grad,
                                  time.perf_counter() - start, backup)
     except Abandoned:
         return False
-    _report(plan, tag, portion, worker, compute, backup, counted)
+    _report(spec, tag, portion, worker, compute, backup, counted)
     return counted
 
 
-def evaluate_current(plan: PortionPlan, store, stop: int, tag: int) -> dict | None:
+def evaluate_current(spec: PortionSpec, store, stop: int, tag: int) -> dict | None:
     """Test metrics on the first ``stop`` rows of ``store`` at the current iterate (vector
     ``"x"``, between iterations), on a worker that fetches it itself; None when the
     coordinator abandoned ``tag`` meanwhile (a shard was lost)."""
-    state = _state(plan)
-    pending = [s.read("x") for s in plan.shards]
+    state = _state(spec)
+    pending = [s.read("x") for s in spec.shards]
     try:
-        params = assemble([reply(state, tag, p) for p in pending], plan.ranges)
+        params = assemble([reply(state, tag, p) for p in pending], spec.ranges)
     except Abandoned:
         return None
-    return evaluate_rows(plan.model, params, store, 0, stop)
+    return evaluate_rows(spec.model, params, store, 0, stop)
 
 
-def _straggle(plan: PortionPlan, worker: str, tick: float) -> None:
+def _straggle(spec: PortionSpec, worker: str, tick: float) -> None:
     """Test / benchmark only: make a slowed worker a straggler machine."""
-    factor = plan.slow.get(worker, 1.0)
+    factor = spec.slow.get(worker, 1.0)
     if factor > 1.0:
         time.sleep((factor - 1.0) * (time.perf_counter() - tick))
 
 
-def _report(plan: PortionPlan, tag: int, portion: int, worker: str, compute: float, backup: bool,
+def _report(spec: PortionSpec, tag: int, portion: int, worker: str, compute: float, backup: bool,
             counted: bool) -> None:
-    events.emit(events.PORTION, run=plan.run, evaluation=tag, portion=portion, worker=worker,
+    events.emit(events.PORTION, run=spec.run, evaluation=tag, portion=portion, worker=worker,
                 seconds=compute, backup=backup, counted=counted)
 
 
-def _run_on_blocks(plan: PortionPlan, state: _WorkerRun, group, tag: int, portion: int,
+def _run_on_blocks(spec: PortionSpec, state: _WorkerRun, replica, tag: int, portion: int,
                    bounds: tuple[int, int], backup: bool, start: float, worker: str) -> bool:
     """The portion computed by this worker's model-parallel replica: its blocks take their own
     ranges of the evaluated vector from the shards, compute the portion together and, when it
     wins its claim, add their ranges of its gradient into their own float64 sums, which they
     push to the shards themselves. One portion at a time: the blocks hold its gradient until
     the claim is decided."""
-    k = group.plan.n_blocks
-    with state.group_lock:
+    k = replica.plan.n_blocks
+    with state.replica_lock:
         if state.abandoned >= tag:  # queued behind a portion the recovery released
             return False
         try:
-            if not all(group.call("load_evaluated", [(tag,)] * k)):
+            if not all(replica.call("load_evaluated", [(tag,)] * k)):
                 return False
-            X, y = _rows(plan, state, bounds)
+            X, y = _rows(spec, state, bounds)
             tick = time.perf_counter()
-            state.group_steps += 1
-            loss = sum(group.step(X, y, tag=(tag, portion, state.group_steps), reduction="sum",
+            state.replica_steps += 1
+            loss = sum(replica.step(X, y, tag=(tag, portion, state.replica_steps), reduction="sum",
                                   regularize=False))
-            _straggle(plan, worker, tick)
+            _straggle(spec, worker, tick)
             compute = time.perf_counter() - tick
             counted = reply(state, tag,
-                            plan.ledger.claim(tag, portion, time.perf_counter() - start)) >= 0
+                            spec.ledger.claim(tag, portion, time.perf_counter() - start)) >= 0
             if counted:
                 state.record_win(tag, portion, loss, backup)
-                group.call("add_portion", [(tag, portion, plan.push_every)] * k)
+                replica.call("add_portion", [(tag, portion, spec.push_every)] * k)
         except (Abandoned, ServerLost, OSError):  # a shard or a block lost: so is the portion
             return False                          # (OSError: a block's worker left, a timeout)
-    _report(plan, tag, portion, worker, compute, backup, counted)
+    _report(spec, tag, portion, worker, compute, backup, counted)
     return counted
 
 
-async def flush_worker(plan: PortionPlan, tag: int, dask_worker=None) -> dict:
+async def flush_worker(spec: PortionSpec, tag: int, dask_worker=None) -> dict:
     """Push what this worker still holds for evaluation ``tag`` -- its accumulator, and its
     model-parallel replica's sums -- and return ``{portion: (worker, loss, backup)}`` for every
     portion of ``tag`` its replica won and has applied on the shards (block pushes name no
@@ -432,22 +432,22 @@ async def flush_worker(plan: PortionPlan, tag: int, dask_worker=None) -> dict:
     worker, which ``Client.run`` passes in.
     """
     with _RUNS_LOCK:
-        state = _RUNS.get(plan.run)
+        state = _RUNS.get(spec.run)
     if state is None:
         return {}
-    await _flush_accumulator(plan, state, tag)
-    group = plan.groups.get(dask_worker.address) if dask_worker is not None else None
-    if group is None:
+    await _flush_accumulator(spec, state, tag)
+    replica = spec.replicas.get(dask_worker.address) if dask_worker is not None else None
+    if replica is None:
         return {}
     # a portion counts once every block of the replica has pushed it
-    replies = await asyncio.gather(*[a.flush_evaluation(tag) for a in group.actors])
+    replies = await asyncio.gather(*[a.flush_evaluation(tag) for a in replica.actors])
     applied = set.intersection(*map(set, replies))
     with state.lock:
         won = state.won if state.won_tag == tag else {}
         return {p: (dask_worker.address, *won[p]) for p in applied if p in won}
 
 
-async def _flush_accumulator(plan: PortionPlan, state: _WorkerRun, tag: int) -> None:
+async def _flush_accumulator(spec: PortionSpec, state: _WorkerRun, tag: int) -> None:
     """Push what the accumulator holds for ``tag`` once no claim or push is in flight."""
     deadline = time.monotonic() + FLUSH_PATIENCE
     while True:
@@ -460,4 +460,4 @@ async def _flush_accumulator(plan: PortionPlan, state: _WorkerRun, tag: int) -> 
         if time.monotonic() > deadline:  # a claim that never returns: push nothing, and the
             return                       # shards' count starts the evaluation again
         await asyncio.sleep(0.001)
-    await _push(plan, state, tag, acc, portions)
+    await _push(spec, state, tag, acc, portions)
