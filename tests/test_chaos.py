@@ -300,6 +300,22 @@ def training_under_way(cli, run_dir):
     return checkpoint.latest(run_dir / "checkpoints") is not None
 
 
+def stderr_after(cli, run_dir, fault) -> str:
+    """What `daskbelief train` wrote on stderr once ``fault()`` struck under way (after its first
+    checkpoint) and the process ended; it is killed should it outlive the deadline (a hang)."""
+    try:
+        waits.until(lambda: training_under_way(cli, run_dir), timeout=120,
+                    what="the first checkpoint of `daskbelief train`")
+        fault()
+        _, stderr = cli.communicate(timeout=120)  # a hang, not a deadline for speed
+    finally:
+        if cli.poll() is None:
+            chaos.sigkill(cli.pid)
+            cli.communicate(timeout=30)
+    print(stderr)
+    return stderr
+
+
 def test_a_driver_killed_leaves_no_replica_running(tmp_path, digits_path, real_cluster):
     _, file = real_cluster
     with Client(scheduler_file=str(file)) as client:
@@ -322,16 +338,7 @@ def test_a_scheduler_killed_ends_the_run_with_one_line_that_says_how_to_resume(t
     """Within seconds (no call waits out distributed's connect timeout), one line on stderr."""
     scheduler, file = real_cluster
     cli, run_dir = start_training(tmp_path, digits_path, file, algorithm)
-    try:
-        waits.until(lambda: training_under_way(cli, run_dir), timeout=120,
-                    what="the first checkpoint of `daskbelief train`")
-        chaos.sigkill(scheduler.pid)
-        _, stderr = cli.communicate(timeout=60)  # a hang, not a deadline for speed
-    finally:
-        if cli.poll() is None:
-            chaos.sigkill(cli.pid)
-            cli.communicate(timeout=30)
-    print(stderr)
+    stderr = stderr_after(cli, run_dir, lambda: chaos.sigkill(scheduler.pid))
     assert cli.returncode == 3
     ours = stderr.splitlines()
     last = checkpoint.latest(run_dir / "checkpoints")
@@ -353,17 +360,7 @@ def test_every_worker_lost_for_good_ends_the_run_with_one_line_that_says_how_to_
             chaos.dask_workers(file, 2, nthreads=1) as nannies:
         cli, run_dir = start_training(tmp_path, digits_path, file,
                                       env={"DASK_DASKBELIEF__RECOVERY_TIMEOUT": "1"})
-        try:
-            waits.until(lambda: training_under_way(cli, run_dir), timeout=120,
-                        what="the first checkpoint of `daskbelief train`")
-            for nanny in nannies:
-                os.killpg(nanny.pid, signal.SIGKILL)
-            _, stderr = cli.communicate(timeout=120)  # a hang, not a deadline for speed
-        finally:
-            if cli.poll() is None:
-                chaos.sigkill(cli.pid)
-                cli.communicate(timeout=30)
-    print(stderr)
+        stderr = stderr_after(cli, run_dir, lambda: [os.killpg(n.pid, signal.SIGKILL) for n in nannies])
     assert cli.returncode == 3, stderr
     last = checkpoint.latest(run_dir / "checkpoints")
     assert last is not None and checkpoint.is_checkpoint(last)

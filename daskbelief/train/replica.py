@@ -458,6 +458,13 @@ class _PartitionedStepper:
                                    addresses=where)
         HandleVariable(spec.name(f"blocks-{spec.replica}")).set(self.blocks, timeout=CALL_TIMEOUT)
         old.close()
+        # a shard recovered between ``usable`` and the publication above was handed to the
+        # blocks the driver found published then, the old ones: give the new ones its server
+        # (the driver publishes the server before it reads the blocks, so one of the two sees it)
+        latest, ps = self.var.get(timeout=CALL_TIMEOUT)
+        if latest > self.generation:
+            self.generation = latest
+            self.blocks.call("set_server", [(ps,)] * self.n_blocks)
         events.emit(events.RUN, run=spec.run, kind="blocks-recovered", replica=spec.replica,
                     lost_workers=lost, workers=where, seconds=time.time() - started)
 
