@@ -39,7 +39,7 @@ def settings(quick: bool) -> dict:
     """Rows of speech-frames, epochs, seconds between kills, seconds between checkpoints."""
     if quick:
         return {"rows": 30000, "epochs": 3, "kill_every": 5.0, "checkpoint_every": 0.5}
-    return {"rows": 60000, "epochs": 4, "kill_every": 8.0, "checkpoint_every": 4.0}
+    return {"rows": 60000, "epochs": 4, "kill_every": 8.0, "checkpoint_every": 1.0}
 
 
 def hangs(progress_times: list[float], started: float, ended: float) -> int:

@@ -10,7 +10,6 @@ checkpoint and the command that resumes, and exits with status 3; the run direct
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import shlex
@@ -33,38 +32,6 @@ class Terminated(KeyboardInterrupt):
 
 def _terminate(signum, frame):
     raise Terminated()
-
-
-class _InterruptRace(logging.Filter):
-    """Drops one harmless record: when Ctrl-C / SIGTERM lands just as distributed 2026.8's
-    ``sync()`` starts a call, its cancel callback reads a variable not yet assigned and tornado
-    logs that NameError with a traceback. The interrupt itself is handled (the run stops
-    cleanly); the traceback would only make a clean stop look like a crash."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        return not (isinstance(error, NameError) and "'future'" in str(error))
-
-
-class _SchedulerGone(logging.Filter):
-    """Drops distributed's records of its client's reconnect to a lost scheduler: that it gave
-    up, or (the run being lost, the client is closed at once) the traceback of the reconnect's
-    cancellation. The run's own line (``RunLost``) says what was lost, with the last checkpoint
-    and the command that resumes; distributed's records would only bury it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
-            return not _raised_in(record.exc_info[2], "_reconnect")
-        return not record.getMessage().startswith("Failed to reconnect to scheduler")
-
-
-def _raised_in(tb, function: str) -> bool:
-    """Whether the traceback ``tb`` passes through a function named ``function``."""
-    while tb is not None:
-        if tb.tb_frame.f_code.co_name == function:
-            return True
-        tb = tb.tb_next
-    return False
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -229,8 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     # job of a script, some CI runners): Python then leaves SIGINT ignored unless told.
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate),
                 signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
-    logging.getLogger("tornado.application").addFilter(_InterruptRace())
-    logging.getLogger("distributed.client").addFilter(_SchedulerGone())
+    from daskbelief.workarounds import InterruptRace, SchedulerGone
+
+    logging.getLogger("tornado.application").addFilter(InterruptRace())
+    logging.getLogger("distributed.client").addFilter(SchedulerGone())
     try:
         out = COMMANDS[args.command](args)
     except (UsageError, ValueError, FileNotFoundError, FileExistsError) as e:

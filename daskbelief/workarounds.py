@@ -26,7 +26,10 @@
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import pickle
+from concurrent.futures import CancelledError
 
 import numpy as np
 from distributed import Client, Future, Variable, get_worker, secede
@@ -35,6 +38,54 @@ from daskbelief import waits
 
 ACTOR_START_TIMEOUT = 120.0  # seconds for actors to be constructed on their workers
 WORKER_INFO_TIMEOUT = 60.0   # seconds for the scheduler to list its workers
+
+
+class InterruptRace(logging.Filter):
+    """For the CLI: drops one harmless record: when Ctrl-C / SIGTERM lands just as distributed 2026.8's
+    ``sync()`` starts a call, its cancel callback reads a variable not yet assigned and tornado
+    logs that NameError with a traceback. The interrupt itself is handled (the run stops
+    cleanly); the traceback would only make a clean stop look like a crash."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(error, NameError) and "'future'" in str(error))
+
+
+class SchedulerGone(logging.Filter):
+    """For the CLI: drops distributed's records of its client's reconnect to a lost scheduler: that it gave
+    up, or (the run being lost, the client is closed at once) the traceback of the reconnect's
+    cancellation. The run's own line (``RunLost``) says what was lost, with the last checkpoint
+    and the command that resumes; distributed's records would only bury it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+            return not raised_in(record.exc_info[2], "_reconnect")
+        return not record.getMessage().startswith("Failed to reconnect to scheduler")
+
+
+def raised_in(tb, function: str) -> bool:
+    """Whether the traceback ``tb`` passes through a function named ``function``."""
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == function:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+class LostActorCall(logging.Filter):
+    """Drops the traceback of a call to an actor whose worker died: distributed then awaits the
+    actor's own Future, which the scheduler cancels once the actor is lost, and tornado logs that
+    ``FutureCancelledError`` from a callback nobody awaits. The caller has already given up on
+    the call (every wait here has a deadline and a ``give_up``) and the lost actor is recovered
+    or reported; the traceback would only make a survived fault look like a crash."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], CancelledError):
+            return not raised_in(record.exc_info[2], "wait_then_set_result")
+        return True
+
+
+logging.getLogger("tornado.application").addFilter(LostActorCall())
 
 
 def worker_info(client: Client) -> dict[str, dict]:
@@ -99,12 +150,19 @@ def release_actors(futures, actors) -> None:
     """Release actors now: their ``start_actors`` futures and the Future every ``Actor`` object
     made in a client holds on its own key. Releasing only the former leaves each actor alive
     until the garbage collector happens to find its handle (in a reference cycle: any time
-    later), so a long-lived cluster would keep a finished run's actors for a while."""
+    later), so a long-lived cluster would keep a finished run's actors for a while.
+
+    Only the handles of actors on live workers: a call to a lost actor's worker awaits that
+    very Future forever (``Actor.__getattr__``), and releasing it turns the wait into a
+    ``FutureCancelledError`` traceback on the event loop, for nothing to free."""
     for f in futures or []:
         f.release()
-    for a in actors:
-        own = getattr(a, "_future", None)
-        if own is not None:
+    owned = [(a._address, a._future) for a in actors if getattr(a, "_future", None) is not None]
+    if not owned or owned[0][1].client.status != "running":
+        return  # no handle of a client, or no scheduler to tell
+    live = worker_info(owned[0][1].client)
+    for address, own in owned:
+        if address in live:
             own.release()
 
 
