@@ -317,9 +317,12 @@ def stderr_after(cli, run_dir, fault) -> str:
 
 
 def test_a_driver_killed_leaves_no_replica_running(tmp_path, digits_path, real_cluster):
+    """The replicas stop once the lease the driver renews has gone unrenewed for the timeout
+    it wrote into it (its ``daskbelief.lease-timeout``, 3 s here)."""
     _, file = real_cluster
     with Client(scheduler_file=str(file)) as client:
-        cli, run_dir = start_training(tmp_path, digits_path, file)
+        cli, run_dir = start_training(tmp_path, digits_path, file,
+                                      env={"DASK_DASKBELIEF__LEASE_TIMEOUT": "3"})
         try:
             waits.until(lambda: training_under_way(cli, run_dir), timeout=120,
                         what="the first checkpoint of `daskbelief train`")

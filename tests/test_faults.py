@@ -110,7 +110,7 @@ def test_a_lost_parameter_shard_is_recreated_from_the_latest_checkpoint(three_wo
     result = downpour(mlp(), digits_path, test=digits_path, client=three_workers, replicas=2,
                       shards=2 if partition is None else 1, n_fetch=5, n_push=5,
                       rule={"name": "adagrad", "lr": 0.05},
-                      batch_size=32, epochs=80 if partition is None else 25, report_every=10,
+                      batch_size=32, epochs=80 if partition is None else 12, report_every=10,
                       seed=0, checkpoint_dir=ckpts, checkpoint_every=0.5, partition=partition)
     killer.join(timeout=10)
     assert killer.error is None and killer.victim is not None, killer.error
@@ -160,7 +160,7 @@ def test_a_lost_block_is_recreated_and_its_replica_resumes(three_workers, digits
     killer.start()
     result = downpour(mlp(), digits_path, test=digits_path, client=three_workers, replicas=1,
                       shards=1, n_fetch=5, n_push=5, rule={"name": "adagrad", "lr": 0.05},
-                      batch_size=32, epochs=15, report_every=10, seed=0,
+                      batch_size=32, epochs=8, report_every=10, seed=0,
                       partition={"kind": "horizontal", "k": 2})
     killer.join(timeout=10)
     assert killer.error is None and killer.victim is not None, killer.error

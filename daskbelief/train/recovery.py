@@ -6,8 +6,9 @@ lease, and the one error for what cannot be survived.
   worker left.
 * ``pick_worker`` places a recreated actor; ``updates_missing`` counts what a restored shard lacks.
 * ``Lease`` (on the driver) and ``LeaseWatch`` (in a replica): the driver renews a lease every
-  second from a thread of its own; a replica that sees it unchanged for ``LEASE_TIMEOUT`` seconds
-  concludes that its driver is gone and stops, so a dead driver leaves nothing running.
+  second from a thread of its own; a replica that sees it unchanged for the timeout written in it
+  (``lease_timeout()``) concludes that its driver is gone and stops, so a dead driver leaves
+  nothing running.
 * ``errors.RunLost``: the run cannot go on (the scheduler, every worker, or a recovery that
   cannot succeed); it names what was lost and the last complete checkpoint, which the CLI turns
   into one line with the command that resumes.
@@ -18,6 +19,7 @@ import threading
 import time
 from collections import Counter
 
+import dask.config
 from distributed import Variable
 
 from daskbelief.train.errors import DriverGone
@@ -75,21 +77,28 @@ def updates_missing(alive: dict[int, int], saved: list[int], restored: int | Non
     return max((max(v - base(i), 0) for i, v in alive.items()), default=0)
 
 
+def lease_timeout() -> float:
+    """Seconds a replica goes on without its driver's lease renewed: dask config
+    ``daskbelief.lease-timeout`` of the driver's process, default ``LEASE_TIMEOUT``."""
+    return float(dask.config.get("daskbelief.lease-timeout", LEASE_TIMEOUT))
+
+
 class Lease(threading.Thread):
-    """The driver's heartbeat: a counter in the Dask Variable ``name``, renewed every
-    ``LEASE_EVERY`` seconds by this daemon thread until ``stop()`` (or the process dies)."""
+    """The driver's heartbeat: ``[counter, timeout]`` in the Dask Variable ``name``, the counter
+    renewed every ``LEASE_EVERY`` seconds by this daemon thread until ``stop()`` (or the process
+    dies). The timeout travels with it: the driver says how long its replicas may wait for it."""
 
     def __init__(self, client, name: str):
         super().__init__(daemon=True, name=f"lease-{name}")
-        self.var, self.count = Variable(name, client=client), 0
-        self.var.set(0)
+        self.var, self.count, self.timeout = Variable(name, client=client), 0, lease_timeout()
+        self.var.set([0, self.timeout])
         self._stopped = threading.Event()
 
     def run(self) -> None:
         while not self._stopped.wait(LEASE_EVERY):
             self.count += 1
             try:
-                self.var.set(self.count, timeout=LEASE_EVERY * 5)
+                self.var.set([self.count, self.timeout], timeout=LEASE_EVERY * 5)
             except Exception:  # noqa: BLE001 -- the scheduler unreachable: the driver finds out itself
                 continue
 
@@ -99,8 +108,8 @@ class Lease(threading.Thread):
 
 class LeaseWatch:
     """A replica's view of its driver's ``Lease``: ``expired()`` is cheap to call every step (it
-    reads the Variable at most once a second) and true once the lease went unrenewed for
-    ``timeout`` seconds."""
+    reads the Variable at most once a second) and true once the lease went unrenewed for the
+    timeout the driver wrote into it (``timeout`` until it is first read)."""
 
     def __init__(self, name: str, timeout: float = LEASE_TIMEOUT):
         self.var, self.timeout = Variable(name), timeout
@@ -121,4 +130,5 @@ class LeaseWatch:
             value = self.value
         if value != self.value:
             self.value, self.renewed = value, now
+            self.timeout = value[1]
         return now - self.renewed > self.timeout
