@@ -306,6 +306,19 @@ def test_the_updates_a_restored_shard_lacks_count_from_its_own_saved_version():
     assert updates_missing({0: 3}, [4, 0], restored=0) == 0
 
 
+def bare_driver(client, run: str, ps, futures, model, **kwargs):
+    """A Downpour ``Driver`` over ``futures`` (none: no replica) and ``ps``, with the run's real
+    coordination objects, driven by a test instead of ``downpour()``: for the named cases of
+    the run's end, which no kill timed from outside can reach reliably."""
+    from daskbelief.train.downpour import _coordinate
+    from daskbelief.train.driver import Driver
+    from daskbelief.train.replica import ReplicaSpec
+
+    spec = ReplicaSpec(run, 0, "", "train", (0, 1), 1, 1, None, 1, 1, 0, False, 1, 1, 0)
+    return Driver(client, run, ps, futures, model, None, _coordinate(client, spec, ps, {0: 0}, 0),
+                  **kwargs)
+
+
 @pytest.mark.parametrize("seed", [5])
 def test_a_shard_holder_lost_as_the_run_ends_is_recovered_before_the_final_state(three_workers,
                                                                                  tmp_path, seed):
@@ -315,17 +328,13 @@ def test_a_shard_holder_lost_as_the_run_ends_is_recovered_before_the_final_state
     (seeded) comes back from the latest checkpoint and all of it describes the recovered server."""
     from daskbelief.optim.rules import make_rule
     from daskbelief.ps.server import ParameterServer
-    from daskbelief.train.downpour import _coordinate
-    from daskbelief.train.driver import Driver
-    from daskbelief.train.replica import ReplicaSpec
 
     client, model = three_workers, mlp()
     lost = int(chaos.draws(seed)[0].integers(2))
     print(f"seed {seed}: shard {lost}'s holder killed after the replicas finished", flush=True)
     ps = ParameterServer.create(client, model.init(0), 2, make_rule({"name": "adagrad", "lr": 0.1}))
-    spec = ReplicaSpec("downpour-endtest", 0, "", "train", (0, 1), 1, 1, None, 1, 1, 0, False, 1, 1, 0)
-    driver = Driver(client, spec.run, ps, [], model, None, _coordinate(client, spec, ps, {0: 0}, 0),
-                    checkpoint_dir=tmp_path, initial=model.init(0), checkpoint_meta={"model": model.to_dict()})
+    driver = bare_driver(client, "downpour-endtest", ps, [], model, checkpoint_dir=tmp_path,
+                         initial=model.init(0), checkpoint_meta={"model": model.to_dict()})
     try:
         grad = np.random.default_rng(seed).standard_normal(model.size).astype(np.float32)
         for _ in range(2):
@@ -364,9 +373,6 @@ def test_a_replica_dask_gave_up_on_as_the_others_finish_is_submitted_again(tmp_p
     import dask
 
     from daskbelief.ps.server import ParameterServer
-    from daskbelief.train.downpour import _coordinate
-    from daskbelief.train.driver import Driver
-    from daskbelief.train.replica import ReplicaSpec
 
     marker = str(tmp_path / "ran")
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
@@ -376,15 +382,13 @@ def test_a_replica_dask_gave_up_on_as_the_others_finish_is_submitted_again(tmp_p
         waits.until(lambda: first.status == "error", timeout=60, what="the first attempt to fail")
         waits.until(lambda: worker_info(client), timeout=60, what="the nanny to restart the worker")
         ps = ParameterServer.create(client, np.zeros(4, dtype=np.float32), 1)
-        spec = ReplicaSpec("downpour-giveup", 0, "", "train", (0, 1), 1, 1, None, 1, 1, 0, False, 1, 1, 0)
-        driver = Driver(client, spec.run, ps, [first], mlp(), None,
-                        _coordinate(client, spec, ps, {0: 0}, 0),
-                        resubmit=lambda r: client.submit(_dies_the_first_time, marker, pure=False))
+        driver = bare_driver(client, "downpour-giveup", ps, [first], mlp(),
+                             resubmit=lambda r: client.submit(_dies_the_first_time, marker, pure=False))
         try:
             outcomes = driver.wait()
         finally:
             driver.close()
         restarted = [m for _, m in client.get_events(events.RUN)
-                     if m.get("run") == spec.run and m.get("kind") == "replica-restarted"]
+                     if m.get("run") == "downpour-giveup" and m.get("kind") == "replica-restarted"]
     assert outcomes == [{"replica": 0, "samples": 1, "attempt": 0}] and driver.resubmits == [1]
     assert len(restarted) == 1, restarted

@@ -312,8 +312,8 @@ class Driver:
 
     def close(self, grace: float = 5.0) -> None:
         """Stop any replica still running (released from the warm start too, given ``grace``
-        seconds to return before its task is cancelled, unless no worker is left), end the lease, delete the run's
-        Variables and release the shards."""
+        seconds to return before its task is cancelled, unless no worker is left), end the
+        lease, delete the run's Variables and release the shards."""
         self.coordination["lease"].stop()
         if self.client.status == "running":
             self.coordination["stop"].set()

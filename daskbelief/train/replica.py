@@ -430,11 +430,15 @@ class _PartitionedStepper:
         if lost:
             self._rebuild(client, lost)
             return True
+        self._take_newer_server()
+        return isinstance(error, (ServerLost, waits.WaitTimeout, OSError))
+
+    def _take_newer_server(self) -> None:
+        """Hand the blocks the published server if it is newer than theirs (a recovery)."""
         generation, ps = self.var.get(timeout=CALL_TIMEOUT)
         if generation > self.generation:
             self.generation = generation
             self.blocks.call("set_server", [(ps,)] * self.n_blocks)
-        return isinstance(error, (ServerLost, waits.WaitTimeout, OSError))
 
     def _rebuild(self, client, lost: list[str]) -> None:
         """New blocks on live workers, from a server whose shards are all alive."""
@@ -461,10 +465,7 @@ class _PartitionedStepper:
         # a shard recovered between ``usable`` and the publication above was handed to the
         # blocks the driver found published then, the old ones: give the new ones its server
         # (the driver publishes the server before it reads the blocks, so one of the two sees it)
-        latest, ps = self.var.get(timeout=CALL_TIMEOUT)
-        if latest > self.generation:
-            self.generation = latest
-            self.blocks.call("set_server", [(ps,)] * self.n_blocks)
+        self._take_newer_server()
         events.emit(events.RUN, run=spec.run, kind="blocks-recovered", replica=spec.replica,
                     lost_workers=lost, workers=where, seconds=time.time() - started)
 
