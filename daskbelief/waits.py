@@ -1,6 +1,6 @@
 """The one way to wait: every wait has a deadline, and when it gives up it says what it waited for.
 
-``until`` polls a condition, ``result`` waits for a future (a Dask future, an actor call's future,
+``until`` polls a condition (``until_async`` inside a coroutine), ``result`` waits for a future (a Dask future, an actor call's future,
 or a ``concurrent.futures.Future``) in slices, ``result_async`` does the same inside a coroutine.
 Between slices an optional ``give_up()`` is asked whether waiting still makes sense: it returns
 an exception to raise (e.g. the worker that should answer is gone) or None to keep waiting. This
@@ -71,6 +71,19 @@ async def result_async(awaitable, *, timeout: float, what: str, every: float = 1
     except BaseException:
         task.cancel()
         raise
+
+
+async def until_async(check: Callable, *, timeout: float, what: str, every: float = 0.1, give_up=None):
+    """``until`` inside a coroutine: the event loop serves others between checks."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        _stop_if(give_up)
+        if time.monotonic() >= deadline:
+            raise WaitTimeout(what, timeout)
+        await asyncio.sleep(min(every, max(deadline - time.monotonic(), 0.0)))
 
 
 def _stop_if(give_up) -> None:

@@ -392,3 +392,34 @@ def test_a_replica_dask_gave_up_on_as_the_others_finish_is_submitted_again(tmp_p
                      if m.get("run") == "downpour-giveup" and m.get("kind") == "replica-restarted"]
     assert outcomes == [{"replica": 0, "samples": 1, "attempt": 0}] and driver.resubmits == [1]
     assert len(restarted) == 1, restarted
+
+
+def _hangs_until(name: str) -> dict:
+    """A replica stand-in that hangs (no push, no failure) until the test sets Event ``name``."""
+    from distributed import Event
+
+    Event(name).wait(timeout=120)
+    return {"replica": 0, "samples": 0, "attempt": 0}
+
+
+def test_replicas_that_all_stop_pushing_without_failing_end_the_run_with_runlost(client):
+    """A hang no failure reveals: the replica runs on and never pushes. Once no shard's version
+    moved for ``daskbelief.stall-timeout`` seconds (1 s here), ``wait()`` raises ``RunLost``
+    naming it, long before the replica would return (120 s: then there would be no error)."""
+    import dask
+    from distributed import Event
+
+    from daskbelief.ps.server import ParameterServer
+    from daskbelief.train.errors import RunLost
+
+    ps = ParameterServer.create(client, np.zeros(4, dtype=np.float32), 1)
+    hang = f"hang-{os.getpid()}-{time.time_ns()}"
+    future = client.submit(_hangs_until, hang, pure=False)
+    driver = bare_driver(client, "downpour-stalled", ps, [future], mlp(), watch_every=0.1)
+    try:
+        with dask.config.set({"daskbelief.stall-timeout": 1.0}), pytest.raises(RunLost) as lost:
+            driver.wait()
+    finally:
+        Event(hang, client=client).set()
+        driver.close()
+    assert "lost every replica: none pushed for" in str(lost.value), lost.value

@@ -70,8 +70,8 @@ def save(root, ps, *, model: dict, config: dict | None = None, counters: dict | 
          algorithm: str | None = None, give_up=None, normaliser: dict | None = None) -> Path:
     """Write a checkpoint of every shard under ``root`` and return its path.
 
-    Keeps the newest ``keep`` complete checkpoints and deletes older ones, so a long run does not
-    fill the disk. ``timeout``: seconds to wait for the shards (a lost shard never answers);
+    Keeps the newest ``keep`` complete checkpoints and deletes older ones (and what an interrupted
+    write left), so a long run does not fill the disk and only complete checkpoints remain. ``timeout``: seconds to wait for the shards (a lost shard never answers);
     ``give_up()``: asked while waiting, returns an exception to stop waiting (``waits.result``).
     ``vectors``: names of Sandblaster vectors the shards save too; ``lbfgs``: the L-BFGS state;
     ``algorithm``: the engine's registered name (which engine may resume it); ``normaliser``:
@@ -81,7 +81,8 @@ def save(root, ps, *, model: dict, config: dict | None = None, counters: dict | 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     existing = _numbers(root)
-    path = root / f"{PREFIX}{(max(existing) + 1 if existing else 0):06d}"
+    number = max(existing) + 1 if existing else 0
+    path = root / f"{PREFIX}{number:06d}"
     vectors = list(vectors)
     arrays = ["params", *(f"state/{n}" for n in sorted(ps.state_names())),
               *(f"vectors/{n}" for n in vectors)]
@@ -97,8 +98,11 @@ def save(root, ps, *, model: dict, config: dict | None = None, counters: dict | 
     group = zarr.open_group(str(path), mode="r+")
     group.attrs.update({"versions": [s["version"] for s in shards], "shards": shards,
                         "complete": True})
-    for old in complete(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    kept = set(complete(root)[-keep:])
+    for n in _numbers(root):  # older ones, and leftovers of an interrupted write: a shard that
+        old = root / f"{PREFIX}{n:06d}"  # outlived the failure may have written after its rmtree
+        if old not in kept and n < number:
+            shutil.rmtree(old, ignore_errors=True)
     return path
 
 

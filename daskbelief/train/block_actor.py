@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 
 import numpy as np
 from distributed import get_worker
 
 from daskbelief import waits
 from daskbelief.ps.policy import overlaps
+from daskbelief.ps.pushes import PushWindow
 from daskbelief.ps.server import RECOVERY_TIMEOUT, WAIT_SLICE, ServerLost
 from daskbelief.train.block import Block
 from daskbelief.train.partition import Plan
@@ -31,14 +31,10 @@ class BlockActor(Block):
         super().__init__(plan, index, values)
         self.ps, self.replica, self.overlap = ps, replica, overlap
         self.versions = [{} for _ in self.ranges]
-        self.max_in_flight = max_in_flight
-        self._free: list = []  # gradient buffers not travelling; at most max_in_flight + 1 exist
-        self._buffers = 0
-        self._flight: deque = deque()
+        self._window = PushWindow(self.size, max_in_flight, overlap, self.params.dtype)  # ps.pushes
         self.generation = 0  # bumped by ``set_server`` when the driver recovers a shard
         self._evaluation, self._sums, self._pending, self._applied = None, None, [], []
         self._acc = None
-        self.staleness: list[int] = []
         self.counters = {"messages": 0, "bytes_sent": 0, "compute_seconds": 0.0}
 
     def connect(self, peers) -> None:
@@ -84,6 +80,10 @@ class BlockActor(Block):
         """One forward/backward pass (gradient kept in the block)."""
         return await self.run_step(tag, x, y, n, reduction, regularize)
 
+    @property
+    def staleness(self) -> list[int]:
+        return self._window.staleness
+
     def get_grad(self):
         return self.grad
 
@@ -128,11 +128,9 @@ class BlockActor(Block):
         """Use a recovered parameter server from now on; returns the pushes in flight to the old
         one, which are dropped (their buffers reused), as is the gradient being accumulated."""
         self.ps, self.generation = ps, self.generation + 1
-        dropped = len(self._flight)
-        self._free.extend(acc for _, acc in self._flight)
-        self._flight.clear()
+        dropped = self._window.drop()
         if self._acc is not None:
-            self._free.append(self._acc)
+            self._window.release(self._acc)
             self._acc = None
         self.versions = [{} for _ in self.ranges]
         return dropped
@@ -167,12 +165,9 @@ class BlockActor(Block):
         return loss, self.staleness[seen:]
 
     async def _buffer(self):
-        if not self._free and self._buffers <= self.max_in_flight:
-            self._buffers += 1
-            return np.zeros_like(self.params)
-        if not self._free:
+        if self._window.must_settle():
             await self._settle_oldest()
-        buf = self._free.pop()
+        buf = self._window.buffer()
         buf.fill(0)
         return buf
 
@@ -184,18 +179,18 @@ class BlockActor(Block):
                                                steps_done)
             replies.append((a, b, dict(versions), futures))
             offset += b - a
-        self._flight.append((replies, acc))
-        while len(self._flight) > (self.max_in_flight if self.overlap else 0):
+        self._window.launch(replies, acc, None)
+        while self._window.over():
             await self._settle_oldest()
 
     async def _settle_oldest(self) -> None:
-        replies, acc = self._flight[0]
+        replies, _ = self._window.oldest()
+        pairs = []
         for a, b, versions, futures in replies:
             new = await self._replies(futures)
-            for (shard, _, _), version in zip(overlaps(self.ps.ranges, a, b), new):
-                self.staleness.append(version - 1 - versions.get(shard, 0))
-        self._flight.popleft()
-        self._free.append(acc)
+            pairs += [(version, versions.get(shard, 0))
+                      for (shard, _, _), version in zip(overlaps(self.ps.ranges, a, b), new)]
+        self._window.settled(pairs)
 
     # -- Sandblaster: this block's ranges of the evaluated vector and of the gradient sums ------
     def _pieces(self):
@@ -258,6 +253,6 @@ class BlockActor(Block):
         seen = len(self.staleness)
         if self._acc is not None:
             await self._push(steps_done)
-        while self._flight:
+        while self._window.over(now=True):
             await self._settle_oldest()
         return self.staleness[seen:]

@@ -37,6 +37,12 @@ def recovery_timeout() -> float:
     return float(dask.config.get("daskbelief.recovery-timeout", 300.0))
 
 
+def stall_timeout() -> float:
+    """Seconds every replica may go without a push before the run is lost as hung: dask config
+    ``daskbelief.stall-timeout``, default 300."""
+    return float(dask.config.get("daskbelief.stall-timeout", 300.0))
+
+
 class Driver:
     """Periodic duties around a running set of replica futures; see the module docstring.
 
@@ -61,6 +67,7 @@ class Driver:
         self.seconds = 0.0
         self.test_rows: list[dict] = []
         self.versions = [0] * len(ps.shards)
+        self._moved = (None, time.time())  # the shards' versions last seen to change, and when
         self.updates_lost = 0
         self.recoveries = 0
         self.resubmits = [0] * len(self.futures)
@@ -183,6 +190,17 @@ class Driver:
         except Exception:  # noqa: BLE001 -- a worker dying right now; the next watch sees it
             return
         self.report_shards(stats)
+        self._check_progress()
+
+    def _check_progress(self) -> None:
+        """``RunLost`` once no shard's version moved for ``stall_timeout()`` seconds: replicas
+        that all stopped pushing without failing (a hang) end the run, naming it, instead of
+        keeping it waiting for ever."""
+        now, (seen, since) = time.time(), self._moved
+        if self.versions != seen:
+            self._moved = (list(self.versions), now)
+        elif now - since > stall_timeout():
+            raise RunLost(f"every replica: none pushed for {now - since:.0f}s", self.last_checkpoint())
 
     def report_shards(self, stats: list[dict]) -> None:
         """Remember the shards' versions and publish their counters as SHARD events."""
@@ -215,6 +233,7 @@ class Driver:
                 events.emit(events.RUN, run=self.run, kind="recovery-failed", shard=i, error=repr(e)[:500])
                 return
         self.generation += 1
+        self._moved = (None, time.time())  # the replicas reconnect from now
         self.coordination["ps"].set((self.generation, self.ps))
         self._hand_over()
 

@@ -27,6 +27,7 @@ from daskbelief.monitor import events
 from daskbelief.optim.staleness import must_wait
 from daskbelief.ps.compress import Feedback
 from daskbelief.ps.policy import place_blocks
+from daskbelief.ps.pushes import PushWindow, fetch_due, push_due
 from daskbelief.ps.server import CALL_TIMEOUT, RECOVERY_TIMEOUT, WAIT_SLICE, ServerLost
 from daskbelief.train import elastic
 from daskbelief.train.errors import DriverGone
@@ -101,10 +102,10 @@ def _batches(store, spec: ReplicaSpec, done: int):
 class _Link:
     """A replica's traffic with the parameter server: fetches, bounded pushes in flight, recovery.
 
-    A gradient buffer is reused only after the shards acknowledged the push that carried it, so
-    memory stays at ``limit + 1`` buffers however far the replica runs ahead. Any failure of a
-    server call becomes ``ServerLost``; ``recover`` then waits for the driver to publish a server
-    with the lost shard recreated, and drops what was in flight to the old one.
+    Its pushes follow the one schedule of every parameter-server client (``ps.pushes``: the
+    in-flight window, buffer reuse, staleness). Any failure of a server call becomes
+    ``ServerLost``; ``recover`` then waits for the driver to publish a server with the lost shard
+    recreated, and drops what was in flight to the old one.
 
     A call to a shard whose worker died may never be answered at all (distributed 2026.8 leaves
     such an actor future pending when the actor's own future can no longer complete), so replies
@@ -116,12 +117,9 @@ class _Link:
         self.var, self.lease = HandleVariable(spec.name("ps")), lease
         generation, ps = self.var.get(timeout=CALL_TIMEOUT)
         self.generation, self.ps = generation, ps.here()
-        self.limit = spec.max_in_flight if spec.overlap else 1
         self.replica = f"replica-{spec.replica}"
-        self.free = [np.zeros(size, dtype=np.float32) for _ in range(self.limit + 1)]
-        self.flight: deque = deque()
+        self.window = PushWindow(size, spec.max_in_flight, spec.overlap)
         self.pending = None
-        self.staleness: list[int] = []
         self.pushes_lost = 0
         self.feedback = (None if spec.compression is None
                          else Feedback(spec.compression, spec.topk_fraction))
@@ -158,16 +156,20 @@ class _Link:
         pending, self.pending = self.pending, None
         return self._call(self.ps.gather, pending, out, self._wait)
 
+    @property
+    def staleness(self) -> list[int]:
+        return self.window.staleness
+
     def buffer(self) -> np.ndarray:
         """A buffer (contents undefined) to accumulate the next push into, waiting for one if
         all travel."""
-        if not self.free:
+        if self.window.must_settle():
             self._settle_oldest()
-        return self.free.pop()
+        return self.window.buffer()
 
     def release(self, buf) -> None:
         """Give back a buffer that will not be pushed (its gradient was lost with a shard)."""
-        self.free.append(buf)
+        self.window.release(buf)
 
     def push(self, grad, versions, steps_done: int, wait_now: bool) -> None:
         """Push ``grad`` (a buffer from ``buffer``) computed on parameters of ``versions``;
@@ -175,20 +177,18 @@ class _Link:
         self._keep_bound()
         encode = None if self.feedback is None else self.feedback.encode
         self.ahead += 1
-        self.flight.append((self._call(self.ps.push_async, grad, versions, self.replica, steps_done,
-                                       encode), grad, versions))
-        while len(self.flight) > (0 if wait_now else self.limit):
+        self.window.launch(self._call(self.ps.push_async, grad, versions, self.replica, steps_done,
+                                      encode), grad, versions)
+        while self.window.over(now=wait_now):
             self._settle_oldest()
 
     def _settle_oldest(self) -> None:
-        replies, grad, versions = self.flight[0]
+        replies, versions = self.window.oldest()
         new = self._call(lambda: [self._wait(r) for r in replies])
-        self.flight.popleft()
-        self.staleness.extend(v - 1 - base for v, base in zip(new, versions))
-        self.free.append(grad)
+        self.window.settled(zip(new, versions))
 
     def drain(self) -> None:
-        while self.flight:
+        while self.window.over(now=True):
             self._settle_oldest()
 
     def _keep_bound(self) -> None:
@@ -227,9 +227,7 @@ class _Link:
         self.generation, ps = waits.until(newer, timeout=timeout, every=0.2, give_up=self.lease.give_up,
                                           what=f"{self.replica}: the driver to recover a lost shard")
         self.ps = ps.here()
-        self.pushes_lost += len(self.flight)
-        self.free.extend(grad for _, grad, _ in self.flight)
-        self.flight.clear()
+        self.pushes_lost += self.window.drop()
         self.pending = None
 
 
@@ -260,7 +258,7 @@ class _Stepper:
         """One minibatch; None when a shard was lost meanwhile (the step's gradient with it)."""
         spec, link = self.spec, self.link
         try:
-            if step > 0 and step % spec.n_fetch == 0:
+            if fetch_due(step, spec.n_fetch):
                 if spec.overlap:
                     link.fetch_begin()
                 else:
@@ -273,7 +271,7 @@ class _Stepper:
                 self._fetched()
             self.acc_steps += 1
             self.steps_done = step + 1
-            if self.acc_steps == spec.n_push:
+            if push_due(self.acc_steps, spec.n_push):
                 link.push(self._take_push(), self.versions, self.steps_done,
                           wait_now=not spec.overlap)
             return loss
@@ -382,7 +380,7 @@ class _PartitionedStepper:
         self.feedback = (None if spec.compression is None
                          else Feedback(spec.compression, spec.topk_fraction))
         self.rebuilds = 0
-        self.steps_done = first_step
+        self.steps_done, self.accumulated = first_step, 0  # steps whose gradients the blocks hold
         self.n_blocks = blocks.plan.n_blocks
         self._fetch()
 
@@ -390,17 +388,19 @@ class _PartitionedStepper:
         """One minibatch; None when a shard or a block was lost meanwhile (the step's gradient
         with it)."""
         spec = self.spec
-        fetch = step > 0 and step % spec.n_fetch == 0
-        push = (step - self.first + 1) % spec.n_push == 0
+        push = push_due(self.accumulated + 1, spec.n_push)
         try:
-            out = self.blocks.train_step(X, y, tag=(spec.run, spec.replica, step), fetch=fetch,
-                                         push=push, steps_done=step + 1)
+            out = self.blocks.train_step(X, y, tag=(spec.run, spec.replica, step),
+                                         fetch=fetch_due(step, spec.n_fetch), push=push,
+                                         steps_done=step + 1)
         except DriverGone:
             raise
         except Exception as e:  # noqa: BLE001 -- sorted out by _recover: a shard, a block, or final
             self.pushes_lost += 1
+            self.accumulated = 0
             self._fetch(e)
             return None
+        self.accumulated = 0 if push else self.accumulated + 1
         self.steps_done = step + 1
         self.staleness.extend(s for _, st in out for s in st)
         return sum(loss for loss, _ in out)
@@ -689,9 +689,14 @@ class _Supply:
 
 
 def _connect(link: _Link, out):
-    """Fetch the parameters, waiting through server recoveries."""
-    while True:
+    """Fetch the parameters, waiting through server recoveries (for ``RECOVERY_TIMEOUT`` in
+    all)."""
+    def fetched():
         try:
             return link.fetch(out)
         except ServerLost:
             link.recover()
+            return None
+
+    return waits.until(fetched, timeout=RECOVERY_TIMEOUT, every=0, give_up=link.lease.give_up,
+                       what=f"{link.replica}: the parameter server's parameters")

@@ -39,12 +39,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from distributed import get_worker
 
+from daskbelief import waits
 from daskbelief.monitor import events
 from daskbelief.ps.server import ServerLost
 from daskbelief.workarounds import leave_thread_pool
 from daskbelief.train.evaluate import evaluate_rows
 from daskbelief.train.objective import portion_gradient
-from daskbelief.train.sharded_vectors import WAIT_SLICE, assemble
+from daskbelief.train.sharded_vectors import PATIENCE, WAIT_SLICE, assemble
 
 
 FLUSH_PATIENCE = 60.0  # seconds a flush waits for claims in flight before giving up
@@ -219,18 +220,26 @@ def _stalled() -> None:
         leave_thread_pool()
 
 
-def reply(state: _WorkerRun, tag: int, pending):
-    """The result of an actor call made for evaluation ``tag``, awaited in slices; raises
-    ``Abandoned`` once the evaluation is given up or the actor's worker cannot be reached."""
-    while True:
-        try:
-            return pending.result(timeout=WAIT_SLICE)
-        except TimeoutError:
-            _stalled()
-            if state.abandoned >= tag:
-                raise Abandoned(tag) from None
-        except OSError as e:  # "Unable to contact Actor's worker"
-            raise Abandoned(tag) from e
+def _abandoned(state: _WorkerRun, tag: int):
+    """For ``daskbelief.waits``: ``Abandoned`` once the coordinator gave up evaluation ``tag``;
+    a wait that lasts hands its pool thread back first (``_stalled``)."""
+    def give_up():
+        _stalled()
+        return Abandoned(tag) if state.abandoned >= tag else None
+    return give_up
+
+
+def reply(state: _WorkerRun, tag: int, pending, what: str = "a parameter shard's reply"):
+    """The result of an actor call made for evaluation ``tag``, awaited in slices for at most
+    ``PATIENCE`` seconds; raises ``Abandoned`` once the evaluation is given up or the actor's
+    worker cannot be reached."""
+    try:
+        return waits.result(pending, timeout=PATIENCE, every=WAIT_SLICE,
+                            give_up=_abandoned(state, tag), what=f"evaluation {tag}: {what}")
+    except waits.WaitTimeout:
+        raise
+    except OSError as e:  # "Unable to contact Actor's worker"
+        raise Abandoned(tag) from e
 
 
 def forget_run(run: str) -> bool:
@@ -270,14 +279,17 @@ async def _push(spec: PortionSpec, state: _WorkerRun, tag: int, acc: np.ndarray,
     contributions, and finishes only once it holds every portion)."""
     pending = [asyncio.ensure_future(s.accumulate(tag, acc[a:b], 0, portions))
                for s, (a, b) in zip(spec.shards, spec.ranges)]
-    while state.abandoned < tag:  # a dead shard's reply may never come
-        done, waiting = await asyncio.wait(pending, timeout=WAIT_SLICE)
-        if not waiting:
-            break
-    for reply_ in pending:  # read every error (a lost shard's), so none is reported unread
-        if reply_.done():
-            reply_.exception()
-    state.pushed_back(acc)
+    try:  # a dead shard's reply may never come: wait until the evaluation is abandoned
+        await waits.result_async(asyncio.wait(pending), timeout=PATIENCE, every=WAIT_SLICE,
+                                 give_up=lambda: Abandoned(tag) if state.abandoned >= tag else None,
+                                 what=f"evaluation {tag}: the shards to take a worker's push")
+    except Abandoned:
+        pass
+    finally:
+        for reply_ in pending:  # read every error (a lost shard's), so none is reported unread
+            if reply_.done() and not reply_.cancelled():
+                reply_.exception()
+        state.pushed_back(acc)
 
 
 async def _push_counted(spec: PortionSpec, state: _WorkerRun, tag: int, acc: np.ndarray,
@@ -319,10 +331,13 @@ def _claim_and_add(spec: PortionSpec, state: _WorkerRun, tag: int, portion: int,
             state.in_flight += 1  # the push: a flush waits for it to land
         landed = threading.Event() if tail else None
         worker.loop.add_callback(_push_counted, spec, state, tag, acc, portions, landed)
-        while tail and not landed.wait(WAIT_SLICE):  # the thread waits, but never for an
-            _stalled()                                # abandoned evaluation (a lost shard)
-            if state.abandoned >= tag:
-                break
+        if tail:  # the thread waits, but never for an abandoned evaluation (a lost shard)
+            try:
+                waits.until(lambda: landed.wait(WAIT_SLICE), timeout=PATIENCE, every=0,
+                            give_up=_abandoned(state, tag),
+                            what=f"evaluation {tag}: portion {portion}'s push to land")
+            except Abandoned:
+                pass
         return True
     finally:
         with state.lock:
@@ -449,15 +464,20 @@ async def flush_worker(spec: PortionSpec, tag: int, dask_worker=None) -> dict:
 
 async def _flush_accumulator(spec: PortionSpec, state: _WorkerRun, tag: int) -> None:
     """Push what the accumulator holds for ``tag`` once no claim or push is in flight."""
-    deadline = time.monotonic() + FLUSH_PATIENCE
-    while True:
+    def settled():
+        """None while claims or pushes travel; then ``(accumulator, portions)`` to push, or
+        ``(None, None)`` for nothing."""
         with state.lock:  # task threads hold it only for an in-memory add
-            if state.in_flight == 0 or state.abandoned >= tag:
-                if state.tag != tag or state.abandoned >= tag or not state.pending:
-                    return
-                acc, portions = state.take()
-                break
-        if time.monotonic() > deadline:  # a claim that never returns: push nothing, and the
-            return                       # shards' count starts the evaluation again
-        await asyncio.sleep(0.001)
-    await _push(spec, state, tag, acc, portions)
+            if state.in_flight and state.abandoned < tag:
+                return None
+            if state.tag != tag or state.abandoned >= tag or not state.pending:
+                return None, None
+            return state.take()
+
+    try:
+        acc, portions = await waits.until_async(settled, timeout=FLUSH_PATIENCE, every=0.001,
+                                                what=f"evaluation {tag}: the claims in flight")
+    except waits.WaitTimeout:  # a claim that never returns: push nothing, and the shards'
+        return                 # count starts the evaluation again
+    if acc is not None:
+        await _push(spec, state, tag, acc, portions)
