@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 
 from daskbelief.backend import namespace
-from daskbelief.nn.activations import get_activation
 from daskbelief.nn.layers import Scratch, layer_from_dict
 from daskbelief.train.partition import box_shape, box_size
 
@@ -50,17 +49,17 @@ class DensePiece:
     pre-activation of every unit; the partials of the piece's own units, summed over the blocks,
     plus its bias slice, make its activations. Backward is the transpose: the deltas of every
     unit (the piece's own and the ones other blocks send) give ``W[rows]``'s gradient and the
-    deltas of the block's inputs."""
+    deltas of the block's inputs. The arithmetic is the layer's own (``Dense.linear`` and the
+    rest, batch-last), only cut and summed across blocks here."""
 
     def __init__(self, piece, layer, offset: int):
-        self.piece = piece
+        self.piece, self.layer = piece, layer
         self.units = layer.units
         self.n_in = box_size(piece.in_box)
         self.own = None if piece.out_box is None else slice(*piece.out_box[0])
         self.slots = [("W", offset, (self.n_in, self.units))]
         if self.own is not None:
             self.slots.append(("b", offset + piece.w_size, (self.own.stop - self.own.start,)))
-        self.act = get_activation(layer.activation)
         self.scratch = Scratch()
 
     def partial(self, p, x):
@@ -68,15 +67,13 @@ class DensePiece:
         xp = namespace(W)
         n = x.shape[-1]
         out = self.scratch.empty("partial", (self.units, n), W.dtype, xp)
-        return xp.matmul(W.T, x.reshape(self.n_in, n), out=out)
+        return self.layer.linear(xp, W, x.reshape(self.n_in, n), out, batch=1)
 
     def activate(self, p, partial, received):
-        xp = namespace(partial)
         z = partial[self.own]
         for r in received:
             z += r
-        z += p["b"][:, None]
-        return self.act.forward(xp, z)
+        return self.layer.activate(namespace(partial), z, p["b"], batch=1)
 
     def delta_buffer(self, xp, dtype, n):
         """All units' deltas, ``(units, n)``; this piece's own rows are where its dout gathers."""
@@ -86,18 +83,17 @@ class DensePiece:
         return self.delta_buffer(xp, dtype, n)[self.own]
 
     def local_delta(self, g, y, dout):
-        dz = self.act.backward(namespace(y), y, dout)
-        dz.sum(axis=1, out=g["b"])
-        return dz
+        return self.layer.delta(namespace(y), y, dout, g["b"], batch=1)
 
     def backward(self, p, g, x, delta, input_grad: bool):
         W = p["W"]
         xp = namespace(W)
         n = x.shape[-1]
-        xp.matmul(x.reshape(self.n_in, n), delta.T, out=g["W"])
+        self.layer.weight_grad(xp, x.reshape(self.n_in, n), delta, g["W"], batch=1)
         if not input_grad:
             return None
-        dx = xp.matmul(W, delta, out=self.scratch.empty("dx", (self.n_in, n), W.dtype, xp))
+        dx = self.layer.input_grad(xp, W, delta, self.scratch.empty("dx", (self.n_in, n), W.dtype, xp),
+                                   batch=1)
         return dx.reshape(*box_shape(self.piece.in_box), n)
 
 
