@@ -25,6 +25,27 @@ class WaitTimeout(TimeoutError):
 def until(check: Callable, *, timeout: float, what: str, every: float = 0.1, give_up=None):
     """Call ``check()`` every ``every`` seconds until it returns something truthy; return that.
     Raises ``WaitTimeout`` after ``timeout`` seconds, or what ``give_up()`` returns."""
+    polls = _polls(check, timeout, what, every, give_up)
+    try:
+        while True:
+            time.sleep(next(polls))
+    except StopIteration as done:
+        return done.value
+
+
+async def until_async(check: Callable, *, timeout: float, what: str, every: float = 0.1, give_up=None):
+    """``until`` inside a coroutine: the event loop serves others between checks."""
+    polls = _polls(check, timeout, what, every, give_up)
+    try:
+        while True:
+            await asyncio.sleep(next(polls))
+    except StopIteration as done:
+        return done.value
+
+
+def _polls(check, timeout: float, what: str, every: float, give_up):
+    """``until``'s loop, without its sleeping: yields the seconds to sleep before the next check,
+    returns the first truthy value ``check()`` gave."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()
@@ -33,7 +54,7 @@ def until(check: Callable, *, timeout: float, what: str, every: float = 0.1, giv
         _stop_if(give_up)
         if time.monotonic() >= deadline:
             raise WaitTimeout(what, timeout)
-        time.sleep(min(every, max(deadline - time.monotonic(), 0.0)))
+        yield min(every, max(deadline - time.monotonic(), 0.0))
 
 
 def result(future, *, timeout: float, what: str, every: float = 1.0, give_up=None):
@@ -71,19 +92,6 @@ async def result_async(awaitable, *, timeout: float, what: str, every: float = 1
     except BaseException:
         task.cancel()
         raise
-
-
-async def until_async(check: Callable, *, timeout: float, what: str, every: float = 0.1, give_up=None):
-    """``until`` inside a coroutine: the event loop serves others between checks."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        _stop_if(give_up)
-        if time.monotonic() >= deadline:
-            raise WaitTimeout(what, timeout)
-        await asyncio.sleep(min(every, max(deadline - time.monotonic(), 0.0)))
 
 
 def _stop_if(give_up) -> None:
