@@ -129,9 +129,10 @@ def _client_options(args, config: dict | None = None) -> dict:
 
 
 def _train(args) -> dict:
+    config = _load_config(args.config)  # a bad config is refused before Dask is even imported
+    _quiet_distributed()
     from daskbelief import pipeline
 
-    config = _load_config(args.config)
     return pipeline.run(config, args.out, name=Path(args.config).stem, overwrite=args.overwrite,
                         resume=args.resume, **_client_options(args, config))
 
@@ -146,12 +147,14 @@ def _load_config(path) -> dict:
 
 
 def _evaluate(args) -> dict:
+    _quiet_distributed()
     from daskbelief import pipeline
 
     return pipeline.evaluate_run(Path(args.run_dir), args.data, args.split, **_client_options(args))
 
 
 def _predict(args) -> dict:
+    _quiet_distributed()
     from daskbelief import pipeline
 
     return pipeline.predict_run(Path(args.run_dir), args.data, args.split, args.out, args.overwrite,
@@ -172,6 +175,15 @@ def _report(args) -> dict:
     from daskbelief.monitor import report
 
     return {"figures": [str(p) for p in report.render(args.run_dirs, args.out)]}
+
+
+def _quiet_distributed() -> None:
+    """Keep distributed's harmless tracebacks (``workarounds``: an interrupt racing a call, the
+    scheduler gone) off a command's stderr, which then ends with one line of ours."""
+    from daskbelief.workarounds import InterruptRace, SchedulerGone
+
+    logging.getLogger("tornado.application").addFilter(InterruptRace())
+    logging.getLogger("distributed.client").addFilter(SchedulerGone())
 
 
 def _resume_command(args, lost) -> str:
@@ -196,10 +208,6 @@ def main(argv: list[str] | None = None) -> int:
     # job of a script, some CI runners): Python then leaves SIGINT ignored unless told.
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate),
                 signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
-    from daskbelief.workarounds import InterruptRace, SchedulerGone
-
-    logging.getLogger("tornado.application").addFilter(InterruptRace())
-    logging.getLogger("distributed.client").addFilter(SchedulerGone())
     try:
         out = COMMANDS[args.command](args)
     except (UsageError, ValueError, FileNotFoundError, FileExistsError) as e:
