@@ -25,7 +25,7 @@ from threadpoolctl import threadpool_limits
 
 import daskbelief_datasets as recipes
 from benchmarks.timing import load, load_line, rate_spread
-from daskbelief.cluster import worker_info
+from daskbelief.cluster import reusing_buffers, worker_info
 from daskbelief.data import open_store
 from daskbelief.nn import Dense, Sequential
 from daskbelief.ps.server import ParameterServer
@@ -185,7 +185,7 @@ def run(quick: bool = False) -> dict:
         print(load_line("at the start"))
         out = {"rounds": rounds, "steps_per_measurement": steps, **load()}
         counts = replica_counts(os.cpu_count() or 1)
-        with LocalCluster(n_workers=max(counts), threads_per_worker=1, processes=True,
+        with reusing_buffers(), LocalCluster(n_workers=max(counts), threads_per_worker=1, processes=True,
                           dashboard_address=":0") as cluster, Client(cluster) as client:
             sampler = RssSampler(client)
             measures = {"reference": lambda: _reference_rate(model, store, batch, steps)}

@@ -39,7 +39,8 @@ import psutil
 from distributed import Client, LocalCluster
 
 from benchmarks.downpour import RssSampler
-from daskbelief.cluster import start_actors, worker_info
+from daskbelief.cluster import reusing_buffers
+from daskbelief.workarounds import start_actors, worker_info
 from daskbelief.ps.server import ParameterServer
 from daskbelief.ps.shard import ParameterShard
 from daskbelief.testing import netns
@@ -228,7 +229,7 @@ def _print(where: str, rows: list[dict], rounds: int) -> None:
 def run(quick: bool = False) -> dict:
     sizes = [100 * MB] if quick else [100 * MB, 1000 * MB]
     rounds = 3 if quick else 5
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit=0,
+    with reusing_buffers(), LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit=0,
                       dashboard_address=":0") as cluster, Client(cluster) as client:
         tables = {"loopback": ps_point(client, sizes, rounds)}
     reason = netns.unavailable_reason()

@@ -23,7 +23,7 @@ import inspect
 
 from distributed import Client
 
-from daskbelief.cluster import worker_info
+from daskbelief.cluster import worker_environ, worker_info
 
 KINDS = {"slurm": "SLURMCluster"}   # section key -> dask_jobqueue class
 OWN_KEYS = {"jobs": int, "timeout": (int, float)}
@@ -69,6 +69,15 @@ def check(section: dict) -> tuple[str, dict]:
     return kind, options
 
 
+def job_options(options: dict) -> dict:
+    """The cluster class's keywords: one single-threaded worker per core unless ``processes``
+    says otherwise, and a job script that first exports ``cluster.worker_environ()`` (workers
+    that reuse large buffers), then the section's own ``job_script_prologue`` lines."""
+    exports = [f"export {k}={v}" for k, v in worker_environ().items()]
+    return {**options, "processes": options.get("processes", options["cores"]),
+            "job_script_prologue": [*exports, *options.get("job_script_prologue", [])]}
+
+
 @contextlib.contextmanager
 def jobqueue_client(section: dict):
     """A ``Client`` of a dask-jobqueue cluster from a ``[cluster]`` section, once all its
@@ -77,7 +86,7 @@ def jobqueue_client(section: dict):
 
     kind, options = check(section)
     jobs, timeout = options.pop("jobs", 1), options.pop("timeout", JOIN_TIMEOUT)
-    options.setdefault("processes", options["cores"])
+    options = job_options(options)
     scheduler_options = dict(options.pop("scheduler_options", {}))
     scheduler_options.setdefault("preload", [dashboard.__name__])
     cls = getattr(importlib.import_module("dask_jobqueue"), KINDS[kind])

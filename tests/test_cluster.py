@@ -24,3 +24,27 @@ def test_too_few_workers_or_threads_is_a_clear_error(client):
         require_workers(client, 3)
     with pytest.raises(RuntimeError, match="need 5 worker threads .* has 4"):
         require_threads(client, 5, "5 replicas")
+
+
+def test_workers_we_start_reuse_large_buffers_instead_of_faulting_them_in_each_call():
+    """Nanny-started workers get ``WORKER_MALLOC`` (distributed's own setting makes every buffer
+    over 128 KiB a fresh mmap): a LocalCluster made under ``reusing_buffers``, and a ``dask
+    worker`` process given ``worker_environ()``, whose other pre-spawn settings stay."""
+    import os
+    import subprocess
+    import sys
+
+    from distributed import LocalCluster
+
+    from daskbelief.cluster import WORKER_MALLOC, reusing_buffers, worker_environ
+
+    with reusing_buffers(), LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                         dashboard_address=":0") as local, Client(local) as c:
+        seen = c.run(lambda: {k: os.environ.get(k) for k in (*WORKER_MALLOC, "OMP_NUM_THREADS")})
+    assert list(seen.values()) == [{**WORKER_MALLOC, "OMP_NUM_THREADS": "1"}]
+    script = ("import os; from distributed.nanny import _get_env_variables as get; "
+              "print({**os.environ, **get('distributed.nanny.pre-spawn-environ')})")
+    read = subprocess.run([sys.executable, "-c", script], env={**os.environ, **worker_environ()},
+                          capture_output=True, text=True)
+    env = eval(read.stdout)  # noqa: S307 -- our own child's repr of a dict of strings
+    assert {k: env[k] for k in WORKER_MALLOC} == WORKER_MALLOC and env["OMP_NUM_THREADS"] == "1"

@@ -90,3 +90,16 @@ def test_snapshots_on_a_fixed_schedule_give_time_and_samples_to_target():
     assert samples_to(curve, 0.4) == pytest.approx(160.0)  # at t = 1.6, halfway from 1.2 to 2.0
     assert samples_to(curve, 0.95) is None
     assert _median([3.0, None, 1.0]) == 3.0 and _median([None, None, 1.0]) is None
+
+
+def test_every_benchmark_imports_and_has_a_run():
+    """A benchmark whose import broke (a helper moved) is found here, not in its next full run:
+    what ``python -m benchmarks NAME`` lists, it can load."""
+    import importlib
+
+    from benchmarks.__main__ import available
+
+    names = available()
+    assert {"core", "downpour", "sandblaster", "model_parallel", "scale", "network"} <= set(names)
+    for name in names:
+        assert callable(importlib.import_module(f"benchmarks.{name}").run), name

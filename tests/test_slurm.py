@@ -83,3 +83,14 @@ def test_cluster_section_errors_name_the_key(section, message):
         check(section)
     assert check({"slurm": {"cores": 2, "memory": "2GB", "queue": "debug", "jobs": 3}}) == (
         "slurm", {"cores": 2, "memory": "2GB", "queue": "debug", "jobs": 3})
+
+
+def test_job_scripts_export_the_worker_malloc_settings_before_the_sections_own_lines():
+    from daskbelief.cluster import WORKER_MALLOC
+    from daskbelief.jobqueue import job_options
+
+    options = job_options({"cores": 2, "memory": "4GB", "job_script_prologue": ["module load x"]})
+    assert options["processes"] == 2
+    assert options["job_script_prologue"] == [*(f"export {k}={v}" for k, v in WORKER_MALLOC.items()),
+                                              "module load x"]
+    assert job_options({"cores": 4, "memory": "1GB", "processes": 1})["processes"] == 1

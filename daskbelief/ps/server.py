@@ -198,10 +198,15 @@ class ParameterServer:
         self._futures = None
 
 
+FRAME_BYTES = 16 << 20  # the most one push or fetch message carries: below glibc's mmap threshold
+                       # on workers set up to reuse buffers (``cluster.WORKER_MALLOC``)
+
+
 def frame_values() -> int:
-    """float32 values in one comm frame (``distributed.comm.shard``): the largest piece a slice
-    travels in without being split and copied back together on arrival."""
-    return max(parse_bytes(dask.config.get("distributed.comm.shard")) // 4, 1)
+    """float32 values in one frame: ``FRAME_BYTES``, or less where distributed's comm frames
+    (``distributed.comm.shard``) are smaller -- the largest piece a slice travels in without
+    being split and copied back together on arrival."""
+    return max(min(parse_bytes(dask.config.get("distributed.comm.shard")), FRAME_BYTES) // 4, 1)
 
 
 def frames(n: int) -> list[tuple[int, int]]:

@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from daskbelief.cluster import worker_environ
+
 SUBNET = "10.250.47"  # the one private /24 the harness uses, inside its own namespaces only
 PREFIX = "dbnet"
 SCHEDULER_PORT = 8786
@@ -260,7 +262,7 @@ class Network:
 
     def _spawn(self, host: str, *cmd: str) -> None:
         log = open(self.logs / f"{host}.log", "wb")
-        env = {**os.environ, "PYTHONPATH": _pythonpath()}
+        env = {**os.environ, "PYTHONPATH": _pythonpath(), **worker_environ()}
         self.procs.append(subprocess.Popen(
             ["ip", "netns", "exec", self.ns(host), *cmd], stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, env=env, start_new_session=True))
