@@ -316,7 +316,8 @@ def _claim_and_add(spec: PortionSpec, state: _WorkerRun, tag: int, portion: int,
     with state.lock:
         state.in_flight += 1
     try:
-        unclaimed = reply(state, tag, spec.ledger.claim(tag, portion, seconds))
+        unclaimed = reply(state, tag, spec.ledger.claim(tag, portion, seconds),
+                          f"the ledger's claim of portion {portion}")
         if unclaimed < 0:
             return False
         tail = unclaimed < spec.threads
@@ -423,8 +424,8 @@ def _run_on_blocks(spec: PortionSpec, state: _WorkerRun, replica, tag: int, port
                                   regularize=False))
             _straggle(spec, worker, tick)
             compute = time.perf_counter() - tick
-            counted = reply(state, tag,
-                            spec.ledger.claim(tag, portion, time.perf_counter() - start)) >= 0
+            counted = reply(state, tag, spec.ledger.claim(tag, portion, time.perf_counter() - start),
+                            f"the ledger's claim of portion {portion}") >= 0
             if counted:
                 state.record_win(tag, portion, loss, backup)
                 replica.call("add_portion", [(tag, portion, spec.push_every)] * k)
