@@ -184,13 +184,18 @@ class BlockActor(Block):
             await self._settle_oldest()
 
     async def _settle_oldest(self) -> None:
+        """Wait for the oldest push's replies and settle it; unless the driver handed over a
+        recovered server meanwhile (``set_server`` runs between these awaits), which dropped it
+        with the rest of the window."""
+        generation = self.generation
         replies, _ = self._window.oldest()
         pairs = []
         for a, b, versions, futures in replies:
             new = await self._replies(futures)
             pairs += [(version, versions.get(shard, 0))
                       for (shard, _, _), version in zip(overlaps(self.ps.ranges, a, b), new)]
-        self._window.settled(pairs)
+        if self.generation == generation:
+            self._window.settled(pairs)
 
     # -- Sandblaster: this block's ranges of the evaluated vector and of the gradient sums ------
     def _pieces(self):
