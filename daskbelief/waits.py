@@ -1,7 +1,8 @@
 """The one way to wait: every wait has a deadline, and when it gives up it says what it waited for.
 
-``until`` polls a condition (``until_async`` inside a coroutine), ``result`` waits for a future (a Dask future, an actor call's future,
-or a ``concurrent.futures.Future``) in slices, ``result_async`` does the same inside a coroutine.
+``until`` polls a condition (``until_async`` inside a coroutine), ``result`` waits for a future
+(a Dask future, an actor call's future, or a ``concurrent.futures.Future``) in slices,
+``result_async`` does the same inside a coroutine.
 Between slices an optional ``give_up()`` is asked whether waiting still makes sense: it returns
 an exception to raise (e.g. the worker that should answer is gone) or None to keep waiting. This
 is how a caller stops waiting for an actor on a dead worker, whose reply distributed 2026.8 may

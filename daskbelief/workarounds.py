@@ -43,8 +43,8 @@ WORKER_INFO_TIMEOUT = 60.0   # seconds for the scheduler to list its workers
 class InterruptRace(logging.Filter):
     """For the CLI: drops one harmless record: when Ctrl-C / SIGTERM lands just as
     distributed 2026.8's ``sync()`` starts a call, its cancel callback reads a variable not yet
-    assigned and tornado logs that NameError with a traceback. The interrupt itself is handled (the run stops
-    cleanly); the traceback would only make a clean stop look like a crash."""
+    assigned and tornado logs that NameError with a traceback. The interrupt itself is handled
+    (the run stops cleanly); the traceback would only make a clean stop look like a crash."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
@@ -54,8 +54,8 @@ class InterruptRace(logging.Filter):
 class SchedulerGone(logging.Filter):
     """For the CLI: drops distributed's records of its client's reconnect to a lost scheduler:
     that it gave up, or (the run being lost, the client is closed at once) the traceback of the
-    reconnect's cancellation. The run's own line (``RunLost``) says what was lost, with the last checkpoint
-    and the command that resumes; distributed's records would only bury it."""
+    reconnect's cancellation. The run's own line (``RunLost``) says what was lost, with the last
+    checkpoint and the command that resumes; distributed's records would only bury it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):

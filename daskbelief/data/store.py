@@ -84,8 +84,8 @@ class DataStore:
 
     # -- row ranges (a replica's data; "shards" are the parameter server's) -------------------
     def row_ranges(self, k: int) -> list[tuple[int, int]]:
-        """``k`` row ranges (the paper's data shards): runs of whole chunks, as ``(start_row, stop_row)``, their chunk counts
-        differing by at most one."""
+        """``k`` row ranges (the paper's data shards): runs of whole chunks, as
+        ``(start_row, stop_row)``, their chunk counts differing by at most one."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"the number of row ranges must be a positive integer, got {k!r}")
         if k > self.n_chunks:

@@ -71,7 +71,8 @@ def save(root, ps, *, model: dict, config: dict | None = None, counters: dict | 
     """Write a checkpoint of every shard under ``root`` and return its path.
 
     Keeps the newest ``keep`` complete checkpoints and deletes older ones (and what an interrupted
-    write left), so a long run does not fill the disk and only complete checkpoints remain. ``timeout``: seconds to wait for the shards (a lost shard never answers);
+    write left), so a long run does not fill the disk and only complete checkpoints remain.
+    ``timeout``: seconds to wait for the shards (a lost shard never answers);
     ``give_up()``: asked while waiting, returns an exception to stop waiting (``waits.result``).
     ``vectors``: names of Sandblaster vectors the shards save too; ``lbfgs``: the L-BFGS state;
     ``algorithm``: the engine's registered name (which engine may resume it); ``normaliser``:

@@ -372,13 +372,11 @@ class _PartitionedStepper:
     bound_waits = 0    # a staleness bound is refused with partition=
 
     def __init__(self, blocks, spec: ReplicaSpec, first_step: int, lease: LeaseWatch):
-        self.blocks, self.spec, self.first, self.lease = blocks, spec, first_step, lease
+        self.blocks, self.spec, self.lease = blocks, spec, lease
         self.var = HandleVariable(spec.name("ps"))
         self.generation = self.var.get(timeout=CALL_TIMEOUT)[0]
         self.staleness: list[int] = []
         self.pushes_lost = 0
-        self.feedback = (None if spec.compression is None
-                         else Feedback(spec.compression, spec.topk_fraction))
         self.rebuilds = 0
         self.steps_done, self.accumulated = first_step, 0  # steps whose gradients the blocks hold
         self.n_blocks = blocks.plan.n_blocks
