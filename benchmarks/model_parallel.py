@@ -13,11 +13,14 @@ Models: a large locally connected image model (64x64x3 -> LC 32@5x5 -> LC 64@4x4
 Dense 10, 36.9M parameters: the kind of model the paper's image experiments partition well) and
 the fully connected 440-1024-1024-1024-2048 speech MLP (every unit talks to every unit of the next
 layer, so each boundary moves half of every layer's activations per block). The two
-configurations are timed in interleaved rounds, and the best round is the least disturbed
-estimate on a machine other work shares (the median and the rounds' spread are printed beside
-it, and the machine's load before and after). ``--quick`` times the same models and batches in
-fewer rounds, so its verdicts are the full run's; a k=2 speed-up needs two idle cores, which a
-load over 1 per core says it did not have.
+configurations are timed in interleaved rounds (k=1, k=2, ... one after the other in each
+round). The speed-up is the median over rounds of each round's own ratio (k=1's step time over
+k's, measured seconds apart): a machine that is slower for a while (another tenant, a clock
+change) slows both sides of a ratio, where the best of each side's rounds can pair a lucky k=1
+round with an unlucky k=2 one. The best-of ratio and the ratios' spread are printed beside it,
+with the machine's load before and after. ``--quick`` times the same models, batches and steps
+per round in fewer rounds, so its verdicts are the full run's; a k=2 speed-up needs two idle
+cores, which a load over 1 per core says it did not have.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import numpy as np
 from distributed import Client, LocalCluster
 from threadpoolctl import threadpool_limits
 
-from benchmarks.timing import load, load_line, spread
+from benchmarks.timing import load, load_line, rate_spread, spread
 from daskbelief.nn import Dense, LocallyConnected2D, Sequential
 from daskbelief.train import partition
 from daskbelief.train.partitioned import Blocks
@@ -102,14 +105,22 @@ def measure(client, model, batch: int, rounds: int, calls: int, ks: list[int]) -
     return {"plans": plans, "times": times, "plain": plain, "bytes_per_step": sent, "batch": batch}
 
 
+def paired_speedups(times: dict[int, list[float]]) -> dict[int, list[float]]:
+    """Each round's speed-up of every k over k=1 in the same round (``times[k][r]``: round r's
+    step time of k partitions)."""
+    return {k: [a / b for a, b in zip(times[1], ts)] for k, ts in times.items()}
+
+
 def _rows(name: str, m: dict) -> dict:
     """Print one line per k; the figures of each k (keys ``k1``, ``k2``, ...)."""
     best = {k: min(ts) for k, ts in m["times"].items()}
-    med = {k: statistics.median(ts) for k, ts in m["times"].items()}
+    paired = paired_speedups(m["times"])
     plain = min(m["plain"])
     out = {"ms": {"plain": 1e3 * plain, **{f"k{k}": 1e3 * v for k, v in best.items()}},
-           "speedup": {f"k{k}": best[1] / v for k, v in best.items()},
-           "speedup_median": {f"k{k}": med[1] / v for k, v in med.items()},
+           "speedup": {f"k{k}": statistics.median(r) for k, r in paired.items()},
+           "speedup_rounds": {f"k{k}": r for k, r in paired.items()},
+           "speedup_best": {f"k{k}": best[1] / v for k, v in best.items()},
+           "speedup_spread": {f"k{k}": rate_spread(r) for k, r in paired.items()},
            "vs_plain": {f"k{k}": plain / v for k, v in best.items()},
            "spread": {f"k{k}": spread(ts) for k, ts in m["times"].items()},
            "bytes_per_example": {f"k{k}": p.bytes_per_example() for k, p in m["plans"].items()}}
@@ -117,13 +128,13 @@ def _rows(name: str, m: dict) -> dict:
         key = f"k{k}"
         print(f"{name:<30} {m['batch']:>5} {k:>3} {1e3 * plain:>8.1f} {out['ms'][key]:>8.1f} "
               f"{100 * out['spread'][key]:>6.1f}% {out['speedup'][key]:>7.2f} "
-              f"{out['speedup_median'][key]:>7.2f} {out['vs_plain'][key]:>8.2f} "
-              f"{m['bytes_per_step'][k] / 1e6:>9.2f}")
+              f"{min(paired[k]):>5.2f}-{max(paired[k]):<5.2f} {out['speedup_best'][key]:>7.2f} "
+              f"{out['vs_plain'][key]:>8.2f} {m['bytes_per_step'][k] / 1e6:>9.2f}")
     return out
 
 
 def run(quick: bool = False) -> dict:
-    rounds, calls = (3, 3) if quick else (6, 6)
+    rounds, calls = (4, 6) if quick else (8, 6)
     lc, mlp = lc_model(), mlp_model()
     ks = partition_counts(os.cpu_count() or 1)
     before = load()
@@ -139,14 +150,18 @@ def run(quick: bool = False) -> dict:
     print(f"\nstep time, best of {rounds} interleaved rounds (median of {calls} steps each); "
           "spread: the median round's distance from the best")
     print(f"{'model':<30} {'batch':>5} {'k':>3} {'plain ms':>8} {'step ms':>8} {'spread':>7} "
-          f"{'vs k=1':>7} {'median':>7} {'vs plain':>8} {'MB/step':>9}")
+          f"{'vs k=1':>7} {'rounds':>11} {'best/best':>7} {'vs plain':>8} {'MB/step':>9}")
     rows = {"lc": _rows("locally connected (image)", results["lc"]),
             "mlp": _rows("fully connected (speech MLP)", results["mlp"])}
-    print("vs k=1: speed-up of k partitions over the same machinery with one; vs plain: over "
-          "the single-process step; MB/step: bytes the blocks sent each other per step")
+    print(f"vs k=1: speed-up of k partitions over the same machinery with one, the median of the "
+          f"{rounds} rounds' own ratios (rounds: their range; best/best: best k=1 round over best "
+          "k round); vs plain: over the single-process step; MB/step: bytes the blocks sent each "
+          "other per step")
     return {"speedup_k2_lc": rows["lc"]["speedup"]["k2"], "speedup_k2_mlp": rows["mlp"]["speedup"]["k2"],
-            "speedup_k2_lc_median": rows["lc"]["speedup_median"]["k2"],
-            "speedup_k2_mlp_median": rows["mlp"]["speedup_median"]["k2"],
+            "speedup_k2_lc_best": rows["lc"]["speedup_best"]["k2"],
+            "speedup_k2_mlp_best": rows["mlp"]["speedup_best"]["k2"],
+            "speedup_k2_lc_rounds": rows["lc"]["speedup_rounds"]["k2"],
+            "speedup_k2_lc_spread": rows["lc"]["speedup_spread"]["k2"],
             "speedup_k2_lc_vs_plain": rows["lc"]["vs_plain"]["k2"],
             "speedup_k2_mlp_vs_plain": rows["mlp"]["vs_plain"]["k2"],
             "boundary_bytes_per_example_lc": rows["lc"]["bytes_per_example"]["k2"],

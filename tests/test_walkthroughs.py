@@ -108,17 +108,18 @@ def toy_sgd(model, data, *, client=None, test=None, config=None, checkpoint_dir=
             seed: int = 0) -> TrainResult:
     """A toy engine: the single-process reference trainer inside the run skeleton
     (``train.run``), which evaluates it on the cluster and emits its events."""
-    store = open_store(data, "train")
-    test_store = None if test is None else open_store(test, "test")
+    store, test_store = run.open_data(model, data, test)
     with run.cluster(client, "daskbelief.train.reference") as c:
         name = run.run_id("toy-sgd")
         run.announce(name, "toy-sgd", {"steps": steps, "batch_size": batch_size})
         started = time.time()
         params, history = train_sgd(model, store, rule, batch_size=batch_size, steps=steps,
                                     seed=seed)
+        seconds = time.time() - started
+        summary = run.summary(name, "toy-sgd", seconds=seconds, samples=steps * batch_size,
+                              steps=steps)
         return run.finish_run(model, params, run=name, client=c, test_store=test_store,
-                              seconds=time.time() - started, step=steps,
-                              summary={"algorithm": "toy-sgd", "steps": steps}, history=history,
+                              seconds=seconds, step=steps, summary=summary, history=history,
                               normaliser=store.normaliser)
 
 
@@ -149,6 +150,7 @@ def test_a_new_engine_runs_as_a_pipeline_with_its_signature_as_schema(toy_engine
     config = validate(toy_config(digits_path, rule={"name": "adagrad", "lr": 0.05}, steps=200))
     summary = pipeline.run(config, tmp_path / "run", n_workers=1)
     assert summary["algorithm"] == "toy-sgd" and summary["steps"] == 200
+    assert summary["run"].startswith("toy-sgd-") and summary["samples"] == 200 * 32  # skeleton's
     assert summary["test_accuracy"] >= 0.9, summary
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 200
     assert np.load(tmp_path / "run" / "params.npy").shape == (650,)

@@ -22,10 +22,8 @@ from distributed import Event, Variable
 
 from daskbelief.checks import check_integer
 from daskbelief.cluster import default_local_workers, require_gpus, require_threads, require_workers
-from daskbelief.data import open_store
 from daskbelief.monitor import events
 from daskbelief.optim.rules import UpdateRule, make_rule
-from daskbelief.ps import checkpoint
 from daskbelief.ps.compress import check_kind
 from daskbelief.ps.policy import place_blocks, place_replicas
 from daskbelief.ps.server import ParameterServer
@@ -38,7 +36,8 @@ from daskbelief.train.partitioned import Blocks
 from daskbelief.train.recovery import Lease
 from daskbelief.train.replica import ReplicaSpec, run_elastic_replica, run_replica
 from daskbelief.train.result import TrainResult
-from daskbelief.train.run import announce, cluster, finish_run, initial_params, run_id
+from daskbelief.train.run import (announce, cluster, finish_run, open_data, run_id, start_point,
+                                  summary)
 from daskbelief.workarounds import HandleVariable
 
 
@@ -131,12 +130,95 @@ def downpour(model, data, *, client=None, replicas: int | str = 2, max_replicas:
         a replica that has not pushed for ``ps.asynchrony.STALL_SECONDS`` holds nobody back)
     config : the pipeline config, stored in checkpoints
     """
-    store = open_store(data, split="train") if isinstance(data, str) else data
-    test_store = open_store(test, split="test") if isinstance(test, str) else test
+    store, test_store = open_data(model, data, test)
+    elastic_run = replicas == "auto"
+    rule = make_rule(rule)
+    plan = _check(model, store, replicas=replicas, max_replicas=max_replicas,
+                  unit_chunks=unit_chunks, shards=shards, n_fetch=n_fetch, n_push=n_push,
+                  batch_size=batch_size, epochs=epochs, steps=steps,
+                  warmstart_steps=warmstart_steps, max_in_flight=max_in_flight,
+                  partition=partition, device=device, compression=compression,
+                  fetch_compression=fetch_compression, staleness_bound=staleness_bound,
+                  resume_from=resume_from)
+    start = _start_point(model, seed, params, resume_from, rule_state, rule)
+    n_specs = 1 if elastic_run else replicas
+
+    with cluster(client, "daskbelief.train.replica",
+                 threads_per_worker=-(-n_specs // default_local_workers())) as c:
+        if not elastic_run:
+            require_threads(c, replicas, f"{replicas} Downpour replicas")
+        if device == "cupy":
+            require_gpus(c)
+        run = run_id("downpour")
+        rows = [(0, store.n)] if elastic_run else store.row_ranges(replicas)
+        specs = [ReplicaSpec(run, r, store.url, store.split, rows[r], batch_size, steps, epochs,
+                             n_fetch, n_push, seed, overlap, max_in_flight, report_every,
+                             warmstart_steps if r == 0 else 0, device, compression,
+                             topk_fraction, fetch_compression=fetch_compression,
+                             staleness_bound=staleness_bound)
+                 for r in range(n_specs)]
+        ps = ParameterServer.create(c, start.params, shards, rule)
+        if start.shards is not None:
+            ps.load_state_dicts(start.shards(ps.ranges))
+        done = {p.replica: min(start.steps.get(f"replica-{p.replica}", 0), p.total_steps)
+                for p in specs}
+        coordination = _coordinate(c, specs[0], ps, done, warmstart_steps)
+        announce(run, "downpour", {k: v for k, v in asdict(specs[0]).items() if k != "run"})
+        workers = require_workers(c)
+        blocks = _start_blocks(c, workers, plan, start.params, ps, specs, coordination,
+                               overlap=overlap, max_in_flight=max_in_flight)
+        if elastic_run:
+            driver_for = _elastic_driver(c, model, specs[0], store, unit_chunks, max_replicas,
+                                         epochs)
+        else:
+            driver_for = _fixed_driver(c, workers, model, specs, blocks, ps)
+        driver = driver_for(c, run, ps, model=model, test_store=test_store,
+                            coordination=coordination,
+                            blocks=[p.name(f"blocks-{p.replica}")
+                                    for p, b in zip(specs, blocks) if b is not None],
+                            eval_every=eval_every, eval_rows=eval_rows, max_seconds=max_seconds,
+                            checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                            initial=start.params,
+                            checkpoint_meta={"model": model.to_dict(), "config": config or {},
+                                             "normaliser": store.normaliser.to_dict(),
+                                             "keep": checkpoint_keep})
+        try:
+            outcomes = driver.wait()
+            final, shard_stats, final_state = driver.final()
+            driver.report_shards(shard_stats)  # the final counters, however short the run
+        except RunLost:
+            raise
+        except Exception:
+            driver.check_scheduler(probe=True)
+            raise
+        finally:
+            driver.close()
+            for b in blocks:
+                if b is not None:
+                    b.close()
+        figures = summary(run, "downpour", seconds=driver.seconds,
+                          samples=sum(o["samples"] for o in outcomes), replicas=replicas,
+                          shards=shards, n_fetch=n_fetch, n_push=n_push,
+                          **_own_figures(driver, outcomes, shard_stats))
+        if elastic_run:
+            figures.update(driver.counts(), max_replicas=max_replicas, unit_chunks=unit_chunks)
+        history = _history(c.get_events(events.REPLICA), run, driver.started) + driver.test_rows
+        return finish_run(model, final, run=run, client=c, test_store=test_store,
+                          seconds=driver.seconds, step=None, summary=figures, history=history,
+                          normaliser=store.normaliser, shard_stats=shard_stats,
+                          replica_outcomes=outcomes, rule_state=final_state)
+
+
+def _check(model, store, *, replicas, max_replicas, unit_chunks, shards, n_fetch, n_push,
+           batch_size, epochs, steps, warmstart_steps, max_in_flight, partition, device,
+           compression, fetch_compression, staleness_bound, resume_from) -> Plan | None:
+    """Every setting checked, one line naming the argument, before a cluster starts; returns
+    the model-parallel plan (None: replicas compute whole)."""
     elastic_run = replicas == "auto"
     if elastic_run:
         elastic.validate(max_replicas=max_replicas, unit_chunks=unit_chunks, steps=steps,
-                         warmstart_steps=warmstart_steps, partition=partition, resume_from=resume_from)
+                         warmstart_steps=warmstart_steps, partition=partition,
+                         resume_from=resume_from)
     elif isinstance(replicas, str):
         raise ValueError(f"replicas must be an integer >= 1 or 'auto', got {replicas!r}")
     elif max_replicas is not None:
@@ -144,16 +226,10 @@ def downpour(model, data, *, client=None, replicas: int | str = 2, max_replicas:
     validate(replicas=1 if elastic_run else replicas, shards=shards, n_fetch=n_fetch,
              n_push=n_push, batch_size=batch_size, epochs=epochs, steps=steps,
              warmstart_steps=warmstart_steps, max_in_flight=max_in_flight)
-    model.check_data(store.feature_shape, store.n_classes)
-    if test_store is not None:
-        model.check_data(test_store.feature_shape, test_store.n_classes)
     if not elastic_run and replicas > store.n_chunks:
         raise ValueError(f"replicas={replicas} need one data shard each, but the store "
                          f"{store.url} has only {store.n_chunks} chunks: use fewer replicas or "
                          "rewrite the store with smaller chunk_rows")
-    rows = [(0, store.n)] if elastic_run else store.row_ranges(replicas)
-    units = elastic.unit_ranges(store, unit_chunks) if elastic_run else None
-    rule = make_rule(rule)
     plan = as_plan(model, partition)
     if device not in (None, "numpy", "cupy"):
         raise ValueError(f"device must be None, 'numpy' or 'cupy', got {device!r}")
@@ -171,98 +247,65 @@ def downpour(model, data, *, client=None, replicas: int | str = 2, max_replicas:
     if device is not None and plan is not None:
         raise ValueError("device= and partition= cannot be combined: model-parallel blocks "
                          "compute on the host")
-    start_point = _start_point(model, seed, params, resume_from, rule_state, rule)
+    return plan
 
-    with cluster(client, "daskbelief.train.replica",
-                 threads_per_worker=-(-(1 if elastic_run else replicas) // default_local_workers())) as c:
-        if not elastic_run:
-            require_threads(c, replicas, f"{replicas} Downpour replicas")
-        if device == "cupy":
-            require_gpus(c)
-        run = run_id("downpour")
-        replica_specs = [ReplicaSpec(run, r, store.url, store.split, rows[r], batch_size, steps,
-                             epochs, n_fetch, n_push, seed, overlap, max_in_flight, report_every,
-                             warmstart_steps if r == 0 else 0, device, compression,
-                             topk_fraction, fetch_compression=fetch_compression,
-                             staleness_bound=staleness_bound)
-                         for r in range(1 if elastic_run else replicas)]
-        ps = ParameterServer.create(c, start_point.params, shards, rule)
-        if start_point.shards is not None:
-            ps.load_state_dicts(start_point.shards(ps.ranges))
-        done = {p.replica: min(start_point.steps.get(f"replica-{p.replica}", 0), p.total_steps)
-                for p in replica_specs}
-        coordination = _coordinate(c, replica_specs[0], ps, done, warmstart_steps)
-        announce(run, "downpour", {k: v for k, v in asdict(replica_specs[0]).items() if k != "run"})
-        workers = require_workers(c)
-        blocks = [None] * len(replica_specs)
-        if plan is not None:
-            where = place_blocks(workers, ps.addresses(), replicas, plan.n_blocks)
-            blocks = [Blocks.start(c, plan, start_point.params, ps=ps, replica=f"replica-{r}",
-                                   overlap=overlap, max_in_flight=max_in_flight, addresses=where[r])
-                      for r in range(replicas)]
-        block_names = [p.name(f"blocks-{p.replica}") for p, b in zip(replica_specs, blocks) if b is not None]
-        for p, b in zip(replica_specs, blocks):
-            if b is not None:
-                coordination["variables"].append(HandleVariable(p.name(f"blocks-{p.replica}"), client=c))
-                coordination["variables"][-1].set(b)
-        if elastic_run:
-            def start(r: int, worker: str):
-                return c.submit(run_elastic_replica, model, replace(replica_specs[0], replica=r),
-                                units, key=f"{run}-replica-{r}-{uuid.uuid4().hex[:6]}",
-                                workers=[worker], allow_other_workers=False, pure=False, retries=0)
 
-            driver_for = partial(ElasticDriver, start=start, max_replicas=max_replicas,
-                                 ledger=(elastic.batches_per_unit(units, batch_size), epochs, seed))
-        else:
-            homes = place_replicas(workers, ps.addresses(), replicas)
+def _start_blocks(client, workers: list[str], plan: Plan | None, params: np.ndarray, ps, specs: list[ReplicaSpec],
+                  coordination: dict, *, overlap: bool, max_in_flight: int) -> list:
+    """Each replica's model-parallel blocks (None each without a plan), placed beside the
+    shards, their handles published where the replica task and the driver find them."""
+    if plan is None:
+        return [None] * len(specs)
+    where = place_blocks(workers, ps.addresses(), len(specs), plan.n_blocks)
+    blocks = []
+    for spec in specs:
+        blocks.append(Blocks.start(client, plan, params, ps=ps, replica=f"replica-{spec.replica}",
+                                   overlap=overlap, max_in_flight=max_in_flight,
+                                   addresses=where[spec.replica]))
+        coordination["variables"].append(HandleVariable(spec.name(f"blocks-{spec.replica}"),
+                                                        client=client))
+        coordination["variables"][-1].set(blocks[-1])
+    return blocks
 
-            def submit(r: int, home=None):
-                return c.submit(run_replica, model, replica_specs[r], blocks[r],
-                                key=f"{run}-replica-{r}-{uuid.uuid4().hex[:6]}", workers=home,
-                                allow_other_workers=home is not None, pure=False, retries=0)
 
-            futures = [submit(r, [home]) for r, home in enumerate(homes)]
-            driver_for = partial(Driver, futures=futures, resubmit=submit)
-        driver = driver_for(c, run, ps, model=model, test_store=test_store,
-                        coordination=coordination, blocks=block_names,
-                        eval_every=eval_every, eval_rows=eval_rows, max_seconds=max_seconds,
-                        checkpoint_dir=checkpoint_dir,
-                        checkpoint_every=checkpoint_every, initial=start_point.params,
-                        checkpoint_meta={"model": model.to_dict(), "config": config or {},
-                                         "normaliser": store.normaliser.to_dict(),
-                                         "keep": checkpoint_keep})
-        try:
-            outcomes = driver.wait()
-            final, shard_stats, final_state = driver.final()
-            driver.report_shards(shard_stats)  # the final counters, however short the run
-        except RunLost:
-            raise
-        except Exception:
-            driver.check_scheduler(probe=True)
-            raise
-        finally:
-            driver.close()
-            for b in blocks:
-                if b is not None:
-                    b.close()
-        seconds = driver.seconds
-        summary = {"algorithm": "downpour", "replicas": replicas, "shards": shards,
-                   "n_fetch": n_fetch, "n_push": n_push, "seconds": seconds,
-                   "samples": sum(o["samples"] for o in outcomes),
-                   "updates_applied": sum(s["applied"] for s in shard_stats),
-                   "updates_rejected": sum(s["rejected"] for s in shard_stats),
-                   "updates_lost": driver.updates_lost, "shard_recoveries": driver.recoveries,
-                   "replica_restarts": sum(o["attempt"] for o in outcomes),
-                   "bound_waits": sum(o.get("bound_waits", 0) for o in outcomes),
-                   "pushes_compensated": sum(s["compensated"] for s in shard_stats),
-                   "staleness_mean": float(np.mean([s["staleness_mean"] for s in shard_stats]))}
-        if elastic_run:
-            summary.update(driver.counts(), max_replicas=max_replicas, unit_chunks=unit_chunks)
-        summary["samples_per_second"] = summary["samples"] / seconds
-        history = _history(c.get_events(events.REPLICA), run, driver.started) + driver.test_rows
-        return finish_run(model, final, run=run, client=c, test_store=test_store, seconds=seconds,
-                      step=None, summary=summary, history=history, normaliser=store.normaliser,
-                      shard_stats=shard_stats, replica_outcomes=outcomes, rule_state=final_state)
+def _fixed_driver(client, workers: list[str], model, specs: list[ReplicaSpec], blocks: list, ps):
+    """The driver of R fixed replicas, each one long task homed beside the shards and rerun
+    elsewhere (from its reported step) when its worker is lost."""
+    def submit(r: int, home=None):
+        return client.submit(run_replica, model, specs[r], blocks[r],
+                             key=f"{specs[r].run}-replica-{r}-{uuid.uuid4().hex[:6]}",
+                             workers=home, allow_other_workers=home is not None, pure=False,
+                             retries=0)
+
+    homes = place_replicas(workers, ps.addresses(), len(specs))
+    return partial(Driver, futures=[submit(r, [home]) for r, home in enumerate(homes)],
+                   resubmit=submit)
+
+
+def _elastic_driver(client, model, spec: ReplicaSpec, store, unit_chunks: int, max_replicas,
+                    epochs: int):
+    """The driver of elastic replicas: one started on every worker thread present or joining,
+    all drawing data units from the shared ledger."""
+    units = elastic.unit_ranges(store, unit_chunks)
+
+    def start(r: int, worker: str):
+        return client.submit(run_elastic_replica, model, replace(spec, replica=r), units,
+                             key=f"{spec.run}-replica-{r}-{uuid.uuid4().hex[:6]}",
+                             workers=[worker], allow_other_workers=False, pure=False, retries=0)
+
+    return partial(ElasticDriver, start=start, max_replicas=max_replicas,
+                   ledger=(elastic.batches_per_unit(units, spec.batch_size), epochs, spec.seed))
+
+
+def _own_figures(driver, outcomes: list[dict], shard_stats: list[dict]) -> dict:
+    """Downpour's figures: the fate of the pushes, recoveries and restarts, staleness."""
+    return {"updates_applied": sum(s["applied"] for s in shard_stats),
+            "updates_rejected": sum(s["rejected"] for s in shard_stats),
+            "updates_lost": driver.updates_lost, "shard_recoveries": driver.recoveries,
+            "replica_restarts": sum(o["attempt"] for o in outcomes),
+            "bound_waits": sum(o.get("bound_waits", 0) for o in outcomes),
+            "pushes_compensated": sum(s["compensated"] for s in shard_stats),
+            "staleness_mean": float(np.mean([s["staleness_mean"] for s in shard_stats]))}
 
 
 @dataclass
@@ -279,29 +322,31 @@ class _StartPoint:
 
 def _start_point(model, seed: int, params, resume_from, rule_state=None,
                  rule: UpdateRule | None = None) -> _StartPoint:
-    if resume_from is None:
-        init = initial_params(model, params, seed)
-        if rule_state is None:
-            return _StartPoint(init)
-        state = {name: np.asarray(v, dtype=np.float32) for name, v in rule_state.items()}
-        expected = set(rule.init(np.zeros(1, dtype=np.float32)))
-        if set(state) != expected:
-            raise ValueError(f"rule_state holds {sorted(state)}, the rule {rule.name!r} keeps "
-                             f"{sorted(expected)}")
-        for name, v in state.items():
-            if v.shape != init.shape:
-                raise ValueError(f"rule_state[{name!r}] has shape {v.shape}, the model has "
-                                 f"{model.size} parameters")
-        return _StartPoint(init, lambda ranges: [
-            {"params": init[a:b], "state": {k: v[a:b] for k, v in state.items()}, "version": 0,
-             "applied": 0} for a, b in ranges])
-    ckpt = checkpoint.load_to_resume(resume_from, model.to_dict(), "downpour")
+    """The skeleton's start point, with what Downpour restores besides: each shard's update
+    rule state (from the checkpoint, or ``rule_state``) and each replica's progress."""
+    point = start_point(model, params, seed, resume_from, "downpour")
+    ckpt = point.resumed
+    if ckpt is not None:
+        def snapshots(ranges):
+            return [{"params": ckpt.params[a:b], "state": {k: v[a:b] for k, v in ckpt.state.items()},
+                     "version": max(ckpt.versions), "applied": 0} for a, b in ranges]
 
-    def snapshots(ranges):
-        return [{"params": ckpt.params[a:b], "state": {k: v[a:b] for k, v in ckpt.state.items()},
-                 "version": max(ckpt.versions), "applied": 0} for a, b in ranges]
-
-    return _StartPoint(ckpt.params, snapshots, ckpt.replica_steps())
+        return _StartPoint(ckpt.params, snapshots, ckpt.replica_steps())
+    init = point.params
+    if rule_state is None:
+        return _StartPoint(init)
+    state = {name: np.asarray(v, dtype=np.float32) for name, v in rule_state.items()}
+    expected = set(rule.init(np.zeros(1, dtype=np.float32)))
+    if set(state) != expected:
+        raise ValueError(f"rule_state holds {sorted(state)}, the rule {rule.name!r} keeps "
+                         f"{sorted(expected)}")
+    for name, v in state.items():
+        if v.shape != init.shape:
+            raise ValueError(f"rule_state[{name!r}] has shape {v.shape}, the model has "
+                             f"{model.size} parameters")
+    return _StartPoint(init, lambda ranges: [
+        {"params": init[a:b], "state": {k: v[a:b] for k, v in state.items()}, "version": 0,
+         "applied": 0} for a, b in ranges])
 
 
 def _coordinate(client, spec: ReplicaSpec, ps, done: dict[int, int], warmstart_steps: int) -> dict:

@@ -3,13 +3,18 @@
 An engine (``downpour``, ``sandblaster``, or a third one; docs/architecture.md, "Add an engine")
 calls these in order, and says only what is its own in between:
 
-* ``initial_params``: the start point from a seed or given parameters (resuming a checkpoint is
-  the engine's: what it restores differs);
+* ``open_data``: the training and test stores, opened and checked against the model before
+  anything starts;
+* ``start_point``: the start point from a seed, given parameters, or the checkpoint resumed
+  (checked to be this engine's and this model's; what else the engine restores from it, the
+  update rule's state or the L-BFGS history, is its own);
 * ``cluster``: the client (given, current, or a local cluster), its workers required and warmed
   with the engine's task module;
 * ``run_id`` and ``announce``: the run's name and its ``start`` event;
 * ``Every``: the periodic duties (test evaluations, checkpoints, watches), each due once per
   period;
+* ``summary``: the figures every engine's summary starts with (what ran, for how long, how
+  many samples, at what rate), then the engine's own;
 * ``finish_run``: the final test evaluation (an ``eval`` event, as during training), the ``end``
   event with the summary's figures, and the ``TrainResult``.
 """
@@ -18,13 +23,47 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
+from dataclasses import dataclass
 
 import numpy as np
 
 from daskbelief.cluster import client_or_local, require_workers, warm_workers
+from daskbelief.data import DataStore, open_store
 from daskbelief.monitor import events
+from daskbelief.ps import checkpoint
 from daskbelief.train.evaluate import announce_test, evaluate, test_row
 from daskbelief.train.result import TrainResult
+
+
+def open_data(model, data, test) -> tuple[DataStore, DataStore | None]:
+    """The training store (a URL opens its ``train`` split) and the test store (``test`` split;
+    None without one), each checked against the model's input and output shapes, so that a
+    store of another dataset is refused in one line before a cluster starts."""
+    store = open_store(data, split="train")
+    test_store = None if test is None else open_store(test, split="test")
+    for s in (store, test_store):
+        if s is not None:
+            model.check_data(s.feature_shape, s.n_classes)
+    return store, test_store
+
+
+@dataclass(frozen=True)
+class StartPoint:
+    """Where a run starts: its parameters, and the checkpoint they came from when resuming."""
+
+    params: np.ndarray
+    resumed: checkpoint.Checkpoint | None = None
+
+
+def start_point(model, params, seed: int, resume_from, algorithm: str, *,
+                vectors: bool = True) -> StartPoint:
+    """``initial_params``, or the parameters of checkpoint ``resume_from``, refused in one line
+    unless ``algorithm`` wrote it for this model; ``vectors=False`` leaves the checkpoint's
+    extra vectors on disk (the engine's shards load their own ranges)."""
+    if resume_from is None:
+        return StartPoint(initial_params(model, params, seed))
+    ckpt = checkpoint.load_to_resume(resume_from, model.to_dict(), algorithm, vectors=vectors)
+    return StartPoint(ckpt.params, ckpt)
 
 
 def initial_params(model, params, seed: int) -> np.ndarray:
@@ -79,6 +118,13 @@ class Every:
     def done(self) -> None:
         """Done just now (outside ``due``: written at the end, say): the next period starts."""
         self.last = time.time()
+
+
+def summary(run: str, algorithm: str, *, seconds: float, samples: int, **own) -> dict:
+    """Every engine's summary: ``algorithm``, ``run``, ``seconds``, ``samples`` (training rows
+    computed on) and ``samples_per_second``, then the engine's ``own`` figures."""
+    return {"algorithm": algorithm, "run": run, "seconds": seconds, "samples": samples,
+            "samples_per_second": samples / seconds, **own}
 
 
 def finish_run(model, params, *, run: str, client, test_store, seconds: float, step, summary: dict,

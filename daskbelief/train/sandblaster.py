@@ -53,7 +53,6 @@ from distributed import wait
 from daskbelief import waits
 from daskbelief.checks import check_integer
 from daskbelief.cluster import require_workers, worker_info
-from daskbelief.data import open_store
 from daskbelief.monitor import events
 from daskbelief.optim.lbfgs import LbfgsResult, LbfgsState, lbfgs
 from daskbelief.ps import checkpoint
@@ -67,7 +66,8 @@ from daskbelief.train.partition import Plan, as_plan
 from daskbelief.train.partitioned import Blocks
 from daskbelief.train.recovery import lost_workers
 from daskbelief.train.result import TrainResult
-from daskbelief.train.run import Every, announce, cluster, finish_run, initial_params, run_id
+from daskbelief.train.run import (Every, announce, cluster, finish_run, open_data, run_id, start_point,
+                                  summary)
 from daskbelief.train.sandblaster_tasks import (PortionLedger, PortionSpec, abandon_evaluation,
                                                 evaluate_current, flush_worker, forget_run,
                                                 free_threads, run_portion)
@@ -101,7 +101,7 @@ def _number(name: str, value, minimum: float, *, strict: bool = False) -> None:
                          f"got {value!r}")
 
 
-def validate(model, store, test_store, *, shards, iterations, tolerance, ftol, history,
+def validate(model, store, *, shards, iterations, tolerance, ftol, history,
              portion_size, batch_rows, push_every, backups, eval_every, eval_rows, seed,
              max_seconds, slow_workers, checkpoint_every=None, checkpoint_keep=1) -> int:
     """Reject impossible settings before any work starts, naming the argument; returns the
@@ -123,9 +123,6 @@ def validate(model, store, test_store, *, shards, iterations, tolerance, ftol, h
         raise ValueError(f"backups must be True or False, got {backups!r}")
     if shards > model.size:
         raise ValueError(f"shards={shards} is more than the model's {model.size} parameters")
-    model.check_data(store.feature_shape, store.n_classes)
-    if test_store is not None:
-        model.check_data(test_store.feature_shape, test_store.n_classes)
     if batch_rows is not None:
         check_integer("batch_rows", batch_rows, 1)
         if batch_rows > store.n:
@@ -140,16 +137,16 @@ def validate(model, store, test_store, *, shards, iterations, tolerance, ftol, h
 
 
 def _start(model, params, seed: int, resume_from, history: int) -> tuple[np.ndarray, LbfgsState | None]:
-    """The starting iterate, and the L-BFGS state to go on from when resuming a checkpoint
-    (its vectors stay on disk: each shard loads its own range)."""
-    if resume_from is not None:
-        ckpt = checkpoint.load_to_resume(resume_from, model.to_dict(), "sandblaster", vectors=False)
-        state = LbfgsState(**ckpt.lbfgs)
-        if state.m != history:
-            raise ValueError(f"checkpoint {resume_from} holds an L-BFGS history of size {state.m}; "
-                             f"history={history} cannot resume it")
-        return ckpt.params, state
-    return initial_params(model, params, seed), None
+    """The skeleton's start point, and the L-BFGS state to go on from when resuming a
+    checkpoint (its vectors stay on disk: each shard loads its own range)."""
+    point = start_point(model, params, seed, resume_from, "sandblaster", vectors=False)
+    if point.resumed is None:
+        return point.params, None
+    state = LbfgsState(**point.resumed.lbfgs)
+    if state.m != history:
+        raise ValueError(f"checkpoint {resume_from} holds an L-BFGS history of size {state.m}; "
+                         f"history={history} cannot resume it")
+    return point.params, state
 
 
 @dataclass
@@ -740,9 +737,8 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
     with a test store, ``test_loss``/``test_accuracy``. History rows: one per iteration
     (``time, step, replica=None, loss, grad_norm``) plus the test evaluations.
     """
-    store = open_store(data, split="train")
-    test_store = None if test is None else open_store(test, split="test")
-    n_rows = validate(model, store, test_store, shards=shards, iterations=iterations,
+    store, test_store = open_data(model, data, test)
+    n_rows = validate(model, store, shards=shards, iterations=iterations,
                       tolerance=tolerance, ftol=ftol, history=history, portion_size=portion_size,
                       batch_rows=batch_rows, push_every=push_every, backups=backups,
                       eval_every=eval_every, eval_rows=eval_rows, seed=seed,
@@ -796,11 +792,11 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
             objective.actors.close()
             if c.status == "running":  # else there is no scheduler to reach the workers by
                 c.run(forget_run, run, on_error="ignore")
-        summary = _summary(run, result, objective.counters, settings, seconds, n_rows, shard_stats)
-        summary.update(recovery.summary())
+        figures = _summary(run, result, objective.counters, settings, seconds, n_rows, shard_stats)
+        figures.update(recovery.summary())
         return finish_run(model, final, run=run, client=c, test_store=test_store, seconds=seconds,
-                      step=result.iterations, summary=summary, history=monitor.rows,
-                      normaliser=store.normaliser, shard_stats=shard_stats)
+                          step=result.iterations, summary=figures, history=monitor.rows,
+                          normaliser=store.normaliser, shard_stats=shard_stats)
 
 
 def _optimise(objective: BatchObjective, checkpoints: _Checkpoints, monitor: _Monitor,
@@ -832,21 +828,21 @@ def _optimise(objective: BatchObjective, checkpoints: _Checkpoints, monitor: _Mo
 
 def _summary(run: str, result, counters: Counters, settings: dict, seconds: float, n_rows: int,
              shard_stats: list[dict]) -> dict:
-    """The run's figures: the optimisation's outcome, the portions' fate, the throughput.
+    """The run's figures: the optimisation's outcome, the portions' fate, the throughput
+    (``samples``: rows of every evaluation, line searches included).
 
     ``vector_fetches``: how often a worker fetched the vector being evaluated (every fetch reads
     each shard once), at most once per worker process and evaluation attempt.
     """
-    samples = counters.evaluations * n_rows
-    return {"algorithm": "sandblaster", "run": run, **settings, "iterations": result.iterations,
-            "evaluations": counters.evaluations, "loss": result.loss,
-            "grad_norm": result.grad_norm, "converged": result.converged,
-            "message": result.message, "seconds": seconds,
-            "seconds_per_iteration": seconds / max(result.iterations - settings["resumed_at"], 1),
-            "samples": samples, "samples_per_second": samples / seconds,
-            "evaluations_restarted": counters.evaluations_restarted,
-            "portion_runs": counters.portion_runs,
-            "backups_launched": counters.backups_launched, "backups_won": counters.backups_won,
-            "portions_per_worker": dict(counters.portions_per_worker),
-            "vector_fetches": shard_stats[0]["reads"],
-            "contributions_refused": sum(s["refused"] for s in shard_stats)}
+    own = {**settings, "iterations": result.iterations, "evaluations": counters.evaluations,
+           "loss": result.loss, "grad_norm": result.grad_norm, "converged": result.converged,
+           "message": result.message,
+           "seconds_per_iteration": seconds / max(result.iterations - settings["resumed_at"], 1),
+           "evaluations_restarted": counters.evaluations_restarted,
+           "portion_runs": counters.portion_runs, "backups_launched": counters.backups_launched,
+           "backups_won": counters.backups_won,
+           "portions_per_worker": dict(counters.portions_per_worker),
+           "vector_fetches": shard_stats[0]["reads"],
+           "contributions_refused": sum(s["refused"] for s in shard_stats)}
+    return summary(run, "sandblaster", seconds=seconds, samples=counters.evaluations * n_rows,
+                   **own)
