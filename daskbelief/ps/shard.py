@@ -21,7 +21,10 @@ from daskbelief.ps.asynchrony import Clocks, FetchedCopies
 from daskbelief.ps.compress import decode, payload_bytes, to_bf16
 
 STALENESS_BINS = 64  # staleness >= this lands in the last histogram bin
-APPLY_BLOCK = 1 << 20  # values the update rule is applied to at a time (4 MB of float32)
+# Values the update rule is applied to at a time: 256 KB of float32, so the rule's passes over a
+# block (Adagrad makes seven) run in a core's L2 with the parameters and state beside it
+# (measured on a 100 MB slice, one core: 42 ms with 64K-value blocks, 57 ms with 1M-value ones).
+APPLY_BLOCK = 1 << 16
 
 
 class ParameterShard:
@@ -71,7 +74,7 @@ class ParameterShard:
         elementwise. ``part=(token, n)``: one of the ``n`` frames of a push that travels as several
         calls (a slice larger than one comm frame, see ``server.push_slice``), arriving in any
         order; each is applied on arrival, and the push counts as one update once all have
-        arrived, none of them dropped. The rule runs over blocks of ``APPLY_BLOCK``
+        arrived, none of them dropped. On the host the rule runs over blocks of ``APPLY_BLOCK``
         values, so its temporaries stay in cache and are reused instead of being allocated (and
         page-faulted) at the size of the push. Non-finite gradients are counted and dropped: one
         bad replica must never poison the shared parameters.
@@ -79,7 +82,8 @@ class ParameterShard:
         xp = namespace(self.params)
         self.bytes_in += payload_bytes(grad)
         grad = xp.asarray(decode(grad))
-        blocks = [grad[i:i + APPLY_BLOCK] for i in range(0, len(grad), APPLY_BLOCK)]
+        size = APPLY_BLOCK if xp is np else max(len(grad), 1)  # a GPU wants one launch per pass
+        blocks = [grad[i:i + size] for i in range(0, len(grad), size)]
         finite = all(bool(xp.isfinite(g).all()) for g in blocks)
         complete = part is None or self._arrived(*part, finite)
         if not finite:
