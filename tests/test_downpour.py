@@ -145,6 +145,10 @@ def test_the_run_log_sees_every_event_from_start_to_end(client, digits_path):
     assert kinds[0] == "start" and kinds[-1] == "end", kinds
     end = log.of(RUN)[-1]
     assert end["samples"] == result.summary["samples"] and end["algorithm"] == "downpour"
+    assert end["run"] == result.summary["run"] == log.of(RUN)[0]["run"]  # the skeleton's summary
+    assert result.summary["samples"] == 2 * 20 * 32
+    assert result.summary["samples_per_second"] == pytest.approx(
+        result.summary["samples"] / result.summary["seconds"])
     assert len(log.of("daskbelief-replica")) == 2 * 4  # every report of both replicas
 
 

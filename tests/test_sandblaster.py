@@ -282,6 +282,8 @@ def test_the_digits_pipeline_reaches_90_percent(cluster, digits_path, tmp_path):
     assert summary["algorithm"] == "sandblaster" and summary["iterations"] == 15
     assert summary["test_accuracy"] >= 0.9
     assert summary["seconds"] > 0 and summary["samples_per_second"] > 0
+    assert summary["run"].startswith("sandblaster-")  # the skeleton's summary, as Downpour's
+    assert summary["samples"] == summary["evaluations"] * summary["batch_rows"]
     assert '"kind": "iteration"' in (tmp_path / "metrics.jsonl").read_text()
 
 
