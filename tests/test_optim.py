@@ -86,6 +86,11 @@ def test_local_vectors_operations():
     assert sp.dot("c", "c") == 0.0
     with pytest.raises(KeyError, match="no vector named 'zz'"):
         sp.get("zz")
+    c = sp.get("c")
+    sp.swap("new", "c")  # a name not in use takes the other's array, which is left unused
+    assert sp.get("new") is c and "c" not in sp
+    with pytest.raises(KeyError, match="no vector named 'zz'"):
+        sp.swap("zz", "yy")
 
 
 def test_dot_accumulates_in_float64():
@@ -181,6 +186,41 @@ def test_lbfgs_same_iterations_same_loss_as_scipy_on_a_quadratic():
     assert res.iterations == 15
     assert abs(res.loss - ref.fun) <= 0.01 * abs(ref.fun)
     assert res.loss - best < 1e-3 * abs(best)
+
+
+class CountingVectors(LocalVectors):
+    """Counts ``dots`` calls: over sharded vectors, each is a round trip."""
+
+    dot_calls = 0
+
+    def dots(self, pairs):
+        self.dot_calls += 1
+        return super().dots(pairs)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_prospective_pair_gives_the_same_iterates_with_one_dots_call_fewer_an_iteration(dtype):
+    """With ``prospective=True`` every line-search evaluation forms the curvature pair its point
+    would make and takes the next iteration's dots along: the iterates are bit for bit the
+    plain run's (m=4 over 40 iterations: pairs' names are reused), and the dots call each
+    iteration made after its step is gone."""
+    runs = {}
+    for prospective in (False, True):
+        sp = CountingVectors(10, dtype)
+        sp.set("x", np.full(10, -1.2, dtype=dtype))
+
+        def objective(x, g, sp=sp):
+            v = sp.get(x).astype(np.float64)
+            sp.buffer(g)[...] = rosen_der(v)
+            return float(rosen(v))
+
+        res = lbfgs(sp, objective, m=4, max_iter=40, gtol=0, prospective=prospective)
+        runs[prospective] = (sp.get("x").copy(), [r["loss"] for r in res.history],
+                             res.iterations, sp.dot_calls)
+    (x0, loss0, iterations, calls0), (x1, loss1, _, calls1) = runs[False], runs[True]
+    np.testing.assert_array_equal(x1, x0)
+    assert loss1 == loss0 and iterations == 40
+    assert calls0 - calls1 == iterations, (calls0, calls1)
 
 
 def test_lbfgs_resumed_from_a_saved_state_goes_on_exactly():

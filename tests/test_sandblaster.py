@@ -260,6 +260,27 @@ def test_bad_settings_are_refused_before_work_starts(client, digits_path, kw, me
     assert not client.futures  # nothing was submitted
 
 
+def test_shards_form_the_prospective_pair_only_where_that_costs_less_than_a_round_trip():
+    from daskbelief.train.sandblaster import prospective_dots
+
+    assert prospective_dots(605, 10)             # digits 64-16-10 over 2 shards
+    assert not prospective_dots(2_324_992, 10)   # the speech MLP over 2 shards
+
+
+def test_a_shard_finishing_an_evaluation_runs_only_operations_that_return_nothing():
+    from daskbelief.ps.shard import ParameterShard
+
+    model = Sequential((4,), [Dense(2)])
+    shard = ParameterShard(0, 0, model.size, np.arange(model.size, dtype=np.float32), IDLE_RULE)
+    shard.prepare_objective(model, 1)
+    shard.open_evaluation(1, "params")
+    with pytest.raises(ValueError, match="only operations that return nothing .* got 'dots'"):
+        shard.finish_evaluation(1, "params", "g", [], None, [("dots", [("g", "g")])])
+    _, (dot,), _ = shard.finish_evaluation(1, "params", "g", [("y", "params")], None,
+                                          [("combine", [("params", 2.0)], "y")])  # still open
+    assert dot == pytest.approx(2 * float(np.sum(np.arange(model.size) ** 2)))
+
+
 def test_models_that_do_not_fit_the_data_are_refused(client, digits_path):
     with pytest.raises(ValueError, match="input size does not fit"):
         sandblaster(Sequential((32,), [Dense(10)]), digits_path, client=client)

@@ -5,7 +5,8 @@ same algorithm runs over vectors kept in this process (``LocalVectors``) or slic
 shards (Sandblaster's ``ShardedVectors``), where every operation runs on each shard's slice and
 only scalars come back. Operations:
 
-* ``zeros(name)``, ``copy(src, dst)``, ``swap(a, b)`` (exchange what two names refer to: free)
+* ``zeros(name)``, ``copy(src, dst)``, ``swap(a, b)`` (exchange what two names refer to: free;
+  a name not in use takes the other's array)
 * ``axpy(alpha, x, y)``: ``y += alpha * x``;  ``scale(alpha, x)``: ``x *= alpha``
 * ``mul(a, b, out)``: ``out = a * b`` elementwise
 * ``combine([(name, c), ...], out)``: ``out = sum(c * name)`` (L-BFGS builds a direction in one)
@@ -80,7 +81,15 @@ class LocalVectors:
         self.buffer(dst)[...] = self.get(src)
 
     def swap(self, a: str, b: str) -> None:
-        self._v[a], self._v[b] = self.get(b), self.get(a)
+        """Exchange what ``a`` and ``b`` refer to; a name not yet in use takes the other's array
+        and leaves it unused (L-BFGS swaps a prospective pair into names never used before)."""
+        if a not in self._v and b not in self._v:
+            self.get(a)  # neither exists: the usual error
+        va, vb = self._v.pop(a, None), self._v.pop(b, None)
+        if vb is not None:
+            self._v[a] = vb
+        if va is not None:
+            self._v[b] = va
 
     def axpy(self, alpha: float, x: str, y: str) -> None:
         axpy(self.dtype.type(alpha), self.get(x), self.get(y))

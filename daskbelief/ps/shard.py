@@ -307,22 +307,30 @@ class ParameterShard:
         return True
 
     def finish_evaluation(self, tag, x_name: str, g_name: str, dots=(),
-                          expect: int | None = None) -> tuple | None:
+                          expect: int | None = None, then=()) -> tuple | None:
         """Close evaluation ``tag``: vector ``g_name`` = this slice of the gradient at ``x_name``
-        (``finish_gradient``, exactly the reference's arithmetic); returns the slice's share of
-        the regulariser, its partial sums of the ``dots`` pairs taken afterwards (the line
-        search's slope rides along instead of costing another round trip) and the portions it
-        holds (``accumulate``). ``expect``: the batch's portion count; while the shard holds
-        fewer, it returns None and stays open (a flush will bring the rest)."""
+        (``finish_gradient``, exactly the reference's arithmetic), then the vector operations
+        ``then`` (ones that return nothing, e.g. the L-BFGS pair this point would make); returns
+        the slice's share of the regulariser, its partial sums of the ``dots`` pairs taken
+        afterwards (the line search's slope rides along instead of costing another round trip)
+        and the portions it holds (``accumulate``). ``expect``: the batch's portion count; while
+        the shard holds fewer, it returns None and stays open (a flush will bring the rest)."""
         ev = self._evaluation()
         if ev.tag != tag:
             raise RuntimeError(f"shard {self.index}: cannot finish evaluation {tag!r}, the open "
                                f"one is {ev.tag!r}")
+        refused = sorted({name for name, *_ in then} - QUEUED_OPS)
+        if refused:
+            raise ValueError(f"shard {self.index}: finish_evaluation runs only operations that "
+                             f"return nothing ({', '.join(sorted(QUEUED_OPS))}), got "
+                             f"{', '.join(map(repr, refused))}")
         if expect is not None and len(ev.won) < expect:
             return None
         ev.tag = None
         reg = finish_gradient(ev.acc, self.vectors.get(x_name), ev.mask, ev.n, ev.l2,
                               self.vectors.buffer(g_name))
+        for name, *args in then:
+            getattr(self.vectors, name)(*args)
         return reg, self.vectors.dots(dots), ev.won
 
     def objective_stats(self) -> dict:
@@ -332,8 +340,8 @@ class ParameterShard:
                 "refused": ev.refused, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out}
 
 
-VECTOR_OPS = frozenset({"zeros", "copy", "swap", "axpy", "scale", "mul", "combine", "dot",
-                        "dots"})
+QUEUED_OPS = frozenset({"zeros", "copy", "swap", "axpy", "scale", "mul", "combine"})
+VECTOR_OPS = QUEUED_OPS | {"dot", "dots"}
 EVALUATION_OPS = frozenset({"open_evaluation", "finish_evaluation"})
 
 
