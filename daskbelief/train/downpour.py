@@ -250,8 +250,9 @@ def _check(model, store, *, replicas, max_replicas, unit_chunks, shards, n_fetch
     return plan
 
 
-def _start_blocks(client, workers: list[str], plan: Plan | None, params: np.ndarray, ps, specs: list[ReplicaSpec],
-                  coordination: dict, *, overlap: bool, max_in_flight: int) -> list:
+def _start_blocks(client, workers: list[str], plan: Plan | None, params: np.ndarray, ps,
+                  specs: list[ReplicaSpec], coordination: dict, *, overlap: bool,
+                  max_in_flight: int) -> list:
     """Each replica's model-parallel blocks (None each without a plan), placed beside the
     shards, their handles published where the replica task and the driver find them."""
     if plan is None:
@@ -327,11 +328,8 @@ def _start_point(model, seed: int, params, resume_from, rule_state=None,
     point = start_point(model, params, seed, resume_from, "downpour")
     ckpt = point.resumed
     if ckpt is not None:
-        def snapshots(ranges):
-            return [{"params": ckpt.params[a:b], "state": {k: v[a:b] for k, v in ckpt.state.items()},
-                     "version": max(ckpt.versions), "applied": 0} for a, b in ranges]
-
-        return _StartPoint(ckpt.params, snapshots, ckpt.replica_steps())
+        return _StartPoint(ckpt.params, _snapshots(ckpt.params, ckpt.state, max(ckpt.versions)),
+                           ckpt.replica_steps())
     init = point.params
     if rule_state is None:
         return _StartPoint(init)
@@ -344,9 +342,14 @@ def _start_point(model, seed: int, params, resume_from, rule_state=None,
         if v.shape != init.shape:
             raise ValueError(f"rule_state[{name!r}] has shape {v.shape}, the model has "
                              f"{model.size} parameters")
-    return _StartPoint(init, lambda ranges: [
-        {"params": init[a:b], "state": {k: v[a:b] for k, v in state.items()}, "version": 0,
-         "applied": 0} for a, b in ranges])
+    return _StartPoint(init, _snapshots(init, state, 0))
+
+
+def _snapshots(params: np.ndarray, state: dict, version: int):
+    """``ranges -> [snapshot]``: each shard's slice of ``params`` and of the rule's ``state`` at
+    ``version``, as ``ParameterServer.load_state_dicts`` takes them."""
+    return lambda ranges: [{"params": params[a:b], "state": {k: v[a:b] for k, v in state.items()},
+                            "version": version, "applied": 0} for a, b in ranges]
 
 
 def _coordinate(client, spec: ReplicaSpec, ps, done: dict[int, int], warmstart_steps: int) -> dict:

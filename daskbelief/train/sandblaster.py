@@ -66,8 +66,8 @@ from daskbelief.train.partition import Plan, as_plan
 from daskbelief.train.partitioned import Blocks
 from daskbelief.train.recovery import lost_workers
 from daskbelief.train.result import TrainResult
-from daskbelief.train.run import (Every, announce, cluster, finish_run, open_data, run_id, start_point,
-                                  summary)
+from daskbelief.train.run import (Every, announce, cluster, finish_run, open_data, run_id,
+                                  start_point, summary)
 from daskbelief.train.sandblaster_tasks import (PortionLedger, PortionSpec, abandon_evaluation,
                                                 evaluate_current, flush_worker, forget_run,
                                                 free_threads, run_portion)
