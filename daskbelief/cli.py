@@ -183,7 +183,8 @@ def _quiet_distributed() -> None:
     from daskbelief.workarounds import InterruptRace, SchedulerGone
 
     logging.getLogger("tornado.application").addFilter(InterruptRace())
-    logging.getLogger("distributed.client").addFilter(SchedulerGone())
+    for name in SchedulerGone.LOGGERS:
+        logging.getLogger(name).addFilter(SchedulerGone())
 
 
 def _resume_command(args, lost) -> str:

@@ -52,15 +52,22 @@ class InterruptRace(logging.Filter):
 
 
 class SchedulerGone(logging.Filter):
-    """For the CLI: drops distributed's records of its client's reconnect to a lost scheduler:
-    that it gave up, or (the run being lost, the client is closed at once) the traceback of the
-    reconnect's cancellation. The run's own line (``RunLost``) says what was lost, with the last
-    checkpoint and the command that resumes; distributed's records would only bury it."""
+    """For the CLI: drops distributed's records of its client's link to a lost scheduler: that
+    the client's batched stream found it closed (an INFO record with a traceback, logged only
+    when a message was being sent at that moment), that the reconnect gave up, or (the run being
+    lost, the client is closed at once) the traceback of the reconnect's cancellation. The run's
+    own line (``RunLost``) says what was lost, with the last checkpoint and the command that
+    resumes; distributed's records would only bury it."""
+
+    LOGGERS = ("distributed.client", "distributed.batched")
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
             return not raised_in(record.exc_info[2], "_reconnect")
-        return not record.getMessage().startswith("Failed to reconnect to scheduler")
+        message = record.getMessage()
+        if message.startswith("Batched Comm Closed"):
+            return "Client->Scheduler" not in message
+        return not message.startswith("Failed to reconnect to scheduler")
 
 
 def raised_in(tb, function: str) -> bool:
