@@ -6,8 +6,8 @@ alone, and memory.
 run, side by side: the reference trainer runs in this process pinned to one BLAS thread, exactly
 like a nanny-started worker process. R = 4 and 8 are timed too where the machine has the cores.
 
-The rates are timed in interleaved rounds (reference, Downpour at n = 1, 5, 20, then R = 1, 2,
-...), each figure the best round (the least disturbed by other work on the machine); the rounds'
+The rates are timed in interleaved rounds (reference, Downpour at n = 1, 5, 20, n = 1 with the
+replica and its shard in one worker process of 2 threads, then R = 1, 2, ...), each figure the best round (the least disturbed by other work on the machine); the rounds'
 spread and the machine's load are printed beside them. ``--quick`` runs the same steps per
 measurement in fewer rounds (and builds a smaller dataset), so it reaches the full run's verdicts.
 """
@@ -186,12 +186,18 @@ def run(quick: bool = False) -> dict:
         out = {"rounds": rounds, "steps_per_measurement": steps, **load()}
         counts = replica_counts(os.cpu_count() or 1)
         with reusing_buffers(), LocalCluster(n_workers=max(counts), threads_per_worker=1, processes=True,
-                          dashboard_address=":0") as cluster, Client(cluster) as client:
+                          dashboard_address=":0") as cluster, Client(cluster) as client, \
+                LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
+                             dashboard_address=":0") as one, Client(one) as one_process:
             sampler = RssSampler(client)
             measures = {"reference": lambda: _reference_rate(model, store, batch, steps)}
             for n in (1, 5, 20):
                 measures[f"n{n}"] = lambda n=n: downpour_rate(client, model, store, replicas=1, n=n,
                                                               batch_size=batch, steps=steps)
+            # The replica and its shard in one worker process of 2 threads: pushes and fetches
+            # are calls on the actor thread, arrays by reference (workarounds.LocalActor).
+            measures["n1_one_process"] = lambda: downpour_rate(one_process, model, store, replicas=1,
+                                                               n=1, batch_size=batch, steps=steps)
             for r in counts:
                 measures[f"r{r}"] = lambda r=r: downpour_rate(client, model, store, replicas=r, n=5,
                                                               batch_size=batch, steps=steps,
@@ -207,6 +213,10 @@ def run(quick: bool = False) -> dict:
                 rate, sp = best[f"n{n}"], spreads[f"n{n}"]
                 print(f"downpour R=1 n_fetch=n_push={n:>2}: {rate:,.0f} samples/s, "
                       f"ratio to reference {rate / ref:.2f} (spread {100 * sp:.1f}%)")
+            rate, sp = best["n1_one_process"], spreads["n1_one_process"]
+            out["overhead_ratio_n1_one_process"] = rate / ref
+            print(f"downpour R=1 n_fetch=n_push= 1, one process of 2 threads: {rate:,.0f} samples/s, "
+                  f"ratio to reference {rate / ref:.2f} (spread {100 * sp:.1f}%)")
             out["scaling"] = {f"r{r}": best[f"r{r}"] / best["r1"] for r in counts}
             out["scaling_r2"] = out["scaling"]["r2"]
             for r in counts:

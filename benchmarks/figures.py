@@ -32,17 +32,24 @@ def accuracy_vs_time(paper: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def family(method: str) -> str:
+    """A method's name without its count of replicas, workers or processes ("Downpour Adagrad,
+    2 replicas, 1 process" -> "Downpour Adagrad, 1 process"): the points one line joins."""
+    words = [w.strip() for w in method.split(",")]
+    return ", ".join(words[:1] + words[2:])
+
+
 def time_to_target(paper: dict, path: Path) -> Path:
     """Figure 5: time to the target accuracy vs cores, per method family (the median over a
     method's seeds)."""
     groups: dict[str, list] = {}
     for r in paper["table"]:
         if r["time_to_target"] is not None:
-            groups.setdefault(r["method"].split(",")[0], []).append((r["cores"], r["time_to_target"]))
+            groups.setdefault(family(r["method"]), []).append((r["cores"], r["time_to_target"]))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for family, points in sorted(groups.items()):
+    for name, points in sorted(groups.items()):
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=family)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
     ax.set(xlabel="cores (worker processes or threads)", ylabel="seconds",
            title=f"Figure 5 on this machine: time to {paper['target_accuracy']:.0%} test accuracy",
            xticks=sorted({c["cores"] for c in paper["curves"]}))

@@ -103,3 +103,27 @@ def test_every_benchmark_imports_and_has_a_run():
     assert {"core", "downpour", "sandblaster", "model_parallel", "scale", "network"} <= set(names)
     for name in names:
         assert callable(importlib.import_module(f"benchmarks.{name}").run), name
+
+
+def test_the_one_process_layout_is_explained_beside_two_processes_and_judged_against_the_peers():
+    from benchmarks.paper import ONE_PROCESS
+
+    ref, dp2, torch2 = ("Adagrad, 1 replica (reference)", "Downpour Adagrad, 2 replicas",
+                        "PyTorch Adagrad, 2 threads")
+    rates = {ref: 8000.0, dp2: 7400.0, ONE_PROCESS: 10400.0, torch2: 10000.0}
+    text = "\n".join(explanations(paper({ref: 10.0, dp2: 9.2, ONE_PROCESS: 8.4, torch2: 9.0},
+                                        rates)))
+    assert "10,400 samples/s against 7,400" in text and "time to target 8.4 s" in text
+    judged = {claim: line for (claim, _, _), line in
+              zip(ORDERINGS, orderings(paper({ref: 10.0, ONE_PROCESS: 8.4, torch2: 9.0})))}
+    assert "**holds**" in judged["Downpour Adagrad in one 2-thread process beats PyTorch with 2 threads"]
+    assert "**not measured**" in judged[
+        "Downpour Adagrad in one 2-thread process beats PyTorch DDP on 2 processes"]
+
+
+def test_figure_5_joins_a_methods_points_across_cores_but_keeps_a_layout_apart():
+    from benchmarks.figures import family
+
+    assert family("Downpour Adagrad, 1 replica") == family("Downpour Adagrad, 2 replicas")
+    assert family("Downpour Adagrad, 2 replicas, 1 process") == "Downpour Adagrad, 1 process"
+    assert family("PyTorch DDP, 2 processes") == "PyTorch DDP"
