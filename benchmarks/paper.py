@@ -6,7 +6,8 @@ paper's acoustic task) for the same wall-clock budget, its test accuracy sampled
 * Figure 4 (accuracy vs time): SGD with one replica (the single-process reference), Downpour SGD
   and Downpour Adagrad with one replica per core, Sandblaster L-BFGS on every core.
 * Figure 5 (time to a fixed test accuracy vs cores): Downpour Adagrad and Sandblaster with 1 and 2
-  workers, next to the single-process methods.
+  workers, next to the single-process methods; and Downpour Adagrad's 2 replicas in one worker
+  process of 2 threads (``ONE_PROCESS``), the layout for one multi-core machine.
 * Peers: PyTorch (CPU, Adagrad) with 1 and 2 threads, PyTorch DDP (2 processes, gloo, 1 thread
   each, gradients averaged every step), PyTorch Hogwild (2 torch.multiprocessing processes
   updating one shared-memory model without locks, each with its own Adagrad state, as in
