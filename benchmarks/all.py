@@ -182,10 +182,11 @@ def explanations(paper: dict) -> list[str]:
     if one and dp2:
         lines.append(
             f"- **One process per machine.** The same 2 replicas in one worker process of 2 "
-            f"threads move {one['samples_per_s']:,.0f} samples/s against {dp2['samples_per_s']:,.0f} "
-            "in two single-threaded processes: each parameter shard lives in the process of the "
-            "replicas that call it, so pushes and fetches are calls on the worker's actor thread "
-            "with the arrays passed by reference, not messages copied through TCP "
+            f"threads move {one['samples_per_s']:,.0f} samples/s against "
+            f"{dp2['samples_per_s']:,.0f} in two single-threaded processes: each parameter "
+            "shard lives in the process of the replicas that call it, so pushes and fetches are "
+            "calls on the worker's actor thread with the arrays passed by reference, not messages "
+            "copied through TCP "
             f"(time to target {_when(one)}).")
     if sb1 and sb2:
         ratio = sb2["samples_per_s"] / sb1["samples_per_s"]

@@ -7,8 +7,9 @@ run, side by side: the reference trainer runs in this process pinned to one BLAS
 like a nanny-started worker process. R = 4 and 8 are timed too where the machine has the cores.
 
 The rates are timed in interleaved rounds (reference, Downpour at n = 1, 5, 20, n = 1 with the
-replica and its shard in one worker process of 2 threads, then R = 1, 2, ...), each figure the best round (the least disturbed by other work on the machine); the rounds'
-spread and the machine's load are printed beside them. ``--quick`` runs the same steps per
+replica and its shard in one worker process of 2 threads, then R = 1, 2, ...), each figure the
+best round (the least disturbed by other work on the machine); the rounds' spread and the
+machine's load are printed beside them. ``--quick`` runs the same steps per
 measurement in fewer rounds (and builds a smaller dataset), so it reaches the full run's verdicts.
 """
 from __future__ import annotations
@@ -196,8 +197,8 @@ def run(quick: bool = False) -> dict:
                                                               batch_size=batch, steps=steps)
             # The replica and its shard in one worker process of 2 threads: pushes and fetches
             # are calls on the actor thread, arrays by reference (workarounds.LocalActor).
-            measures["n1_one_process"] = lambda: downpour_rate(one_process, model, store, replicas=1,
-                                                               n=1, batch_size=batch, steps=steps)
+            measures["n1_one_process"] = lambda: downpour_rate(
+                one_process, model, store, replicas=1, n=1, batch_size=batch, steps=steps)
             for r in counts:
                 measures[f"r{r}"] = lambda r=r: downpour_rate(client, model, store, replicas=r, n=5,
                                                               batch_size=batch, steps=steps,
@@ -215,8 +216,8 @@ def run(quick: bool = False) -> dict:
                       f"ratio to reference {rate / ref:.2f} (spread {100 * sp:.1f}%)")
             rate, sp = best["n1_one_process"], spreads["n1_one_process"]
             out["overhead_ratio_n1_one_process"] = rate / ref
-            print(f"downpour R=1 n_fetch=n_push= 1, one process of 2 threads: {rate:,.0f} samples/s, "
-                  f"ratio to reference {rate / ref:.2f} (spread {100 * sp:.1f}%)")
+            print(f"downpour R=1 n_fetch=n_push= 1, one process of 2 threads: {rate:,.0f} "
+                  f"samples/s, ratio to reference {rate / ref:.2f} (spread {100 * sp:.1f}%)")
             out["scaling"] = {f"r{r}": best[f"r{r}"] / best["r1"] for r in counts}
             out["scaling_r2"] = out["scaling"]["r2"]
             for r in counts:

@@ -71,10 +71,11 @@ N_PUSH = 1  # Downpour's n_fetch = n_push: the paper's setting in all its experi
 # Each push is then one minibatch's gradient, so Downpour's progress per sample stays close to one
 # process's; pushes summing n_push gradients (Adagrad scales each push to one step whatever its
 # size) and fetches n_fetch steps apart cost progress per sample. Measured on this task, 2
-# replicas, 40 s, seed 0, one run each (time to 40% / examples to it; reference 10.1 s / 81k):
-# n=5 lr 0.007 (the earlier setting) 11.1 s / 122k; n=2 lr 0.01 9.3 s / 83k; n=1 lr 0.01
-# 9.2 s / 61k; n=1 lr 0.02 14.4 s / 101k (pushes applied while others' are in flight are harsher
-# on Adagrad than one process's steps: a half rate keeps its first steps stable).
+# replicas on 2 processes, 40 s, seed 0, one run each (docs/results/amd-2026-12-07, time to 40% /
+# examples to it): n=5 lr 0.007 (the earlier setting) 11.1 s / 122k, n=2 lr 0.01 9.3 s / 83k,
+# n=1 lr 0.01 9.2 s / 61k; in an earlier run of that series, n=1 at lr 0.02 took 24.7 s / 134k
+# against 15.6 s / 70k at lr 0.01 (pushes applied while the other replica's are in flight are
+# harsher on Adagrad than one process's steps: half the rate keeps its first steps stable).
 DOWNPOUR_ADAGRAD = {"name": "adagrad", "lr": 0.01}
 SGD = {"name": "sgd", "lr": 0.05}
 TARGET = {True: 0.30, False: 0.40}   # test accuracy Figure 5 times (quick, full); chance = 1/64
@@ -528,7 +529,8 @@ def run(quick: bool = False) -> dict:
             *dp2,
             lambda c: _sandblaster(c, "Sandblaster L-BFGS, 2 workers", path, 2, budget, eval_rows)])
         curves += _clustered(1, [
-            lambda c, s=s: _downpour(c, ONE_PROCESS, path, DOWNPOUR_ADAGRAD, 2, budget, eval_rows, s)
+            lambda c, s=s: _downpour(c, ONE_PROCESS, path, DOWNPOUR_ADAGRAD, 2, budget,
+                                     eval_rows, s)
             for s in seeds], threads=2)
         curves += _clustered(1, [
             lambda c: _downpour(c, "Downpour Adagrad, 1 replica", path, DOWNPOUR_ADAGRAD, 1, budget,

@@ -351,10 +351,9 @@ def test_only_the_clients_records_of_a_lost_scheduler_are_kept_off_stderr():
 
     def batched(link):
         error = CommClosedError("in <TCP (closed)>: Stream is closed")
+        comm = f"<TCP (closed) {link} local=tcp://127.0.0.1:1 remote=tcp://127.0.0.1:2>"
         return logging.LogRecord("distributed.batched", logging.INFO, __file__, 1,
-                                 "Batched Comm Closed %r", (f"<TCP (closed) {link} local=tcp://"
-                                                            "127.0.0.1:1 remote=tcp://127.0.0.1:2>",),
-                                 (type(error), error, None))
+                                 "Batched Comm Closed %r", (comm,), (type(error), error, None))
 
     assert not SchedulerGone().filter(batched("Client->Scheduler"))
     assert SchedulerGone().filter(batched("Worker->Scheduler"))

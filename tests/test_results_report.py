@@ -116,7 +116,8 @@ def test_the_one_process_layout_is_explained_beside_two_processes_and_judged_aga
     assert "10,400 samples/s against 7,400" in text and "time to target 8.4 s" in text
     judged = {claim: line for (claim, _, _), line in
               zip(ORDERINGS, orderings(paper({ref: 10.0, ONE_PROCESS: 8.4, torch2: 9.0})))}
-    assert "**holds**" in judged["Downpour Adagrad in one 2-thread process beats PyTorch with 2 threads"]
+    assert "**holds**" in judged[
+        "Downpour Adagrad in one 2-thread process beats PyTorch with 2 threads"]
     assert "**not measured**" in judged[
         "Downpour Adagrad in one 2-thread process beats PyTorch DDP on 2 processes"]
 
