@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import figures
-from benchmarks.paper import ADAGRAD, DOWNPOUR_ADAGRAD, N_PUSH, ONE_PROCESS
+from benchmarks.paper import ADAGRAD, DOWNPOUR_ADAGRAD, N_PUSH, ONE_PROCESS, _ratio
 
 ORDER = ("core", "downpour", "sandblaster", "model_parallel", "paper", "gpu", "scale", "network")
 
@@ -101,13 +101,6 @@ ORDERINGS = [
 ]
 
 
-def _samples_ratio(a: dict, b: dict) -> str:
-    """Row ``a``'s examples to the target over row ``b``'s, or "-" when either never got there."""
-    if not a.get("samples_to_target") or not b.get("samples_to_target"):
-        return "-"
-    return f"{a['samples_to_target'] / b['samples_to_target']:.2f}"
-
-
 def _row(paper: dict, method: str) -> dict | None:
     return next((r for r in paper["table"] if r["method"] == method), None)
 
@@ -175,7 +168,8 @@ def explanations(paper: dict) -> list[str]:
             f"{DOWNPOUR_ADAGRAD['lr']} there for its first steps to stay stable, against "
             f"{ADAGRAD['lr']} in the single process (measurements in `benchmarks/paper.py`). "
             f"Examples to the target, Downpour Adagrad x2 / the Adagrad reference: "
-            f"{_samples_ratio(dp2, ref)}; times: Downpour Adagrad {_when(dp2)}, the reference "
+            f"{_fmt(_ratio(paper['table'], 'samples_to_target', dp2['method'], ref['method']))}; "
+            f"times: Downpour Adagrad {_when(dp2)}, the reference "
             f"{_when(ref)} -- on two cores the extra throughput "
             f"{'buys back' if _sooner(dp2, ref) else 'does not buy back'} what asynchrony costs.")
     one = _row(paper, ONE_PROCESS)

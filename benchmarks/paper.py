@@ -501,7 +501,7 @@ def _ratios(rows: list[dict], base: str) -> dict:
 
 def _ratio(rows: list[dict], key: str, a: str, b: str) -> float | None:
     ra, rb = (next((r for r in rows if r["method"] == m), None) for m in (a, b))
-    if ra is None or rb is None or not ra[key] or not rb[key]:
+    if ra is None or rb is None or not ra.get(key) or not rb.get(key):
         return None
     return ra[key] / rb[key]
 
