@@ -79,8 +79,7 @@ def run(quick: bool = False) -> dict:
         v = verdicts[name]
         sr = "-" if v["samples_ratio_to_reference"] is None else f"{v['samples_ratio_to_reference']:.2f}"
         print(f"  {name:<34} {v['ratio'] or '-':>6} {v['ordering']:<26} {sr:>6}")
-    samples_ratio = paper._ratio(rows, "samples_to_target", BASE,
-                                 REFERENCE)
+    samples_ratio = paper._ratio(rows, "samples_to_target", BASE, REFERENCE)
     return {"target_accuracy": target, "budget_seconds": budget, "seeds": list(seeds),
             "time_to_target": {r["method"]: r["time_to_target"] for r in rows},
             "time_to_target_seeds": {r["method"]: r["time_to_target_seeds"] for r in rows},
