@@ -209,15 +209,13 @@ def run(quick: bool = False) -> dict:
             out["spread"] = spreads
             print(f"reference trainer (1 thread): {ref:,.0f} samples/s "
                   f"(spread {100 * spreads['reference']:.1f}%)")
-            for n in (1, 5, 20):
-                out[f"overhead_ratio_n{n}"] = best[f"n{n}"] / ref
-                rate, sp = best[f"n{n}"], spreads[f"n{n}"]
-                print(f"downpour R=1 n_fetch=n_push={n:>2}: {rate:,.0f} samples/s, "
+            labels = {f"n{n}": f"n_fetch=n_push={n:>2}" for n in (1, 5, 20)}
+            labels["n1_one_process"] = "n_fetch=n_push= 1, one process of 2 threads"
+            for key, label in labels.items():
+                rate, sp = best[key], spreads[key]
+                out[f"overhead_ratio_{key}"] = rate / ref
+                print(f"downpour R=1 {label}: {rate:,.0f} samples/s, "
                       f"ratio to reference {rate / ref:.2f} (spread {100 * sp:.1f}%)")
-            rate, sp = best["n1_one_process"], spreads["n1_one_process"]
-            out["overhead_ratio_n1_one_process"] = rate / ref
-            print(f"downpour R=1 n_fetch=n_push= 1, one process of 2 threads: {rate:,.0f} "
-                  f"samples/s, ratio to reference {rate / ref:.2f} (spread {100 * sp:.1f}%)")
             out["scaling"] = {f"r{r}": best[f"r{r}"] / best["r1"] for r in counts}
             out["scaling_r2"] = out["scaling"]["r2"]
             for r in counts:
