@@ -2,9 +2,10 @@
 balance, and the time per iteration against the single-process reference L-BFGS.
 
 ``python -m benchmarks sandblaster [--quick]`` on speech-frames (440 features, 64 classes) with a
-440-256-256-64 MLP (195k parameters), full-batch L-BFGS cut into portions of 1,500 rows (about
-25 ms of compute each), on a LocalCluster of 3 single-threaded worker processes with 2 parameter
-shards. Every figure is measured in this one run, side by side:
+440-256-256-64 MLP (195k parameters), full-batch L-BFGS cut into portions of the library's
+default size (``default_portion_size``: 2,250 rows here, 8 per worker thread), on a LocalCluster
+of 3 single-threaded worker processes with 2 parameter shards. Every figure is measured in this
+one run, side by side:
 
 (a) time per iteration with no straggler, with one worker slowed 4x (the test-only
     ``_slow_workers`` option: it sleeps 3x its compute time after each portion) and backups on,
@@ -40,10 +41,9 @@ from daskbelief.data import open_store
 from daskbelief.monitor import events
 from daskbelief.nn import Dense, Sequential
 from daskbelief.train.reference import train_lbfgs
-from daskbelief.train.sandblaster import sandblaster
+from daskbelief.train.sandblaster import default_portion_size, sandblaster
 
 CLASSES = 64
-PORTION = 1_500
 SLOWDOWN = 4.0
 WORKERS = 3
 
@@ -59,7 +59,7 @@ def steady_per_iteration(times: list[float]) -> float:
 
 
 def _reference(model, store, iterations: int,
-               portion: int | None = PORTION) -> tuple[float, np.ndarray, int]:
+               portion: int | None) -> tuple[float, np.ndarray, int]:
     times: list[float] = []
 
     def tick(row):
@@ -71,10 +71,11 @@ def _reference(model, store, iterations: int,
     return steady_per_iteration(times), params, result.evaluations
 
 
-def _sandblaster(client, model, store, iterations: int, *, slow=None, backups=True) -> dict:
+def _sandblaster(client, model, store, iterations: int, portion: int, *, slow=None,
+                 backups=True) -> dict:
     workers = sorted(worker_info(client))
     result = sandblaster(model, store, client=client, iterations=iterations, tolerance=0.0,
-                         portion_size=PORTION, shards=2, shard_workers=workers[:2],
+                         portion_size=portion, shards=2, shard_workers=workers[:2],
                          backups=backups, _slow_workers=slow)
     times = [h["time"] for h in result.history if h["loss"] is not None]
     runs, seconds = Counter(), defaultdict(list)
@@ -100,13 +101,13 @@ def _load_table(workers: list[str], slow: str, cases: dict) -> None:
         print(f"{w:<24} {speed:>6} " + " ".join(f"{c:>22}" for c in cells))
 
 
-def _round(client, model, store, iterations: int, slow: dict) -> dict:
+def _round(client, model, store, iterations: int, portion: int, slow: dict) -> dict:
     """One measurement of every configuration, back to back (the machine's load drifts)."""
-    ref_time, ref_params, ref_evaluations = _reference(model, store, iterations)
-    cases = {"no straggler": _sandblaster(client, model, store, iterations),
-             "slowed, backups": _sandblaster(client, model, store, iterations, slow=slow),
-             "slowed, no backups": _sandblaster(client, model, store, iterations, slow=slow,
-                                                backups=False)}
+    ref_time, ref_params, ref_evaluations = _reference(model, store, iterations, portion)
+    cases = {"no straggler": _sandblaster(client, model, store, iterations, portion),
+             "slowed, backups": _sandblaster(client, model, store, iterations, portion, slow=slow),
+             "slowed, no backups": _sandblaster(client, model, store, iterations, portion,
+                                                slow=slow, backups=False)}
     for case in cases.values():
         case["max_diff"] = float(np.abs(case["params"] - ref_params).max())
     return {"reference": ref_time, "reference_evaluations": ref_evaluations, "cases": cases}
@@ -179,14 +180,16 @@ def run(quick: bool = False) -> dict:
         path = recipes.build("speech-frames", os.path.join(tmp, "speech.zarr"), size=60_000,
                              classes=CLASSES)
         store = open_store(path, split="train")
-        print(f"speech-frames: batch of {store.n} rows in portions of {PORTION}; model "
-              f"{model.size:,} parameters; {iterations} iterations; {WORKERS} single-threaded "
+        portion = default_portion_size(store.n, WORKERS, model.flops_per_example())
+        print(f"speech-frames: batch of {store.n} rows in portions of {portion} (the default); "
+              f"model {model.size:,} parameters; {iterations} iterations; {WORKERS} single-threaded "
               f"workers on {os.cpu_count()} cores; {n_rounds} round(s)")
         with LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True,
                           dashboard_address=":0") as cluster, Client(cluster) as client:
             workers = sorted(worker_info(client))
             slow = {workers[-1]: SLOWDOWN}  # the shards live on the other two
-            rounds = [_round(client, model, store, iterations, slow) for _ in range(n_rounds)]
+            rounds = [_round(client, model, store, iterations, portion, slow)
+                      for _ in range(n_rounds)]
     _report(rounds)
     _load_table(workers, workers[-1], rounds[-1]["cases"])
     base = [r["cases"]["no straggler"]["per_iteration"] for r in rounds]

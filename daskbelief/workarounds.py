@@ -23,10 +23,14 @@
 * An actor call to a worker that died can stay pending forever: callers wait with
   ``waits.result(..., give_up=...)``, which asks between slices whether to keep waiting.
 * ``log_event`` can overtake a topic subscription: ``monitor.events.EventLog`` echoes a probe.
+* ``prompt_streams``: messages on distributed's streams wait for a batch, 10 ms from a client to
+  the scheduler and 5 ms from the scheduler to a worker (hard-coded); a chain of short tasks
+  (Sandblaster's evaluations, about 30 ms each) spent a third of its time waiting on them.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import pickle
 from concurrent.futures import CancelledError
@@ -38,6 +42,7 @@ from daskbelief import waits
 
 ACTOR_START_TIMEOUT = 120.0  # seconds for actors to be constructed on their workers
 WORKER_INFO_TIMEOUT = 60.0   # seconds for the scheduler to list its workers
+PROMPT_INTERVAL = 0.001      # seconds a message waits for its batch in ``prompt_streams``
 
 
 class InterruptRace(logging.Filter):
@@ -220,3 +225,52 @@ def local_actor(actor):
     if actor._address == worker.address and actor.key in worker.state.actors:
         return LocalActor(actor, worker)
     return actor
+
+
+@contextlib.contextmanager
+def prompt_streams(client: Client, interval: float = PROMPT_INTERVAL):
+    """While inside: ``client``'s messages to the scheduler, and the scheduler's to its workers
+    and to ``client``, wait at most ``interval`` for their batch; restored on the way out.
+
+    Measured on Sandblaster's floor (2 workers, 2 cores): 22-28 ms per L-BFGS iteration
+    against 28-34 ms with distributed's batching. A worker that joins meanwhile keeps the
+    default. A scheduler that cannot run the change (it cannot import daskbelief, say) keeps
+    its own batching: that costs time, nothing else."""
+    own = client.scheduler_comm.interval
+    try:
+        saved = client.run_on_scheduler(_set_intervals, interval, client.id)
+    except Exception:  # noqa: BLE001 -- an optimisation only: the run goes on without it
+        saved = None
+    client.scheduler_comm.interval = interval
+    try:
+        yield
+    finally:
+        if client.scheduler_comm is not None:
+            client.scheduler_comm.interval = own
+        if saved is not None and client.status == "running":
+            with contextlib.suppress(Exception):  # a scheduler lost meanwhile has no streams
+                client.run_on_scheduler(_restore_intervals, saved)
+
+
+def _streams(scheduler, client_id: str) -> dict:
+    """The scheduler's batched streams to its workers and to one client, by address or id."""
+    streams = dict(scheduler.stream_comms)
+    if client_id in scheduler.client_comms:
+        streams[client_id] = scheduler.client_comms[client_id]
+    return streams
+
+
+def _set_intervals(interval: float, client_id: str, dask_scheduler=None) -> dict:
+    """On the scheduler: set the streams' batch intervals; the previous ones, for restoring."""
+    saved = {}
+    for key, stream in _streams(dask_scheduler, client_id).items():
+        saved[key], stream.interval = stream.interval, interval
+    return {"client": client_id, "intervals": saved}
+
+
+def _restore_intervals(saved: dict, dask_scheduler=None) -> None:
+    """On the scheduler: the intervals ``_set_intervals`` replaced, on the streams still there."""
+    streams = _streams(dask_scheduler, saved["client"])
+    for key, interval in saved["intervals"].items():
+        if key in streams:
+            streams[key].interval = interval

@@ -48,3 +48,22 @@ def test_workers_we_start_reuse_large_buffers_instead_of_faulting_them_in_each_c
                           capture_output=True, text=True)
     env = eval(read.stdout)  # noqa: S307 -- our own child's repr of a dict of strings
     assert {k: env[k] for k in WORKER_MALLOC} == WORKER_MALLOC and env["OMP_NUM_THREADS"] == "1"
+
+
+def test_a_runs_streams_batch_promptly_inside_prompt_streams_and_as_before_after(client):
+    """distributed batches stream messages (10 ms client->scheduler, 5 ms scheduler->worker):
+    inside ``prompt_streams`` they wait at most PROMPT_INTERVAL, and leave as they were."""
+    from daskbelief.workarounds import PROMPT_INTERVAL, prompt_streams
+
+    def intervals(dask_scheduler=None):
+        return sorted({s.interval for s in dask_scheduler.stream_comms.values()}
+                      | {dask_scheduler.client_comms[client_id].interval})
+
+    client_id = client.id
+    own, theirs = client.scheduler_comm.interval, client.run_on_scheduler(intervals)
+    assert own > PROMPT_INTERVAL and min(theirs) > PROMPT_INTERVAL
+    with prompt_streams(client):
+        assert client.scheduler_comm.interval == PROMPT_INTERVAL
+        assert client.run_on_scheduler(intervals) == [PROMPT_INTERVAL]
+    assert client.scheduler_comm.interval == own
+    assert client.run_on_scheduler(intervals) == theirs

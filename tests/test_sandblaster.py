@@ -281,6 +281,55 @@ def test_a_shard_finishing_an_evaluation_runs_only_operations_that_return_nothin
     assert dot == pytest.approx(2 * float(np.sum(np.arange(model.size) ** 2)))
 
 
+def test_a_read_that_overtakes_its_evaluations_opening_is_told_to_ask_again():
+    """The coordinator opens an evaluation while its portions travel: a read of a tag newer
+    than any opened says EARLY (ask again); a read of an older one, None (a leftover)."""
+    from daskbelief.ps.shard import EARLY, ParameterShard, early
+
+    model = Sequential((4,), [Dense(2)])
+    shard = ParameterShard(0, 0, model.size, np.arange(model.size, dtype=np.float32), IDLE_RULE)
+    shard.prepare_objective(model, 1)
+    assert shard.read_evaluated(1) == EARLY  # nothing opened yet
+    shard.open_evaluation(1, "params")
+    np.testing.assert_array_equal(shard.read_evaluated(1), np.arange(model.size))
+    assert shard.read_evaluated(2) == EARLY
+    shard.open_evaluation(2, "params")
+    assert shard.read_evaluated(1) is None
+    shard.finish_evaluation(2, "params", "g")
+    assert shard.read_evaluated(2) is None and shard.read_evaluated(3) == EARLY
+    assert early([np.zeros(3), EARLY, None, EARLY]) == [1, 3]
+
+
+def test_a_portion_asks_the_shards_again_until_they_opened_its_evaluation_or_it_is_abandoned():
+    from daskbelief.ps.shard import EARLY
+
+    state = sandblaster_tasks._WorkerRun(Sequential((4,), [Dense(2)]))
+    answers = iter([[EARLY, 1.0], [EARLY, 1.0], [2.0, 1.0]])
+    asked = []
+    replies = sandblaster_tasks._opened(state, 5, lambda: asked.append(1) or next(answers))
+    assert replies == [2.0, 1.0] and len(asked) == 3
+    state.abandoned = 5  # the coordinator gave the evaluation up while a shard still said EARLY
+    with pytest.raises(sandblaster_tasks.Abandoned):
+        sandblaster_tasks._opened(state, 5, lambda: [EARLY])
+
+
+def test_the_ledger_starts_an_evaluation_at_its_first_word_and_older_claims_lose():
+    """Nobody opens an evaluation on the ledger: the first word of a newer tag does."""
+    import asyncio
+
+    async def claims():
+        ledger = sandblaster_tasks.PortionLedger(3)
+        await ledger.started(1, 0, "w0")
+        out = [await ledger.claim(1, 0, 0.1), await ledger.claim(1, 0, 0.1),  # 2 left; a copy
+               await ledger.claim(2, 1, 0.1),                                 # tag 2 starts
+               await ledger.claim(1, 2, 0.1)]                                 # a leftover
+        snap = await ledger.snapshot(2)
+        return out, snap
+    out, snap = asyncio.run(claims())
+    assert out == [2, -1, 2, -1]
+    assert set(snap["finished"]) == {1} and snap["running"] == {}
+
+
 def test_models_that_do_not_fit_the_data_are_refused(client, digits_path):
     with pytest.raises(ValueError, match="input size does not fit"):
         sandblaster(Sequential((32,), [Dense(10)]), digits_path, client=client)

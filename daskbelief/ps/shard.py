@@ -25,6 +25,12 @@ STALENESS_BINS = 64  # staleness >= this lands in the last histogram bin
 # block (Adagrad makes seven) run in a core's L2 with the parameters and state beside it
 # (measured on a 100 MB slice, one core: 42 ms with 64K-value blocks, 57 ms with 1M-value ones).
 APPLY_BLOCK = 1 << 16
+EARLY = "early"  # read_evaluated's answer to a read that overtook its evaluation's opening
+
+
+def early(replies) -> list[int]:
+    """The indices of ``read_evaluated`` replies that came early (ask those shards again)."""
+    return [i for i, r in enumerate(replies) if isinstance(r, str) and r == EARLY]
 
 
 class ParameterShard:
@@ -262,15 +268,17 @@ class ParameterShard:
         ev = self._evaluation()
         self.vectors.get(x_name)  # fail here, not in every worker, when the vector is missing
         ev.acc.fill(0.0)
-        ev.tag, ev.x, ev.won = tag, x_name, {}
+        ev.tag, ev.x, ev.won, ev.opened = tag, x_name, {}, tag
 
     def read_evaluated(self, tag, offset: int = 0, length: int | None = None):
         """This slice (or its ``[offset, offset + length)`` part, what a model-parallel block
         owns) of the vector being evaluated under ``tag``, a copy; None when ``tag`` is not the
-        open evaluation: the caller is a leftover of an abandoned one."""
+        open evaluation: the caller is a leftover of an abandoned one; ``EARLY`` when ``tag`` is
+        newer than any opened here: the coordinator opens an evaluation while its portions are
+        on their way, and this read overtook the opening (ask again)."""
         ev = self._evaluation()
         if ev.tag != tag:
-            return None
+            return EARLY if ev.opened is None or tag > ev.opened else None
         ev.reads += 1
         vector = self.vectors.get(ev.x)
         values = vector[offset:len(vector) if length is None else offset + length].copy()
@@ -354,4 +362,5 @@ class ObjectiveSlice:
     def __init__(self, mask, n: int, l2: float, acc):
         self.mask, self.n, self.l2, self.acc = mask, n, l2, acc
         self.tag, self.x, self.won = None, None, {}
+        self.opened = None  # the newest tag opened: a read of a newer one came early
         self.reads = self.accepted = self.refused = 0

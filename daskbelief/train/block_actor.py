@@ -18,6 +18,7 @@ from daskbelief import waits
 from daskbelief.ps.policy import overlaps
 from daskbelief.ps.pushes import PushWindow
 from daskbelief.ps.server import RECOVERY_TIMEOUT, WAIT_SLICE, ServerLost
+from daskbelief.ps.shard import EARLY, early
 from daskbelief.train.block import Block
 from daskbelief.train.partition import Plan
 
@@ -211,12 +212,15 @@ class BlockActor(Block):
     async def load_evaluated(self, tag) -> bool:
         """Take this block's ranges of the vector Sandblaster evaluates under ``tag`` into its
         parameters (once per tag) and start its gradient sums for it; False when ``tag`` is not
-        the shards' open evaluation (the portion is a leftover of an abandoned one)."""
+        the shards' open evaluation (the portion is a leftover of an abandoned one); ``EARLY``
+        when a shard had not opened it yet (the portion asks again)."""
         if self._evaluation == tag:
             return True
         pieces = self._pieces()
         replies = await self._replies([self.ps.shards[i].read_evaluated(tag, off, n)
                                        for _, i, off, n in pieces])
+        if early(replies):
+            return EARLY
         if any(r is None for r in replies):
             return False
         for (at, _, _, n), values in zip(pieces, replies):

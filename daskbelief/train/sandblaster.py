@@ -72,9 +72,9 @@ from daskbelief.train.sandblaster_tasks import (PortionLedger, PortionSpec, aban
                                                 evaluate_current, flush_worker, forget_run,
                                                 free_threads, run_portion)
 from daskbelief.train.sharded_vectors import (PATIENCE, WAIT_SLICE, ShardedVectors, ShardLost,
-                                              Watch, call_all, direct, in_thread)
+                                              Watch, call_all, direct, in_thread, await_all)
 from daskbelief.waits import WaitTimeout
-from daskbelief.workarounds import ACTOR_START_TIMEOUT
+from daskbelief.workarounds import ACTOR_START_TIMEOUT, prompt_streams
 
 PORTIONS_PER_THREAD = 8   # default portion size: about this many portions per worker thread
 MIN_PORTION_FLOPS = 2e8   # ... but no less work than this (~5 ms): a task has a fixed cost
@@ -207,9 +207,9 @@ class BatchObjective:
         call of the evaluation."""
         self.busy = True
         for _ in range(MAX_RESTARTS + 1):
-            self._open(x_name)
+            opening = self._open(x_name)
             try:
-                outcome = _Evaluation(self, self.tag).run(x_name, g_name, dots, then)
+                outcome = _Evaluation(self, self.tag).run(x_name, g_name, dots, then, opening)
             except BlocksLost as lost:
                 self._rebuild_replicas(lost)
                 outcome = None
@@ -244,12 +244,13 @@ class BatchObjective:
         """For waits during an evaluation: a shard's or a block's worker has left."""
         return self.space.watch.give_up() or self.make.blocks_gone()
 
-    def _open(self, x_name: str) -> None:
-        """A new tag: the ledger and the shards accept nothing older from now on."""
+    def _open(self, x_name: str) -> list:
+        """A new tag, from which on the shards accept nothing older (the ledger learns it from
+        the portions' first words), sent with the queued vector operations and not awaited:
+        the shards' pending replies. The portions leave meanwhile; one whose read overtakes the
+        opening is told to ask again (``ParameterShard.read_evaluated``)."""
         self.tag += 1
-        ledger = self.actors.ledger_here.open(self.tag, len(self.bounds))
-        self.space.execute(("open_evaluation", self.tag, x_name))
-        self.space.watch.wait(ledger, "the ledger's open")
+        return self.space.issue(("open_evaluation", self.tag, x_name))
 
     def live_workers(self) -> list[str]:
         return list(worker_info(self.client))
@@ -275,13 +276,16 @@ class _Evaluation:
         self.launched: set[int] = set()  # portions with a backup copy
         self.checked = time.monotonic()  # when the shards' workers were last seen alive
 
-    def run(self, x_name: str, g_name: str, dots, then=()) -> tuple[dict, list] | None:
+    def run(self, x_name: str, g_name: str, dots, then=(), opening=()) -> tuple[dict, list] | None:
         """Once every portion is applied and every shard has finished its slice of the gradient
         at ``x_name`` into ``g_name`` (and run ``then``): the winners ``{portion: (worker, loss,
         backup)}`` and each shard's reply (regulariser share, partial sums of ``dots``); None
-        when a lost worker took contributions with it (the evaluation must start again)."""
+        when a lost worker took contributions with it (the evaluation must start again).
+        ``opening``: the shards' pending replies to the evaluation's opening, awaited once the
+        portions are on their way (an error there, a lost shard say, is raised then)."""
         try:
             self._submit_all()
+            await_all(opening, "run_ops", self.o.space.watch)
             while len(self.finished) < self.total:
                 self._wait()
                 if self.o.backups:
@@ -422,10 +426,11 @@ class _Actors:
 class _ActorMaker:
     """Starts a run's ``_Actors``: at the start, and again after a lost shard."""
 
-    def __init__(self, client, run: str, model, store, n_rows: int, shards: int, shard_workers,
-                 push_every: int, slow: dict, replicas: dict, threads: int):
+    def __init__(self, client, run: str, model, store, n_rows: int, portions: int, shards: int,
+                 shard_workers, push_every: int, slow: dict, replicas: dict, threads: int):
         self.client, self.run, self.model, self.store = client, run, model, store
-        self.n_rows, self.shards, self.shard_workers = n_rows, shards, shard_workers
+        self.n_rows, self.portions = n_rows, portions
+        self.shards, self.shard_workers = shards, shard_workers
         self.push_every, self.slow, self.replicas, self.threads = push_every, slow, replicas, threads
 
     def __call__(self, params: np.ndarray, restore=None, free=None) -> _Actors:
@@ -436,7 +441,7 @@ class _ActorMaker:
         allowed = [w for w in (self.shard_workers or live) if w in live] or live
         allowed = [w for w in allowed if w in (free or ())] or allowed
         ps = ParameterServer.create(c, params, self.shards, IDLE_RULE, workers=allowed)
-        ledger = c.submit(PortionLedger, actor=True, workers=[ps.addresses()[0]],
+        ledger = c.submit(PortionLedger, self.portions, actor=True, workers=[ps.addresses()[0]],
                           allow_other_workers=False, pure=False,
                           key=f"{self.run}-ledger-{uuid.uuid4().hex[:8]}")
         watch = Watch(c, ps.addresses())  # the ledger's worker is shard 0's
@@ -769,8 +774,8 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
         bounds = portions(n_rows, size)
         run = run_id("sandblaster")
         replicas = {}  # filled below, once the shards exist; the plan refers to this very dict
-        make = _ActorMaker(c, run, model, store, n_rows, shards, shard_workers, push_every,
-                           dict(_slow_workers or {}), replicas, threads)
+        make = _ActorMaker(c, run, model, store, n_rows, len(bounds), shards, shard_workers,
+                           push_every, dict(_slow_workers or {}), replicas, threads)
         objective = BatchObjective(c, make(start, resume_from if resumed else None), bounds,
                                    n_rows, backups, make)
         recovery = _Recovery(c, run, make, start if resumed is None else None)
@@ -794,9 +799,10 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
                         "resumed_at": 0 if resumed is None else resumed.iteration}
             announce(run, "sandblaster", settings)
 
-            result, seconds, final, shard_stats = _optimise(
-                objective, checkpoints, monitor, recovery, resumed,
-                {"m": history, "max_iter": iterations, "gtol": tolerance, "ftol": ftol})
+            with prompt_streams(c):  # an evaluation is a chain of short tasks
+                result, seconds, final, shard_stats = _optimise(
+                    objective, checkpoints, monitor, recovery, resumed,
+                    {"m": history, "max_iter": iterations, "gtol": tolerance, "ftol": ftol})
         finally:
             for blocks in replicas.values():
                 blocks.close()

@@ -42,6 +42,7 @@ from distributed import get_worker
 from daskbelief import waits
 from daskbelief.monitor import events
 from daskbelief.ps.server import ServerLost
+from daskbelief.ps.shard import early
 from daskbelief.workarounds import leave_thread_pool
 from daskbelief.train.evaluate import evaluate_rows
 from daskbelief.train.objective import portion_gradient
@@ -49,6 +50,7 @@ from daskbelief.train.sharded_vectors import PATIENCE, WAIT_SLICE, assemble
 
 
 FLUSH_PATIENCE = 60.0  # seconds a flush waits for claims in flight before giving up
+EARLY_RETRY = 0.001    # seconds before asking again a shard that had not opened the evaluation
 
 
 class Abandoned(Exception):
@@ -83,30 +85,35 @@ class PortionLedger:
     Its methods are coroutines, so they run on the worker's event loop and never queue behind the
     shards' work on the actor thread. Times are this worker's clock, so start times and "now"
     compare without any clock skew between machines.
+
+    Nobody opens an evaluation here: the first word of a newer tag (tags only grow) starts it,
+    and from then on older tags' claims all lose. So the coordinator spends no round trip on
+    the ledger per evaluation.
     """
 
-    def __init__(self):
-        self.tag, self.total = None, 0
+    def __init__(self, total: int):
+        self.total = total  # portions per evaluation
+        self.tag = None
         self._starts: dict[int, tuple[float, str]] = {}
         self._won: set[int] = set()
         self._finished: dict[int, tuple[float, float]] = {}
 
-    async def open(self, tag, total: int) -> None:
-        """Forget the previous evaluation; from now on only claims for ``tag`` (of its
-        ``total`` portions) can win."""
-        self.tag, self.total = tag, total
-        self._starts, self._won, self._finished = {}, set(), {}
+    def _current(self, tag) -> bool:
+        """Whether ``tag`` is the evaluation kept here, after starting it if it is newer."""
+        if self.tag is None or tag > self.tag:
+            self.tag, self._starts, self._won, self._finished = tag, {}, set(), {}
+        return tag == self.tag
 
     async def started(self, tag, portion: int, worker: str) -> None:
         """A copy of ``portion`` started on ``worker`` (only the first start is kept)."""
-        if tag == self.tag:
+        if self._current(tag):
             self._starts.setdefault(portion, (time.time(), worker))
 
     async def claim(self, tag, portion: int, seconds: float) -> int:
         """For the first copy of ``portion`` to finish (its contribution is the one applied),
         how many portions are still unclaimed; -1 for any later copy. ``seconds``: how long
         that copy took on its worker."""
-        if tag != self.tag or portion in self._won:
+        if not self._current(tag) or portion in self._won:
             return -1
         self._won.add(portion)
         self._finished[portion] = (time.time(), seconds)
@@ -115,7 +122,7 @@ class PortionLedger:
     async def snapshot(self, tag) -> dict:
         """What the backup policy needs: ``now``, the running portions' start times (and their
         workers), the finished portions' end times and durations."""
-        if tag != self.tag:
+        if not self._current(tag):
             return {"now": time.time(), "running": {}, "workers": {}, "finished": {}}
         running = {p: s for p, s in self._starts.items() if p not in self._won}
         return {"now": time.time(), "running": {p: t for p, (t, _) in running.items()},
@@ -220,6 +227,22 @@ def _stalled() -> None:
         leave_thread_pool()
 
 
+def _opened(state: _WorkerRun, tag: int, ask) -> list:
+    """``ask()``'s replies to reads of evaluation ``tag`` from the shards, asked again every
+    ``EARLY_RETRY`` seconds while one came ``EARLY``: the coordinator opens an evaluation while
+    its portions are on their way, so a read can overtake the opening."""
+    replies: list = []
+
+    def answered() -> bool:
+        replies[:] = ask()
+        return not early(replies)
+
+    waits.until(answered, timeout=PATIENCE, every=EARLY_RETRY,
+                give_up=lambda: Abandoned(tag) if state.abandoned >= tag else None,
+                what=f"evaluation {tag}: the shards to open it")
+    return replies
+
+
 def _abandoned(state: _WorkerRun, tag: int):
     """For ``daskbelief.waits``: ``Abandoned`` once the coordinator gave up evaluation ``tag``;
     a wait that lasts hands its pool thread back first (``_stalled``)."""
@@ -255,8 +278,8 @@ def _parameters(spec: PortionSpec, state: _WorkerRun, tag: int):
         if state.params_tag != tag:
             if state.params_tag is not None and state.params_tag > tag:
                 return None
-            pending = [s.read_evaluated(tag) for s in spec.shards]
-            slices = [reply(state, tag, p) for p in pending]
+            slices = _opened(state, tag, lambda: [
+                reply(state, tag, p) for p in [s.read_evaluated(tag) for s in spec.shards]])
             if any(s is None for s in slices):
                 return None
             assemble(slices, spec.ranges, state.params)
@@ -415,7 +438,7 @@ def _run_on_blocks(spec: PortionSpec, state: _WorkerRun, replica, tag: int, port
         if state.abandoned >= tag:  # queued behind a portion the recovery released
             return False
         try:
-            if not all(replica.call("load_evaluated", [(tag,)] * k)):
+            if not all(_opened(state, tag, lambda: replica.call("load_evaluated", [(tag,)] * k))):
                 return False
             X, y = _rows(spec, state, bounds)
             tick = time.perf_counter()

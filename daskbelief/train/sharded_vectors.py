@@ -153,7 +153,11 @@ def in_thread(fn, *args, **kwargs) -> Future:
 
 def call_all(shards, method: str, *args, watch: Watch | None = None) -> list:
     """Call ``method`` on every shard, all issued before any reply is awaited; the replies."""
-    pending = [getattr(shard, method)(*args) for shard in shards]
+    return await_all([getattr(shard, method)(*args) for shard in shards], method, watch)
+
+
+def await_all(pending, method: str, watch: Watch | None = None) -> list:
+    """The replies of calls of ``method`` made on every shard (shard order), awaited."""
     if watch is None:
         return [p.result() for p in pending]
     return [watch.wait(p, f"{method} on shard {i}") for i, p in enumerate(pending)]
@@ -208,13 +212,18 @@ class ShardedVectors:
     def execute(self, op: tuple | None = None) -> list:
         """Send the queued operations, then ``op``, to every shard in one call each; return each
         shard's result of ``op`` (shard order). With no ``op``, only the queue is sent (if any)."""
+        results = await_all(self.issue(op), "run_ops", self.watch)
+        return [r[-1] for r in results] if op is not None else []
+
+    def issue(self, op: tuple | None = None) -> list:
+        """``execute``'s calls, sent and not awaited: each shard's pending reply (a list of the
+        operations' results; ``await_all`` awaits them), so that other work can start meanwhile."""
         ops = self._queue + ([op] if op is not None else [])
         self._queue = []
         if not ops:
             return []
         self.flushes += 1
-        results = call_all(self.shards, "run_ops", ops, watch=self.watch)
-        return [r[-1] for r in results] if op is not None else []
+        return [shard.run_ops(ops) for shard in self.shards]
 
     def dots(self, pairs) -> list[float]:
         """Several dot products in one round trip: per-shard float64 partial sums, added here."""
