@@ -105,7 +105,8 @@ def test_sharded_vectors_do_what_local_vectors_do(client):
 def test_iterates_match_the_reference_and_the_loss_scipy(client, digits_path):
     iterations, model = 20, mlp()
     result = sandblaster(model, digits_path, client=client, iterations=iterations,
-                         portion_size=PORTION, shards=2, test=digits_path, eval_every=0.5)
+                         portion_size=PORTION, shards=2, test=digits_path,
+                         eval_every=1e-3)  # an evaluation after each iteration, however fast
     assert_same_iterates(result, reference(model, digits_path, iterations))
 
     X, y = open_store(digits_path).read()
