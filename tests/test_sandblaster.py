@@ -314,6 +314,31 @@ def test_a_portion_asks_the_shards_again_until_they_opened_its_evaluation_or_it_
         sandblaster_tasks._opened(state, 5, lambda: [EARLY])
 
 
+def test_model_parallel_blocks_answer_early_until_the_shards_open_the_evaluation(client):
+    """A model-parallel replica's blocks read their ranges of the evaluated vector from real
+    shard actors: EARLY before the opening (the portion asks again), the values after it."""
+    from daskbelief.ps.shard import EARLY
+    from daskbelief.train import partition as P
+    from daskbelief.train.partitioned import Blocks
+
+    model = mlp()
+    params = model.init(0)
+    ps = ParameterServer.create(client, params, 2, IDLE_RULE)
+    blocks = None
+    try:
+        [r.result() for r in [s.prepare_objective(model, 10) for s in ps.shards]]
+        blocks = Blocks.start(client, P.horizontal(model, 2), params, ps=ps)
+        assert blocks.call("load_evaluated", [(1,)] * 2) == [EARLY, EARLY]
+        [r.result() for r in [s.run_ops([("open_evaluation", 1, "params")]) for s in ps.shards]]
+        assert blocks.call("load_evaluated", [(1,)] * 2) == [True, True]
+        [r.result() for r in [s.run_ops([("open_evaluation", 2, "params")]) for s in ps.shards]]
+        assert blocks.call("load_evaluated", [(0,)] * 2) == [False, False]  # a leftover
+    finally:
+        if blocks is not None:
+            blocks.close()
+        ps.close()
+
+
 def test_the_ledger_starts_an_evaluation_at_its_first_word_and_older_claims_lose():
     """Nobody opens an evaluation on the ledger: the first word of a newer tag does."""
     import asyncio
