@@ -138,6 +138,34 @@ def test_state_dicts_round_trip(client):
         ps.close()
 
 
+def test_a_server_cut_otherwise_restores_each_shards_range_of_a_checkpoint(client, tmp_path):
+    """Resuming, every shard reads its own range of the checkpoint (parameters, rule state,
+    Sandblaster's vectors) whatever ranges wrote it, at the newest saved version."""
+    from daskbelief.ps import checkpoint
+    from daskbelief.train.run import parameter_server
+
+    values = np.arange(10, dtype=np.float32)
+    ps = ParameterServer.create(client, values, 3, "adagrad")
+    try:
+        ps.push(np.linspace(-1, 1, 10, dtype=np.float32), [0, 0, 0])
+        [r.result() for r in [s.run_ops([("combine", [("params", 2.0)], "g")]) for s in ps.shards]]
+        path = checkpoint.save(tmp_path, ps, model={}, vectors=["g"])
+    finally:
+        ps.close()
+    saved = checkpoint.load(path)
+    other = parameter_server(client, np.zeros(10, np.float32), 2, "adagrad", restore=path)
+    try:
+        for snap, (a, b) in zip(other.state_dicts(), other.ranges):
+            np.testing.assert_array_equal(snap["params"], saved.params[a:b])
+            np.testing.assert_array_equal(snap["state"]["sum_sq"], saved.state["sum_sq"][a:b])
+            assert snap["version"] == max(saved.versions) == 1
+        g = [r.result() for r in [s.read("g") for s in other.shards]]
+        np.testing.assert_array_equal(np.concatenate(g), saved.vectors["g"])
+    finally:
+        other.close()
+    assert checkpoint.load(path, arrays=False).state == {}  # what a driver reads to resume
+
+
 def test_updates_missing_from_a_restored_shard():
     from daskbelief.train.recovery import pick_worker, updates_missing
 

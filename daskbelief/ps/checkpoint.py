@@ -153,27 +153,28 @@ def describe(path) -> dict:
             "replica_steps": {k: v for s in attrs.get("shards", []) for k, v in s.get("replica_steps", {}).items()}}
 
 
-def load(path, start: int = 0, stop: int | None = None, *, vectors: bool = True) -> Checkpoint:
+def load(path, start: int = 0, stop: int | None = None, *, arrays: bool = True) -> Checkpoint:
     """Read a complete checkpoint; ``[start, stop)`` limits it to one range of the vector;
-    ``vectors=False`` leaves Sandblaster's vectors on disk (each shard reads its own)."""
+    ``arrays=False`` reads the parameters alone, leaving the update rule's state and
+    Sandblaster's vectors on disk (each shard of a resumed run reads its own range of them)."""
     group = zarr.open_group(str(path), mode="r")
     attrs = dict(group.attrs)
     if not attrs.get("complete"):
         raise ValueError(f"checkpoint {path} is incomplete (it was interrupted while being written)")
     ranges = [tuple(r) for r in attrs["ranges"]]
     stop = ranges[-1][1] if stop is None else stop
-    kinds = ("state", "vectors") if vectors else ("state",)
+    kinds = ("state", "vectors") if arrays else ()
     parts = {kind: sorted(group[f"shard-0/{kind}"].array_keys()) if kind in group["shard-0"] else []
              for kind in kinds}
-    arrays = {name: np.empty(stop - start, dtype=np.float32)
+    loaded = {name: np.empty(stop - start, dtype=np.float32)
               for name in ["params", *(f"{k}/{n}" for k, names in parts.items() for n in names)]}
     for i, lo, hi in overlaps(ranges, start, stop):
         a = ranges[i][0]
-        for name, out in arrays.items():
+        for name, out in loaded.items():
             out[lo - start:hi - start] = group[f"shard-{i}/{name}"][lo - a:hi - a]
-    state = {n: arrays[f"state/{n}"] for n in parts["state"]}
-    saved = {n: arrays[f"vectors/{n}"] for n in parts.get("vectors", [])}
-    return Checkpoint(Path(path), arrays["params"], state, list(attrs["versions"]),
+    state = {n: loaded[f"state/{n}"] for n in parts.get("state", [])}
+    saved = {n: loaded[f"vectors/{n}"] for n in parts.get("vectors", [])}
+    return Checkpoint(Path(path), loaded["params"], state, list(attrs["versions"]),
                       attrs["model"], attrs.get("config", {}), attrs.get("counters", {}),
                       attrs.get("shards", []), saved, attrs.get("lbfgs"),
                       None if attrs.get("normaliser") is None else Normaliser.from_dict(attrs["normaliser"]))
@@ -189,10 +190,11 @@ def resume_problem(saved: dict, model: dict, resuming: str,
     return f"it holds a different model ({difference})" if difference else None
 
 
-def load_to_resume(path, model: dict, resuming: str, *, vectors: bool = True) -> Checkpoint:
-    """Load checkpoint ``path`` to resume algorithm ``resuming`` on the model described by
-    ``model``; ``resume_problem`` refusals raise ``ValueError``."""
+def load_to_resume(path, model: dict, resuming: str) -> Checkpoint:
+    """Checkpoint ``path``'s parameters and metadata, to resume algorithm ``resuming`` on the
+    model described by ``model`` (the shards read the rest themselves, ``ParameterShard
+    .restore``); ``resume_problem`` refusals raise ``ValueError``."""
     problem = resume_problem(describe(path), model, resuming)
     if problem:
         raise ValueError(f"cannot resume from checkpoint {path}: {problem}")
-    return load(path, vectors=vectors)
+    return load(path, arrays=False)

@@ -188,6 +188,11 @@ class ParameterServer:
         """Names of the update rule's state arrays."""
         return self.wait(self.shards[0].state_names(), "the update rule's state names")
 
+    def restore(self, path, timeout: float = CALL_TIMEOUT, give_up=None) -> None:
+        """Every shard loads its own range of checkpoint ``path`` (``ParameterShard.restore``)."""
+        self.wait_all([s.restore(str(path)) for s in self.shards], f"shards restored from {path}",
+                      timeout, give_up)
+
     def load_state_dicts(self, snapshots: list[dict]) -> None:
         """Restore every shard from ``state_dicts`` output."""
         self.wait_all([s.load_state(snap) for s, snap in zip(self.shards, snapshots)], "state loaded")

@@ -216,16 +216,22 @@ class ParameterShard:
         self.applied = int(snapshot.get("applied", 0))
         return self.version
 
-    # -- Sandblaster: vectors held on the shard ---------------------------------------------------
-    def restore_vectors(self, path: str) -> None:
-        """Load this shard's range of every vector a checkpoint saved (a resumed Sandblaster run;
-        the checkpoint may have been cut into other ranges)."""
+    def restore(self, path: str) -> int:
+        """Load this shard's range of checkpoint ``path`` -- the parameters, the update rule's
+        state and Sandblaster's vectors; the checkpoint may have been cut into other ranges --
+        at the newest version any of its shards had. Every shard of a resumed run reads its
+        own range, in parallel, and none of it passes through the driver."""
         from daskbelief.ps import checkpoint
 
+        saved = checkpoint.load(path, self.start, self.stop)
+        self.load_state({"params": saved.params, "state": saved.state,
+                         "version": max(saved.versions)})
         xp = namespace(self.params)
-        for name, values in checkpoint.load(path, self.start, self.stop).vectors.items():
+        for name, values in saved.vectors.items():
             self.vectors.set(name, xp.asarray(values))
+        return self.version
 
+    # -- Sandblaster: vectors held on the shard ---------------------------------------------------
     def run_ops(self, ops: list[tuple]) -> list:
         """Execute operations ``(name, *args)`` in order; return their results (None or scalars).
 

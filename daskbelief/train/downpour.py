@@ -26,7 +26,6 @@ from daskbelief.monitor import events
 from daskbelief.optim.rules import UpdateRule, make_rule
 from daskbelief.ps.compress import check_kind
 from daskbelief.ps.policy import place_blocks, place_replicas
-from daskbelief.ps.server import ParameterServer
 from daskbelief.train import elastic
 from daskbelief.train.driver import Driver
 from daskbelief.train.elastic import ElasticDriver
@@ -36,8 +35,8 @@ from daskbelief.train.partitioned import Blocks
 from daskbelief.train.recovery import Lease
 from daskbelief.train.replica import ReplicaSpec, run_elastic_replica, run_replica
 from daskbelief.train.result import TrainResult
-from daskbelief.train.run import (announce, cluster, finish_run, open_data, run_id, start_point,
-                                  summary)
+from daskbelief.train.run import (announce, cluster, finish_run, open_data, parameter_server,
+                                  run_id, start_point, summary)
 from daskbelief.workarounds import HandleVariable
 
 
@@ -157,7 +156,7 @@ def downpour(model, data, *, client=None, replicas: int | str = 2, max_replicas:
                              topk_fraction, fetch_compression=fetch_compression,
                              staleness_bound=staleness_bound)
                  for r in range(n_specs)]
-        ps = ParameterServer.create(c, start.params, shards, rule)
+        ps = parameter_server(c, start.params, shards, rule, restore=start.restore)
         if start.shards is not None:
             ps.load_state_dicts(start.shards(ps.ranges))
         done = {p.replica: min(start.steps.get(f"replica-{p.replica}", 0), p.total_steps)
@@ -314,7 +313,8 @@ class _StartPoint:
     """Where training starts: initial parameters, or a checkpoint's parameters, state, progress."""
 
     params: np.ndarray
-    shards: object = None           # ranges -> per-shard snapshots, when resuming
+    restore: object = None          # the checkpoint resumed: each shard reads its own range
+    shards: object = None           # ranges -> per-shard snapshots of a given ``rule_state``
     steps: dict = None              # replica name -> steps pushed before the checkpoint
 
     def __post_init__(self):
@@ -323,13 +323,13 @@ class _StartPoint:
 
 def _start_point(model, seed: int, params, resume_from, rule_state=None,
                  rule: UpdateRule | None = None) -> _StartPoint:
-    """The skeleton's start point, with what Downpour restores besides: each shard's update
-    rule state (from the checkpoint, or ``rule_state``) and each replica's progress."""
+    """The skeleton's start point, with what Downpour restores besides: each replica's
+    progress from the checkpoint resumed (whose shards' rule state the shards read
+    themselves), or each shard's slice of ``rule_state``."""
     point = start_point(model, params, seed, resume_from, "downpour")
     ckpt = point.resumed
     if ckpt is not None:
-        return _StartPoint(ckpt.params, _snapshots(ckpt.params, ckpt.state, max(ckpt.versions)),
-                           ckpt.replica_steps())
+        return _StartPoint(ckpt.params, restore=ckpt.path, steps=ckpt.replica_steps())
     init = point.params
     if rule_state is None:
         return _StartPoint(init)
@@ -342,7 +342,7 @@ def _start_point(model, seed: int, params, resume_from, rule_state=None,
         if v.shape != init.shape:
             raise ValueError(f"rule_state[{name!r}] has shape {v.shape}, the model has "
                              f"{model.size} parameters")
-    return _StartPoint(init, _snapshots(init, state, 0))
+    return _StartPoint(init, shards=_snapshots(init, state, 0))
 
 
 def _snapshots(params: np.ndarray, state: dict, version: int):

@@ -6,8 +6,10 @@ calls these in order, and says only what is its own in between:
 * ``open_data``: the training and test stores, opened and checked against the model before
   anything starts;
 * ``start_point``: the start point from a seed, given parameters, or the checkpoint resumed
-  (checked to be this engine's and this model's; what else the engine restores from it, the
-  update rule's state or the L-BFGS history, is its own);
+  (checked to be this engine's and this model's; what else the engine takes from its
+  metadata, the replicas' progress or the L-BFGS scalars, is its own);
+* ``parameter_server``: the shards, seeded with the start point; resuming, each shard reads its
+  own range of the checkpoint (parameters, rule state, vectors);
 * ``cluster``: the client (given, current, or a local cluster), its workers required and warmed
   with the engine's task module;
 * ``run_id`` and ``announce``: the run's name and its ``start`` event;
@@ -31,7 +33,9 @@ from daskbelief.cluster import client_or_local, require_workers, warm_workers
 from daskbelief.data import DataStore, open_store
 from daskbelief.monitor import events
 from daskbelief.ps import checkpoint
+from daskbelief.ps.server import ParameterServer
 from daskbelief.train.evaluate import announce_test, evaluate, test_row
+from daskbelief.train.recovery import gone
 from daskbelief.train.result import TrainResult
 
 
@@ -55,14 +59,13 @@ class StartPoint:
     resumed: checkpoint.Checkpoint | None = None
 
 
-def start_point(model, params, seed: int, resume_from, algorithm: str, *,
-                vectors: bool = True) -> StartPoint:
+def start_point(model, params, seed: int, resume_from, algorithm: str) -> StartPoint:
     """``initial_params``, or the parameters of checkpoint ``resume_from``, refused in one line
-    unless ``algorithm`` wrote it for this model; ``vectors=False`` leaves the checkpoint's
-    extra vectors on disk (the engine's shards load their own ranges)."""
+    unless ``algorithm`` wrote it for this model (the rest of it stays on disk:
+    ``parameter_server`` has the shards read their own ranges)."""
     if resume_from is None:
         return StartPoint(initial_params(model, params, seed))
-    ckpt = checkpoint.load_to_resume(resume_from, model.to_dict(), algorithm, vectors=vectors)
+    ckpt = checkpoint.load_to_resume(resume_from, model.to_dict(), algorithm)
     return StartPoint(ckpt.params, ckpt)
 
 
@@ -72,6 +75,23 @@ def initial_params(model, params, seed: int) -> np.ndarray:
     if init.shape != (model.size,):
         raise ValueError(f"params has shape {init.shape}, the model has {model.size} parameters")
     return init
+
+
+def parameter_server(client, params, shards: int, rule, *, restore=None,
+                     workers=None) -> ParameterServer:
+    """The run's parameter server: ``shards`` shard actors (on ``workers``, default any) seeded
+    with ``params`` and applying ``rule``; ``restore``: a checkpoint every shard then loads its
+    own range of (parameters, rule state, vectors), in parallel: ``ConnectionError`` when a
+    shard's worker leaves meanwhile. Every engine's server, and every server an engine remakes
+    after a loss, starts here."""
+    ps = ParameterServer.create(client, params, shards, rule, workers=workers)
+    if restore is not None:
+        try:
+            ps.restore(restore, give_up=gone(client, ps.addresses(), f"restoring from {restore}"))
+        except BaseException:
+            ps.close()
+            raise
+    return ps
 
 
 @contextlib.contextmanager

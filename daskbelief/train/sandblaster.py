@@ -66,8 +66,8 @@ from daskbelief.train.partition import Plan, as_plan
 from daskbelief.train.partitioned import Blocks
 from daskbelief.train.recovery import lost_workers
 from daskbelief.train.result import TrainResult
-from daskbelief.train.run import (Every, announce, cluster, finish_run, open_data, run_id,
-                                  start_point, summary)
+from daskbelief.train.run import (Every, announce, cluster, finish_run, open_data,
+                                  parameter_server, run_id, start_point, summary)
 from daskbelief.train.sandblaster_tasks import (PortionLedger, PortionSpec, abandon_evaluation,
                                                 evaluate_current, flush_worker, forget_run,
                                                 free_threads, run_portion)
@@ -149,7 +149,7 @@ def validate(model, store, *, shards, iterations, tolerance, ftol, history,
 def _start(model, params, seed: int, resume_from, history: int) -> tuple[np.ndarray, LbfgsState | None]:
     """The skeleton's start point, and the L-BFGS state to go on from when resuming a
     checkpoint (its vectors stay on disk: each shard loads its own range)."""
-    point = start_point(model, params, seed, resume_from, "sandblaster", vectors=False)
+    point = start_point(model, params, seed, resume_from, "sandblaster")
     if point.resumed is None:
         return point.params, None
     state = LbfgsState(**point.resumed.lbfgs)
@@ -436,18 +436,20 @@ class _ActorMaker:
     def __call__(self, params: np.ndarray, restore=None, free=None) -> _Actors:
         """Shards seeded with ``params`` on the live workers (those of ``shard_workers`` still
         there, else any; of those, the ones in ``free`` if any); ``restore``: a checkpoint whose
-        vectors they load."""
+        ranges they load (its vectors among them)."""
         c, live = self.client, sorted(worker_info(self.client))
         allowed = [w for w in (self.shard_workers or live) if w in live] or live
         allowed = [w for w in allowed if w in (free or ())] or allowed
-        ps = ParameterServer.create(c, params, self.shards, IDLE_RULE, workers=allowed)
+        try:
+            ps = parameter_server(c, params, self.shards, IDLE_RULE, restore=restore,
+                                  workers=allowed)
+        except ConnectionError as e:  # a shard's worker left while it read the checkpoint
+            raise ShardLost(lost_workers(c, allowed)) from e
         ledger = c.submit(PortionLedger, self.portions, actor=True, workers=[ps.addresses()[0]],
                           allow_other_workers=False, pure=False,
                           key=f"{self.run}-ledger-{uuid.uuid4().hex[:8]}")
         watch = Watch(c, ps.addresses())  # the ledger's worker is shard 0's
         call_all(ps.shards, "prepare_objective", self.model, self.n_rows, watch=watch)
-        if restore is not None:
-            call_all(ps.shards, "restore_vectors", str(restore), watch=watch)
         spec = PortionSpec(self.run, self.model, self.store, tuple(ps.shards), tuple(ps.ranges),
                            watch.wait(ledger, "the ledger's start"), self.push_every, self.slow,
                            self.replicas, self.threads)
@@ -545,7 +547,7 @@ class _Recovery:
         self.partition = self.make.release_replicas(objective.actors.ps) or self.partition
         objective.actors.close()
         if where is not None:
-            saved = checkpoint.load(where, vectors=False)
+            saved = checkpoint.load(where, arrays=False)
             params, state = saved.params, LbfgsState(**saved.lbfgs)
         else:
             params, state = self.start, None
