@@ -57,29 +57,17 @@ def prepare(config: dict) -> Pipeline:
     train = dict(config["train"])
     algorithm = train.pop("algorithm")
     try:
-        engines.get(algorithm)
+        engine = engines.get(algorithm)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     try:
         as_plan(model, train.get("partition"))
     except ValueError as e:
         raise ConfigError(f"train.partition: {e}") from None
-    if algorithm == "downpour" and train.get("replicas") == "auto":
-        from daskbelief.train import elastic
-
-        try:
-            elastic.validate(max_replicas=train.get("max_replicas"), unit_chunks=train.get("unit_chunks", 1),
-                             steps=train.get("steps"), warmstart_steps=train.get("warmstart_steps", 0),
-                             partition=train.get("partition"), resume_from=None)
-        except ValueError as e:
-            raise ConfigError(f"[train]: {e}") from None
-    if "rule" in train:
-        from daskbelief.optim.rules import make_rule
-
-        try:
-            make_rule(train["rule"])
-        except ValueError as e:
-            raise ConfigError(f"train.rule: {e}") from None
+    try:
+        engine.check(train)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return Pipeline(config, model, algorithm, train)
 
 

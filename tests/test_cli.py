@@ -123,6 +123,7 @@ def _bad_configs(tmp: Path, data: str) -> dict:
         "dataset.recipe 'mnist' is unknown": good.replace('recipe = "digits"', 'recipe = "mnist"'),
         "input size does not fit": good.replace("input_shape = [64]", "input_shape = [32]"),
         "unknown update rule 'adam'": good.replace('name = "adagrad"', 'name = "adam"'),
+        "max_replicas must be": good.replace("replicas = 2", 'replicas = "auto"\nmax_replicas = 0'),
         "unknown key checkpoint.every_secs": good.replace("every_seconds", "every_secs"),
     }
     paths = {}

@@ -1,9 +1,9 @@
 """The engine registry: every training algorithm a pipeline can name, and what a pipeline needs
 to know about it.
 
-An engine is its entry point (``module:function``, imported only when used) plus two small pure
-functions: how many worker threads it needs at once and how much work a run is (for the progress
-bar). Its settings are declared once, by the entry point's keyword-only parameters: their
+An engine is its entry point (``module:function``, imported only when used) plus small pure
+functions: how many worker threads it needs at once, how much work a run is (for the progress
+bar) and, optionally, its own checks of its settings before any work starts. Its settings are declared once, by the entry point's keyword-only parameters: their
 defaults are the API's, and their annotations are the TOML schema of ``[train]`` (``settings``),
 so every argument of the API can be set from a pipeline and the error messages name the key and
 the type. Arguments the pipeline itself supplies (``PIPELINE_ARGUMENTS``) are not settings.
@@ -36,6 +36,8 @@ class Engine:
     entry: str                                   # "module:function" of its API entry point
     threads: Callable[[dict], int]               # settings -> worker threads needed at once
     work: Callable[[dict, int], tuple[int, str]]  # settings, training rows -> (total, unit)
+    check: Callable[[dict], None] = lambda settings: None  # the engine's own checks of its
+    # ``[train]`` settings, before any work: ``ValueError`` naming the key
 
     def function(self) -> Callable:
         module, name = self.entry.split(":")
@@ -89,8 +91,30 @@ def _downpour_work(settings: dict, rows: int) -> tuple[int, str]:
     return (settings["epochs"] or 1) * rows + warm, "samples"
 
 
+def _downpour_check(settings: dict) -> None:
+    """Elastic replicas' settings, and the update rule, as ``downpour`` will check them."""
+    if settings.get("replicas") == "auto":
+        from daskbelief.train import elastic
+
+        try:
+            elastic.validate(max_replicas=settings.get("max_replicas"),
+                             unit_chunks=settings.get("unit_chunks", 1),
+                             steps=settings.get("steps"),
+                             warmstart_steps=settings.get("warmstart_steps", 0),
+                             partition=settings.get("partition"), resume_from=None)
+        except ValueError as e:
+            raise ValueError(f"[train]: {e}") from None
+    if "rule" in settings:
+        from daskbelief.optim.rules import make_rule
+
+        try:
+            make_rule(settings["rule"])
+        except ValueError as e:
+            raise ValueError(f"train.rule: {e}") from None
+
+
 register(Engine("downpour", "daskbelief.train.downpour:downpour",
                 threads=lambda s: 1 if s["replicas"] == "auto" else s["replicas"],  # elastic: any
-                work=_downpour_work))
+                work=_downpour_work, check=_downpour_check))
 register(Engine("sandblaster", "daskbelief.train.sandblaster:sandblaster",
                 threads=lambda s: 1, work=lambda s, rows: (s["iterations"], "iterations")))
