@@ -35,6 +35,7 @@ import logging
 import pickle
 from concurrent.futures import CancelledError
 
+import dask.config
 import numpy as np
 from distributed import Client, Future, Variable, get_worker, secede
 
@@ -235,7 +236,12 @@ def prompt_streams(client: Client, interval: float = PROMPT_INTERVAL):
     Measured on Sandblaster's floor (2 workers, 2 cores): 22-28 ms per L-BFGS iteration
     against 28-34 ms with distributed's batching. A worker that joins meanwhile keeps the
     default. A scheduler that cannot run the change (it cannot import daskbelief, say) keeps
-    its own batching: that costs time, nothing else."""
+    its own batching: that costs time, nothing else. More, smaller messages cost the scheduler
+    more work; on a cluster shared with others, dask config ``daskbelief.prompt-streams:
+    false`` leaves distributed's batching alone."""
+    if not dask.config.get("daskbelief.prompt-streams", True):
+        yield
+        return
     own = client.scheduler_comm.interval
     try:
         saved = client.run_on_scheduler(_set_intervals, interval, client.id)

@@ -67,3 +67,13 @@ def test_a_runs_streams_batch_promptly_inside_prompt_streams_and_as_before_after
         assert client.run_on_scheduler(intervals) == [PROMPT_INTERVAL]
     assert client.scheduler_comm.interval == own
     assert client.run_on_scheduler(intervals) == theirs
+
+
+def test_prompt_streams_leave_the_batching_alone_where_the_config_says_so(client):
+    import dask
+
+    from daskbelief.workarounds import prompt_streams
+
+    own = client.scheduler_comm.interval
+    with dask.config.set({"daskbelief.prompt-streams": False}), prompt_streams(client):
+        assert client.scheduler_comm.interval == own
