@@ -71,10 +71,11 @@ def downpour_rate(client, model, store, *, replicas: int, n: int, batch_size: in
 
 
 class RssSampler:
-    """Peak and last RSS of every worker process, sampled in a thread (psutil by pid)."""
+    """Peak RSS of every worker process (and of the ``extra`` ones, name -> pid), sampled in a
+    thread (psutil by pid)."""
 
-    def __init__(self, client, period: float = 0.2):
-        self.pids = client.run(os.getpid)
+    def __init__(self, client, period: float = 0.2, extra: dict | None = None):
+        self.pids = {**client.run(os.getpid), **(extra or {})}
         self.peak = {w: 0 for w in self.pids}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, args=(period,), daemon=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from distributed import Client, LocalCluster
 
 from daskbelief.nn import Dense, LocallyConnected2D, Sequential
 from daskbelief.train import partition as P
@@ -132,6 +133,30 @@ def test_downpour_with_a_partitioned_replica_reproduces_the_unpartitioned_run(cl
         np.testing.assert_allclose(split.params, plain.params, rtol=0, atol=1e-5)
         assert split.summary["updates_applied"] > plain.summary["updates_applied"]  # per range
         assert not np.array_equal(plain.params, model.init(4))
+
+
+def test_blocks_push_ranges_larger_than_one_comm_frame_frame_by_frame(digits_path):
+    """A block's range on a shard larger than one comm frame travels as several push calls
+    (``server.push_slice``), which the block awaits on its event loop: with 1 KiB frames, the
+    partitioned run still equals the unpartitioned one and loses no push."""
+    import dask
+
+    from daskbelief.train.downpour import downpour
+
+    model = Sequential((64,), [Dense(24, "relu"), Dense(10)], l2=1e-4)
+    args = dict(replicas=1, shards=2, n_fetch=1, n_push=1, overlap=False,
+                rule={"name": "adagrad", "lr": 0.05}, batch_size=16, steps=20, seed=4)
+    with dask.config.set({"distributed.comm.shard": "1KiB"}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                         dashboard_address=":0") as cluster, Client(cluster) as c:
+        assert c.run(lambda: dask.config.get("distributed.comm.shard")) == {
+            w: "1KiB" for w in c.scheduler_info()["workers"]}  # the workers cut frames small
+        plain = downpour(model, digits_path, client=c, **args)
+        split = downpour(model, digits_path, client=c, partition=P.horizontal(model, 2), **args)
+    assert max(b - a for a, b in P.horizontal(model, 2).block_ranges(0)) > 256  # > 1 frame
+    np.testing.assert_allclose(split.params, plain.params, rtol=0, atol=1e-5)
+    assert split.replica_outcomes[0]["pushes_lost"] == 0
+    assert split.summary["shard_recoveries"] == 0 and split.summary["updates_rejected"] == 0
 
 
 def test_downpour_partitioned_replicas_train_together(client, digits_path):

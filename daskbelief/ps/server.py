@@ -6,6 +6,7 @@ issued to all shards before any reply is awaited, so S shards cost one round tri
 """
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import dask.config
@@ -245,10 +246,17 @@ def push_slice(shard, grad, version: int, replica: str, offset: int, steps_done,
 
 
 class Replies:
-    """The replies to the frames of one push, waited on as one: ``result`` is the newest version."""
+    """The replies to the frames of one push, waited on as one: ``result`` (from a thread) or
+    ``await`` (on an event loop, as a model-parallel block does) gives the newest version."""
 
     def __init__(self, replies):
         self.replies = replies
 
     def result(self, timeout: float | None = None) -> int:
         return max(r.result(timeout=timeout) for r in self.replies)
+
+    def __await__(self):
+        return self._newest().__await__()
+
+    async def _newest(self) -> int:
+        return max(await asyncio.gather(*self.replies))
