@@ -29,9 +29,11 @@ limited to three quarters of what training the model on one worker would need
 (``one_worker_footprint``); the keys ``params``, ``worker_memory_limit_bytes``,
 ``one_worker_footprint_bytes``, ``peak_rss_bytes_max_worker``, ``peak_rss_bytes_driver``,
 ``steps``, ``loss_first``, ``loss_last`` (the mean training loss of the first and of the last
-third of the steps). Not yet: 4e8 parameters (62M quick, 116M full: what
-this 24 GiB machine holds at today's memory per worker), checkpoint and resume times, and a
-driver that never holds a model-sized vector (it still does).
+third of the steps), ``checkpoint_seconds`` (the final checkpoint, every shard writing its own
+arrays) and ``resume_seconds`` (from calling a run resumed from it to its first step; the
+peaks cover both runs). Not yet: 4e8 parameters (62M quick, 116M full: what this 24 GiB
+machine holds at today's memory per worker), and a driver that never holds a model-sized
+vector (it still does).
 """
 from __future__ import annotations
 
@@ -241,6 +243,8 @@ def model_point(quick: bool, tmp: str) -> dict:
     ``MODEL_WORKERS`` workers (one block and one parameter shard each) whose memory limit is
     ``LIMIT_SHARE`` of ``one_worker_footprint``; every worker's and the driver's peak RSS."""
     import daskbelief_datasets as recipes
+    from daskbelief.monitor import events
+    from daskbelief.ps import checkpoint
     from daskbelief.train.downpour import downpour
 
     side, steps = (96, 12) if quick else (128, 24)
@@ -254,15 +258,24 @@ def model_point(quick: bool, tmp: str) -> dict:
           f"{limit / MB:,.0f} MB, one block and one shard each; {steps} steps of 8 images")
     out = {"params": model.size, "worker_memory_limit_bytes": limit,
            "one_worker_footprint_bytes": footprint, "model_workers": MODEL_WORKERS}
+    root = os.path.join(tmp, "checkpoints")
+    train = dict(replicas=1, shards=MODEL_WORKERS, n_fetch=1, n_push=1, batch_size=8,
+                 partition={"kind": "horizontal", "k": MODEL_WORKERS}, report_every=1,
+                 rule={"name": "adagrad", "lr": MODEL_LR}, checkpoint_dir=root,
+                 checkpoint_every=1e9)  # one checkpoint, at the end
     with LocalCluster(n_workers=MODEL_WORKERS, threads_per_worker=1, processes=True,
                       memory_limit=limit, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         rss = RssSampler(client, extra={"driver": os.getpid()})
         try:
-            result = downpour(model, path, client=client, replicas=1, shards=MODEL_WORKERS,
-                              partition={"kind": "horizontal", "k": MODEL_WORKERS}, n_fetch=1,
-                              n_push=1, rule={"name": "adagrad", "lr": MODEL_LR}, batch_size=8,
-                              steps=steps, report_every=1)
+            result = downpour(model, path, client=client, steps=steps, **train)
+            out["checkpoint_seconds"] = _events(client, events.RUN, result,
+                                                kind="checkpoint")[-1]["seconds"]
+            called = time.time()  # resumed for 2 more steps: until its first step is reported
+            again = downpour(model, path, client=client, steps=steps + 2,
+                             resume_from=checkpoint.latest(root), **train)
+            out["resume_seconds"] = min(m["time"] for m in
+                                        _events(client, events.REPLICA, again)) - called
         except Exception as e:  # noqa: BLE001 -- a worker past its limit is the finding
             out["model_run_error"] = f"{type(e).__name__}: {e}"
             result = None
@@ -277,9 +290,17 @@ def model_point(quick: bool, tmp: str) -> dict:
                    loss_last=float(np.mean(losses[-third:])))
     print(f"peak RSS: workers {', '.join(f'{v / MB:,.0f}' for v in peaks.values())} MB, driver "
           f"{out['peak_rss_bytes_driver'] / MB:,.0f} MB, against a {limit / MB:,.0f} MB limit; "
-          + (f"loss {out['loss_first']:.3f} -> {out['loss_last']:.3f}" if result is not None
+          + (f"loss {out['loss_first']:.3f} -> {out['loss_last']:.3f}; checkpoint written in "
+             f"{out['checkpoint_seconds']:.1f} s, a resumed run's first step "
+             f"{out['resume_seconds']:.1f} s after its call" if "resume_seconds" in out
              else f"the run failed: {out['model_run_error']}"))
     return out
+
+
+def _events(client, topic: str, result, **match) -> list[dict]:
+    """The events of ``topic`` that ``result``'s run logged, with the ``match`` fields."""
+    return [m for _, m in client.get_events(topic) if m.get("run") == result.summary["run"]
+            and all(m.get(k) == v for k, v in match.items())]
 
 
 def _print(where: str, rows: list[dict], rounds: int) -> None:

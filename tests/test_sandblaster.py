@@ -208,6 +208,9 @@ def test_a_run_resumed_from_its_checkpoint_goes_on_as_if_never_stopped(client, d
     np.testing.assert_array_equal(saved.params, first.params)  # the iterate, as parameters
     assert sorted(saved.vectors) == sorted(LbfgsState(**saved.lbfgs).vectors())
     assert checkpoint.describe(ckpt)["algorithm"] == "sandblaster"
+    written = [m for _, m in client.get_events(events.RUN)
+               if m.get("run") == first.summary["run"] and m["kind"] == "checkpoint"]
+    assert [m["path"] for m in written] == [str(ckpt)] and written[0]["seconds"] > 0
 
     resumed = sandblaster(model, digits_path, client=client, iterations=9, portion_size=PORTION,
                           shards=3, resume_from=ckpt, checkpoint_dir=root, checkpoint_every=1e-3)

@@ -17,7 +17,7 @@ durations since the run started are called ``elapsed``. The fields per topic:
 * ``daskbelief-run`` (the driver / coordinator): ``kind`` is one of
   ``start`` (``algorithm`` and its settings), ``eval`` (``elapsed``, ``test_loss``,
   ``test_accuracy``), ``iteration`` (Sandblaster: ``iteration``, ``loss``, ``grad_norm``,
-  ``evaluations``, ``elapsed``), ``checkpoint`` (``path``), ``checkpoint-failed`` (``error``),
+  ``evaluations``, ``elapsed``), ``checkpoint`` (``path``, ``seconds``: how long writing it took), ``checkpoint-failed`` (``error``),
   ``shard-recovered`` (``shard``, ``updates_lost``), ``replica-restarted`` (``replica``),
   ``end`` (the summary figures).
 * ``daskbelief-portion`` (Sandblaster, one per finished portion task): ``evaluation``,

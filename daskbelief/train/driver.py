@@ -309,13 +309,15 @@ class Driver:
 
     def checkpoint(self):
         """Write a checkpoint of every shard now; returns its path."""
+        started = time.time()
         path = checkpoint.save(self.checkpoint_dir, self.ps, model=self.meta.get("model", {}),
                                config=self.meta.get("config", {}),
                                normaliser=self.meta.get("normaliser"),
                                counters={"run": self.run, "seconds": time.time() - self.started},
                                keep=self.meta.get("keep", 3), timeout=CHECKPOINT_TIMEOUT,
                                give_up=self._server_gone, algorithm="downpour")
-        events.emit(events.RUN, run=self.run, kind="checkpoint", path=str(path))
+        events.emit(events.RUN, run=self.run, kind="checkpoint", path=str(path),
+                    seconds=time.time() - started)
         return path
 
     def _interrupted(self, grace: float = 60.0) -> None:

@@ -628,6 +628,7 @@ class _Checkpoints:
         if self.root is None or self.state is None or self.written == self.state.iteration:
             return None
         space = self.actors.space
+        started = time.time()
         space.execute(("copy", "x", "params"))
         path = checkpoint.save(self.root, self.actors.ps, model=self.meta["model"],
                                config=self.meta["config"], normaliser=self.meta["normaliser"],
@@ -637,7 +638,7 @@ class _Checkpoints:
         self.written, self.last = self.state.iteration, path
         self.due.done()
         events.emit(events.RUN, run=self.run, kind="checkpoint", path=str(path),
-                    iteration=self.state.iteration)
+                    iteration=self.state.iteration, seconds=time.time() - started)
         return path
 
 
