@@ -310,7 +310,7 @@ def _own_figures(driver, outcomes: list[dict], shard_stats: list[dict]) -> dict:
 
 @dataclass
 class _StartPoint:
-    """Where training starts: initial parameters, or a checkpoint's parameters, state, progress."""
+    """Where training starts: initial parameters, or a checkpoint's parameters and progress."""
 
     params: np.ndarray
     restore: object = None          # the checkpoint resumed: each shard reads its own range

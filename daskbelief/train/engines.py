@@ -3,11 +3,12 @@ to know about it.
 
 An engine is its entry point (``module:function``, imported only when used) plus small pure
 functions: how many worker threads it needs at once, how much work a run is (for the progress
-bar) and, optionally, its own checks of its settings before any work starts. Its settings are declared once, by the entry point's keyword-only parameters: their
-defaults are the API's, and their annotations are the TOML schema of ``[train]`` (``settings``),
-so every argument of the API can be set from a pipeline and the error messages name the key and
-the type. Arguments the pipeline itself supplies (``PIPELINE_ARGUMENTS``) are not settings.
-Checkpoints record the name of the engine that wrote them.
+bar) and, optionally, its own checks of its settings before any work starts. Its settings are
+declared once, by the entry point's keyword-only parameters: their defaults are the API's, and
+their annotations are the TOML schema of ``[train]`` (``settings``), so every argument of the
+API can be set from a pipeline and the error messages name the key and the type. Arguments the
+pipeline itself supplies (``PIPELINE_ARGUMENTS``) are not settings. Checkpoints record the name
+of the engine that wrote them.
 """
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ class Engine:
     entry: str                                   # "module:function" of its API entry point
     threads: Callable[[dict], int]               # settings -> worker threads needed at once
     work: Callable[[dict, int], tuple[int, str]]  # settings, training rows -> (total, unit)
-    check: Callable[[dict], None] = lambda settings: None  # the engine's own checks of its
-    # ``[train]`` settings, before any work: ``ValueError`` naming the key
+    # its own checks of its ``[train]`` settings, before any work: ValueError naming the key
+    check: Callable[[dict], None] = lambda settings: None
 
     def function(self) -> Callable:
         module, name = self.entry.split(":")
