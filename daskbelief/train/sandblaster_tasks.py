@@ -238,17 +238,23 @@ def _opened(state: _WorkerRun, tag: int, ask) -> list:
         return not early(replies)
 
     waits.until(answered, timeout=PATIENCE, every=EARLY_RETRY,
-                give_up=lambda: Abandoned(tag) if state.abandoned >= tag else None,
-                what=f"evaluation {tag}: the shards to open it")
+                give_up=_given_up(state, tag), what=f"evaluation {tag}: the shards to open it")
     return replies
 
 
+def _given_up(state: _WorkerRun, tag: int):
+    """For ``daskbelief.waits``: ``Abandoned`` once the coordinator gave up evaluation ``tag``."""
+    return lambda: Abandoned(tag) if state.abandoned >= tag else None
+
+
 def _abandoned(state: _WorkerRun, tag: int):
-    """For ``daskbelief.waits``: ``Abandoned`` once the coordinator gave up evaluation ``tag``;
-    a wait that lasts hands its pool thread back first (``_stalled``)."""
+    """``_given_up``, for a wait of a task thread: one that lasts hands its pool thread back
+    first (``_stalled``)."""
+    given_up = _given_up(state, tag)
+
     def give_up():
         _stalled()
-        return Abandoned(tag) if state.abandoned >= tag else None
+        return given_up()
     return give_up
 
 
@@ -304,7 +310,7 @@ async def _push(spec: PortionSpec, state: _WorkerRun, tag: int, acc: np.ndarray,
                for s, (a, b) in zip(spec.shards, spec.ranges)]
     try:  # a dead shard's reply may never come: wait until the evaluation is abandoned
         await waits.result_async(asyncio.wait(pending), timeout=PATIENCE, every=WAIT_SLICE,
-                                 give_up=lambda: Abandoned(tag) if state.abandoned >= tag else None,
+                                 give_up=_given_up(state, tag),
                                  what=f"evaluation {tag}: the shards to take a worker's push")
     except Abandoned:
         pass
