@@ -23,17 +23,19 @@ Then (item 6) one Downpour epoch over a speech-frames store larger than the sum 
 memory limits, with every worker's RSS sampled through the epoch: peak against the limit, and
 growth (the last third's peak minus the first third's).
 
-Item 1, as far as it goes (``model_point``): a locally connected image model split over four
-memory-limited workers (model parallelism, one block and one parameter shard each), each
+Item 1 (``model_point``): a locally connected image model (416M parameters full, 62M quick)
+split over four memory-limited workers (model parallelism, one block and one parameter shard
+each): real ``dask worker --memory-limit`` processes on emulated hosts (10 Gbit/s links), each
 limited to three quarters of what training the model on one worker would need
-(``one_worker_footprint``); the keys ``params``, ``worker_memory_limit_bytes``,
+(``one_worker_footprint``). The shards draw their own ranges of the initial parameters, the
+blocks fetch theirs, the test evaluation runs through blocks, and the result refers to its last
+checkpoint: the driver never holds the model. Keys ``params``, ``worker_memory_limit_bytes``,
 ``one_worker_footprint_bytes``, ``peak_rss_bytes_max_worker``, ``peak_rss_bytes_driver``,
 ``steps``, ``loss_first``, ``loss_last`` (the mean training loss of the first and of the last
 third of the steps), ``checkpoint_seconds`` (the final checkpoint, every shard writing its own
-arrays) and ``resume_seconds`` (from calling a run resumed from it to its first step; the
-peaks cover both runs). Not yet: 4e8 parameters (62M quick, 116M full: what this 24 GiB
-machine holds at today's memory per worker), and a driver that never holds a model-sized
-vector (it still does).
+arrays), ``resume_seconds`` (from calling a run resumed from it to its first step),
+``test_accuracy`` and ``predict_seconds`` (64 rows through blocks reading the checkpoint); the
+peaks cover all of it.
 """
 from __future__ import annotations
 
@@ -226,7 +228,7 @@ def data_epoch(quick: bool, tmp: str) -> dict:
 
 def image_model(side: int):
     """The locally connected image model of item 1: ``side`` x ``side`` x 3 pixels, two
-    untied-weight layers (62M parameters at side 96, 116M at 128)."""
+    untied-weight layers (62M parameters at side 96, 116M at 128, 416M at 236)."""
     from daskbelief.nn import Dense, LocallyConnected2D, Sequential
 
     return Sequential((side, side, 3), [LocallyConnected2D(32, 7, 1, "relu"),
@@ -241,15 +243,14 @@ def one_worker_footprint(size: int, max_in_flight: int = 2) -> int:
 
 
 def model_point(quick: bool, tmp: str) -> dict:
-    """Item 1, as far as it goes: a model-parallel Downpour replica of ``image_model`` over
-    ``MODEL_WORKERS`` workers (one block and one parameter shard each) whose memory limit is
-    ``LIMIT_SHARE`` of ``one_worker_footprint``; every worker's and the driver's peak RSS."""
+    """Item 1: a model-parallel Downpour replica of ``image_model`` over ``MODEL_WORKERS``
+    workers (one block and one parameter shard each) whose memory limit is ``LIMIT_SHARE`` of
+    ``one_worker_footprint``: real ``dask worker --memory-limit`` processes on emulated hosts
+    joined by 10 Gbit/s links (``netns``), or, where namespaces cannot be made, LocalCluster
+    worker processes with ``memory_limit=``."""
     import daskbelief_datasets as recipes
-    from daskbelief.monitor import events
-    from daskbelief.ps import checkpoint
-    from daskbelief.train.downpour import downpour
 
-    side, steps = (96, 12) if quick else (128, 24)
+    side, steps = (96, 12) if quick else (236, 24)
     model = image_model(side)
     footprint = one_worker_footprint(model.size)
     limit = int(LIMIT_SHARE * footprint)
@@ -258,44 +259,77 @@ def model_point(quick: bool, tmp: str) -> dict:
     print(f"\na model no worker may hold: {model.size:,} parameters ({4 * model.size / MB:,.0f} MB), "
           f"one worker would need {footprint / MB:,.0f} MB; {MODEL_WORKERS} workers of "
           f"{limit / MB:,.0f} MB, one block and one shard each; {steps} steps of 8 images")
-    out = {"params": model.size, "worker_memory_limit_bytes": limit,
-           "one_worker_footprint_bytes": footprint, "model_workers": MODEL_WORKERS}
-    root = os.path.join(tmp, "checkpoints")
+    run = dict(side=side, steps=steps, path=path, root=os.path.join(tmp, "checkpoints"))
+    reason = netns.unavailable_reason()
+    if reason:
+        print(f"no emulated hosts ({reason}): LocalCluster worker processes instead")
+        with LocalCluster(n_workers=MODEL_WORKERS, threads_per_worker=1, processes=True,
+                          memory_limit=limit, dashboard_address=":0") as cluster, \
+                Client(cluster) as client:
+            out = model_run(client, **run)
+    else:
+        with netns.Network(workers=MODEL_WORKERS, bandwidth="10gbit",
+                           memory_limit=str(limit)) as net:
+            out = net.call(f"{__name__}:model_run", timeout=3600, **run)
+    out.update({"params": model.size, "worker_memory_limit_bytes": limit,
+                "one_worker_footprint_bytes": footprint, "model_workers": MODEL_WORKERS,
+                "model_hosts": "localcluster" if reason else "10gbit"})
+    print(f"peak RSS: workers {', '.join(f'{v / MB:,.0f}' for v in out.pop('peaks'))} MB, driver "
+          f"{out['peak_rss_bytes_driver'] / MB:,.0f} MB, against a {limit / MB:,.0f} MB limit; "
+          + (f"loss {out['loss_first']:.3f} -> {out['loss_last']:.3f}; checkpoint written in "
+             f"{out['checkpoint_seconds']:.1f} s, a resumed run's first step "
+             f"{out['resume_seconds']:.1f} s after its call; test accuracy "
+             f"{out['test_accuracy']:.3f} (blocks); {out['predict_rows']} predictions in "
+             f"{out['predict_seconds']:.1f} s (blocks reading the checkpoint)"
+             if "predict_seconds" in out else f"the run failed: {out['model_run_error']}"))
+    return out
+
+
+def model_run(client, side: int, steps: int, path: str, root: str) -> dict:
+    """Train ``image_model(side)`` on ``client``'s workers for ``steps`` steps with a test
+    evaluation and a checkpoint at the end, resume from the checkpoint for 2 more steps, and
+    predict through blocks reading the last checkpoint; every worker's and this driver's peak
+    RSS throughout (a worker past its limit is the finding, not an error)."""
+    from daskbelief.data import open_store
+    from daskbelief.monitor import events
+    from daskbelief.ps import checkpoint
+    from daskbelief.train.downpour import downpour
+
+    model = image_model(side)
     train = dict(replicas=1, shards=MODEL_WORKERS, n_fetch=1, n_push=1, batch_size=8,
                  partition={"kind": "horizontal", "k": MODEL_WORKERS}, report_every=1,
-                 rule={"name": "adagrad", "lr": MODEL_LR}, checkpoint_dir=root,
-                 checkpoint_every=1e9)  # one checkpoint, at the end
-    with LocalCluster(n_workers=MODEL_WORKERS, threads_per_worker=1, processes=True,
-                      memory_limit=limit, dashboard_address=":0") as cluster, \
-            Client(cluster) as client:
-        rss = RssSampler(client, extra={"driver": os.getpid()})
-        try:
-            result = downpour(model, path, client=client, steps=steps, **train)
-            out["checkpoint_seconds"] = _events(client, events.RUN, result,
-                                                kind="checkpoint")[-1]["seconds"]
-            called = time.time()  # resumed for 2 more steps: until its first step is reported
-            again = downpour(model, path, client=client, steps=steps + 2,
-                             resume_from=checkpoint.latest(root), **train)
-            out["resume_seconds"] = min(m["time"] for m in
-                                        _events(client, events.REPLICA, again)) - called
-        except Exception as e:  # noqa: BLE001 -- a worker past its limit is the finding
-            out["model_run_error"] = f"{type(e).__name__}: {e}"
-            result = None
-        finally:
-            peaks = rss.stop()
+                 rule={"name": "adagrad", "lr": MODEL_LR}, checkpoint_dir=root, test=path,
+                 eval_every=1e9, checkpoint_every=1e9)  # both at the end only
+    out = {}
+    rss = RssSampler(client, extra={"driver": os.getpid()})
+    try:
+        result = downpour(model, path, client=client, steps=steps, **train)
+        out["checkpoint_seconds"] = _events(client, events.RUN, result,
+                                            kind="checkpoint")[-1]["seconds"]
+        called = time.time()  # resumed for 2 more steps: until its first step is reported
+        again = downpour(model, path, client=client, steps=steps + 2,
+                         resume_from=checkpoint.latest(root), **train)
+        out["resume_seconds"] = min(m["time"] for m in
+                                    _events(client, events.REPLICA, again)) - called
+        X, _ = open_store(path, split="test").read_raw(slice(0, 64))  # as a user wrote them
+        t = time.perf_counter()
+        predicted = again.predict(X, client=client)
+        out.update(predict_seconds=time.perf_counter() - t, predict_rows=len(predicted),
+                   test_accuracy=again.summary["test_accuracy"],
+                   result_holds_params=again.params is not None)
+    except Exception as e:  # noqa: BLE001 -- a worker past its limit is the finding
+        out["model_run_error"] = f"{type(e).__name__}: {e}"
+        result = None
+    finally:
+        peaks = rss.stop()
     out["peak_rss_bytes_driver"] = peaks.pop("driver")
     out["peak_rss_bytes_max_worker"] = max(peaks.values())
+    out["peaks"] = list(peaks.values())
     if result is not None:
         losses = [h["loss"] for h in result.history if h.get("loss") is not None]
         third = max(len(losses) // 3, 1)  # one minibatch of 8 per report: average a few
         out.update(steps=steps, loss_first=float(np.mean(losses[:third])),
                    loss_last=float(np.mean(losses[-third:])))
-    print(f"peak RSS: workers {', '.join(f'{v / MB:,.0f}' for v in peaks.values())} MB, driver "
-          f"{out['peak_rss_bytes_driver'] / MB:,.0f} MB, against a {limit / MB:,.0f} MB limit; "
-          + (f"loss {out['loss_first']:.3f} -> {out['loss_last']:.3f}; checkpoint written in "
-             f"{out['checkpoint_seconds']:.1f} s, a resumed run's first step "
-             f"{out['resume_seconds']:.1f} s after its call" if "resume_seconds" in out
-             else f"the run failed: {out['model_run_error']}"))
     return out
 
 

@@ -198,10 +198,12 @@ def run(config: dict, out=None, *, name: str = "run", overwrite: bool = False, r
             except Exception:  # noqa: BLE001 -- the scheduler is gone: RunLost says so
                 if lost is None:
                     raise
-    np.save(run_dir / "params.npy", result.params)
+    if result.params is not None:  # else the model is in its last checkpoint only
+        np.save(run_dir / "params.npy", result.params)
     (run_dir / "normaliser.json").write_text(json.dumps(result.normaliser.to_dict()))
     (run_dir / "model.json").write_text(json.dumps(pipe.model.to_dict(), indent=2))
-    summary = {**result.summary, "run_dir": str(run_dir), "dataset": path}
+    summary = {**result.summary, "run_dir": str(run_dir), "dataset": path,
+               "checkpoint": None if result.checkpoint is None else str(result.checkpoint)}
     if resume_from is not None:
         summary["resumed_from"] = str(resume_from)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -209,12 +211,16 @@ def run(config: dict, out=None, *, name: str = "run", overwrite: bool = False, r
 
 
 def load_run(run_dir: Path):
-    """(model, params, config, normaliser) of a finished run directory."""
-    for name in ("model.json", "params.npy", "config.json"):
+    """(model, params, config, normaliser) of a finished run directory: its ``params.npy``, or
+    for a model-parallel run that left its model in its last checkpoint only, that checkpoint's
+    parameters (read whole: here they are in one process)."""
+    for name in ("model.json", "summary.json", "config.json"):
         if not (run_dir / name).exists():
             raise FileNotFoundError(f"{run_dir} is not a finished run directory (no {name})")
     model = Sequential.from_dict(json.loads((run_dir / "model.json").read_text()))
-    params = np.load(run_dir / "params.npy")
+    saved = json.loads((run_dir / "summary.json").read_text()).get("checkpoint")
+    params = (np.load(run_dir / "params.npy") if (run_dir / "params.npy").exists() or saved is None
+              else checkpoint.load(saved, arrays=False).params)
     config = json.loads((run_dir / "config.json").read_text())
     return model, params, config, run_normaliser(run_dir, config)
 

@@ -6,6 +6,10 @@
   so it waits while long-running tasks hold every thread; and its future never completes if that
   worker dies. Actors are started with a deadline that names them, and the tasks that run for the
   whole training (replicas) call ``leave_thread_pool`` so that they hold no pool thread at all.
+* ``forget_sent_messages``: distributed keeps the last 1000 messages of every stream for
+  debugging, live objects on an in-process scheduler: the handles in the arguments of the tasks
+  that started blocks and replicas kept a finished run's shards and blocks alive;
+  ``release_actors`` clears those logs.
 * A Variable's value lives deserialised on an in-process scheduler, and every ``Actor`` handle
   made where a client exists holds a future of its own for the actor's key: a Variable holding
   server handles keeps the shards alive after the run, so the driver deletes its Variables.
@@ -177,6 +181,24 @@ def release_actors(futures, actors) -> None:
     for address, own in owned:
         if address in live:
             own.release()
+    forget_sent_messages(owned[0][1].client)
+
+
+def forget_sent_messages(client: Client) -> None:
+    """Drop the copies of recent messages distributed keeps for debugging (up to 1000 per
+    stream, ``BatchedSend.recent_message_log``). An in-process scheduler keeps them as live
+    objects: the arguments of the tasks that started actors and replicas, actor handles among
+    them, each with a future on its actor's key, so a finished run's actors stayed alive until
+    1000 more messages had gone by."""
+    stream = getattr(client, "scheduler_comm", None)
+    if stream is not None:
+        stream.recent_message_log.clear()
+    client.run_on_scheduler(_forget_on_scheduler)
+
+
+def _forget_on_scheduler(dask_scheduler) -> None:
+    for stream in [*dask_scheduler.stream_comms.values(), *dask_scheduler.client_comms.values()]:
+        stream.recent_message_log.clear()
 
 
 class HandleVariable:

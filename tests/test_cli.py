@@ -104,6 +104,21 @@ def test_evaluate_predict_and_info(finished_run, digits_path, tmp_path):
     assert info["complete"] and info["parameters"] == model.size
 
 
+def test_a_model_parallel_run_leaves_its_model_in_its_checkpoint(tmp_path, digits_path):
+    """A partitioned pipeline run writes no ``params.npy`` (no process held the model whole):
+    its summary names the last checkpoint, which ``evaluate`` reads instead, to the accuracy
+    the run reported."""
+    path = config(tmp_path, digits_path, units=48, replicas=1, length="steps = 60")
+    path.write_text(path.read_text().replace(
+        "rule = {", 'partition = { kind = "horizontal", k = 2 }\nrule = {'))
+    summary = last_json(cli("train", path, "--local-workers", 2, "--out", tmp_path / "run"))
+    run_dir = tmp_path / "run"
+    assert not (run_dir / "params.npy").exists()
+    assert Path(summary["checkpoint"]).parent == run_dir / "checkpoints"
+    ev = last_json(cli("evaluate", run_dir, "--local-workers", 1))  # whole, blocks: one row
+    assert ev["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1.5 / ev["n"])
+
+
 def test_datasets_build_with_recipe_options(tmp_path):
     out = last_json(cli("datasets", "build", "speech-frames", "--out", tmp_path / "s.zarr",
                         "--size", 600, "--option", "classes=5", "--chunk-rows", 100))

@@ -181,3 +181,92 @@ def test_a_plan_for_another_model_is_refused(client, digits_path):
                  partition=P.horizontal(other, 2))
     with pytest.raises(ValueError, match="partition.kind"):
         downpour(model, digits_path, client=client, replicas=1, steps=1, partition={"kind": "diagonal"})
+
+
+@pytest.mark.parametrize("make_model, make_plan", [PLANS[1], PLANS[2], PLANS[6]])
+def test_blocks_predict_what_the_whole_network_predicts(client, make_model, make_plan):
+    """The forward pass alone through the block actors (a test evaluation or a prediction of a
+    model no process holds): the head block's outputs equal ``Sequential.predict``, over
+    batches that do not divide the rows."""
+    model = make_model()
+    params = model.init(2)
+    X, _ = batch(model, n=11)
+    blocks = Blocks.start(client, make_plan(model), params)
+    try:
+        np.testing.assert_allclose(blocks.predict(X, batch_size=4), model.predict(params, X),
+                                   rtol=0, atol=TOL)
+    finally:
+        blocks.close()
+
+
+def test_blocks_make_their_own_ranges_of_a_source(client):
+    """Blocks started from a seed (``sources.Fresh``) draw their own ranges on their workers:
+    together they hold ``model.init(seed)``."""
+    from daskbelief.ps.sources import Fresh
+    from daskbelief.train.block import gather_ranges
+
+    model, seed = image_model(), 7
+    plan = P.horizontal(model, 2)
+    blocks = Blocks.start(client, plan, Fresh(model, seed))
+    try:
+        held = [a.get_params().result() for a in blocks.actors]
+    finally:
+        blocks.close()
+    np.testing.assert_array_equal(gather_ranges(plan, held, model.size, np.float32), model.init(seed))
+
+
+def test_a_model_parallel_run_never_holds_its_model_in_the_driver(client, digits_path, tmp_path):
+    """A model-parallel Downpour run that keeps checkpoints: the shards draw their own ranges of
+    the initial parameters, the blocks fetch theirs, test evaluations and the final one go
+    through blocks, and the result refers to the last checkpoint. The driver's Python
+    allocations (tracemalloc: NumPy's included) stay far below the model's size all along; the
+    result's evaluation and predictions equal the whole model's at the checkpoint's parameters."""
+    import tracemalloc
+
+    from daskbelief.ps import checkpoint
+    from daskbelief.train.downpour import downpour
+    from daskbelief.train.evaluate import evaluate
+
+    model = Sequential((64,), [Dense(1536, "relu"), Dense(1536, "relu"), Dense(10)])
+    nbytes = 4 * model.size  # 10 MB
+    tracemalloc.start()
+    try:
+        result = downpour(model, digits_path, test=digits_path, client=client, replicas=1,
+                          shards=2, n_fetch=2, n_push=2, rule={"name": "adagrad", "lr": 0.01},
+                          batch_size=32, steps=30, eval_every=1e-3, checkpoint_dir=tmp_path,
+                          partition={"kind": "horizontal", "k": 2})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    print(f"driver's peak traced allocation {peak / 1e6:.1f} MB, model {nbytes / 1e6:.1f} MB")
+    assert peak < nbytes / 4
+    assert result.params is None and result.rule_state is None
+    assert result.checkpoint == checkpoint.latest(tmp_path)
+    assert sum(h["test_loss"] is not None for h in result.history) >= 2  # during and at the end
+    params = checkpoint.load(result.checkpoint, arrays=False).params
+    whole = evaluate(model, params, digits_path, client=client)
+    # the blocks add in another order: a near-tie could flip one row's class, no more
+    assert result.summary["test_accuracy"] == pytest.approx(whole["accuracy"], abs=1.5 / whole["n"])
+    assert result.summary["test_loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    X = np.random.default_rng(0).uniform(0, 16, (7, 64)).astype(np.float32)  # raw features
+    np.testing.assert_allclose(result.predict(X, client=client),
+                               model.predict(params, result.normaliser(X)), rtol=0, atol=TOL)
+
+
+def test_a_finished_model_parallel_run_leaves_no_actor_behind(client, digits_path):
+    """The shards, the replica's blocks and the evaluation's blocks are gone from the workers
+    once the run returns (distributed's logs of sent messages held their handles, and with them
+    the actors, on an in-process scheduler: ``workarounds.forget_sent_messages``)."""
+    from daskbelief import waits
+    from daskbelief.train.downpour import downpour
+
+    def actors():
+        return sorted(k for keys in client.run(lambda dask_worker: list(dask_worker.state.actors))
+                      .values() for k in keys)
+
+    before = actors()
+    model = Sequential((64,), [Dense(32, "relu"), Dense(10)])
+    downpour(model, digits_path, test=digits_path, client=client, replicas=1, shards=2,
+             steps=20, eval_every=1e-3, partition={"kind": "horizontal", "k": 2})
+    waits.until(lambda: actors() == before, timeout=10.0,
+                what="the run's shards and blocks to leave the workers")

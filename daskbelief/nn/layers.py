@@ -156,18 +156,22 @@ class Layer:
         self.input_shape: tuple[int, ...] | None = None
         self.output_shape: tuple[int, ...] | None = None
 
-    def init(self, rng: np.random.Generator, views: dict) -> None:
-        W, b = views["W"], views["b"]
+    def draw(self, name: str, rng: np.random.Generator, out) -> None:
+        """Fill ``out``, consecutive values of parameter ``name``, with fresh ones: weights from
+        ``rng`` (He normal for ReLU, Glorot uniform otherwise), biases zero. Value by value, so
+        any run of a weight matrix can be drawn on its own (``Sequential.init_range``)."""
+        if name != "W":
+            out[...] = 0
+            return
         fan_in, fan_out = self._fans()
         if self.activation == "relu":
-            rng.standard_normal(dtype=W.dtype, out=W)
-            W *= math.sqrt(2.0 / fan_in)
+            rng.standard_normal(dtype=out.dtype, out=out)
+            out *= math.sqrt(2.0 / fan_in)
         else:
             limit = math.sqrt(6.0 / (fan_in + fan_out))
-            rng.random(dtype=W.dtype, out=W)
-            W *= 2 * limit
-            W -= limit
-        b[...] = 0
+            rng.random(dtype=out.dtype, out=out)
+            out *= 2 * limit
+            out -= limit
 
     def _built(self) -> None:
         if self.output_shape is None:

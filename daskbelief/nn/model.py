@@ -40,6 +40,15 @@ from daskbelief.nn.layers import Layer, Scratch, layer_from_dict
 from daskbelief.nn.losses import get_loss
 
 
+INIT_CHUNK = 1 << 20  # weights drawn from one random stream (``Sequential.init_range``)
+
+
+def _stream(seed: int, layer: int, run: int) -> np.random.Generator:
+    """The generator of run ``run`` of layer ``layer``'s weights (``Sequential.init_range``)."""
+    key = (layer,) if run == 0 else (layer, run)
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
+
+
 class ParamSpec(NamedTuple):
     """One named array in the flat vector: ``params[offset:offset + size].reshape(shape)``."""
 
@@ -113,17 +122,31 @@ class Sequential:
     # -- parameters -------------------------------------------------------------------------
 
     def init(self, seed: int = 0) -> np.ndarray:
-        """Fresh float32 parameters, a pure function of ``seed``.
+        """Fresh float32 parameters, a pure function of ``seed``: ``init_range`` of them all."""
+        return self.init_range(seed, 0, self.size)
 
-        Layer i draws from its own stream, child i of ``SeedSequence(seed)``: layers appended to
-        a model leave the earlier layers' values unchanged, and one layer can be initialised alone
-        (``layer.init(np.random.default_rng(SeedSequence(seed).spawn(i + 1)[i]), views)``).
+    def init_range(self, seed: int, start: int, stop: int) -> np.ndarray:
+        """Values ``[start, stop)`` of ``init(seed)``, made without the rest of the vector: each
+        parameter shard of a model no process holds whole makes its own slice.
+
+        Run j of ``INIT_CHUNK`` weights of layer i comes from its own random stream,
+        ``SeedSequence(seed, spawn_key=(i, j))`` (run 0 from the layer's, ``spawn_key=(i,)``),
+        so a range draws at most one run's worth beyond its ends; layers appended to a model
+        leave the earlier layers' values unchanged.
         """
-        params = np.empty(self.size, dtype=np.float32)
-        streams = np.random.SeedSequence(seed).spawn(len(self.layers))
-        for layer, views, stream in zip(self.layers, self.views(params), streams):
-            layer.init(np.random.default_rng(stream), views)
-        return params
+        if not 0 <= start <= stop <= self.size:
+            raise ValueError(f"range [{start}, {stop}) is not within the model's {self.size} "
+                             "parameters")
+        out = np.empty(stop - start, dtype=np.float32)
+        for i, (layer, slots) in enumerate(zip(self.layers, self._slots)):
+            for name, a, b, _ in slots:
+                lo, hi = max(a, start) - a, min(b, stop) - a  # within this parameter
+                for first in range(lo - lo % INIT_CHUNK, hi if lo < hi else 0, INIT_CHUNK):
+                    run = np.empty(min(first + INIT_CHUNK, hi) - first, dtype=np.float32)
+                    layer.draw(name, _stream(seed, i, first // INIT_CHUNK), run)
+                    skip = max(lo - first, 0)
+                    out[a + first + skip - start:a + first + len(run) - start] = run[skip:]
+        return out
 
     def views(self, params) -> list[dict]:
         """Per layer, a dict name -> view into ``params`` (writes go into the vector)."""

@@ -191,10 +191,10 @@ def resume_problem(saved: dict, model: dict, resuming: str,
 
 
 def load_to_resume(path, model: dict, resuming: str) -> Checkpoint:
-    """Checkpoint ``path``'s parameters and metadata, to resume algorithm ``resuming`` on the
-    model described by ``model`` (the shards read the rest themselves, ``ParameterShard
-    .restore``); ``resume_problem`` refusals raise ``ValueError``."""
+    """Checkpoint ``path``'s metadata, to resume algorithm ``resuming`` on the model described
+    by ``model``: no arrays (its ``params`` are empty; the shards read their own ranges,
+    ``ParameterShard.restore``); ``resume_problem`` refusals raise ``ValueError``."""
     problem = resume_problem(describe(path), model, resuming)
     if problem:
         raise ValueError(f"cannot resume from checkpoint {path}: {problem}")
-    return load(path, arrays=False)
+    return load(path, 0, 0, arrays=False)

@@ -18,6 +18,7 @@ from daskbelief.workarounds import local_actor, release_actors, start_actors, wo
 from daskbelief.ps.compress import decode_into
 from daskbelief.ps.policy import overlaps, place_shards, shard_ranges
 from daskbelief.ps.shard import ParameterShard
+from daskbelief.ps.sources import Given, Ranged, placed
 from daskbelief.ranges import split
 
 
@@ -47,15 +48,18 @@ class ParameterServer:
     @classmethod
     def create(cls, client, params, n_shards: int, rule="adagrad", *, workers=None,
                backend: str = "numpy") -> "ParameterServer":
-        """Start ``n_shards`` shard actors on distinct workers, seeded with ``params``."""
-        params = np.asarray(params, dtype=np.float32)
-        ranges = shard_ranges(len(params), n_shards)
+        """Start ``n_shards`` shard actors on distinct workers, seeded with ``params``: an array,
+        or a ``sources.Ranged`` whose ranges are made on the shards' own workers (the vector
+        then never exists in one process)."""
+        source = params if isinstance(params, Ranged) else Given(np.asarray(params, dtype=np.float32))
+        ranges = shard_ranges(source.size, n_shards)
         addresses = place_shards(list(workers or worker_info(client)),
                                  n_shards)
         rule_spec = rule if isinstance(rule, (str, dict)) else rule.to_dict()
         token = uuid.uuid4().hex[:8]
         shards, futures = start_actors(client, [
-            (ParameterShard, addr, f"parameter-shard-{i}-{token}", (i, a, b, params[a:b], rule_spec, backend))
+            (ParameterShard, addr, f"parameter-shard-{i}-{token}",
+             (i, a, b, placed(client, source, a, b, addr), rule_spec, backend))
             for i, ((a, b), addr) in enumerate(zip(ranges, addresses))])
         return cls(shards, ranges, futures, rule_spec, backend)
 

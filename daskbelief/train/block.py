@@ -15,6 +15,7 @@ import numpy as np
 
 from daskbelief.backend import namespace
 from daskbelief.nn.losses import get_loss
+from daskbelief.ps.sources import Given, Ranged
 from daskbelief.train.partition import Plan, box_shape, intersect, relative
 from daskbelief.train.pieces import DensePiece, LocallyConnectedPiece, piece_op, views
 
@@ -33,10 +34,13 @@ class Block:
     """
 
     def __init__(self, plan: Plan, index: int, values):
+        """``values``: the block's ranges concatenated, or None for zeros (to be fetched)."""
         self.plan, self.index = plan, index
         self.model = plan.model
         self.ranges = plan.block_ranges(index)
         self.size = sum(b - a for a, b in self.ranges)
+        if values is None:
+            values = np.zeros(self.size, dtype=np.float32)
         if len(values) != self.size:
             raise ValueError(f"block {index} owns {self.size} parameters, got {len(values)} values")
         self.params = np.array(values, copy=True)
@@ -89,26 +93,7 @@ class Block:
         """Forward and backward through this block's pieces; fills ``self.grad`` and returns this
         block's share of the loss (the data loss on the head block, its weights' L2 term)."""
         xp, dtype = namespace(self.params), self.params.dtype
-        acts, inputs, caches = {}, {}, {}
-        for op in self.ops:
-            layer = op.piece.layer
-            if layer == 0:
-                xin = np.moveaxis(xp.asarray(x, dtype=dtype), 0, -1)
-            else:
-                xin = await self._gather_input(op, acts, tag, n, xp, dtype)
-            if isinstance(op, DensePiece):
-                inputs[layer] = xin
-                partial = await self._compute(op.partial, op.p, xin)
-                for dst, box in op.partial_to:
-                    self._send(dst, (tag, "partial", layer, self.index), partial[_rows(box)])
-                if op.own is not None:
-                    received = [await self._recv((tag, "partial", layer, s)) for s in op.partial_from]
-                    acts[layer] = await self._compute(op.activate, op.p, partial, received)
-            else:
-                acts[layer], caches[layer] = await self._compute(op.forward, op.p, xin)
-            for dst, box in op.act_to:
-                self._send(dst, (tag, "act", layer + 1, self.index),
-                           acts[layer][relative(box, op.piece.out_box)])
+        acts, inputs, caches = await self._forward(tag, x, n, xp, dtype)
         last = len(self.model.layers) - 1
         loss = 0.0
         if self.index == self.plan.head:
@@ -135,6 +120,42 @@ class Block:
             loss += await self._compute(self._l2)
         await self._flush()
         return loss
+
+    async def _forward(self, tag, x, n: int, xp, dtype):
+        """The forward pass through this block's pieces, sending neighbours what they need:
+        (activations, dense inputs, locally connected caches), by layer."""
+        acts, inputs, caches = {}, {}, {}
+        for op in self.ops:
+            layer = op.piece.layer
+            if layer == 0:
+                xin = np.moveaxis(xp.asarray(x, dtype=dtype), 0, -1)
+            else:
+                xin = await self._gather_input(op, acts, tag, n, xp, dtype)
+            if isinstance(op, DensePiece):
+                inputs[layer] = xin
+                partial = await self._compute(op.partial, op.p, xin)
+                for dst, box in op.partial_to:
+                    self._send(dst, (tag, "partial", layer, self.index), partial[_rows(box)])
+                if op.own is not None:
+                    received = [await self._recv((tag, "partial", layer, s)) for s in op.partial_from]
+                    acts[layer] = await self._compute(op.activate, op.p, partial, received)
+            else:
+                acts[layer], caches[layer] = await self._compute(op.forward, op.p, xin)
+            for dst, box in op.act_to:
+                self._send(dst, (tag, "act", layer + 1, self.index),
+                           acts[layer][relative(box, op.piece.out_box)])
+        return acts, inputs, caches
+
+    async def run_forward(self, tag, x, n: int):
+        """The forward pass alone: on the head block the model's outputs ``(n, n_outputs)``
+        (class probabilities, as ``Sequential.predict``), None on the others."""
+        xp, dtype = namespace(self.params), self.params.dtype
+        acts, _, _ = await self._forward(tag, x, n, xp, dtype)
+        await self._flush()
+        if self.index != self.plan.head:
+            return None
+        out = acts[len(self.model.layers) - 1].reshape(self.model.n_outputs, n).T.copy()  # off scratch
+        return await self._compute(get_loss(self.model.loss).predict, xp, out)
 
     async def _gather_input(self, op, acts, tag, n, xp, dtype):
         """The piece's input box, batch-last: its own previous output and its neighbours'."""
@@ -250,16 +271,16 @@ def gather_ranges(plan: Plan, pieces: list, size: int, dtype) -> np.ndarray:
     return out
 
 
-def block_values(plan: Plan, params, block: int) -> np.ndarray:
-    """Block ``block``'s local vector: its ranges of ``params``, concatenated."""
-    return np.concatenate([params[a:b] for a, b in plan.block_ranges(block)])
+def block_values(plan: Plan, params: Ranged, block: int) -> np.ndarray:
+    """Block ``block``'s local vector: its ranges of ``params`` (``sources``), concatenated."""
+    return np.concatenate([params.values(a, b) for a, b in plan.block_ranges(block)])
 
 
 def loss_and_grad(plan: Plan, params, X, y, *, reduction: str = "mean", regularize: bool = True):
     """(loss, gradient) of the partitioned network in this process: every block's step runs as a
     coroutine and messages are handed over in memory. Must equal ``model.loss_and_grad``."""
     params = np.asarray(params)
-    blocks = [_LocalBlock(plan, k, block_values(plan, params, k)) for k in range(plan.n_blocks)]
+    blocks = [_LocalBlock(plan, k, block_values(plan, Given(params), k)) for k in range(plan.n_blocks)]
     for b in blocks:
         b.peers = blocks
     xs = split_inputs(plan, np.asarray(X))

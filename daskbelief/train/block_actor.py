@@ -81,6 +81,10 @@ class BlockActor(Block):
         """One forward/backward pass (gradient kept in the block)."""
         return await self.run_step(tag, x, y, n, reduction, regularize)
 
+    async def predict(self, tag, x, n: int):
+        """The forward pass alone (``Block.run_forward``): the outputs on the head block."""
+        return await self.run_forward(tag, x, n)
+
     @property
     def staleness(self) -> list[int]:
         return self._window.staleness

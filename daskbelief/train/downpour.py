@@ -26,10 +26,12 @@ from daskbelief.monitor import events
 from daskbelief.optim.rules import UpdateRule, make_rule
 from daskbelief.ps.compress import check_kind
 from daskbelief.ps.policy import place_blocks, place_replicas
+from daskbelief.ps.sources import Ranged
 from daskbelief.train import elastic
 from daskbelief.train.driver import Driver
 from daskbelief.train.elastic import ElasticDriver
 from daskbelief.train.errors import RunLost
+from daskbelief.train.evaluate import BlockEvaluator
 from daskbelief.train.partition import Plan, as_plan
 from daskbelief.train.partitioned import Blocks
 from daskbelief.train.recovery import Lease
@@ -164,8 +166,12 @@ def downpour(model, data, *, client=None, replicas: int | str = 2, max_replicas:
         coordination = _coordinate(c, specs[0], ps, done, warmstart_steps)
         announce(run, "downpour", {k: v for k, v in asdict(specs[0]).items() if k != "run"})
         workers = require_workers(c)
-        blocks = _start_blocks(c, workers, plan, start.params, ps, specs, coordination,
+        blocks = _start_blocks(c, workers, plan, ps, specs, coordination,
                                overlap=overlap, max_in_flight=max_in_flight)
+        # a model-parallel run evaluates through blocks of its own and, keeping checkpoints,
+        # leaves its model in the last one: no process ever holds the whole vector
+        evaluator = None if plan is None or test_store is None else BlockEvaluator(c, plan)
+        in_checkpoint = plan is not None and checkpoint_dir is not None
         if elastic_run:
             driver_for = _elastic_driver(c, model, specs[0], store, unit_chunks, max_replicas,
                                          epochs)
@@ -177,14 +183,15 @@ def downpour(model, data, *, client=None, replicas: int | str = 2, max_replicas:
                                     for p, b in zip(specs, blocks) if b is not None],
                             eval_every=eval_every, eval_rows=eval_rows, max_seconds=max_seconds,
                             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                            initial=start.params,
+                            initial=start.params, evaluator=evaluator,
                             checkpoint_meta={"model": model.to_dict(), "config": config or {},
                                              "normaliser": store.normaliser.to_dict(),
                                              "keep": checkpoint_keep})
         try:
             outcomes = driver.wait()
-            final, shard_stats, final_state = driver.final()
+            final, shard_stats, final_state = driver.final(gather=not in_checkpoint)
             driver.report_shards(shard_stats)  # the final counters, however short the run
+            metrics = None if evaluator is None else driver.test_metrics(test_store.n)
         except RunLost:
             raise
         except Exception:
@@ -195,6 +202,8 @@ def downpour(model, data, *, client=None, replicas: int | str = 2, max_replicas:
             for b in blocks:
                 if b is not None:
                     b.close()
+            if evaluator is not None:
+                evaluator.close()
         figures = summary(run, "downpour", seconds=driver.seconds,
                           samples=sum(o["samples"] for o in outcomes), replicas=replicas,
                           shards=shards, n_fetch=n_fetch, n_push=n_push,
@@ -205,7 +214,8 @@ def downpour(model, data, *, client=None, replicas: int | str = 2, max_replicas:
         return finish_run(model, final, run=run, client=c, test_store=test_store,
                           seconds=driver.seconds, step=None, summary=figures, history=history,
                           normaliser=store.normaliser, shard_stats=shard_stats,
-                          replica_outcomes=outcomes, rule_state=final_state)
+                          replica_outcomes=outcomes, rule_state=final_state, metrics=metrics,
+                          checkpoint=driver.last_checkpoint(), plan=plan)
 
 
 def _check(model, store, *, replicas, max_replicas, unit_chunks, shards, n_fetch, n_push,
@@ -249,17 +259,17 @@ def _check(model, store, *, replicas, max_replicas, unit_chunks, shards, n_fetch
     return plan
 
 
-def _start_blocks(client, workers: list[str], plan: Plan | None, params: np.ndarray, ps,
-                  specs: list[ReplicaSpec], coordination: dict, *, overlap: bool,
-                  max_in_flight: int) -> list:
+def _start_blocks(client, workers: list[str], plan: Plan | None, ps, specs: list[ReplicaSpec],
+                  coordination: dict, *, overlap: bool, max_in_flight: int) -> list:
     """Each replica's model-parallel blocks (None each without a plan), placed beside the
-    shards, their handles published where the replica task and the driver find them."""
+    shards, each fetching its ranges from them, their handles published where the replica
+    task and the driver find them."""
     if plan is None:
         return [None] * len(specs)
     where = place_blocks(workers, ps.addresses(), len(specs), plan.n_blocks)
     blocks = []
     for spec in specs:
-        blocks.append(Blocks.start(client, plan, params, ps=ps, replica=f"replica-{spec.replica}",
+        blocks.append(Blocks.start(client, plan, None, ps=ps, replica=f"replica-{spec.replica}",
                                    overlap=overlap, max_in_flight=max_in_flight,
                                    addresses=where[spec.replica]))
         coordination["variables"].append(HandleVariable(spec.name(f"blocks-{spec.replica}"),
@@ -312,7 +322,7 @@ def _own_figures(driver, outcomes: list[dict], shard_stats: list[dict]) -> dict:
 class _StartPoint:
     """Where training starts: initial parameters, or a checkpoint's parameters and progress."""
 
-    params: np.ndarray
+    params: Ranged
     restore: object = None          # the checkpoint resumed: each shard reads its own range
     shards: object = None           # ranges -> per-shard snapshots of a given ``rule_state``
     steps: dict = None              # replica name -> steps pushed before the checkpoint
@@ -329,20 +339,19 @@ def _start_point(model, seed: int, params, resume_from, rule_state=None,
     point = start_point(model, params, seed, resume_from, "downpour")
     ckpt = point.resumed
     if ckpt is not None:
-        return _StartPoint(ckpt.params, restore=ckpt.path, steps=ckpt.replica_steps())
-    init = point.params
+        return _StartPoint(point.params, restore=ckpt.path, steps=ckpt.replica_steps())
     if rule_state is None:
-        return _StartPoint(init)
+        return _StartPoint(point.params)
     state = {name: np.asarray(v, dtype=np.float32) for name, v in rule_state.items()}
     expected = set(rule.init(np.zeros(1, dtype=np.float32)))
     if set(state) != expected:
         raise ValueError(f"rule_state holds {sorted(state)}, the rule {rule.name!r} keeps "
                          f"{sorted(expected)}")
     for name, v in state.items():
-        if v.shape != init.shape:
+        if v.shape != (model.size,):
             raise ValueError(f"rule_state[{name!r}] has shape {v.shape}, the model has "
                              f"{model.size} parameters")
-    return _StartPoint(init, shards=_snapshots(init, state, 0))
+    return _StartPoint(point.params, shards=_snapshots(point.params.whole(), state, 0))
 
 
 def _snapshots(params: np.ndarray, state: dict, version: int):

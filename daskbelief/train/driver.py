@@ -47,14 +47,17 @@ class Driver:
     """Periodic duties around a running set of replica futures; see the module docstring.
 
     ``resubmit(r)``: a new future for replica ``r`` (its task submitted again); ``blocks``: the
-    names of the Variables holding each model-parallel replica's current ``Blocks``.
+    names of the Variables holding each model-parallel replica's current ``Blocks``;
+    ``initial``: the run's start (a ``sources.Ranged``), from which a shard lost before any
+    checkpoint is remade, its range alone; ``evaluator(ps, store, rows)``: the test metrics
+    at the server's parameters, when not computed here (``evaluate.BlockEvaluator``).
     """
 
     def __init__(self, client, run: str, ps, futures, model, test_store, coordination: dict, *,
                  blocks=(), resubmit=None,
                  eval_every=None, eval_rows: int = 10_000, max_seconds=None, checkpoint_dir=None,
                  checkpoint_every=None, initial=None, checkpoint_meta=None,
-                 watch_every: float = 1.0):
+                 watch_every: float = 1.0, evaluator=None):
         self.client, self.run, self.ps, self.futures = client, run, ps, list(futures)
         self.blocks = list(blocks)
         self.resubmit = resubmit
@@ -63,6 +66,7 @@ class Driver:
         self.eval_rows, self.max_seconds = eval_rows, max_seconds
         self.checkpoint_dir = checkpoint_dir
         self.initial, self.meta = initial, checkpoint_meta or {}
+        self.evaluator = evaluator
         self.started = time.time()
         self.seconds = 0.0
         self.test_rows: list[dict] = []
@@ -104,16 +108,18 @@ class Driver:
     def _outcomes(self) -> list[dict]:
         return waits.results(self.futures, timeout=CALL_TIMEOUT, what="the replicas' outcomes")
 
-    def final(self) -> tuple:
+    def final(self, gather: bool = True) -> tuple:
         """The trained parameters, the shards' counters and the update rule's state (joined into
-        model-sized arrays by name), and the final checkpoint when the run keeps them.
+        model-sized arrays by name), after the final checkpoint when the run keeps them;
+        ``gather=False``: the counters alone (parameters and state None), the model staying in
+        that checkpoint (no process holds it whole).
 
         All of it comes from one recovering attempt: a shard lost at any point of it is
         recreated and the whole attempt starts again, so the parameters, the state and the
         checkpoint returned always describe the same server."""
         def attempt():
             try:
-                parts = self.ps.state_dicts(timeout=CALL_TIMEOUT, give_up=self._server_gone)
+                parts = self.ps.state_dicts(timeout=CALL_TIMEOUT, give_up=self._server_gone) if gather else None
                 stats = self.ps.stats(timeout=CALL_TIMEOUT, give_up=self._server_gone)
                 if self.checkpoint_dir is not None:
                     self.checkpoint()
@@ -121,6 +127,8 @@ class Driver:
                 self.check_scheduler(probe=True)
                 self._watch()
                 return None
+            if parts is None:
+                return None, stats, None
             return (np.concatenate([p["params"] for p in parts]), stats,
                     {name: np.concatenate([p["state"][name] for p in parts]) for name in parts[0]["state"]})
         return waits.until(attempt, timeout=recovery_timeout(), every=0.5,
@@ -253,7 +261,7 @@ class Driver:
             saved = ckpt.versions
             snapshot = {"params": ckpt.params, "state": ckpt.state, "version": saved[index]}
         else:
-            snapshot = {"params": self.initial[a:b], "state": {}, "version": 0}
+            snapshot = {"params": self.initial.values(a, b), "state": {}, "version": 0}
         lost_worker = self.ps.addresses()[index]
         worker = pick_worker(live, self.ps.addresses())
         self.ps = self.ps.replace_shard(self.client, index, snapshot, worker, timeout=recovery_timeout(),
@@ -298,14 +306,22 @@ class Driver:
 
     def _evaluate(self) -> None:
         try:
-            params, _ = self.ps.fetch(timeout=CALL_TIMEOUT, give_up=self._server_gone)
-        except Exception:  # noqa: BLE001 -- a shard is being recovered; evaluate next time
+            metrics = self.test_metrics(min(self.eval_rows, self.test_store.n))
+        except Exception:  # noqa: BLE001 -- a shard or block is being recovered; next time
             return
-        part = evaluate_rows(self.model, params, self.test_store, 0,
-                             min(self.eval_rows, self.test_store.n))
-        row = test_row(time.time() - self.started, None, finish([part], self.test_store.task))
+        row = test_row(time.time() - self.started, None, metrics)
         self.test_rows.append(row)
         announce_test(self.run, row)
+
+    def test_metrics(self, rows: int) -> dict:
+        """Mean loss (and accuracy) over the first ``rows`` test rows at the server's current
+        parameters: through the run's ``evaluator`` (a model-parallel run's blocks), or here
+        on the whole vector fetched."""
+        if self.evaluator is not None:
+            return self.evaluator(self.ps, self.test_store, rows)
+        params, _ = self.ps.fetch(timeout=CALL_TIMEOUT, give_up=self._server_gone)
+        return finish([evaluate_rows(self.model, params, self.test_store, 0, rows)],
+                      self.test_store.task)
 
     def checkpoint(self):
         """Write a checkpoint of every shard now; returns its path."""

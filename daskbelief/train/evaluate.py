@@ -8,6 +8,7 @@ from daskbelief.backend import namespace, to_numpy
 from daskbelief.cluster import client_or_local, require_workers
 from daskbelief.data import open_store
 from daskbelief.monitor import events
+from daskbelief.train.partitioned import Blocks
 
 EVALUATION_TIMEOUT = 3600.0  # seconds a whole-store evaluation may take on the cluster
 
@@ -39,11 +40,48 @@ def finish(parts: list[dict], task: str) -> dict:
 
 def evaluate_rows(model, params, store, start: int, stop: int, block: int = 4096) -> dict:
     """Summed metrics over rows ``[start, stop)`` of ``store``, read a block at a time."""
+    return predicted_rows(lambda X: model.predict(params, X), store, start, stop, block)
+
+
+def predicted_rows(predict, store, start: int, stop: int, block: int = 4096) -> dict:
+    """Summed metrics of ``predict(X)`` over rows ``[start, stop)`` of ``store``, read a block
+    at a time."""
     parts = []
     for lo in range(start, stop, block):
         X, y = store.read(lo, min(lo + block, stop))
-        parts.append(output_metrics(store.task, model.predict(params, X), y))
+        parts.append(output_metrics(store.task, predict(X), y))
     return {k: sum(p[k] for p in parts) for k in ("loss_sum", "correct", "n")}
+
+
+class BlockEvaluator:
+    """Test evaluations of a model-parallel run without the model in any one process: its own
+    set of blocks (started at the first evaluation), loaded from the parameter server before
+    each evaluation, the test rows passing through them forward only."""
+
+    def __init__(self, client, plan):
+        self.client, self.plan, self.blocks = client, plan, None
+
+    def __call__(self, ps, store, rows: int) -> dict:
+        """Mean loss (and accuracy) over the first ``rows`` rows of ``store`` at the parameters
+        the server ``ps`` holds now. A failure (a block's or shard's worker lost) closes the
+        blocks: the next evaluation starts new ones."""
+        try:
+            if self.blocks is None:
+                self.blocks = Blocks.start(self.client, self.plan, None, ps=ps)
+            else:
+                n = self.plan.n_blocks
+                self.blocks.call("set_server", [(ps,)] * n)
+                self.blocks.call("fetch", [()] * n)
+            return finish([predicted_rows(self.blocks.predict, store, 0, min(rows, store.n))],
+                          store.task)
+        except Exception:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.blocks is not None:
+            self.blocks.close()
+            self.blocks = None
 
 
 def test_row(elapsed: float, step, metrics: dict) -> dict:

@@ -17,14 +17,17 @@ protocol, and ``loss_and_grad``: the same blocks in one process, the oracle), ``
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 
 import numpy as np
 from distributed import get_client, get_worker
 
 from daskbelief import waits
+from daskbelief.cluster import client_or_local
 from daskbelief.ps.policy import place_shards
 from daskbelief.ps.server import CALL_TIMEOUT
+from daskbelief.ps.sources import Given, Ranged
 from daskbelief.train.block import block_values, gather_ranges, split_inputs
 from daskbelief.train.block_actor import BlockActor
 from daskbelief.train.partition import Plan
@@ -50,6 +53,29 @@ async def _first_error(futures):
     return [t.result() for t in tasks]
 
 
+def predict_by_blocks(client, plan: Plan, params, X) -> np.ndarray:
+    """``Sequential.predict`` of ``plan``'s model at ``params`` (``Blocks.start``'s kinds: a
+    ``sources.Saved`` checkpoint is read by each block, its own ranges) on the cluster of
+    ``client`` (default: the current one): no process holds the whole vector."""
+    with client_or_local(client) as c:
+        blocks = Blocks.start(c, plan, params)
+        try:
+            return blocks.predict(X)
+        finally:
+            blocks.close()
+
+
+_FORWARDS = itertools.count()  # tags of forward passes (``Blocks.predict``), unique here
+
+
+def _first_values(client, plan: Plan, params: Ranged | None, block: int, worker: str):
+    """Block ``block``'s first values as an actor argument: None (it fetches them), cut here
+    from a vector the caller holds, or made on the block's own worker."""
+    if params is None or isinstance(params, Given):
+        return None if params is None else block_values(plan, params, block)
+    return client.submit(block_values, plan, params, block, workers=[worker], pure=False)
+
+
 class Blocks:
     """Handles to the block actors of one partitioned replica (picklable into a replica task)."""
 
@@ -64,19 +90,29 @@ class Blocks:
     def start(cls, client, plan: Plan, params, *, ps=None, replica: str = "", overlap: bool = False,
               max_in_flight: int = 1, addresses=None) -> "Blocks":
         """One actor per block, wired to each other; ``addresses``: the worker of each block
-        (default: distinct workers while there are enough)."""
-        params = np.asarray(params)
-        if len(params) != plan.model.size:
-            raise ValueError(f"params has {len(params)} values, the model has {plan.model.size}")
+        (default: distinct workers while there are enough). ``params``: an array, a
+        ``sources.Ranged`` (each block makes or reads its own ranges on its worker), or None:
+        each block fetches its ranges from the server ``ps``. Only an array passes through here.
+        """
+        if params is None and ps is None:
+            raise ValueError("blocks without params= fetch them: give the parameter server ps=")
+        if params is not None and not isinstance(params, Ranged):
+            params = Given(np.asarray(params))
+        if params is not None and params.size != plan.model.size:
+            raise ValueError(f"params has {params.size} values, the model has {plan.model.size}")
         if addresses is None:
             addresses = place_shards(list(worker_info(client)), plan.n_blocks)
         token = uuid.uuid4().hex[:8]
         actors, futures = start_actors(client, [
             (BlockActor, addr, f"partition-block-{k}-{token}",
-             (plan, k, block_values(plan, params, k), ps, replica, overlap, max_in_flight))
+             (plan, k, _first_values(client, plan, params, k, addr), ps, replica, overlap,
+              max_in_flight))
             for k, addr in enumerate(addresses)])
         waits.results([a.connect(actors) for a in actors], timeout=CALL_TIMEOUT,
                       what=f"{len(actors)} blocks to connect to each other")
+        if params is None:
+            waits.results([a.fetch() for a in actors], timeout=CALL_TIMEOUT,
+                          what=f"{len(actors)} blocks to fetch their ranges")
         return cls(plan, actors, futures)
 
     def call(self, method: str, per_block, timeout: float = CALL_TIMEOUT) -> list:
@@ -119,6 +155,18 @@ class Blocks:
         """Each block's share of a batch: its input slice (input blocks) and the labels (head)."""
         xs = split_inputs(self.plan, np.asarray(X))
         return [(xs.get(k), y if k == self.plan.head else None) for k in range(self.plan.n_blocks)]
+
+    def predict(self, X, batch_size: int = 256) -> np.ndarray:
+        """Outputs ``(n, n_outputs)`` of the forward pass through the blocks (class
+        probabilities, as ``Sequential.predict``), ``batch_size`` rows at a time: only the head
+        block's outputs come back."""
+        X = np.asarray(X)
+        out = []
+        for start in range(0, len(X), batch_size):
+            xb, tag = X[start:start + batch_size], ("forward", next(_FORWARDS))
+            outputs = self.call("predict", [(tag, x, len(xb)) for x, _ in self._per_block(xb, None)])
+            out.append(outputs[self.plan.head])
+        return np.concatenate(out) if out else np.empty((0, self.plan.model.n_outputs), np.float32)
 
     def step(self, X, y, *, tag=0, reduction: str = "mean", regularize: bool = True) -> list[float]:
         """One forward/backward pass on every block; each block's loss share."""

@@ -452,10 +452,9 @@ class _PartitionedStepper:
 
         generation, ps = waits.until(usable, timeout=RECOVERY_TIMEOUT, every=0.5, give_up=self.lease.give_up,
                                      what=f"replica {spec.replica}: a parameter server with every shard alive")
-        params, _ = ps.here().fetch(timeout=RECOVERY_TIMEOUT, give_up=self.lease.give_up)
         where = place_blocks(sorted(worker_info(client)), ps.addresses(), 1, self.n_blocks)[0]
         old, self.generation = self.blocks, generation
-        self.blocks = Blocks.start(client, old.plan, params, ps=ps, replica=f"replica-{spec.replica}",
+        self.blocks = Blocks.start(client, old.plan, None, ps=ps, replica=f"replica-{spec.replica}",
                                    overlap=spec.overlap, max_in_flight=spec.max_in_flight,
                                    addresses=where)
         HandleVariable(spec.name(f"blocks-{spec.replica}")).set(self.blocks, timeout=CALL_TIMEOUT)

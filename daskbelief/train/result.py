@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from daskbelief.data.normalise import Normaliser
+from daskbelief.ps.sources import Saved
+from daskbelief.train.partition import Plan
+from daskbelief.train.partitioned import predict_by_blocks
 
 
 @dataclass
@@ -17,21 +21,32 @@ class TrainResult:
     ``loss``, and ``test_loss``/``test_accuracy`` where the test set was evaluated. ``normaliser``:
     the standardisation the training store applied to its features (``data.Normaliser``), which
     ``predict`` applies to the raw features it is given.
+
+    ``params`` is None when the run left its model in its last checkpoint only (a model-parallel
+    run that kept checkpoints: no process ever held the whole vector); ``checkpoint`` names it
+    and ``plan`` is the partition that ``predict`` then runs through, block by block.
     """
 
     model: object
-    params: np.ndarray
+    params: np.ndarray | None
     history: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     normaliser: Normaliser | None = None
     shard_stats: list[dict] = field(default_factory=list)       # each parameter shard's last counters
     replica_outcomes: list[dict] = field(default_factory=list)  # Downpour: what each replica did
     rule_state: dict | None = None  # Downpour: the update rule's final state (continue with it)
+    checkpoint: Path | None = None  # the run's last checkpoint, when it kept them
+    plan: Plan | None = None        # model parallelism: the partition the run trained
 
-    def predict(self, X):
+    def predict(self, X, client=None):
         """Class probabilities (classification) or outputs (regression) for ``X``: raw features as
-        written to the store (standardised here as the store did for training)."""
-        return self.model.predict(self.params, X if self.normaliser is None else self.normaliser(X))
+        written to the store (standardised here as the store did for training). A result without
+        ``params`` predicts on the cluster of ``client`` (default: the current one), through
+        blocks that each read their own ranges of ``checkpoint``."""
+        X = X if self.normaliser is None else self.normaliser(X)
+        if self.params is not None:
+            return self.model.predict(self.params, X)
+        return predict_by_blocks(client, self.plan, Saved(self.checkpoint, self.model.size), X)
 
     def curve(self, key: str = "loss", replica="any") -> tuple[np.ndarray, np.ndarray]:
         """(time, value) arrays of one history column, for plotting (one replica's rows only when
@@ -49,7 +64,7 @@ class TrainResult:
         charts = sparkline_svg(loss, "training loss") + sparkline_svg(
             [self.curve("test_accuracy")], "test accuracy")
         return (f"<div class='daskbelief-result'><b>daskbelief TrainResult</b>: "
-                f"{html.escape(type(self.model).__name__)}, {len(self.params):,} parameters, "
+                f"{html.escape(type(self.model).__name__)}, {self.model.size:,} parameters, "
                 f"{len(self.history)} history rows"
                 f"<div style='display:flex;gap:1.5em;align-items:flex-start'>"
                 f"<table>{rows}</table><div>{charts}</div></div></div>")

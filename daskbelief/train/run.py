@@ -34,6 +34,7 @@ from daskbelief.data import DataStore, open_store
 from daskbelief.monitor import events
 from daskbelief.ps import checkpoint
 from daskbelief.ps.server import ParameterServer
+from daskbelief.ps.sources import Fresh, Given, Ranged, Saved
 from daskbelief.train.evaluate import announce_test, evaluate, test_row
 from daskbelief.train.recovery import gone
 from daskbelief.train.result import TrainResult
@@ -53,20 +54,23 @@ def open_data(model, data, test) -> tuple[DataStore, DataStore | None]:
 
 @dataclass(frozen=True)
 class StartPoint:
-    """Where a run starts: its parameters, and the checkpoint they came from when resuming."""
+    """Where a run starts: its parameters (made range by range where they are needed:
+    ``sources``), and the checkpoint they come from when resuming (its metadata)."""
 
-    params: np.ndarray
+    params: Ranged
     resumed: checkpoint.Checkpoint | None = None
 
 
 def start_point(model, params, seed: int, resume_from, algorithm: str) -> StartPoint:
-    """``initial_params``, or the parameters of checkpoint ``resume_from``, refused in one line
-    unless ``algorithm`` wrote it for this model (the rest of it stays on disk:
-    ``parameter_server`` has the shards read their own ranges)."""
+    """``model.init(seed)`` (``Fresh``), ``params`` checked (``Given``), or the parameters of
+    checkpoint ``resume_from`` (``Saved``), refused in one line unless ``algorithm`` wrote it
+    for this model. Nothing model-sized is read or made here: ``parameter_server`` has each
+    shard make or read its own range (of the rule's state and vectors too, when resuming)."""
     if resume_from is None:
-        return StartPoint(initial_params(model, params, seed))
+        return StartPoint(Fresh(model, seed) if params is None
+                          else Given(initial_params(model, params, seed)))
     ckpt = checkpoint.load_to_resume(resume_from, model.to_dict(), algorithm)
-    return StartPoint(ckpt.params, ckpt)
+    return StartPoint(Saved(ckpt.path, model.size), ckpt)
 
 
 def initial_params(model, params, seed: int) -> np.ndarray:
@@ -80,7 +84,7 @@ def initial_params(model, params, seed: int) -> np.ndarray:
 def parameter_server(client, params, shards: int, rule, *, restore=None,
                      workers=None) -> ParameterServer:
     """The run's parameter server: ``shards`` shard actors (on ``workers``, default any) seeded
-    with ``params`` and applying ``rule``; ``restore``: a checkpoint every shard then loads its
+    with ``params`` (an array or a ``sources.Ranged``) and applying ``rule``; ``restore``: a checkpoint every shard then loads its
     own range of (parameters, rule state, vectors), in parallel: ``ConnectionError`` when a
     shard's worker leaves meanwhile. Every engine's server, and every server an engine remakes
     after a loss, starts here."""
@@ -148,12 +152,14 @@ def summary(run: str, algorithm: str, *, seconds: float, samples: int, **own) ->
 
 
 def finish_run(model, params, *, run: str, client, test_store, seconds: float, step, summary: dict,
-           history: list[dict], normaliser, **fields) -> TrainResult:
-    """Evaluate ``params`` on ``test_store`` (when there is one) into ``summary`` and
-    ``history`` (a last row at ``seconds``, ``step``; an ``eval`` event), emit the ``end``
-    event, and return the ``TrainResult`` (``fields``: the engine's declared extras)."""
+           history: list[dict], normaliser, metrics=None, **fields) -> TrainResult:
+    """Evaluate ``params`` on ``test_store`` (when there is one; ``metrics``: the engine
+    evaluated them itself, as a model-parallel run's blocks do) into ``summary`` and ``history``
+    (a last row at ``seconds``, ``step``; an ``eval`` event), emit the ``end`` event, and return
+    the ``TrainResult`` (``fields``: the engine's declared extras)."""
     if test_store is not None:
-        metrics = evaluate(model, params, test_store, client=client)
+        if metrics is None:
+            metrics = evaluate(model, params, test_store, client=client)
         summary.update({"test_loss": metrics["loss"], "test_accuracy": metrics.get("accuracy")})
         history.append(test_row(seconds, step, metrics))
         announce_test(run, history[-1])

@@ -58,6 +58,7 @@ from daskbelief.optim.lbfgs import LbfgsResult, LbfgsState, lbfgs
 from daskbelief.ps import checkpoint
 from daskbelief.ps.policy import place_homed_blocks
 from daskbelief.ps.server import ParameterServer
+from daskbelief.ps.sources import Ranged, Saved
 from daskbelief.train.backup import portions_to_back_up, tail_start
 from daskbelief.train.errors import RunLost
 from daskbelief.train.evaluate import announce_test, finish, test_row
@@ -146,7 +147,7 @@ def validate(model, store, *, shards, iterations, tolerance, ftol, history,
     return n_rows
 
 
-def _start(model, params, seed: int, resume_from, history: int) -> tuple[np.ndarray, LbfgsState | None]:
+def _start(model, params, seed: int, resume_from, history: int) -> tuple[Ranged, LbfgsState | None]:
     """The skeleton's start point, and the L-BFGS state to go on from when resuming a
     checkpoint (its vectors stay on disk: each shard loads its own range)."""
     point = start_point(model, params, seed, resume_from, "sandblaster")
@@ -433,7 +434,7 @@ class _ActorMaker:
         self.shards, self.shard_workers = shards, shard_workers
         self.push_every, self.slow, self.replicas, self.threads = push_every, slow, replicas, threads
 
-    def __call__(self, params: np.ndarray, restore=None, free=None) -> _Actors:
+    def __call__(self, params: Ranged, restore=None, free=None) -> _Actors:
         """Shards seeded with ``params`` on the live workers (those of ``shard_workers`` still
         there, else any; of those, the ones in ``free`` if any); ``restore``: a checkpoint whose
         ranges they load (its vectors among them)."""
@@ -486,8 +487,7 @@ class _ActorMaker:
         """A model-parallel replica homed on each live worker, as at the start, its blocks
         talking to the shards ``ps`` (they load the vector to evaluate from them each time)."""
         live = sorted(worker_info(self.client))
-        seed = np.zeros(plan.model.size, dtype=np.float32)
-        self.replicas.update({home: Blocks.start(self.client, plan, seed, ps=ps, addresses=where)
+        self.replicas.update({home: Blocks.start(self.client, plan, None, ps=ps, addresses=where)
                             for home, where in place_homed_blocks(live, plan.n_blocks).items()})
 
 
@@ -514,7 +514,7 @@ class _Recovery:
     still follows the reference. The cost is those iterations, bounded by ``checkpoint_every``.
     """
 
-    def __init__(self, client, run: str, make: _ActorMaker, start: np.ndarray | None):
+    def __init__(self, client, run: str, make: _ActorMaker, start: Ranged | None):
         """``start``: the start point, None for a resumed run (whose checkpoint comes first)."""
         self.client, self.run, self.make, self.start = client, run, make, start
         self.partition: Plan | None = None  # model-parallel: the replicas' plan, once released
@@ -547,8 +547,8 @@ class _Recovery:
         self.partition = self.make.release_replicas(objective.actors.ps) or self.partition
         objective.actors.close()
         if where is not None:
-            saved = checkpoint.load(where, arrays=False)
-            params, state = saved.params, LbfgsState(**saved.lbfgs)
+            saved = checkpoint.load(where, 0, 0, arrays=False)  # its metadata: shards read the rest
+            params, state = Saved(where, self.make.model.size), LbfgsState(**saved.lbfgs)
         else:
             params, state = self.start, None
         objective.actors = checkpoints.actors = self.make(params, where, self._free_workers())
@@ -784,7 +784,7 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
         recovery = _Recovery(c, run, make, start if resumed is None else None)
         try:
             if plan_p is not None:
-                replicas.update({home: Blocks.start(c, plan_p, start, ps=objective.actors.ps,
+                replicas.update({home: Blocks.start(c, plan_p, None, ps=objective.actors.ps,
                                                   addresses=where)
                                for home, where in place_homed_blocks(workers, plan_p.n_blocks).items()})
             del start  # from here on the parameters live on the shards (and in ``recovery``)
