@@ -3,9 +3,11 @@
 Everything that can be checked is checked before any work starts (``prepare``): the model builds,
 the update rule and the partition plan parse, the recipe exists, a run to resume has a complete
 checkpoint. A run directory then holds what a later reader needs: ``config.json``,
-``metrics.jsonl`` (one event per line), ``summary.json``, the final parameters (``params.npy``)
-with ``model.json`` and ``normaliser.json`` (the standardisation of the raw features the model
-was trained with), and ``checkpoints/`` from which ``--resume`` continues.
+``metrics.jsonl`` (one event per line), ``summary.json``, the final parameters (``params.npy``;
+a model-parallel run leaves them in its last checkpoint, which its summary names, and
+``evaluate`` / ``predict`` run through the partition's blocks reading it) with ``model.json``
+and ``normaliser.json`` (the standardisation of the raw features the model was trained with),
+and ``checkpoints/`` from which ``--resume`` continues.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from daskbelief.monitor.events import EventLog
 from daskbelief.monitor.progress import Progress
 from daskbelief.nn import Sequential
 from daskbelief.ps import checkpoint
+from daskbelief.ps.sources import Saved
 from daskbelief.train.partition import as_plan
 from daskbelief.train import engines
 from daskbelief.train.errors import RunLost
@@ -211,18 +214,19 @@ def run(config: dict, out=None, *, name: str = "run", overwrite: bool = False, r
 
 
 def load_run(run_dir: Path):
-    """(model, params, config, normaliser) of a finished run directory: its ``params.npy``, or
-    for a model-parallel run that left its model in its last checkpoint only, that checkpoint's
-    parameters (read whole: here they are in one process)."""
+    """(model, params, config, normaliser, plan) of a finished run directory: its ``params.npy``
+    (plan None), or for a model-parallel run that left its model in its last checkpoint only,
+    that checkpoint (a ``sources.Saved``, read by blocks of the run's partition ``plan``)."""
     for name in ("model.json", "summary.json", "config.json"):
         if not (run_dir / name).exists():
             raise FileNotFoundError(f"{run_dir} is not a finished run directory (no {name})")
     model = Sequential.from_dict(json.loads((run_dir / "model.json").read_text()))
     saved = json.loads((run_dir / "summary.json").read_text()).get("checkpoint")
-    params = (np.load(run_dir / "params.npy") if (run_dir / "params.npy").exists() or saved is None
-              else checkpoint.load(saved, arrays=False).params)
     config = json.loads((run_dir / "config.json").read_text())
-    return model, params, config, run_normaliser(run_dir, config)
+    if (run_dir / "params.npy").exists() or saved is None:
+        return model, np.load(run_dir / "params.npy"), config, run_normaliser(run_dir, config), None
+    return (model, Saved(Path(saved), model.size), config, run_normaliser(run_dir, config),
+            as_plan(model, config["train"]["partition"]))
 
 
 def run_normaliser(run_dir: Path, config: dict) -> Normaliser:
@@ -238,20 +242,21 @@ def evaluate_run(run_dir: Path, data, split: str, **cluster) -> dict:
     """Loss and accuracy of a run's final parameters on a store."""
     from daskbelief.train.evaluate import evaluate
 
-    model, params, config, normaliser = load_run(run_dir)
+    model, params, config, normaliser, plan = load_run(run_dir)
     url = data or config["dataset"]["path"]
     with client_or_local(None, **cluster) as client:
-        return evaluate(model, params, url, split=split, client=client, normaliser=normaliser)
+        return evaluate(model, params, url, split=split, client=client, normaliser=normaliser,
+                        plan=plan)
 
 
 def predict_run(run_dir: Path, data, split: str, out, overwrite: bool, **cluster) -> dict:
     """Predictions of a run's final parameters for a store's split, written to zarr via Dask."""
     from daskbelief.train.predict import predict_store
 
-    model, params, config, normaliser = load_run(run_dir)
+    model, params, config, normaliser, plan = load_run(run_dir)
     with client_or_local(None, **cluster) as client:
         return predict_store(model, params, data or config["dataset"]["path"], out, split=split,
-                             client=client, overwrite=overwrite, normaliser=normaliser)
+                             client=client, overwrite=overwrite, normaliser=normaliser, plan=plan)
 
 
 def describe(path: Path) -> dict:

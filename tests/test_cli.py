@@ -15,6 +15,7 @@ import zarr
 
 from daskbelief.data import open_store
 from daskbelief.nn import Sequential
+from daskbelief.ps import checkpoint
 
 CONFIG = """
 [dataset]
@@ -106,8 +107,8 @@ def test_evaluate_predict_and_info(finished_run, digits_path, tmp_path):
 
 def test_a_model_parallel_run_leaves_its_model_in_its_checkpoint(tmp_path, digits_path):
     """A partitioned pipeline run writes no ``params.npy`` (no process held the model whole):
-    its summary names the last checkpoint, which ``evaluate`` reads instead, to the accuracy
-    the run reported."""
+    its summary names the last checkpoint, which ``evaluate`` and ``predict`` read through the
+    partition's blocks: the accuracy the run reported, the whole model's predictions."""
     path = config(tmp_path, digits_path, units=48, replicas=1, length="steps = 60")
     path.write_text(path.read_text().replace(
         "rule = {", 'partition = { kind = "horizontal", k = 2 }\nrule = {'))
@@ -115,8 +116,15 @@ def test_a_model_parallel_run_leaves_its_model_in_its_checkpoint(tmp_path, digit
     run_dir = tmp_path / "run"
     assert not (run_dir / "params.npy").exists()
     assert Path(summary["checkpoint"]).parent == run_dir / "checkpoints"
-    ev = last_json(cli("evaluate", run_dir, "--local-workers", 1))  # whole, blocks: one row
-    assert ev["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1.5 / ev["n"])
+    ev = last_json(cli("evaluate", run_dir, "--local-workers", 2))
+    assert ev["accuracy"] == summary["test_accuracy"]  # the same blocks' arithmetic
+    pred = last_json(cli("predict", run_dir, "--out", tmp_path / "p.zarr", "--local-workers", 2))
+    assert pred["accuracy"] == ev["accuracy"]
+    model = Sequential.from_dict(json.loads((run_dir / "model.json").read_text()))
+    X, _ = open_store(digits_path, "test").read()
+    probs = zarr.open_group(str(tmp_path / "p.zarr"), mode="r")["predictions"][:]
+    whole = model.predict(checkpoint.load(summary["checkpoint"], arrays=False).params, X)
+    np.testing.assert_allclose(probs, whole, rtol=0, atol=1e-5)
 
 
 def test_datasets_build_with_recipe_options(tmp_path):

@@ -97,23 +97,31 @@ def announce_test(run: str, row: dict) -> None:
 
 
 def evaluate(model, params, data, *, split: str = "test", client=None, n_parts: int | None = None,
-             normaliser=None) -> dict:
+             normaliser=None, plan=None) -> dict:
     """Mean loss (and accuracy) of ``model`` at ``params`` over a store, one task per data shard.
 
     ``data`` is a ``DataStore`` or a store URL (``split`` picks train or test). The parameters are
     scattered once to every worker rather than shipped with each task. ``normaliser``: the
     standardisation the model was trained with (``TrainResult.normaliser``), when the store's
-    own differs (a store of new raw features); default: the store's.
+    own differs (a store of new raw features); default: the store's. ``plan``: evaluate
+    through that partition's blocks instead, each making or reading its own ranges of
+    ``params`` (a ``sources.Ranged``, e.g. a checkpoint: no process holds the model), the rows
+    read here a block at a time.
     """
     store = open_store(data, split=split) if isinstance(data, str) else data
     if normaliser is not None:
         store = store.with_normaliser(normaliser)
     model.check_data(store.feature_shape, store.n_classes)
-    params = to_numpy(params)
     with client_or_local(client) as c:
+        if plan is not None:
+            blocks = Blocks.start(c, plan, params)
+            try:
+                return finish([predicted_rows(blocks.predict, store, 0, store.n)], store.task)
+            finally:
+                blocks.close()
         workers = require_workers(c)
         k = min(n_parts or len(workers), store.n_chunks)
-        shared = c.scatter(params, broadcast=True, hash=False)
+        shared = c.scatter(to_numpy(params), broadcast=True, hash=False)
         futures = [c.submit(evaluate_rows, model, shared, store, a, b, pure=False)
                    for a, b in store.row_ranges(k)]
         parts = waits.results(futures, timeout=EVALUATION_TIMEOUT,

@@ -19,6 +19,7 @@ from daskbelief.backend import to_numpy
 from daskbelief.cluster import client_or_local
 from daskbelief.data import open_store
 from daskbelief.data.write import local_path, move_into_place
+from daskbelief.train.partitioned import Blocks
 
 FORMAT = "daskbelief-predictions/1"
 
@@ -33,11 +34,13 @@ def _labels_rows(rows, store):
 
 
 def predict_store(model, params, data, out, *, split: str = "test", client=None,
-                  overwrite: bool = False, normaliser=None) -> dict:
+                  overwrite: bool = False, normaliser=None, plan=None) -> dict:
     """Write ``predictions`` (n, outputs) float32 and, for classification, ``labels`` (n,) int32
     to a zarr store at ``out``; returns its path, the row count and the accuracy when the store
     has labels. ``normaliser``: the standardisation the model was trained with, when it is not
-    the store's own (a store of new raw features)."""
+    the store's own (a store of new raw features). ``plan``: predict through that partition's
+    blocks, each making or reading its own ranges of ``params`` (a ``sources.Ranged``, e.g. a
+    checkpoint: no process holds the model), a chunk of rows at a time from here."""
     store = open_store(data, split=split)
     if normaliser is not None:
         store = store.with_normaliser(normaliser)
@@ -53,22 +56,19 @@ def predict_store(model, params, data, out, *, split: str = "test", client=None,
     tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         with client_or_local(client) as cl:
-            shared = cl.scatter(to_numpy(params), broadcast=True, hash=False)
-            P = rows.map_blocks(_predict_rows, store, model, shared, dtype=np.float32,
-                                chunks=(rows.chunks[0], (model.n_outputs,)), new_axis=1)
             group = zarr.open_group(str(tmp), mode="w")
             group.attrs.update({"format": FORMAT, "complete": False, "source": store.url,
                                 "split": split, "model": model.to_dict()})
-            targets = [P]
-            arrays = [group.create_array("predictions", shape=P.shape, chunks=(c, model.n_outputs),
-                                         dtype=np.float32)]
+            arrays = [group.create_array("predictions", shape=(store.n, model.n_outputs),
+                                         chunks=(c, model.n_outputs), dtype=np.float32)]
             if store.task == "classification":
-                labels = P.argmax(axis=1).astype(np.int32)
-                targets.append(labels)
-                arrays.append(group.create_array("labels", shape=labels.shape, chunks=(c,),
+                arrays.append(group.create_array("labels", shape=(store.n,), chunks=(c,),
                                                  dtype=np.int32))
-            da.store(targets, arrays, lock=False)
-            result = {"predictions": str(dest), "n": int(P.shape[0])}
+            if plan is None:
+                _fill_by_tasks(cl, model, params, store, rows, arrays)
+            else:
+                _fill_by_blocks(cl, plan, params, store, arrays)
+            result = {"predictions": str(dest), "n": store.n}
             if store.task == "classification":
                 y = rows.map_blocks(_labels_rows, store, dtype=np.int32)
                 result["accuracy"] = float((da.from_zarr(arrays[1]) == y).mean().compute())
@@ -78,3 +78,25 @@ def predict_store(model, params, data, out, *, split: str = "test", client=None,
         raise
     move_into_place(tmp, Path(dest))
     return result
+
+
+def _fill_by_tasks(client, model, params, store, rows, arrays) -> None:
+    """One task per chunk of rows on the worker that reads it, the parameters scattered once to
+    every worker."""
+    shared = client.scatter(to_numpy(params), broadcast=True, hash=False)
+    P = rows.map_blocks(_predict_rows, store, model, shared, dtype=np.float32,
+                        chunks=(rows.chunks[0], (model.n_outputs,)), new_axis=1)
+    da.store([P, P.argmax(axis=1).astype(np.int32)][:len(arrays)], arrays, lock=False)
+
+
+def _fill_by_blocks(client, plan, params, store, arrays) -> None:
+    """A chunk of rows at a time through the blocks of ``plan`` (``Blocks.predict``)."""
+    blocks = Blocks.start(client, plan, params)
+    try:
+        for lo in range(0, store.n, store.chunk_rows):
+            X, _ = store.read(lo, min(lo + store.chunk_rows, store.n))
+            P = blocks.predict(X).astype(np.float32, copy=False)
+            for array, values in zip(arrays, [P, P.argmax(axis=1).astype(np.int32)]):
+                array[lo:lo + len(P)] = values
+    finally:
+        blocks.close()
