@@ -35,7 +35,8 @@ KEY_FIGURES = {
               "fetch_ratio_to_tcp", "shard_rss_over_slice", "params", "worker_memory_limit_bytes",
               "peak_rss_bytes_max_worker", "peak_rss_bytes_driver"],
     "network": ["downpour_r2_samples_per_s", "downpour_r2_n5_samples_per_s",
-                "time_to_target_1gbit_exact", "sandblaster_s_per_iteration", "skipped"],
+                "downpour_r2_bf16_samples_per_s", "time_to_target_1gbit_exact",
+                "time_to_target_1gbit_bf16", "sandblaster_s_per_iteration", "skipped"],
 }
 
 

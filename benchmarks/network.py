@@ -8,18 +8,19 @@ bandwidth a driver inside the emulated network measures:
 
 * A plain TCP socket between two workers (``daskbelief.testing.tcp``): what the link carries.
 * Downpour R=2 samples/s, one parameter shard (on w0) and the replicas on w1 and w2, for
-  n_fetch = n_push = 1 (the paper's setting) and 5, and n = 1 with bf16 pushes (error feedback,
-  ``compression="bf16"``: 3 MB a push instead of 6), on speech-frames with a 440-512-512-2048 MLP
-  (1.5M parameters: 6 MB each way per exact fetch or push), and n = 1 with bf16 both ways (also
-  ``fetch_compression="bf16"``). Each run stops after a few seconds.
+  n_fetch = n_push = 1 (the paper's setting) and 5, and n = 1 with bf16 traffic both ways
+  (``compression="bf16"`` with error feedback and ``fetch_compression="bf16"``: 3 MB a push or
+  fetch instead of 6; the keys ``downpour_r2_bf16_samples_per_s`` and ``..._bf16``) and with bf16
+  pushes only (``..._bf16_push``), on speech-frames with a 440-512-512-2048 MLP (1.5M
+  parameters). Each run stops after a few seconds.
 * The model-parallel k=2 step-time speed-up over k=1 (``benchmarks.model_parallel.measure``) of
   the locally connected image model and of the fully connected speech MLP: the paper's Figure 3,
   from the network instead of from cores.
 * Sandblaster L-BFGS's steady time per iteration (``benchmarks.sandblaster``'s model and portions,
   two shards).
 * At 1 Gbit/s, the time ``benchmarks.paper``'s Downpour Adagrad run (R=2) takes to reach that
-  benchmark's target test accuracy, exact, with bf16 pushes and with bf16 both ways
-  (``time_to_target_1gbit_exact``, ``_bf16``, ``_bf16_both``).
+  benchmark's target test accuracy, exact, with bf16 both ways and with bf16 pushes only
+  (``time_to_target_1gbit_exact``, ``_bf16``, ``_bf16_push``).
 
 Latency: this machine's kernel may lack the ``netem`` qdisc; the links then add no delay beyond
 the queueing the bandwidth limit makes (the output says which). All hosts share one machine's
@@ -38,9 +39,9 @@ from daskbelief.testing import netns
 BANDWIDTHS = ["10gbit", "1gbit", "100mbit"]
 RULE = {"name": "adagrad", "lr": 0.01}
 # Downpour runs at each bandwidth: (name, n_fetch = n_push, push compression, fetch compression)
-VARIANTS = [("n1", 1, None, None), ("n5", 5, None, None), ("n1_bf16", 1, "bf16", None),
-            ("n1_bf16_both", 1, "bf16", "bf16")]
-TARGET_KINDS = ("exact", "bf16", "bf16_both")  # time to target at 1 Gbit/s
+VARIANTS = [("n1", 1, None, None), ("n5", 5, None, None), ("n1_bf16_push", 1, "bf16", None),
+            ("n1_bf16", 1, "bf16", "bf16")]
+TARGET_KINDS = ("exact", "bf16", "bf16_push")  # time to target at 1 Gbit/s
 
 
 def downpour_mlp():
@@ -56,6 +57,7 @@ def point(client, speech: str, frames64: str, quick: bool, to_target: bool = Fal
     from benchmarks import model_parallel, paper, sandblaster
     from daskbelief.data import open_store
     from daskbelief.train.downpour import downpour
+    from daskbelief.train.sandblaster import default_portion_size
 
     from daskbelief.cluster import worker_info
     from daskbelief.testing.tcp import tcp_gbps
@@ -78,15 +80,16 @@ def point(client, speech: str, frames64: str, quick: bool, to_target: bool = Fal
                              "speedup_median": statistics.median(m["times"][1])
                              / statistics.median(m["times"][2]),
                              "mb_per_step_k2": m["bytes_per_step"][2] / 1e6}
-    store = open_store(frames64, split="train")
-    sb = sandblaster._sandblaster(client, sandblaster.speech_mlp(), store, 3 if quick else 5)
+    store, model = open_store(frames64, split="train"), sandblaster.speech_mlp()
+    portion = default_portion_size(store.n, len(workers), model.flops_per_example())
+    sb = sandblaster._sandblaster(client, model, store, 3 if quick else 5, portion)
     out["sandblaster_s_per_iteration"] = sb["per_iteration"]
     if to_target:  # benchmarks.paper's Downpour Adagrad run, R=2, exact and bf16
         budget = 8.0 if quick else 40.0
         for kind in TARGET_KINDS:
             curve = paper._downpour(client, kind, frames64, paper.DOWNPOUR_ADAGRAD, 2, budget,
                                     1_000, compression=None if kind == "exact" else "bf16",
-                                    fetch_compression="bf16" if kind == "bf16_both" else None)
+                                    fetch_compression="bf16" if kind == "bf16" else None)
             out[f"time_to_target_{kind}"] = paper.time_to(curve.times, curve.accuracy,
                                                           paper.TARGET[quick])
         out["target_accuracy"], out["target_budget_s"] = paper.TARGET[quick], budget
@@ -94,12 +97,13 @@ def point(client, speech: str, frames64: str, quick: bool, to_target: bool = Fal
 
 
 def _table(points: dict) -> None:
-    print(f"\n{'link':>8} {'socket GB/s':>11} {'downpour n=1':>13} {'n=5':>8} {'n=1 bf16':>9} {'bf16 both':>10} {'mp k2 lc':>9} {'mp k2 mlp':>10} "
+    print(f"\n{'link':>8} {'socket GB/s':>11} {'downpour n=1':>13} {'n=5':>8} {'n=1 bf16':>9} "
+          f"{'bf16 push':>10} {'mp k2 lc':>9} {'mp k2 mlp':>10} "
           f"{'lc ms k1/k2':>14} {'mlp ms k1/k2':>14} {'sandblaster s/it':>17}")
     for bw, p in points.items():
         lc, mlp = p["mp_lc"], p["mp_mlp"]
         print(f"{bw:>8} {p['socket_gbps']:>11.3f} {p['downpour']['n1']:>13,.0f} {p['downpour']['n5']:>8,.0f} "
-              f"{p['downpour']['n1_bf16']:>9,.0f} {p['downpour']['n1_bf16_both']:>10,.0f} "
+              f"{p['downpour']['n1_bf16']:>9,.0f} {p['downpour']['n1_bf16_push']:>10,.0f} "
               f"{lc['speedup']:>9.2f} {mlp['speedup']:>10.2f} "
               f"{lc['ms_k1']:>6.0f}/{lc['ms_k2']:<7.0f} {mlp['ms_k1']:>6.0f}/{mlp['ms_k2']:<7.0f} "
               f"{p['sandblaster_s_per_iteration']:>17.3f}")
@@ -138,7 +142,7 @@ def run(quick: bool = False) -> dict:
             "downpour_r2_n5_samples_per_s": {bw: p["downpour"]["n5"] for bw, p in points.items()},
             "downpour_r2_bf16_samples_per_s": {bw: p["downpour"]["n1_bf16"]
                                                for bw, p in points.items()},
-            "downpour_r2_bf16_both_samples_per_s": {bw: p["downpour"]["n1_bf16_both"]
+            "downpour_r2_bf16_push_samples_per_s": {bw: p["downpour"]["n1_bf16_push"]
                                                     for bw, p in points.items()},
             "mp_k2_speedup_lc": {bw: p["mp_lc"]["speedup"] for bw, p in points.items()},
             "mp_k2_speedup_mlp": {bw: p["mp_mlp"]["speedup"] for bw, p in points.items()},
@@ -147,6 +151,6 @@ def run(quick: bool = False) -> dict:
             "socket_gbps": {bw: p["socket_gbps"] for bw, p in points.items()},
             "time_to_target_1gbit_exact": points["1gbit"]["time_to_target_exact"],
             "time_to_target_1gbit_bf16": points["1gbit"]["time_to_target_bf16"],
-            "time_to_target_1gbit_bf16_both": points["1gbit"]["time_to_target_bf16_both"],
+            "time_to_target_1gbit_bf16_push": points["1gbit"]["time_to_target_bf16_push"],
             "target_accuracy": points["1gbit"]["target_accuracy"],
             "points": points, "latency": latency, "note": netns.LOOPBACK_NOTE}

@@ -23,6 +23,9 @@ def test_bf16_rounds_as_ml_dtypes():
     np.testing.assert_array_equal(ours.view(np.uint32), oracle.view(np.uint32))
     finite = np.isfinite(oracle) & (np.abs(x) > 1e-37)
     assert np.all(np.abs(ours[finite] - x[finite]) <= np.abs(x[finite]) * 2.0 ** -8)
+    kept = x.copy()  # rounded over several blocks, keeping what rounding dropped in place
+    np.testing.assert_array_equal(compress.to_bf16(kept, keep_residual=True), compress.to_bf16(x))
+    np.testing.assert_array_equal(kept[finite], x[finite] - ours[finite])
 
 
 def test_top_k_keeps_the_largest_magnitudes():

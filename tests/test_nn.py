@@ -268,6 +268,27 @@ def test_each_layer_draws_from_its_own_stream():
     assert not np.array_equal(w[0]["W"], w[1]["W"])
 
 
+@pytest.mark.parametrize("seed", [0, 5])
+def test_any_range_of_the_initial_parameters_is_made_alone(monkeypatch, seed):
+    """``init_range`` (how each shard of a model no process holds makes its slice) equals the
+    slice of ``init``, for seeded random ranges crossing layers, biases and the runs of weights
+    drawn from one stream (made small here so that a layer has many)."""
+    from daskbelief.nn import model as model_module
+
+    monkeypatch.setattr(model_module, "INIT_CHUNK", 1000)
+    model = Sequential((6, 7, 3), [LocallyConnected2D(5, 3, activation="relu"), Dense(40, "tanh"),
+                                   Dense(4)])
+    whole = model.init(seed)
+    rng = np.random.default_rng(seed)
+    print(f"seed {seed}: {model.size} parameters")
+    for start, stop in [(0, model.size), (0, 0), (model.size, model.size),
+                        *(sorted(rng.integers(0, model.size + 1, 2)) for _ in range(50))]:
+        np.testing.assert_array_equal(model.init_range(seed, start, stop), whole[start:stop])
+    with pytest.raises(ValueError, match="not within"):
+        model.init_range(seed, 0, model.size + 1)
+    assert len(set(whole[:1000])) > 900 and not np.array_equal(whole[:1000], whole[1000:2000])
+
+
 def test_dict_round_trip_through_json():
     model = Sequential((9, 2), [LocallyConnected1D(3, 3, 2, "sigmoid"), Dense(5, "relu"), Dense(2)],
                        loss="mse", l2=1e-3)

@@ -51,7 +51,8 @@ class ParameterServer:
         """Start ``n_shards`` shard actors on distinct workers, seeded with ``params``: an array,
         or a ``sources.Ranged`` whose ranges are made on the shards' own workers (the vector
         then never exists in one process)."""
-        source = params if isinstance(params, Ranged) else Given(np.asarray(params, dtype=np.float32))
+        source = (params if isinstance(params, Ranged)
+                  else Given(np.asarray(params, dtype=np.float32)))
         ranges = shard_ranges(source.size, n_shards)
         addresses = place_shards(list(workers or worker_info(client)),
                                  n_shards)

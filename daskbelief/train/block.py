@@ -154,7 +154,8 @@ class Block:
         await self._flush()
         if self.index != self.plan.head:
             return None
-        out = acts[len(self.model.layers) - 1].reshape(self.model.n_outputs, n).T.copy()  # off scratch
+        last = acts[len(self.model.layers) - 1]
+        out = last.reshape(self.model.n_outputs, n).T.copy()  # off the scratch buffer
         return await self._compute(get_loss(self.model.loss).predict, xp, out)
 
     async def _gather_input(self, op, acts, tag, n, xp, dtype):
@@ -280,7 +281,8 @@ def loss_and_grad(plan: Plan, params, X, y, *, reduction: str = "mean", regulari
     """(loss, gradient) of the partitioned network in this process: every block's step runs as a
     coroutine and messages are handed over in memory. Must equal ``model.loss_and_grad``."""
     params = np.asarray(params)
-    blocks = [_LocalBlock(plan, k, block_values(plan, Given(params), k)) for k in range(plan.n_blocks)]
+    blocks = [_LocalBlock(plan, k, block_values(plan, Given(params), k))
+              for k in range(plan.n_blocks)]
     for b in blocks:
         b.peers = blocks
     xs = split_inputs(plan, np.asarray(X))

@@ -119,7 +119,8 @@ class Driver:
         checkpoint returned always describe the same server."""
         def attempt():
             try:
-                parts = self.ps.state_dicts(timeout=CALL_TIMEOUT, give_up=self._server_gone) if gather else None
+                parts = (self.ps.state_dicts(timeout=CALL_TIMEOUT, give_up=self._server_gone)
+                         if gather else None)
                 stats = self.ps.stats(timeout=CALL_TIMEOUT, give_up=self._server_gone)
                 if self.checkpoint_dir is not None:
                     self.checkpoint()

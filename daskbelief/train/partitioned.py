@@ -164,7 +164,8 @@ class Blocks:
         out = []
         for start in range(0, len(X), batch_size):
             xb, tag = X[start:start + batch_size], ("forward", next(_FORWARDS))
-            outputs = self.call("predict", [(tag, x, len(xb)) for x, _ in self._per_block(xb, None)])
+            outputs = self.call("predict",
+                                [(tag, x, len(xb)) for x, _ in self._per_block(xb, None)])
             out.append(outputs[self.plan.head])
         return np.concatenate(out) if out else np.empty((0, self.plan.model.n_outputs), np.float32)
 

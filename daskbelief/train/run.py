@@ -84,9 +84,9 @@ def initial_params(model, params, seed: int) -> np.ndarray:
 def parameter_server(client, params, shards: int, rule, *, restore=None,
                      workers=None) -> ParameterServer:
     """The run's parameter server: ``shards`` shard actors (on ``workers``, default any) seeded
-    with ``params`` (an array or a ``sources.Ranged``) and applying ``rule``; ``restore``: a checkpoint every shard then loads its
-    own range of (parameters, rule state, vectors), in parallel: ``ConnectionError`` when a
-    shard's worker leaves meanwhile. Every engine's server, and every server an engine remakes
+    with ``params`` (an array or a ``sources.Ranged``) and applying ``rule``; ``restore``: a
+    checkpoint every shard then loads its own range of (parameters, rule state, vectors), in
+    parallel: ``ConnectionError`` when a shard's worker leaves meanwhile. Every engine's server, and every server an engine remakes
     after a loss, starts here."""
     ps = ParameterServer.create(client, params, shards, rule, workers=workers)
     if restore is not None:
