@@ -49,7 +49,8 @@ def mlp_model() -> Sequential:
 
 
 def _time_steps(blocks: Blocks, X, y, calls: int, tag: int) -> list[float]:
-    """Runs on a worker, as a replica does: seconds of each of ``calls`` steps (after a warm-up)."""
+    """Runs on the input block's worker, as a replica does: seconds of each of ``calls`` steps
+    (after a warm-up)."""
     blocks.step(X, y, tag=(tag, -1))
     out = []
     for i in range(calls):
@@ -93,7 +94,8 @@ def measure(client, model, batch: int, rounds: int, calls: int, ks: list[int]) -
             for k, b in blocks.items():
                 for a in b.actors:
                     a.stats(True).result()
-                ts = client.submit(_time_steps, b, X_remote, y, calls, r, pure=False).result()
+                ts = client.submit(_time_steps, b, X_remote, y, calls, r, pure=False,
+                                   workers=[b.input_home()]).result()
                 times[k].append(statistics.median(ts))
         sent = {k: sum(a.stats().result()["bytes_sent"] for a in b.actors) / (calls + 1)
                 for k, b in blocks.items()}

@@ -14,15 +14,13 @@ paper's acoustic task) for the same wall-clock budget, its test accuracy sampled
   PyTorch's Hogwild example), scikit-learn's MLPClassifier (adam and lbfgs), and the daskbelief
   reference trainers.
 
-Time to target is measured the same way for every method whose loop this file controls (the
-reference trainers and the PyTorch peers): the parameters are copied every ``SAMPLE_EVERY``
-seconds of training and evaluated on the same 1,000 test rows after the run, off the clock
-(Hogwild's copies are taken by the parent process on the wall clock while its two processes
-train). Downpour and Sandblaster are sampled through their public API instead: the driver
-evaluates on the same schedule (``eval_every``) while the replicas train, on the same cores, and
-the history's test rows carry the times. To sample them off the critical path as well, the
-engine would need a hook that hands the driver's latest fetched parameters to the caller every
-``eval_every`` seconds without evaluating them (the caller evaluates after the run).
+Time to target is measured the same way for every method: the parameters are copied every
+``SAMPLE_EVERY`` seconds of training and evaluated on the same 1,000 test rows after the run, off
+the clock. The loops this file controls (the reference trainers and the PyTorch peers) copy them
+themselves (Hogwild's copies are taken by the parent process on the wall clock while its two
+processes train); Downpour's and Sandblaster's drivers hand them over through the engines'
+``on_snapshot`` (Downpour's from the shards while the replicas train, Sandblaster's between
+iterations), instead of evaluating them on the cores the workers use.
 scikit-learn is sampled after each ``partial_fit`` piece (adam) or every 2 iterations (lbfgs).
 
 The methods the orderings compare (the Adagrad reference, Downpour Adagrad with 2 replicas and the
@@ -150,7 +148,7 @@ def speech_model() -> Sequential:
 # -- daskbelief ----------------------------------------------------------------------------
 
 def _reference(name, path, test, rule, budget, seed=0) -> Curve:
-    model, (Xt, yt) = speech_model(), test
+    model = speech_model()
     snaps, state = Snapshots(SAMPLE_EVERY), {"steps": 0, "train": 0.0}
 
     def sample(row, params):
@@ -162,7 +160,18 @@ def _reference(name, path, test, rule, budget, seed=0) -> Curve:
         train_sgd(model, path, rule, batch_size=BATCH, steps=10**8, report_every=5, seed=seed,
                   callback=sample)
     curve = Curve(name, 1, "reference", seed, samples_per_s=state["steps"] * BATCH / state["train"])
-    return snaps.fill(curve, lambda p: float((model.predict(p, Xt).argmax(axis=1) == yt).mean()))
+    return snaps.fill(curve, _accuracy(test))
+
+
+def _accuracy(test):
+    """accuracy(flat parameters of ``speech_model``) on the test rows."""
+    model, (Xt, yt) = speech_model(), test
+    return lambda params: float((model.predict(params, Xt).argmax(axis=1) == yt).mean())
+
+
+def _test_rows(path, rows: int):
+    """The first ``rows`` test rows: those every method is evaluated on."""
+    return open_store(path, "test").read(0, rows)
 
 
 def _samples_at(history: list[dict], t: float) -> float:
@@ -174,13 +183,16 @@ def _samples_at(history: list[dict], t: float) -> float:
     return float(sum(last.values()) * BATCH)
 
 
-def _curve_from(result, name: str, cores: int, seed: int, sampled_samples: bool) -> Curve:
+def _curve_from(result, name: str, cores: int, seed: int, snaps: list, test,
+                sampled_samples: bool) -> Curve:
+    """An engine's curve from the parameters its ``on_snapshot`` handed over (``snaps``:
+    ``(seconds, params)``), evaluated now on ``test``; examples processed by then from the
+    replicas' reports (``sampled_samples``) or from the mean rate."""
     curve = Curve(name, cores, "paper", seed, samples_per_s=result.summary["samples_per_second"])
-    for h in result.history:
-        if h.get("test_accuracy") is not None:
-            samples = (_samples_at(result.history, h["time"]) if sampled_samples
-                       else h["time"] * curve.samples_per_s)
-            curve.add(h["time"], h["test_accuracy"], samples)
+    accuracy = _accuracy(test)
+    for t, params in snaps:
+        samples = _samples_at(result.history, t) if sampled_samples else t * curve.samples_per_s
+        curve.add(t, accuracy(params), samples)
     return curve
 
 
@@ -197,11 +209,14 @@ def _downpour(client, name, path, rule, replicas, budget, eval_rows, seed=0, **o
     n_push instead of ``N_PUSH``...)."""
     options = {"warmstart_steps": int(budget * 1.25) if replicas > 1 else 0, "n_fetch": N_PUSH,
                "n_push": N_PUSH, **options}
-    result = downpour(speech_model(), path, test=path, client=client, replicas=replicas,
+    snaps = []
+    result = downpour(speech_model(), path, client=client, replicas=replicas,
                       shards=replicas, rule=rule, batch_size=BATCH,
                       steps=10**8, max_seconds=budget, seed=seed, eval_every=SAMPLE_EVERY,
-                      eval_rows=eval_rows, report_every=5, **options)
-    return _curve_from(result, name, replicas, seed, sampled_samples=True)
+                      on_snapshot=lambda t, params: snaps.append((t, params)), report_every=5,
+                      **options)
+    return _curve_from(result, name, replicas, seed, snaps, _test_rows(path, eval_rows),
+                       sampled_samples=True)
 
 
 # Sandblaster's batch: L-BFGS over all 48k rows makes one evaluation cost ~430 GFLOP, so a 40 s
@@ -214,11 +229,14 @@ SANDBLASTER_BATCH = 4_800
 def _sandblaster(client, name, path, workers, budget, eval_rows) -> Curve:
     """Samples to target from its mean rate (each iteration evaluates the whole batch at least
     once, its line search more)."""
-    result = sandblaster(speech_model(), path, test=path, client=client, shards=workers,
+    snaps = []
+    result = sandblaster(speech_model(), path, client=client, shards=workers,
                          iterations=10**6, tolerance=0.0, history=10, max_seconds=budget,
-                         eval_every=SAMPLE_EVERY, eval_rows=eval_rows,
+                         eval_every=SAMPLE_EVERY,
+                         on_snapshot=lambda t, params: snaps.append((t, params)),
                          batch_rows=min(SANDBLASTER_BATCH, open_store(path).n))
-    return _curve_from(result, name, workers, 0, sampled_samples=False)
+    return _curve_from(result, name, workers, 0, snaps, _test_rows(path, eval_rows),
+                       sampled_samples=False)
 
 
 # -- peers -----------------------------------------------------------------------------------
@@ -515,7 +533,7 @@ def run(quick: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = recipes.build("speech-frames", os.path.join(tmp, "speech.zarr"), size=rows_total,
                              classes=CLASSES)
-        train, test = open_store(path).read(), open_store(path, "test").read(0, eval_rows)
+        train, test = open_store(path).read(), _test_rows(path, eval_rows)
         print(f"speech-frames: {open_store(path).n:,} train rows, {CLASSES} classes; model "
               f"{speech_model().size:,} parameters; {budget:.0f} s of training per method; "
               f"seeds {list(seeds)} for the compared methods")

@@ -22,6 +22,9 @@
   in-process scheduler keeps the handles deserialised; the value travels pickled, as bytes.
 * ``LocalActor``: a call from a task to an actor of its own worker would go over loopback TCP
   through the worker's event loop; it is submitted straight to the actor thread instead.
+* ``actor_loop``: an actor handle offers no way to chain its calls (its futures take no
+  callbacks); a push whose frames go a few at a time (``ps.server.send_windowed``) is a
+  coroutine on the event loop the handle sends from, read from a private attribute.
 * All actors of a worker share one thread: callers spread shards and blocks over workers
   (ps.policy).
 * An actor call to a worker that died can stay pending forever: callers wait with
@@ -237,6 +240,14 @@ class LocalActor:
     def __getattr__(self, name):
         method = getattr(self._obj, name)
         return lambda *args: self._executor.submit(method, *args)
+
+
+def actor_loop(actor):
+    """The asyncio loop a distributed actor handle sends its calls from (its worker's, or its
+    client's in a driver); None for a ``LocalActor``, whose calls never leave the process."""
+    if isinstance(actor, LocalActor):
+        return None
+    return actor._io_loop.asyncio_loop
 
 
 def local_actor(actor):

@@ -35,6 +35,38 @@ def test_one_replica_without_overlap_equals_reference_adagrad(client, digits_pat
     assert result.summary["updates_applied"] == 60 * 3
 
 
+def test_snapshots_are_the_servers_parameters_handed_over_while_it_trains(client, digits_path):
+    """``on_snapshot`` replaces the driver's test evaluations during the run: each snapshot is
+    the shards' parameters at some step, which for one replica without overlap are the
+    reference's after that many steps."""
+    model, store = mlp(), open_store(digits_path, split="train")
+    rule, snaps = adagrad(lr=0.05), []
+    result = downpour(model, store, client=client, replicas=1, shards=1, n_fetch=1, n_push=1,
+                      rule=rule, batch_size=16, steps=400, overlap=False, seed=3,
+                      test=digits_path, eval_every=0.02,
+                      on_snapshot=lambda seconds, params: snaps.append((seconds, params)))
+    trajectory = [model.init(3)]
+    with threadpool_limits(1):
+        train_sgd(model, store, rule, batch_size=16, steps=400, seed=3, report_every=1,
+                  callback=lambda row, params: trajectory.append(params.copy()))
+    steps = [next((k for k, ref in enumerate(trajectory)
+                   if np.allclose(params, ref, rtol=0, atol=1e-6)), None) for _, params in snaps]
+    assert len(snaps) >= 2 and None not in steps, steps
+    assert steps == sorted(steps) and steps[-1] > steps[0]  # taken while it trained, in order
+    assert [t for t, _ in snaps] == sorted(t for t, _ in snaps)
+    assert len({id(params) for _, params in snaps}) == len(snaps)  # each its own array
+    tested = [h for h in result.history if h.get("test_accuracy") is not None]
+    assert len(tested) == 1 and tested[0] is result.history[-1]  # the final evaluation only
+
+
+def test_snapshots_are_refused_where_no_process_holds_the_parameters(client, digits_path):
+    with pytest.raises(ValueError, match="on_snapshot must be callable"):
+        downpour(mlp(), digits_path, client=client, replicas=1, steps=1, on_snapshot="every")
+    with pytest.raises(ValueError, match="on_snapshot= and partition= cannot be combined"):
+        downpour(mlp(), digits_path, client=client, replicas=1, steps=1,
+                 partition={"kind": "horizontal", "k": 2}, on_snapshot=print)
+
+
 def test_a_run_continued_with_its_rule_state_equals_one_reference_run_carrying_it(client, digits_path):
     """``params=`` plus ``rule_state=`` from a first run continue Adagrad where it stopped: the
     second run equals the reference loop that keeps one accumulator through both runs' batches

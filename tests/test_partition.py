@@ -6,7 +6,7 @@ import pytest
 
 from daskbelief.nn import Dense, LocallyConnected1D, LocallyConnected2D, Sequential
 from daskbelief.train import partition as P
-from daskbelief.train.block import loss_and_grad
+from daskbelief.train.block import loss_and_grad, split_inputs
 
 
 def small_image_model():
@@ -58,6 +58,19 @@ def test_horizontal_plan_counted_by_hand():
         {"boundary": "layer 0 -> 1", "messages": 2, "bytes_per_example": 2 * 12 * 4},
         {"boundary": "layer 2 partial sums", "messages": 1, "bytes_per_example": 3 * 4}]
     assert plan.input_values(0) == 5 * 8 and plan.input_values(1) == 5 * 8  # input rows 0:5, 3:8
+    assert plan.input_block() == 0  # a tie: the first
+
+
+def test_the_input_block_is_the_one_sent_the_most_of_each_batch():
+    """Where a model-parallel replica is placed: beside the block it sends the most input to,
+    counted here from the slices ``split_inputs`` really cuts."""
+    X = np.zeros((3, 8, 8, 1))
+    for plan in [P.vertical(small_image_model(), 2), P.horizontal(small_image_model(), 2),
+                 P.grid(small_image_model(), 2, 2), P.horizontal(small_image_model(), 3),
+                 P.stages(small_image_model(), [(1, 1), (2, (2, 1))])]:
+        sent = {k: x.size for k, x in split_inputs(plan, X).items()}
+        most = max(sent.values())
+        assert plan.input_block() == min(k for k, v in sent.items() if v == most), plan.summary()
 
 
 def test_grid_plan_counted_by_hand():

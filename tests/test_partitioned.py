@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 
+from daskbelief.cluster import worker_info
 from daskbelief.nn import Dense, LocallyConnected2D, Sequential
+from daskbelief.ps.policy import place_blocks
 from daskbelief.train import partition as P
 from daskbelief.train.partitioned import Blocks
 
@@ -169,6 +171,12 @@ def test_downpour_partitioned_replicas_train_together(client, digits_path):
     assert result.summary["test_accuracy"] >= 0.9
     for shard in result.shard_stats:
         assert sorted(shard["per_replica"]) == ["replica-0", "replica-1"]
+    # each replica ran beside the block it sends the most of every batch (both workers hold a
+    # shard, so the replicas would otherwise have been spread over them)
+    workers = sorted(worker_info(client))
+    blocks = place_blocks(workers, workers, 2, 2)
+    ran = {o["replica"]: o["worker"] for o in result.replica_outcomes}
+    assert ran == {r: blocks[r][result.plan.input_block()] for r in range(2)}
 
 
 def test_a_plan_for_another_model_is_refused(client, digits_path):

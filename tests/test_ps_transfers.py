@@ -14,7 +14,9 @@ from distributed import Client, LocalCluster
 from daskbelief.cluster import worker_info
 from daskbelief.optim.rules import adagrad
 from daskbelief.ps.compress import Feedback, from_bf16, to_bf16
-from daskbelief.ps.server import ParameterServer, frame_values, frames
+from distributed import get_worker
+
+from daskbelief.ps.server import PUSH_WINDOW, ParameterServer, frame_values, frames
 
 FRAME = "256KiB"  # 65,536 float32 values
 
@@ -87,6 +89,50 @@ def test_a_frame_with_a_non_finite_value_is_dropped_and_the_parameters_stay_fini
     np.testing.assert_array_equal(values[240_000:], params[240_000:])
     assert (values[:240_000] < 1).all()  # the four finite frames were applied
     assert stats["rejected"] == 1 and stats["applied"] == 0  # a push with a dropped frame is not counted
+
+
+async def _close_connections(address, dask_worker):
+    """On a worker's event loop: close its pooled connections to ``address`` (earlier tests'
+    fetches opened some), so that the pushes below open their own."""
+    dask_worker.rpc.remove(address)
+
+
+def _push_and_count_connections(ps, grad, pushes):
+    """On a worker: ``pushes`` pushes one after the other, then how many connections this
+    worker has opened to the shard's worker since ``_close_connections`` (distributed keeps
+    them for reuse: as many as were ever busy at once)."""
+    for _ in range(pushes):
+        ps.push(grad, [0])
+    pool = get_worker().rpc
+    address = ps.shards[0]._address
+    return len(pool.available[address]) + len(pool.occupied[address])
+
+
+def test_the_frames_of_a_push_travel_a_few_at_a_time(small_frames):
+    """Sent all at once, sixteen frames would share the wire on sixteen connections and all
+    arrive at the end; the window keeps at most ``PUSH_WINDOW`` travelling, and the result
+    is the same update."""
+    client = small_frames
+    n = 16 * 65_536
+    params = np.zeros(n, np.float32)
+    grad = np.random.default_rng(4).standard_normal(n).astype(np.float32)
+    shard_worker, caller = sorted(worker_info(client))
+    rule = adagrad(lr=0.05)
+    ps = ParameterServer.create(client, params, 1, rule, workers=[shard_worker])
+    try:
+        client.run(_close_connections, shard_worker, workers=[caller])
+        connections = client.submit(_push_and_count_connections, ps, grad, 3, workers=[caller],
+                                    pure=False).result()
+        values, _ = ps.fetch()
+        stats = ps.stats()[0]
+    finally:
+        ps.close()
+    assert 1 <= connections <= PUSH_WINDOW < len(frames(n)) == 16
+    expect, state = params.copy(), rule.init(params)
+    for _ in range(3):
+        rule.apply(expect, grad, state)
+    np.testing.assert_array_equal(values, expect)
+    assert stats["applied"] == 3
 
 
 def _push_compressed_and_fetch(ps, grad, kind):

@@ -72,6 +72,24 @@ def assert_same_iterates(result, expect):
     assert result.summary["evaluations"] == ref.evaluations
 
 
+def test_snapshots_are_the_iterates_handed_over_between_iterations(client, digits_path):
+    """``on_snapshot`` replaces the test evaluations during the run: after every iteration
+    (``eval_every`` shorter than one), the iterate, whose loss is the reference's at that
+    iteration."""
+    iterations, model, snaps = 6, mlp(), []
+    result = sandblaster(model, digits_path, client=client, iterations=iterations,
+                         portion_size=PORTION, shards=2, test=digits_path, eval_every=1e-3,
+                         on_snapshot=lambda seconds, params: snaps.append((seconds, params)))
+    _, ref = reference(model, digits_path, iterations)
+    X, y = open_store(digits_path).read()
+    losses = [model.loss_and_grad(params.astype(np.float64), X.astype(np.float64), y)[0]
+              for _, params in snaps]
+    assert losses == pytest.approx([h["loss"] for h in ref.history], rel=1e-4)
+    assert [t for t, _ in snaps] == sorted(t for t, _ in snaps)
+    tested = [h for h in result.history if h.get("test_accuracy") is not None]
+    assert len(tested) == 1 and tested[0] is result.history[-1]  # the final evaluation only
+
+
 def test_sharded_vectors_do_what_local_vectors_do(client):
     values = np.random.default_rng(0).standard_normal(1001).astype(np.float32)
     ps = ParameterServer.create(client, values, 3, IDLE_RULE)

@@ -7,14 +7,16 @@ issued to all shards before any reply is awaited, so S shards cost one round tri
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
+from collections import deque
 
 import dask.config
 import numpy as np
 from dask.utils import parse_bytes
 
 from daskbelief import waits
-from daskbelief.workarounds import local_actor, release_actors, start_actors, worker_info
+from daskbelief.workarounds import actor_loop, local_actor, release_actors, start_actors, worker_info
 from daskbelief.ps.compress import decode_into
 from daskbelief.ps.policy import overlaps, place_shards, shard_ranges
 from daskbelief.ps.shard import ParameterShard
@@ -211,6 +213,7 @@ class ParameterServer:
 
 FRAME_BYTES = 16 << 20  # the most one push or fetch message carries: below glibc's mmap threshold
                        # on workers set up to reuse buffers (``cluster.WORKER_MALLOC``)
+PUSH_WINDOW = 4  # frames of one push travelling at once (``send_windowed``)
 
 
 def frame_values() -> int:
@@ -233,35 +236,67 @@ def _keyed(encode, shard: int):
 def push_slice(shard, grad, version: int, replica: str, offset: int, steps_done, encode=None):
     """Push ``grad`` into ``shard`` at ``offset``; a reply to wait on.
 
-    A slice that fits one comm frame is one call. A larger one is sent frame by frame, all
-    frames at once: each arrives in its own buffer and is applied there while the others are
-    still arriving (one message would be applied only once all of it had arrived, and
-    distributed would first copy its split frames back together); the shard counts the update
-    when the last frame is in. ``encode(lo, values)``: the compressed payload of the frame
-    starting at ``lo`` (frames are cut by float32 size, so a compressed one is smaller still).
+    A slice that fits one comm frame is one call. A larger one is sent frame by frame, each
+    frame arriving in its own buffer and applied there (one message would be applied only once
+    all of it had arrived, and distributed would first copy its split frames back together);
+    the shard counts the update when the last frame is in. At most ``PUSH_WINDOW`` frames
+    travel at once (``send_windowed``). ``encode(lo, values)``: the compressed payload of the
+    frame starting at ``lo`` (frames are cut by float32 size, so a compressed one is smaller
+    still); every frame is encoded here, in the caller, before any is sent.
     """
     pack = (lambda lo, values: values) if encode is None else encode
     spans = frames(len(grad))
     if len(spans) == 1:
         return shard.push(pack(0, grad), version, replica, offset, steps_done)
     part = (uuid.uuid4().hex, len(spans))
-    return Replies([shard.push(pack(lo, grad[lo:hi]), version, replica, offset + lo, steps_done,
-                               part)
-                    for lo, hi in spans])
+    calls = [functools.partial(shard.push, pack(lo, grad[lo:hi]), version, replica, offset + lo,
+                               steps_done, part) for lo, hi in spans]
+    loop = actor_loop(shard)
+    if loop is None:  # the shard lives in this process: nothing travels, the calls queue
+        return Replies([call() for call in calls])
+    return Windowed(asyncio.run_coroutine_threadsafe(send_windowed(calls, PUSH_WINDOW), loop))
+
+
+async def send_windowed(calls, window: int) -> int:
+    """Make ``calls`` (on the event loop that sends them) with at most ``window`` unanswered;
+    the newest version any reply gave.
+
+    Why a window: frames sent all at once travel on as many connections, share the wire
+    evenly and so all arrive near the end, after which the shard applies the whole slice with
+    the wire idle (and holds every frame's buffer meanwhile). A few at a time, the shard
+    applies one frame while the next ones arrive. Measured on emulated 10 Gbit/s hosts (2-core
+    VM, 1 GB slices, GB/s best (median) of 4): all at once 0.62 (0.55), one at a time 0.64
+    (0.62), 2: 0.81 (0.79), 4: 1.00 (0.94), against 1.16 (1.12) for a plain socket.
+    """
+    pending, newest = deque(), 0
+    for call in calls:
+        if len(pending) >= window:
+            newest = max(newest, await pending.popleft())
+        pending.append(call())
+    for reply in pending:
+        newest = max(newest, await reply)
+    return newest
+
+
+class Windowed:
+    """The reply to a push whose frames ``send_windowed`` sends: ``result`` (from a thread) or
+    ``await`` (on an event loop, as a model-parallel block does) gives the newest version."""
+
+    def __init__(self, future):
+        self.future = future
+
+    def result(self, timeout: float | None = None) -> int:
+        return self.future.result(timeout=timeout)
+
+    def __await__(self):
+        return asyncio.wrap_future(self.future).__await__()
 
 
 class Replies:
-    """The replies to the frames of one push, waited on as one: ``result`` (from a thread) or
-    ``await`` (on an event loop, as a model-parallel block does) gives the newest version."""
+    """The replies to the frames of one push to a shard in this process, waited on as one."""
 
     def __init__(self, replies):
         self.replies = replies
 
     def result(self, timeout: float | None = None) -> int:
         return max(r.result(timeout=timeout) for r in self.replies)
-
-    def __await__(self):
-        return self._newest().__await__()
-
-    async def _newest(self) -> int:
-        return max(await asyncio.gather(*self.replies))

@@ -37,8 +37,8 @@ from daskbelief.train.partitioned import Blocks
 from daskbelief.train.recovery import Lease
 from daskbelief.train.replica import ReplicaSpec, run_elastic_replica, run_replica
 from daskbelief.train.result import TrainResult
-from daskbelief.train.run import (announce, cluster, finish_run, open_data, parameter_server,
-                                  run_id, start_point, summary)
+from daskbelief.train.run import (announce, check_on_snapshot, cluster, finish_run, open_data,
+                                  parameter_server, run_id, start_point, summary)
 from daskbelief.workarounds import HandleVariable
 
 
@@ -69,7 +69,7 @@ def downpour(model, data, *, client=None, replicas: int | str = 2, max_replicas:
              partition: dict | Plan | None = None, device: str | None = None,
              compression: str | None = None, topk_fraction: float = 0.01,
              fetch_compression: str | None = None, staleness_bound: int | None = None,
-             config: dict | None = None) -> TrainResult:
+             on_snapshot=None, config: dict | None = None) -> TrainResult:
     """Train ``model`` with Downpour SGD on a Dask cluster and return a ``TrainResult``.
 
     Parameters
@@ -129,6 +129,11 @@ def downpour(model, data, *, client=None, replicas: int | str = 2, max_replicas:
     staleness_bound : None (fully asynchronous, the paper's) or s >= 0: a replica more than ``s``
         pushes ahead of the slowest replica waits before pushing (stale-synchronous parallel;
         a replica that has not pushed for ``ps.asynchrony.STALL_SECONDS`` holds nobody back)
+    on_snapshot : ``on_snapshot(seconds, params)``, called by the driver every ``eval_every``
+        seconds instead of its test evaluation, with the seconds since training started and the
+        parameters the shards hold then (a fresh array each time): to evaluate them later, off
+        the cores that train, or to keep them. The final test evaluation stays. Not with
+        ``partition`` (no process holds a model-parallel run's parameters whole)
     config : the pipeline config, stored in checkpoints
     """
     store, test_store = open_data(model, data, test)
@@ -140,7 +145,7 @@ def downpour(model, data, *, client=None, replicas: int | str = 2, max_replicas:
                   warmstart_steps=warmstart_steps, max_in_flight=max_in_flight,
                   partition=partition, device=device, compression=compression,
                   fetch_compression=fetch_compression, staleness_bound=staleness_bound,
-                  resume_from=resume_from)
+                  resume_from=resume_from, on_snapshot=on_snapshot)
     start = _start_point(model, seed, params, resume_from, rule_state, rule)
     n_specs = 1 if elastic_run else replicas
 
@@ -183,7 +188,7 @@ def downpour(model, data, *, client=None, replicas: int | str = 2, max_replicas:
                                     for p, b in zip(specs, blocks) if b is not None],
                             eval_every=eval_every, eval_rows=eval_rows, max_seconds=max_seconds,
                             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                            initial=start.params, evaluator=evaluator,
+                            initial=start.params, evaluator=evaluator, on_snapshot=on_snapshot,
                             checkpoint_meta={"model": model.to_dict(), "config": config or {},
                                              "normaliser": store.normaliser.to_dict(),
                                              "keep": checkpoint_keep})
@@ -220,7 +225,8 @@ def downpour(model, data, *, client=None, replicas: int | str = 2, max_replicas:
 
 def _check(model, store, *, replicas, max_replicas, unit_chunks, shards, n_fetch, n_push,
            batch_size, epochs, steps, warmstart_steps, max_in_flight, partition, device,
-           compression, fetch_compression, staleness_bound, resume_from) -> Plan | None:
+           compression, fetch_compression, staleness_bound, resume_from,
+           on_snapshot) -> Plan | None:
     """Every setting checked, one line naming the argument, before a cluster starts; returns
     the model-parallel plan (None: replicas compute whole)."""
     elastic_run = replicas == "auto"
@@ -253,6 +259,10 @@ def _check(model, store, *, replicas, max_replicas, unit_chunks, shards, n_fetch
     if (compression is not None or fetch_compression is not None) and plan is not None:
         raise ValueError("compression= and partition= cannot be combined: model-parallel blocks "
                          "push and fetch exact float32")
+    check_on_snapshot(on_snapshot)
+    if on_snapshot is not None and plan is not None:
+        raise ValueError("on_snapshot= and partition= cannot be combined: no process holds a "
+                         "model-parallel run's parameters whole")
     if device is not None and plan is not None:
         raise ValueError("device= and partition= cannot be combined: model-parallel blocks "
                          "compute on the host")
@@ -279,7 +289,8 @@ def _start_blocks(client, workers: list[str], plan: Plan | None, ps, specs: list
 
 
 def _fixed_driver(client, workers: list[str], model, specs: list[ReplicaSpec], blocks: list, ps):
-    """The driver of R fixed replicas, each one long task homed beside the shards and rerun
+    """The driver of R fixed replicas, each one long task homed beside the shards (a
+    model-parallel replica: on its input block's worker, ``Blocks.input_home``) and rerun
     elsewhere (from its reported step) when its worker is lost."""
     def submit(r: int, home=None):
         return client.submit(run_replica, model, specs[r], blocks[r],
@@ -287,7 +298,8 @@ def _fixed_driver(client, workers: list[str], model, specs: list[ReplicaSpec], b
                              workers=home, allow_other_workers=home is not None, pure=False,
                              retries=0)
 
-    homes = place_replicas(workers, ps.addresses(), len(specs))
+    homes = [home if b is None else b.input_home()
+             for home, b in zip(place_replicas(workers, ps.addresses(), len(specs)), blocks)]
     return partial(Driver, futures=[submit(r, [home]) for r, home in enumerate(homes)],
                    resubmit=submit)
 

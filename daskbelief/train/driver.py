@@ -57,7 +57,7 @@ class Driver:
                  blocks=(), resubmit=None,
                  eval_every=None, eval_rows: int = 10_000, max_seconds=None, checkpoint_dir=None,
                  checkpoint_every=None, initial=None, checkpoint_meta=None,
-                 watch_every: float = 1.0, evaluator=None):
+                 watch_every: float = 1.0, evaluator=None, on_snapshot=None):
         self.client, self.run, self.ps, self.futures = client, run, ps, list(futures)
         self.blocks = list(blocks)
         self.resubmit = resubmit
@@ -66,7 +66,7 @@ class Driver:
         self.eval_rows, self.max_seconds = eval_rows, max_seconds
         self.checkpoint_dir = checkpoint_dir
         self.initial, self.meta = initial, checkpoint_meta or {}
-        self.evaluator = evaluator
+        self.evaluator, self.on_snapshot = evaluator, on_snapshot
         self.started = time.time()
         self.seconds = 0.0
         self.test_rows: list[dict] = []
@@ -171,8 +171,11 @@ class Driver:
             self.coordination["stop"].set()  # replicas stop at their next report
         if self.duties["watch"].due():
             self._watch()
-        if self.test_store is not None and self.duties["eval"].due():
-            self._evaluate()
+        if self.duties["eval"].due():
+            if self.on_snapshot is not None:
+                self._snapshot()
+            elif self.test_store is not None:
+                self._evaluate()
         if self.checkpoint_dir is not None and self.duties["checkpoint"].due():
             try:
                 self.checkpoint()
@@ -313,6 +316,14 @@ class Driver:
         row = test_row(time.time() - self.started, None, metrics)
         self.test_rows.append(row)
         announce_test(self.run, row)
+
+    def _snapshot(self) -> None:
+        """Hand ``on_snapshot`` the parameters the shards hold now (``downpour(on_snapshot=)``)."""
+        try:
+            params, _ = self.ps.fetch(timeout=CALL_TIMEOUT, give_up=self._server_gone)
+        except Exception:  # noqa: BLE001 -- a shard is being recovered; next time
+            return
+        self.on_snapshot(time.time() - self.started, params)
 
     def test_metrics(self, rows: int) -> dict:
         """Mean loss (and accuracy) over the first ``rows`` test rows at the server's current

@@ -21,10 +21,10 @@ from typing import Callable
 
 # Supplied by the pipeline from its other sections ([dataset], [checkpoint], --resume), or not a
 # TOML value at all (``params``, ``rule_state``: the start point comes from the seed or a
-# checkpoint).
+# checkpoint; ``on_snapshot``: a function).
 PIPELINE_ARGUMENTS = frozenset({"model", "data", "client", "test", "config", "checkpoint_dir",
                                 "checkpoint_every", "checkpoint_keep", "resume_from", "params",
-                                "rule_state"})
+                                "rule_state", "on_snapshot"})
 TOML_TYPES = {int: (int,), float: (int, float), bool: (bool,), str: (str,), dict: (dict,),
               list: (list,), tuple: (list,)}
 

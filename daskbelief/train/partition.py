@@ -275,6 +275,11 @@ class Plan:
         """Input values per example the replica sends this block (its layer-0 piece's halo)."""
         return sum(box_size(p.in_box) for p in self.pieces[0] if p.block == block)
 
+    def input_block(self) -> int:
+        """The block the replica sends the most input values (the first such): a replica placed
+        on its worker hands it that share of every batch without crossing the network."""
+        return max(range(self.n_blocks), key=self.input_values)
+
     def boundaries(self) -> list[dict]:
         """Per boundary: messages and bytes per example crossing it, each way."""
         rows: dict[str, dict] = {}

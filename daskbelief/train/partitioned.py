@@ -115,6 +115,11 @@ class Blocks:
                           what=f"{len(actors)} blocks to fetch their ranges")
         return cls(plan, actors, futures)
 
+    def input_home(self) -> str:
+        """The worker of the block that reads the most of each batch (``Plan.input_block``):
+        where a replica driving these blocks belongs."""
+        return self.actors[self.plan.input_block()]._address
+
     def call(self, method: str, per_block, timeout: float = CALL_TIMEOUT) -> list:
         """Call ``method(*per_block[k])`` on every block at once; the results in block order.
 

@@ -124,6 +124,14 @@ def scalars(figures: dict) -> dict:
     return {k: v for k, v in figures.items() if isinstance(v, (int, float, str))}
 
 
+def check_on_snapshot(on_snapshot) -> None:
+    """An engine's ``on_snapshot`` is None or callable as ``on_snapshot(seconds, params)``:
+    anything else is refused before work starts."""
+    if on_snapshot is not None and not callable(on_snapshot):
+        raise ValueError(f"on_snapshot must be callable as on_snapshot(seconds, params), got "
+                         f"{on_snapshot!r}")
+
+
 class Every:
     """A duty due once every ``period`` seconds (None: never), counted from its creation or its
     last time done; ``now=True``: due at once the first time."""

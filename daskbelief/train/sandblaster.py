@@ -67,8 +67,8 @@ from daskbelief.train.partition import Plan, as_plan
 from daskbelief.train.partitioned import Blocks
 from daskbelief.train.recovery import lost_workers
 from daskbelief.train.result import TrainResult
-from daskbelief.train.run import (Every, announce, cluster, finish_run, open_data,
-                                  parameter_server, run_id, start_point, summary)
+from daskbelief.train.run import (Every, announce, check_on_snapshot, cluster, finish_run,
+                                  open_data, parameter_server, run_id, start_point, summary)
 from daskbelief.train.sandblaster_tasks import (PortionLedger, PortionSpec, abandon_evaluation,
                                                 evaluate_current, flush_worker, forget_run,
                                                 free_threads, run_portion)
@@ -643,11 +643,12 @@ class _Checkpoints:
 
 
 class _Monitor:
-    """The per-iteration duties: history rows, RUN events, checkpoints, test evaluations every
-    ``eval_every``, the time budget."""
+    """The per-iteration duties: history rows, RUN events, checkpoints, test evaluations (or
+    ``on_snapshot`` calls) every ``eval_every``, the time budget."""
 
     def __init__(self, client, run: str, objective: BatchObjective, test_store, eval_every,
-                 eval_rows: int, max_seconds: float | None, checkpoints: _Checkpoints):
+                 eval_rows: int, max_seconds: float | None, checkpoints: _Checkpoints,
+                 on_snapshot=None):
         self.client, self.run, self.objective = client, run, objective
         self.checkpoints = checkpoints
         self.test_store, self.eval_rows = test_store, eval_rows
@@ -655,7 +656,8 @@ class _Monitor:
         self.started = time.time()
         self.rows: list[dict] = []       # history rows: iterations and test evaluations
         self.iterations: list[dict] = []  # what lbfgs reported
-        self.evaluations = Every(eval_every if test_store is not None else None)
+        self.on_snapshot = on_snapshot
+        self.evaluations = Every(eval_every if test_store is not None or on_snapshot else None)
 
     def __call__(self, row: dict) -> None:
         self.checkpoints.after_iteration(row["state"])  # before reporting it: a reported
@@ -669,7 +671,10 @@ class _Monitor:
                     loss=row["loss"], grad_norm=row["grad_norm"],
                     evaluations=row["evaluations"], elapsed=elapsed)
         if self.evaluations.due():
-            self._evaluate(row["iteration"])
+            if self.on_snapshot is not None:
+                self.on_snapshot(elapsed, self.objective.space.gather("x"))
+            else:
+                self._evaluate(row["iteration"])
             self.evaluations.done()  # the period counts from the end of the evaluation
         if self.max_seconds is not None and time.time() - self.started >= self.max_seconds:
             raise OutOfTime
@@ -709,8 +714,8 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
                 eval_rows: int = 10_000, shard_workers: list[str] | None = None,
                 partition: dict | Plan | None = None,
                 checkpoint_dir=None, checkpoint_every: float | None = None,
-                checkpoint_keep: int = 3, resume_from=None, config: dict | None = None,
-                _slow_workers: dict | None = None) -> TrainResult:
+                checkpoint_keep: int = 3, resume_from=None, on_snapshot=None,
+                config: dict | None = None, _slow_workers: dict | None = None) -> TrainResult:
     """Train ``model`` with Sandblaster L-BFGS on a Dask cluster; returns a ``TrainResult``.
 
     Parameters
@@ -746,6 +751,10 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
     resume_from : a Sandblaster checkpoint of this model: the run goes on from the iteration
         after it (``iterations`` counts from the very first) with the saved L-BFGS history, as
         if it had never stopped; ``history`` must be the saved one
+    on_snapshot : ``on_snapshot(seconds, params)``, called between iterations every
+        ``eval_every`` seconds instead of the test evaluation, with the seconds since training
+        started and the current iterate (a fresh array): to evaluate it later, off the cores
+        that train, or to keep it. The final test evaluation stays
     config : the pipeline config, stored in checkpoints
     _slow_workers : TEST AND BENCHMARK ONLY -- ``{worker address: factor}``; portion tasks on
         that worker sleep ``(factor - 1)`` times their compute time, simulating a slow machine
@@ -763,6 +772,7 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
                       eval_every=eval_every, eval_rows=eval_rows, seed=seed,
                       max_seconds=max_seconds, slow_workers=_slow_workers,
                       checkpoint_every=checkpoint_every, checkpoint_keep=checkpoint_keep)
+    check_on_snapshot(on_snapshot)
     start, resumed = _start(model, params, seed, resume_from, history)
     plan_p = as_plan(model, partition)
 
@@ -794,7 +804,7 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
                                         "normaliser": store.normaliser.to_dict()},
                                        run, resumed, resume_from)
             monitor = _Monitor(c, run, objective, test_store, eval_every, eval_rows, max_seconds,
-                               checkpoints)
+                               checkpoints, on_snapshot)
             settings = {"shards": shards, "iterations": iterations, "history": history,
                         "portion_size": size, "portions": len(bounds), "batch_rows": n_rows,
                         "push_every": push_every, "backups": backups, "tolerance": tolerance,
