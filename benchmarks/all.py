@@ -162,7 +162,7 @@ def explanations(paper: dict) -> list[str]:
             f"{dp2['samples_per_s'] / ref['samples_per_s']:.2f}x the samples/s of the "
             f"single-process Adagrad reference ({dp2['samples_per_s']:,.0f} vs "
             f"{ref['samples_per_s']:,.0f}), not 2x: the same two cores also run the parameter "
-            "shards (Adagrad over 1.6M parameters per push), the driver's test evaluations and "
+            "shards (Adagrad over 1.6M parameters per push), the driver's parameter snapshots and "
             "the transfers. The paper's speed-ups came from hundreds of machines, where that "
             "overhead is spread thin.")
         lines.append(

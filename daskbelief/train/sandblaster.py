@@ -657,7 +657,8 @@ class _Monitor:
         self.rows: list[dict] = []       # history rows: iterations and test evaluations
         self.iterations: list[dict] = []  # what lbfgs reported
         self.on_snapshot = on_snapshot
-        self.evaluations = Every(eval_every if test_store is not None or on_snapshot else None)
+        self.evaluations = Every(eval_every if test_store is not None or on_snapshot is not None
+                                 else None)
 
     def __call__(self, row: dict) -> None:
         self.checkpoints.after_iteration(row["state"])  # before reporting it: a reported
