@@ -135,6 +135,24 @@ def test_the_frames_of_a_push_travel_a_few_at_a_time(small_frames):
     assert stats["applied"] == 3
 
 
+def test_a_frame_no_shard_answers_ends_the_push_as_a_lost_server(monkeypatch):
+    """An actor call to a dead worker can stay pending for ever: the window gives up on it
+    after ``CALL_TIMEOUT`` with ``ServerLost`` (what a replica recovers from), not with a
+    timeout its own waits would read as "not yet"."""
+    import asyncio
+
+    from daskbelief.ps import server
+
+    monkeypatch.setattr(server, "CALL_TIMEOUT", 0.05)
+
+    async def push():
+        never = asyncio.get_running_loop().create_future()
+        return await server.send_windowed([lambda: never], 4)
+
+    with pytest.raises(server.ServerLost, match="one frame of a push"):
+        asyncio.run(push())
+
+
 def _push_compressed_and_fetch(ps, grad, kind):
     """On a worker: one push compressed with error feedback, then the fetched vector."""
     feedback = Feedback(kind)

@@ -271,11 +271,22 @@ async def send_windowed(calls, window: int) -> int:
     pending, newest = deque(), 0
     for call in calls:
         if len(pending) >= window:
-            newest = max(newest, await pending.popleft())
+            newest = max(newest, await _answered(pending.popleft()))
         pending.append(call())
     for reply in pending:
-        newest = max(newest, await reply)
+        newest = max(newest, await _answered(reply))
     return newest
+
+
+async def _answered(reply) -> int:
+    """A frame's reply within ``CALL_TIMEOUT``: an actor call to a worker that died can stay
+    pending for ever, and a shard that does not answer is lost (``ServerLost``, which the
+    caller recovers from, rather than a timeout its own wait would take for "not yet")."""
+    try:
+        return await waits.result_async(reply, timeout=CALL_TIMEOUT,
+                                        what="a shard's answer to one frame of a push")
+    except waits.WaitTimeout as e:
+        raise ServerLost(str(e)) from None
 
 
 class Windowed:
