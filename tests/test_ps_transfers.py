@@ -9,13 +9,11 @@ from __future__ import annotations
 import dask.config
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, get_worker
 
 from daskbelief.cluster import worker_info
 from daskbelief.optim.rules import adagrad
 from daskbelief.ps.compress import Feedback, from_bf16, to_bf16
-from distributed import get_worker
-
 from daskbelief.ps.server import PUSH_WINDOW, ParameterServer, frame_values, frames
 
 FRAME = "256KiB"  # 65,536 float32 values
