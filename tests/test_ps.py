@@ -4,9 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from daskbelief.backend import all_finite
 from daskbelief.optim.rules import adagrad, make_rule
 from daskbelief.ps.policy import overlaps, place_blocks, place_replicas, place_shards, shard_ranges
 from daskbelief.ps.server import ParameterServer
+from daskbelief.ps.shard import ParameterShard
 
 
 def test_shard_ranges_cover_contiguously_and_evenly():
@@ -73,6 +75,54 @@ def test_push_and_fetch_apply_the_rule_exactly(client):
         assert all(s["applied"] == 3 and s["per_replica"] == {"t": 3} for s in workers.values())
     finally:
         ps.close()
+
+
+def test_all_finite_agrees_with_isfinite_also_where_squares_overflow():
+    """The shard's one-pass check (``backend.all_finite``) against NumPy's elementwise answer."""
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    print(f"seed {seed}")
+    rng = np.random.default_rng(seed)
+    for _ in range(200):
+        x = (rng.standard_normal(int(rng.integers(0, 300))) * 10.0 ** rng.integers(-3, 38)).astype(
+            np.float32)
+        if len(x) and rng.random() < 0.5:
+            x[rng.integers(len(x))] = rng.choice([np.nan, np.inf, -np.inf])
+        assert all_finite(x) == bool(np.isfinite(x).all()), x
+    assert all_finite(np.full(4, 3e38, np.float32))  # x . x overflows, every value is finite
+    for bad in (None, np.nan, np.inf):
+        x = _unaligned(rng.standard_normal(1000).astype(np.float32))
+        if bad is not None:
+            x[500] = bad
+        assert all_finite(x) == (bad is None)
+
+
+def _unaligned(values: np.ndarray) -> np.ndarray:
+    """A writable copy of ``values`` starting at an odd byte, as arrays received over TCP can."""
+    raw = bytearray(values.nbytes + 1)
+    out = np.frombuffer(raw, values.dtype, len(values), offset=1)
+    out[:] = values
+    assert not out.flags.aligned
+    return out
+
+
+def test_an_unaligned_push_is_applied_as_the_same_push_aligned():
+    """A gradient received at an odd address (copied aligned by the shard) updates the slice
+    exactly as the rule applied to it in one process does."""
+    rng = np.random.default_rng(4)
+    start, grads = rng.standard_normal(300_000).astype(np.float32), []
+    shard = ParameterShard(0, 0, len(start), start, {"name": "adagrad", "lr": 0.1})
+    params, rule = start.copy(), adagrad(0.1)
+    state = rule.init(params)
+    for _ in range(3):
+        grads.append(rng.standard_normal(len(start)).astype(np.float32))
+        shard.push(_unaligned(grads[-1]), shard.version)
+        rule.apply(params, grads[-1], state)
+    np.testing.assert_array_equal(shard.params, params)
+    bad = grads[-1].copy()
+    bad[123_456] = np.nan
+    shard.push(_unaligned(bad), shard.version)
+    assert shard.rejected == 1 and shard.applied == 3
+    np.testing.assert_array_equal(shard.params, params)
 
 
 def test_non_finite_pushes_are_rejected_and_counted(client):
