@@ -26,7 +26,6 @@ import tempfile
 import daskbelief_datasets as recipes
 from benchmarks import paper
 from benchmarks.timing import load, load_line
-from daskbelief.data import open_store
 
 REFERENCE = "Adagrad, 1 replica (reference)"
 BASE = "paper rule (n 1, lr 0.01, warm start)"
@@ -52,12 +51,12 @@ def variants() -> dict[str, tuple[dict, dict]]:
 def run(quick: bool = False) -> dict:
     budget = 8.0 if quick else 40.0
     target, seeds = paper.TARGET[quick], paper.SEEDS[quick]
-    eval_rows = 1_000
+    eval_rows = paper.EVAL_ROWS
     print(load_line("at the start"))
     with tempfile.TemporaryDirectory() as tmp:
         path = recipes.build("speech-frames", os.path.join(tmp, "speech.zarr"),
                              size=24_000 if quick else 60_000, classes=paper.CLASSES)
-        test = open_store(path, "test").read(0, eval_rows)
+        test = paper._test_rows(path, eval_rows)
         curves = [paper._reference(REFERENCE, path, test, paper.ADAGRAD, budget, s) for s in seeds]
         jobs = [lambda c, name=name, rule=rule, options=options, s=s: paper._downpour(
                     c, name, path, rule, 2, budget, eval_rows, s, **options)
