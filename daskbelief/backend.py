@@ -35,6 +35,18 @@ def axpy(alpha: float, x, y) -> None:
     getattr(blas, kind)(x.reshape(-1), y.reshape(-1), a=alpha)
 
 
+def aligned(x):
+    """``x``, or an aligned copy of it when its start is not a multiple of its item size.
+
+    An array received over TCP starts wherever its frame fell in the message distributed read,
+    often at an odd byte, and NumPy's loops and BLAS take slow paths on such arrays (a locally
+    connected layer's forward 9% slower, a dot product 25x): one copy costs less.
+    """
+    if isinstance(x, np.ndarray) and not x.flags.aligned:
+        return x.copy()
+    return x
+
+
 def all_finite(x) -> bool:
     """Whether every value of the 1-D array ``x`` is finite, in one BLAS pass instead of two.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from daskbelief.backend import all_finite
+from daskbelief.backend import aligned, all_finite
 from daskbelief.optim.rules import adagrad, make_rule
 from daskbelief.ps.policy import overlaps, place_blocks, place_replicas, place_shards, shard_ranges
 from daskbelief.ps.server import ParameterServer
@@ -94,6 +94,15 @@ def test_all_finite_agrees_with_isfinite_also_where_squares_overflow():
         if bad is not None:
             x[500] = bad
         assert all_finite(x) == (bad is None)
+
+
+def test_aligned_copies_only_an_unaligned_array():
+    values = np.arange(10, dtype=np.float32)
+    assert aligned(values) is values
+    odd = _unaligned(values)
+    copy = aligned(odd)
+    assert copy.flags.aligned and copy is not odd
+    np.testing.assert_array_equal(copy, values)
 
 
 def _unaligned(values: np.ndarray) -> np.ndarray:

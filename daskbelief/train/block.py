@@ -13,7 +13,7 @@ import asyncio
 
 import numpy as np
 
-from daskbelief.backend import namespace
+from daskbelief.backend import aligned, namespace
 from daskbelief.nn.losses import get_loss
 from daskbelief.ps.sources import Given, Ranged
 from daskbelief.train.partition import Plan, box_shape, intersect, relative
@@ -128,7 +128,7 @@ class Block:
         for op in self.ops:
             layer = op.piece.layer
             if layer == 0:
-                xin = np.moveaxis(xp.asarray(x, dtype=dtype), 0, -1)
+                xin = np.moveaxis(aligned(xp.asarray(x, dtype=dtype)), 0, -1)
             else:
                 xin = await self._gather_input(op, acts, tag, n, xp, dtype)
             if isinstance(op, DensePiece):
@@ -167,7 +167,7 @@ class Block:
         for src, box in op.act_from:
             parts.append((box, await self._recv((tag, "act", op.piece.layer, src))))
         if len(parts) == 1 and parts[0][0] == op.piece.in_box:
-            return parts[0][1]
+            return aligned(parts[0][1])
         return await self._compute(self._assemble, op, parts, n, xp, dtype)
 
     @staticmethod
