@@ -92,7 +92,8 @@ def point(client, speech: str, frames64: str, quick: bool, to_target: bool = Fal
         for seed in paper.SEEDS[quick]:
             for kind in TARGET_KINDS:
                 curve = paper._downpour(client, kind, frames64, paper.DOWNPOUR_ADAGRAD, 2, budget,
-                                        paper.EVAL_ROWS, seed, compression=None if kind == "exact" else "bf16",
+                                        paper.EVAL_ROWS, seed,
+                                        compression=None if kind == "exact" else "bf16",
                                         fetch_compression="bf16" if kind == "bf16" else None)
                 out.setdefault(f"time_to_target_{kind}_seeds", []).append(
                     paper.time_to(curve.times, curve.accuracy, paper.TARGET[quick]))

@@ -16,9 +16,9 @@ paper's acoustic task) for the same wall-clock budget, its test accuracy sampled
 
 Time to target is measured the same way for every method: the parameters are copied every
 ``SAMPLE_EVERY`` seconds of training and evaluated on the same ``EVAL_ROWS`` test rows after the
-run, off the clock. The loops this file controls (the reference trainers and the PyTorch peers) copy them
-themselves (Hogwild's copies are taken by the parent process on the wall clock while its two
-processes train); Downpour's and Sandblaster's drivers hand them over through the engines'
+run, off the clock. The loops this file controls (the reference trainers and the PyTorch peers)
+copy them themselves (Hogwild's copies are taken by the parent process on the wall clock while
+its two processes train); Downpour's and Sandblaster's drivers hand them over through the engines'
 ``on_snapshot`` (Downpour's from the shards while the replicas train, Sandblaster's between
 iterations), instead of evaluating them on the cores the workers use.
 scikit-learn is sampled after each ``partial_fit`` piece (adam) or every 2 iterations (lbfgs).

@@ -8,7 +8,8 @@ deltas *directly*, actor to actor, one message per transfer of the plan (``block
 blocks that do not wait on each other (the horizontal pieces of a layer) compute at the same time.
 Activations are kept batch-last, ``(*box, n)`` as the locally connected layers store them, so a
 band of rows is one contiguous buffer that travels without a copy; the one copy per message is
-where a receiver assembles its input halo or adds up deltas.
+where a receiver assembles its input halo or adds up deltas (or, for an input received whole, a
+copy only when it arrived unaligned: ``backend.aligned``).
 
 The layout by role: ``pieces`` (the arithmetic of one piece of one layer), ``block`` (the step
 protocol, and ``loss_and_grad``: the same blocks in one process, the oracle), ``block_actor``
