@@ -50,12 +50,12 @@ def mlp_model() -> Sequential:
 
 def _time_steps(blocks: Blocks, X, y, calls: int, tag: int) -> list[float]:
     """Runs on the input block's worker, as a replica does: seconds of each of ``calls`` steps
-    (after a warm-up)."""
-    blocks.step(X, y, tag=(tag, -1))
+    (after a warm-up), each step's inputs sent to the blocks during the one before."""
+    blocks.step(X, y, tag=(tag, -1), ahead=X)
     out = []
     for i in range(calls):
         start = time.perf_counter()
-        blocks.step(X, y, tag=(tag, i))
+        blocks.step(X, y, tag=(tag, i), ahead=X if i < calls - 1 else None)
         out.append(time.perf_counter() - start)
     return out
 

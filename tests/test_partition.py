@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 
 from daskbelief.nn import Dense, LocallyConnected1D, LocallyConnected2D, Sequential
+from daskbelief.nn.layers import receptive_field
 from daskbelief.train import partition as P
-from daskbelief.train.block import loss_and_grad, split_inputs
+from daskbelief.train.block import Staged, _LocalBlock, loss_and_grad, split_inputs
+from daskbelief.train.partition import box_shape
+from daskbelief.train.pieces import LocallyConnectedPiece, parts, reading, runs
 
 
 def small_image_model():
@@ -160,3 +163,66 @@ def test_partitioned_arithmetic_equals_the_whole_network_in_float64(model, X, y,
     e_loss, e_grad = model.loss_and_grad(params, X, y, reduction="sum", regularize=False)
     assert s_loss == pytest.approx(e_loss, rel=1e-12)
     np.testing.assert_allclose(s_grad, e_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_the_outputs_that_read_an_input_range():
+    """``pieces.reading`` against every output position's receptive field, counted one by one."""
+    for n_in in range(1, 12):
+        for kernel in range(1, n_in + 1):
+            for stride in range(1, 4):
+                n_out = (n_in - kernel) // stride + 1
+                for lo in range(n_in):
+                    for hi in range(lo + 1, n_in + 1):
+                        expect = [i for i in range(n_out)
+                                  if i * stride < hi and i * stride + kernel > lo]
+                        got = list(range(n_out))[reading(lo, hi, kernel, stride, n_out)]
+                        assert got == expect, (n_in, kernel, stride, lo, hi)
+
+
+def test_runs_and_parts_of_a_mask():
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        mask = rng.random(tuple(rng.integers(1, 6, rng.integers(1, 3)))) < rng.random()
+        flat = mask.ravel()
+        assert [i for a, b in runs(mask) for i in range(a, b)] == list(np.flatnonzero(flat))
+        assert all(b < c for (_, b), (c, _) in zip(runs(mask), runs(mask)[1:]))  # maximal runs
+        split = parts(mask)
+        covered = sorted(i for part in split for a, b in part for i in range(a, b))
+        assert covered == list(range(flat.size))  # every position once
+        if 0 < flat.sum() < flat.size:
+            assert split[0] == runs(mask)  # what neighbours need comes first
+
+
+@pytest.mark.parametrize("plan", [P.horizontal(small_image_model(), 2), P.horizontal(small_image_model(), 3),
+                                  P.grid(small_image_model(), 2, 2)], ids=lambda p: f"{p.kind}-{p.n_blocks}")
+def test_a_piece_computes_first_what_its_neighbours_wait_for(plan):
+    """Forward's first part is exactly the outputs other blocks read; backward's, exactly the
+    outputs whose receptive fields (``receptive_field``) meet inputs other blocks sent."""
+    model = plan.model
+    for k in range(plan.n_blocks):
+        block = _LocalBlock(plan, k, np.zeros(sum(b - a for a, b in plan.block_ranges(k)), np.float32))
+        for op in block.ops:
+            if not isinstance(op, LocallyConnectedPiece):
+                continue
+            layer, (out_box, in_box) = model.layers[op.piece.layer], (op.piece.out_box, op.piece.in_box)
+            cells = list(np.ndindex(*box_shape(out_box)[:-1]))
+            read = {c for c in cells if any(all(lo <= o + c_ < hi for c_, (o, _), (lo, hi) in zip(c, out_box, box))
+                                             for _, box in op.act_to)}
+            fields = {c: [receptive_field(o + i, o + i + 1, kk, s)
+                          for i, (o, _), kk, s in zip(c, out_box, layer.kernel_size, layer.strides)]
+                      for c in cells}
+            meet = {c for c in cells if any(all(f0 < hi and f1 > lo for (f0, f1), (lo, hi) in zip(fields[c], box))
+                                             for _, box in op.act_from)}
+            for parts_, first in [(op.forward_parts, read), (op.backward_parts, meet)]:
+                flat = [cells[i] for a, b in parts_[0] for i in range(a, b)]
+                assert set(flat) == (first or set(cells)), (k, op.piece.layer)
+                assert len(parts_) == (2 if 0 < len(first) < len(cells) else 1)
+        assert any(op.act_to or op.act_from for op in block.ops)  # the plans do exchange halos
+
+
+def test_an_input_sent_ahead_supersedes_the_earlier_ones_of_its_sender_only():
+    staged = Staged("a", 5)
+    assert staged.key == ("input", "a", 5)
+    assert staged.supersedes(("input", "a", 4)) and staged.supersedes(("input", "b", 9))
+    assert not staged.supersedes(("input", "a", 5)) and not staged.supersedes(("input", "a", 6))
+    assert not staged.supersedes((("input", "a", 1), "act", 1, 0))  # a step's message

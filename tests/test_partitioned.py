@@ -49,20 +49,22 @@ def test_partitioned_loss_and_gradient_equal_the_whole_network(client, make_mode
     model = make_model()
     plan = make_plan(model)
     params = model.init(2)
-    X, y = batch(model)
-    expect_loss, expect_grad = model.loss_and_grad(params, X, y)
+    batches = [batch(model, seed=seed) for seed in range(3)]
     blocks = Blocks.start(client, plan, params)
     try:
-        for tag in range(2):  # a second step reuses every buffer
-            loss, grad = blocks.loss_and_grad(X, y, tag=tag)
+        # later steps reuse every buffer; each step's inputs are sent during the step before
+        for tag, (X, y) in enumerate(batches):
+            ahead = batches[tag + 1][0] if tag + 1 < len(batches) else None
+            loss, grad = blocks.loss_and_grad(X, y, tag=tag, ahead=ahead)
+            expect_loss, expect_grad = model.loss_and_grad(params, X, y)
             assert loss == pytest.approx(expect_loss, rel=TOL)
             np.testing.assert_allclose(grad, expect_grad, rtol=TOL, atol=TOL * np.abs(expect_grad).max())
         stats = [a.stats().result() for a in blocks.actors]
     finally:
         blocks.close()
     # One message per transfer and direction per step, carrying exactly the plan's bytes.
-    assert sum(s["messages"] for s in stats) == 2 * 2 * len(plan.transfers)
-    assert sum(s["bytes_sent"] for s in stats) == 2 * plan.bytes_per_example() * len(X)
+    assert sum(s["messages"] for s in stats) == 3 * 2 * len(plan.transfers)
+    assert sum(s["bytes_sent"] for s in stats) == 3 * plan.bytes_per_example() * len(X)
 
 
 def _spy_on_proxied_calls(dask_scheduler):
@@ -113,9 +115,13 @@ def test_a_failing_block_raises_instead_of_hanging(client):
     blocks = Blocks.start(client, P.horizontal(model, 2), model.init(0))
     try:
         X, y = batch(model)
+        X2, y2 = batch(model, seed=1)
         with pytest.raises(ValueError, match="labels must lie in"):
-            blocks.step(X, y + 100, tag=0)
-        loss, _ = blocks.loss_and_grad(X, y, tag=1)  # the blocks still work afterwards
+            blocks.step(X, y + 100, tag=0, ahead=X)  # what it sent ahead is dropped with it
+        # the blocks still work afterwards, given their inputs again, and sent ahead again
+        loss, _ = blocks.loss_and_grad(X2, y2, tag=1, ahead=X)
+        assert loss == pytest.approx(model.loss_and_grad(model.init(0), X2, y2)[0], rel=TOL)
+        loss, _ = blocks.loss_and_grad(X, y, tag=2)
         assert loss == pytest.approx(model.loss_and_grad(model.init(0), X, y)[0], rel=TOL)
     finally:
         blocks.close()

@@ -372,14 +372,19 @@ class _LocallyConnected(Layer):
                     if fit < last - first:
                         row[c0 + fit * stride:c0 + fit * stride + g] += src[fit]
 
-    def _blocks(self, xp, n: int, itemsize: int):
+    def _blocks(self, xp, n: int, itemsize: int, positions=None):
         """Position ranges each small enough that its patches, pre-activations and patch
-        gradients stay in cache (policy: ``block_positions``); one range off the CPU."""
+        gradients stay in cache (policy: ``block_positions``); one range per run off the CPU.
+        ``positions``: the runs ``(start, stop)`` to cover (default: every position)."""
+        runs = [(0, self.positions)] if positions is None else positions
         step = (block_positions(self.patch_size, self.filters, n, itemsize) if xp is np
                 else self.positions)
-        return [(a, min(a + step, self.positions)) for a in range(0, self.positions, step)]
+        return [(a, min(a + step, stop)) for start, stop in runs for a in range(start, stop, step)]
 
-    def forward(self, p, x, scratch: Scratch | None = None):
+    def forward(self, p, x, scratch: Scratch | None = None, positions=None):
+        """``positions``: compute only these runs ``(start, stop)`` of output positions, into the
+        output buffer of ``scratch`` where an earlier call wrote the others (a model-parallel
+        block computes first what its neighbours read, and sends it while computing the rest)."""
         W, b = self._by_position(p)
         xp = namespace(W)
         n, F = len(x), self.filters
@@ -392,7 +397,7 @@ class _LocallyConnected(Layer):
         y = _empty(xp, (self.positions, F, n), W.dtype, scratch, "z")
         # Block by block, so the bias and the activation read what the matmul left in cache
         # and the patch matrix is never tens of MB (measured: 1.16x the benchmark's LC step).
-        for start, stop in self._blocks(xp, n, W.dtype.itemsize):
+        for start, stop in self._blocks(xp, n, W.dtype.itemsize, positions):
             z = xp.matmul(W[start:stop].transpose(0, 2, 1),
                           self._gather(xp, fields, start, stop, scratch), out=y[start:stop])
             z += b[start:stop]
@@ -400,7 +405,9 @@ class _LocallyConnected(Layer):
         return xp.moveaxis(y.reshape(*self.out_spatial, F, n), -1, 0), (xb, y)
 
     def backward(self, p, cache, dout, grads, input_grad: bool = True,
-                 scratch: Scratch | None = None):
+                 scratch: Scratch | None = None, positions=None, add: bool = False):
+        """``positions``: as in ``forward``, the runs to compute; ``add``: add onto the input
+        gradient an earlier call of the same pass left in ``scratch`` instead of starting it."""
         xb, y = cache
         xp = namespace(y)
         W, _ = self._by_position(p)
@@ -413,8 +420,9 @@ class _LocallyConnected(Layer):
         dx = None
         if input_grad:
             dx = _empty(xp, xb.shape, y.dtype, scratch, "dx")
-            dx.fill(0)
-        for start, stop in self._blocks(xp, n, y.dtype.itemsize):
+            if not add:
+                dx.fill(0)
+        for start, stop in self._blocks(xp, n, y.dtype.itemsize, positions):
             d = self._act.backward(xp, y[start:stop], dz[start:stop])
             cols = self._gather(xp, fields, start, stop, scratch)  # again: cheaper than keeping
             xp.matmul(cols, d.transpose(0, 2, 1), out=gW[start:stop])

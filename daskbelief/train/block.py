@@ -10,6 +10,7 @@ of the protocol, without Dask) and as Dask actors (``block_actor.BlockActor``).
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,6 +23,25 @@ from daskbelief.train.pieces import DensePiece, LocallyConnectedPiece, piece_op,
 
 def _rows(box):
     return slice(*box[0])
+
+
+@dataclass(frozen=True)
+class Staged:
+    """In place of a block's input: it was sent ahead, while the previous step computed
+    (``partitioned.Blocks.step``'s ``ahead``), by the handle ``sender`` as its ``number``-th."""
+
+    sender: str
+    number: int
+
+    @property
+    def key(self) -> tuple:
+        return ("input", self.sender, self.number)
+
+    def supersedes(self, key: tuple) -> bool:
+        """Whether inbox ``key`` is an input sent ahead that can no longer be asked for: an
+        earlier one of the same sender, or one of another sender."""
+        return (len(key) == 3 and key[0] == "input"
+                and (key[1] != self.sender or key[2] < self.number))
 
 
 class Block:
@@ -66,6 +86,8 @@ class Block:
         op.partial_from = [t.src for t in ts if t.kind == "partial" and t.layer == layer and t.dst == me]
         prev = [p for p in self.plan.pieces[layer - 1] if p.block == me] if layer > 0 else []
         op.local_in = intersect(prev[0].out_box, op.piece.in_box) if prev else None
+        if isinstance(op, LocallyConnectedPiece):
+            op.order([box for _, box in op.act_to], [box for _, box in op.act_from])
 
     # -- transport ------------------------------------------------------------------------
     def _send(self, dst: int, key: tuple, array) -> None:
@@ -86,6 +108,16 @@ class Block:
     async def _recv(self, key: tuple):
         value = await self._slot(key)
         del self._inbox[key]
+        return value
+
+    async def _input(self, x):
+        """The block's input: ``x``, or the one sent ahead as ``x`` says (``Staged``). Inputs
+        staged earlier and never asked for (their step failed) are dropped."""
+        if not isinstance(x, Staged):
+            return x
+        value = await self._recv(x.key)
+        for key in [k for k in self._inbox if x.supersedes(k)]:
+            del self._inbox[key]
         return value
 
     # -- one minibatch ----------------------------------------------------------------------
@@ -109,13 +141,12 @@ class Block:
             if isinstance(op, DensePiece):
                 dx = await self._dense_backward(op, acts, inputs[layer], dout if op.own is not None else None,
                                                 tag, n)
+                if dx is not None:
+                    self._send_deltas(op, dx, tag)
             else:
-                dx = await self._compute(op.backward, op.p, op.g, caches[layer], dout, layer > 0)
-            if dx is None:
-                continue
-            dxs[layer] = dx
-            for src, box in op.act_from:
-                self._send(src, (tag, "delta", layer, self.index), dx[relative(box, op.piece.in_box)])
+                dx = await self._lc_backward(op, caches[layer], dout, layer > 0, tag)
+            if dx is not None:
+                dxs[layer] = dx
         if regularize and self.model.l2:
             loss += await self._compute(self._l2)
         await self._flush()
@@ -125,6 +156,7 @@ class Block:
         """The forward pass through this block's pieces, sending neighbours what they need:
         (activations, dense inputs, locally connected caches), by layer."""
         acts, inputs, caches = {}, {}, {}
+        x = await self._input(x)
         for op in self.ops:
             layer = op.piece.layer
             if layer == 0:
@@ -139,12 +171,38 @@ class Block:
                 if op.own is not None:
                     received = [await self._recv((tag, "partial", layer, s)) for s in op.partial_from]
                     acts[layer] = await self._compute(op.activate, op.p, partial, received)
+                    self._send_acts(op, acts[layer], tag)
             else:
-                acts[layer], caches[layer] = await self._compute(op.forward, op.p, xin)
-            for dst, box in op.act_to:
-                self._send(dst, (tag, "act", layer + 1, self.index),
-                           acts[layer][relative(box, op.piece.out_box)])
+                acts[layer], caches[layer] = await self._lc_forward(op, xin, tag)
         return acts, inputs, caches
+
+    async def _lc_forward(self, op, xin, tag):
+        """A locally connected piece's forward: the outputs neighbours read first, sent while
+        the rest computes (``LocallyConnectedPiece.order``)."""
+        for i, positions in enumerate(op.forward_parts):
+            out = await self._compute(op.forward, op.p, xin, positions)
+            if i == 0:
+                self._send_acts(op, out[0], tag)
+        return out
+
+    async def _lc_backward(self, op, cache, dout, input_grad: bool, tag):
+        """A locally connected piece's backward: the input deltas neighbours wait for first,
+        sent while the rest computes."""
+        for i, positions in enumerate(op.backward_parts):
+            dx = await self._compute(op.backward, op.p, op.g, cache, dout, input_grad, positions, i > 0)
+            if i == 0 and dx is not None:
+                self._send_deltas(op, dx, tag)
+        return dx
+
+    def _send_acts(self, op, act, tag) -> None:
+        """The piece's outputs to the blocks whose next piece reads them."""
+        for dst, box in op.act_to:
+            self._send(dst, (tag, "act", op.piece.layer + 1, self.index), act[relative(box, op.piece.out_box)])
+
+    def _send_deltas(self, op, dx, tag) -> None:
+        """The deltas of the piece's inputs back to the blocks that sent those inputs."""
+        for src, box in op.act_from:
+            self._send(src, (tag, "delta", op.piece.layer, self.index), dx[relative(box, op.piece.in_box)])
 
     async def run_forward(self, tag, x, n: int):
         """The forward pass alone: on the head block the model's outputs ``(n, n_outputs)``
@@ -245,10 +303,12 @@ class Block:
 # -- one process -----------------------------------------------------------------------------
 
 class _LocalBlock(Block):
-    """Messages handed over in memory; arithmetic inline (one thread, deterministic)."""
+    """Messages handed over in memory; arithmetic inline (one thread, deterministic). A message
+    is copied when sent, as the wire does: a block that went on writing what it had sent would
+    make this oracle differ from the model's gradient."""
 
     def _send(self, dst, key, array):
-        self.peers[dst]._deliver(key, array)
+        self.peers[dst]._deliver(key, array.copy())
 
 
 def split_inputs(plan: Plan, X) -> dict[int, np.ndarray]:

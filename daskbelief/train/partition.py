@@ -275,6 +275,10 @@ class Plan:
         """Input values per example the replica sends this block (its layer-0 piece's halo)."""
         return sum(box_size(p.in_box) for p in self.pieces[0] if p.block == block)
 
+    def input_blocks(self) -> list[int]:
+        """The blocks whose layer-0 piece reads the model's input."""
+        return [p.block for p in self.pieces[0]]
+
     def input_block(self) -> int:
         """The block the replica sends the most input values (the first such): a replica placed
         on its worker hands it that share of every batch without crossing the network."""

@@ -11,7 +11,7 @@ import numpy as np
 
 from daskbelief.backend import namespace
 from daskbelief.nn.layers import Scratch, layer_from_dict
-from daskbelief.train.partition import box_shape, box_size
+from daskbelief.train.partition import box_shape, box_size, relative
 
 
 def views(vector, slots) -> dict:
@@ -19,9 +19,33 @@ def views(vector, slots) -> dict:
     return {name: vector[a:a + int(np.prod(shape))].reshape(shape) for name, a, shape in slots}
 
 
+def runs(mask) -> list[tuple[int, int]]:
+    """The runs ``(start, stop)`` of True in ``mask`` read in C order."""
+    flat = np.concatenate([[False], np.ravel(mask), [False]])
+    edges = np.flatnonzero(flat[1:] != flat[:-1])
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
+
+
+def reading(lo: int, hi: int, kernel: int, stride: int, n_out: int) -> slice:
+    """The output positions along one axis whose receptive fields meet inputs ``[lo, hi)``
+    (valid padding: output ``i`` reads ``[i * stride, i * stride + kernel)``)."""
+    return slice(max(0, -(-(lo - kernel + 1) // stride)), min(n_out, (hi - 1) // stride + 1))
+
+
+def parts(mask) -> list[list[tuple[int, int]]]:
+    """The positions in two parts, the runs ``mask`` marks first and the rest after, or one
+    part when either is empty."""
+    first, rest = runs(mask), runs(~mask)
+    return [first, rest] if first and rest else [first or rest]
+
+
 class LocallyConnectedPiece:
     """A locally connected piece: the layer rebuilt on the piece's input halo, so its output is
-    exactly the piece's block of positions, and its weights are the piece's ranges in order."""
+    exactly the piece's block of positions, and its weights are the piece's ranges in order.
+
+    Forward computes first the positions whose outputs a neighbour reads, backward first those
+    that read inputs a neighbour sent (``order``): the block sends those while it computes the
+    rest, so a boundary's transfer overlaps the piece's own arithmetic instead of following it."""
 
     def __init__(self, piece, layer, offset: int):
         self.piece = piece
@@ -30,17 +54,34 @@ class LocallyConnectedPiece:
         shapes = self.layer.param_shapes()
         self.slots = [("W", offset, shapes["W"]), ("b", offset + piece.w_size, shapes["b"])]
         self.scratch = Scratch()
+        self.order([], [])
 
-    def forward(self, p, x):
-        out, cache = self.layer.forward(p, np.moveaxis(x, -1, 0), scratch=self.scratch)
+    def order(self, sent: list, received: list) -> None:
+        """Split the positions into the parts forward and backward compute in turn: ``sent``,
+        the boxes of outputs neighbours read; ``received``, the boxes of inputs they sent."""
+        ndim, layer = self.layer.ndim, self.layer
+        first = np.zeros(layer.out_spatial, dtype=bool)
+        for box in sent:
+            first[relative(box, self.piece.out_box)[:ndim]] = True
+        self.forward_parts = parts(first)
+        first = np.zeros(layer.out_spatial, dtype=bool)
+        for box in received:
+            local = relative(box, self.piece.in_box)[:ndim]
+            first[tuple(reading(s.start, s.stop, k, st, n) for s, k, st, n in
+                        zip(local, layer.kernel_size, layer.strides, layer.out_spatial))] = True
+        self.backward_parts = parts(first)
+
+    def forward(self, p, x, positions=None):
+        out, cache = self.layer.forward(p, np.moveaxis(x, -1, 0), scratch=self.scratch,
+                                        positions=positions)
         return np.moveaxis(out, 0, -1), cache
 
     def dout(self, xp, dtype, n):
         return self.scratch.empty("dout", (*box_shape(self.piece.out_box), n), dtype, xp)
 
-    def backward(self, p, g, cache, dout, input_grad: bool):
+    def backward(self, p, g, cache, dout, input_grad: bool, positions=None, add: bool = False):
         dx = self.layer.backward(p, cache, np.moveaxis(dout, -1, 0), g, input_grad,
-                                 scratch=self.scratch)
+                                 scratch=self.scratch, positions=positions, add=add)
         return None if dx is None else np.moveaxis(dx, 0, -1)
 
 

@@ -97,6 +97,18 @@ def _batches(store, spec: ReplicaSpec, done: int):
         epoch, skip = epoch + 1, 0
 
 
+def _with_next(batches):
+    """``((X, y), next X)`` for each batch (None after the last): a model-parallel replica sends
+    the next inputs to its blocks while they compute the step."""
+    batches = iter(batches)
+    current = next(batches, None)
+    for upcoming in batches:
+        yield current, upcoming[0]
+        current = upcoming
+    if current is not None:
+        yield current, None
+
+
 
 
 class _Link:
@@ -254,8 +266,10 @@ class _Stepper:
     def bound_waits(self) -> int:
         return self.link.bound_waits
 
-    def step(self, step: int, X, y) -> float | None:
-        """One minibatch; None when a shard was lost meanwhile (the step's gradient with it)."""
+    def step(self, step: int, X, y, ahead=None) -> float | None:
+        """One minibatch; None when a shard was lost meanwhile (the step's gradient with it).
+        ``ahead``, the next batch's inputs, is for model-parallel replicas (``_PartitionedStepper``);
+        a plain one reads its batch whole when its step comes."""
         spec, link = self.spec, self.link
         try:
             if fetch_due(step, spec.n_fetch):
@@ -382,15 +396,15 @@ class _PartitionedStepper:
         self.n_blocks = blocks.plan.n_blocks
         self._fetch()
 
-    def step(self, step: int, X, y) -> float | None:
+    def step(self, step: int, X, y, ahead=None) -> float | None:
         """One minibatch; None when a shard or a block was lost meanwhile (the step's gradient
-        with it)."""
+        with it). ``ahead``: the next batch's inputs, sent to the blocks during this step."""
         spec = self.spec
         push = push_due(self.accumulated + 1, spec.n_push)
         try:
             out = self.blocks.train_step(X, y, tag=(spec.run, spec.replica, step),
                                          fetch=fetch_due(step, spec.n_fetch), push=push,
-                                         steps_done=step + 1)
+                                         steps_done=step + 1, ahead=ahead)
         except DriverGone:
             raise
         except Exception as e:  # noqa: BLE001 -- sorted out by _recover: a shard, a block, or final
@@ -513,10 +527,10 @@ def _train(model, spec: ReplicaSpec, blocks, lease: LeaseWatch, attempt: int, do
     else:
         stepper = _plain_stepper(model, spec, done, lease)
     tally = _Tally(spec, worker, done)
-    for X, y in _batches(store, spec, done):
+    for (X, y), ahead in _with_next(_batches(store, spec, done)):
         if lease.expired():
             raise DriverGone(f"replica {spec.replica}: the driver's lease expired")
-        loss = stepper.step(tally.step, X, y)
+        loss = stepper.step(tally.step, X, y, ahead)
         if loss is None:
             continue
         report = tally.add(loss, len(X), stepper)
