@@ -66,12 +66,14 @@ class Doubled1D(LocallyConnected1D):
 
     type = "toy_doubled_1d"
 
-    def forward(self, p, x, scratch=None):
-        out, cache = super().forward(p, x, scratch=scratch)
+    def forward(self, p, x, scratch=None, positions=None):
+        out, cache = super().forward(p, x, scratch=scratch, positions=positions)
         return 2 * out, cache
 
-    def backward(self, p, cache, dout, grads, input_grad: bool = True, scratch=None):
-        return super().backward(p, cache, 2 * dout, grads, input_grad, scratch=scratch)
+    def backward(self, p, cache, dout, grads, input_grad: bool = True, scratch=None,
+                 positions=None, add: bool = False):
+        return super().backward(p, cache, 2 * dout, grads, input_grad, scratch=scratch,
+                                positions=positions, add=add)
 
 
 @pytest.fixture
