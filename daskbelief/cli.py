@@ -197,6 +197,8 @@ def _resume_command(args, lost) -> str:
     return shlex.join(words)
 
 
+METRICS_INCOMPLETE = ("the scheduler was lost as the run ended: its outputs are complete, its "
+                      "metrics.jsonl may lack the last events")
 COMMANDS = {"datasets": _datasets, "train": _train, "evaluate": _evaluate, "predict": _predict,
             "info": _info, "report": _report}
 
@@ -225,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if out is not None:
+        if out.get("metrics_complete") is False:
+            print(f"daskbelief {args.command}: {METRICS_INCOMPLETE}", file=sys.stderr)
         print(json.dumps(out, default=str))
     return 0
 

@@ -156,6 +156,19 @@ def _train(pipe: Pipeline, path: str, client, run_dir: Path, resume_from):
                      checkpoint_keep=every.get("keep", 3), resume_from=resume_from, **pipe.train)
 
 
+def _close_log(log, client, *, trained: bool, lost) -> bool:
+    """Close the run's event log; False when the scheduler was lost after training had ended,
+    so the last events may be missing from ``metrics.jsonl`` (the run's outputs are complete).
+    A run lost meanwhile (``lost``) is reported by its ``RunLost`` instead."""
+    try:
+        log.close()
+        return True
+    except Exception:  # noqa: BLE001 -- the scheduler is gone
+        if lost is not None or (trained and scheduler_lost(client)):
+            return False
+        raise
+
+
 def run(config: dict, out=None, *, name: str = "run", overwrite: bool = False, resume: bool = False,
         n_workers=None, scheduler=None, scheduler_file=None, jobqueue=None,
         progress_stream=None) -> dict:
@@ -181,7 +194,7 @@ def run(config: dict, out=None, *, name: str = "run", overwrite: bool = False, r
                          threads_per_worker=_threads_needed(pipe, n_workers),
                          jobqueue=jobqueue) as client:
         log = EventLog(client, path=run_dir / "metrics.jsonl", listeners=[progress])
-        lost = None
+        lost, result = None, None
         try:
             result = _train(pipe, path, client, run_dir, resume_from)
         except RunLost as e:
@@ -196,17 +209,14 @@ def run(config: dict, out=None, *, name: str = "run", overwrite: bool = False, r
             raise lost from e
         finally:
             progress.close()
-            try:
-                log.close()
-            except Exception:  # noqa: BLE001 -- the scheduler is gone: RunLost says so
-                if lost is None:
-                    raise
+            metrics_complete = _close_log(log, client, trained=result is not None, lost=lost)
     if result.params is not None:  # else the model is in its last checkpoint only
         np.save(run_dir / "params.npy", result.params)
     (run_dir / "normaliser.json").write_text(json.dumps(result.normaliser.to_dict()))
     (run_dir / "model.json").write_text(json.dumps(pipe.model.to_dict(), indent=2))
     summary = {**result.summary, "run_dir": str(run_dir), "dataset": path,
-               "checkpoint": None if result.checkpoint is None else str(result.checkpoint)}
+               "checkpoint": None if result.checkpoint is None else str(result.checkpoint),
+               "metrics_complete": metrics_complete}
     if resume_from is not None:
         summary["resumed_from"] = str(resume_from)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -112,7 +112,7 @@ class Block:
 
     async def _input(self, x):
         """The block's input: ``x``, or the one sent ahead as ``x`` says (``Staged``). Inputs
-        staged earlier and never asked for (their step failed) are dropped."""
+        sent ahead earlier and never asked for (their step failed) are dropped."""
         if not isinstance(x, Staged):
             return x
         value = await self._recv(x.key)

@@ -3,7 +3,8 @@
 A model-parallel replica is one ``block_actor.BlockActor`` per block of a ``partition.Plan``, each
 holding its parameter ranges (one local vector: the ranges concatenated). The handle starts and
 wires them, hands each its share of a minibatch at once (the input blocks their slice of X, the
-head block the labels) and waits for them; the blocks then exchange activations, partial sums and
+head block the labels; a caller that knows the next batch has its slices sent during the step,
+``ahead=``) and waits for them; the blocks then exchange activations, partial sums and
 deltas *directly*, actor to actor, one message per transfer of the plan (``block.Block``), so
 blocks that do not wait on each other (the horizontal pieces of a layer) compute at the same time.
 Activations are kept batch-last, ``(*box, n)`` as the locally connected layers store them, so a
