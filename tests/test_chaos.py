@@ -363,7 +363,7 @@ def test_a_scheduler_killed_ends_the_run_with_one_line_that_says_how_to_resume(t
     json.dumps(checkpoint.describe(last))  # the run directory is intact: its checkpoint reads
 
 
-def test_a_scheduler_lost_after_training_ended_leaves_the_outputs_and_says_what_may_lack(tmp_path):
+def test_closing_the_event_log_without_a_scheduler_tells_a_finished_run_apart(tmp_path):
     """``pipeline._close_log`` with the scheduler killed: after a run that finished training
     its log's close gives up (False: the last events may be missing), before one it raises,
     and a run reported lost (``RunLost``) is left to say so itself."""
