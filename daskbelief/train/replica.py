@@ -268,8 +268,8 @@ class _Stepper:
 
     def step(self, step: int, X, y, ahead=None) -> float | None:
         """One minibatch; None when a shard was lost meanwhile (the step's gradient with it).
-        ``ahead``, the next batch's inputs, is for model-parallel replicas (``_PartitionedStepper``);
-        a plain one reads its batch whole when its step comes."""
+        ``ahead`` (the next batch's inputs) is always None here: only a model-parallel replica
+        reads ahead (``_PartitionedStepper``)."""
         spec, link = self.spec, self.link
         try:
             if fetch_due(step, spec.n_fetch):
@@ -527,7 +527,10 @@ def _train(model, spec: ReplicaSpec, blocks, lease: LeaseWatch, attempt: int, do
     else:
         stepper = _plain_stepper(model, spec, done, lease)
     tally = _Tally(spec, worker, done)
-    for (X, y), ahead in _with_next(_batches(store, spec, done)):
+    batches = _batches(store, spec, done)
+    # only a model-parallel replica reads a batch ahead: it sends the inputs to its blocks early
+    paired = _with_next(batches) if blocks is not None else ((batch, None) for batch in batches)
+    for (X, y), ahead in paired:
         if lease.expired():
             raise DriverGone(f"replica {spec.replica}: the driver's lease expired")
         loss = stepper.step(tally.step, X, y, ahead)
