@@ -1,6 +1,9 @@
 """Partitioned replicas on a real LocalCluster: block actors exchanging activations and deltas."""
 from __future__ import annotations
 
+import threading
+import tracemalloc
+
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
@@ -234,28 +237,20 @@ class _Watch:
     exceed ``bound`` bytes, polling every 2 ms, so that a failure names what was allocated."""
 
     def __init__(self, bound: int):
-        import threading
-
         self.bound, self.snapshot, self._stop = bound, None, threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def _poll(self):
-        import tracemalloc
-
         while self.snapshot is None and not self._stop.wait(0.002):
             if tracemalloc.get_traced_memory()[0] > self.bound:
                 self.snapshot = tracemalloc.take_snapshot()
 
     def __enter__(self):
-        import tracemalloc
-
         tracemalloc.start(25)
         self._thread.start()
         return self
 
     def __exit__(self, *exc):
-        import tracemalloc
-
         self._stop.set()
         self._thread.join(timeout=5)
         self.peak = tracemalloc.get_traced_memory()[1]

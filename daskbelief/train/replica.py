@@ -109,8 +109,6 @@ def _with_next(batches):
         yield current, None
 
 
-
-
 class _Link:
     """A replica's traffic with the parameter server: fetches, bounded pushes in flight, recovery.
 
