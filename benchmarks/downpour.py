@@ -6,8 +6,9 @@ alone, and memory.
 run, side by side: the reference trainer runs in this process pinned to one BLAS thread, exactly
 like a nanny-started worker process. R = 4 and 8 are timed too where the machine has the cores.
 
-The rates are timed in interleaved rounds (reference, Downpour at n = 1, 5, 20, n = 1 with the
-replica and its shard in one worker process of 2 threads, then R = 1, 2, ...), each figure the
+The rates are timed in interleaved rounds (reference, Downpour at n = 1, 5, 20, n = 1 over TCP
+with shared memory off (``ps.shared``), n = 1 with the replica and its shard in one worker process
+of 2 threads, then R = 1, 2, ...), each figure the
 best round (the least disturbed by other work on the machine); the rounds' spread and the
 machine's load are printed beside them. ``--quick`` runs the same steps per
 measurement in fewer rounds (and builds a smaller dataset), so it reaches the full run's verdicts.
@@ -19,6 +20,7 @@ import tempfile
 import threading
 import time
 
+import dask.config
 import numpy as np
 import psutil
 from distributed import Client, LocalCluster, get_worker
@@ -162,6 +164,20 @@ def _push_many(ps, n: int) -> int:
     return n
 
 
+def _over_tcp(client, measure):
+    """``measure()`` with shared memory off on every worker (``ps.shared``): its processes then
+    talk over TCP, as processes of different hosts do."""
+    client.run(_share_memory, False)
+    try:
+        return measure()
+    finally:
+        client.run(_share_memory, True)
+
+
+def _share_memory(on: bool) -> None:
+    dask.config.set({"daskbelief.shared-memory": on})
+
+
 def _best_rates(measures: dict, rounds: int) -> tuple[dict, dict]:
     """Best samples/s of each named measurement over ``rounds`` interleaved rounds, and the
     rounds' spread."""
@@ -196,6 +212,9 @@ def run(quick: bool = False) -> dict:
             for n in (1, 5, 20):
                 measures[f"n{n}"] = lambda n=n: downpour_rate(client, model, store, replicas=1, n=n,
                                                               batch_size=batch, steps=steps)
+            # The same with the shard and the replica talking over TCP, as between hosts.
+            measures["n1_tcp"] = lambda: _over_tcp(client, lambda: downpour_rate(
+                client, model, store, replicas=1, n=1, batch_size=batch, steps=steps))
             # The replica and its shard in one worker process of 2 threads: pushes and fetches
             # are calls on the actor thread, arrays by reference (workarounds.LocalActor).
             measures["n1_one_process"] = lambda: downpour_rate(
@@ -211,6 +230,7 @@ def run(quick: bool = False) -> dict:
             print(f"reference trainer (1 thread): {ref:,.0f} samples/s "
                   f"(spread {100 * spreads['reference']:.1f}%)")
             labels = {f"n{n}": f"n_fetch=n_push={n:>2}" for n in (1, 5, 20)}
+            labels["n1_tcp"] = "n_fetch=n_push= 1, over TCP (shared memory off)"
             labels["n1_one_process"] = "n_fetch=n_push= 1, one process of 2 threads"
             for key, label in labels.items():
                 rate, sp = best[key], spreads[key]

@@ -26,8 +26,9 @@ import numpy as np
 class PushWindow:
     """The pushes in flight of one client, oldest first, and the buffers they hold."""
 
-    def __init__(self, size: int, max_in_flight: int, overlap: bool, dtype=np.float32):
-        self.size, self.dtype = size, dtype
+    def __init__(self, size: int, max_in_flight: int, overlap: bool, dtype=np.float32,
+                 allocate=np.empty):
+        self.size, self.dtype, self.allocate = size, dtype, allocate
         self.limit = max_in_flight if overlap else 0
         self.free: list[np.ndarray] = []
         self.made = 0
@@ -44,7 +45,7 @@ class PushWindow:
         if self.free:
             return self.free.pop()
         self.made += 1
-        return np.empty(self.size, dtype=self.dtype)
+        return self.allocate(self.size, self.dtype)
 
     def release(self, buf: np.ndarray) -> None:
         """Give back a buffer that will not be pushed (its gradient was lost with a shard)."""

@@ -14,9 +14,12 @@ from collections import deque
 import dask.config
 import numpy as np
 from dask.utils import parse_bytes
+from distributed import get_worker
 
 from daskbelief import waits
 from daskbelief.workarounds import actor_loop, local_actor, release_actors, start_actors, worker_info
+from daskbelief.optim.rules import make_rule
+from daskbelief.ps import shared
 from daskbelief.ps.compress import decode_into
 from daskbelief.ps.policy import overlaps, place_shards, shard_ranges
 from daskbelief.ps.shard import ParameterShard
@@ -68,9 +71,27 @@ class ParameterServer:
 
     def here(self) -> "ParameterServer":
         """This handle for use inside a worker task: shards held by this same worker process are
-        called directly (``LocalActor``), the others as usual."""
-        return ParameterServer([local_actor(s) for s in self.shards], self.ranges, None,
-                               self.rule_spec, self.backend)
+        called directly (``LocalActor``), those in other processes of its host through shared
+        memory (``ps.shared.SharedShard``), the others as usual; every shard of this host is
+        fetched from shared memory, without a call.
+
+        Not through shared memory under delay compensation: a shard then keeps what each
+        replica fetched, so fetches must reach it."""
+        shards = [local_actor(s) for s in self.shards]
+        try:
+            address = get_worker().address
+        except ValueError:  # not in a worker: nothing is near
+            address = None
+        if address is None or not shared.enabled() or make_rule(self.rule_spec).delay_compensation:
+            return ParameterServer(shards, self.ranges, None, self.rule_spec, self.backend)
+        try:
+            refs = self.wait_all([s.shared_ref() for s in shards], "shared memory",
+                                 timeout=WAIT_SLICE * 10)
+        except Exception:  # noqa: BLE001 -- a shard not answering is found lost by the next call
+            refs = [None] * len(shards)
+        shards = [shared.near(s, address, ref, local=s is not mine)
+                  for s, mine, ref in zip(shards, self.shards, refs)]
+        return ParameterServer(shards, self.ranges, None, self.rule_spec, self.backend)
 
     def addresses(self) -> list[str]:
         """The worker holding each shard."""
@@ -106,7 +127,8 @@ class ParameterServer:
         ``kind="bf16"``: the slices travel rounded to bf16 (``ps.compress``). ``replica``: who
         asks (a shard with delay compensation keeps what it sent).
         """
-        return [[(lo, s.fetch(lo, hi - lo, kind, replica)) for lo, hi in frames(b - a)]
+        return [[(0, s)] if kind is None and isinstance(s, shared.SharedShard)
+                else [(lo, s.fetch(lo, hi - lo, kind, replica)) for lo, hi in frames(b - a)]
                 for s, (a, b) in zip(self.shards, self.ranges)]
 
     def gather(self, replies, out=None, wait=None) -> tuple[np.ndarray, list[int]]:
@@ -115,7 +137,10 @@ class ParameterServer:
         out = np.empty(self.size, dtype=np.float32) if out is None else out
         wait = wait or (lambda r: self.wait(r, "a shard's parameters"))
         versions = []
-        for (a, _), parts in zip(self.ranges, replies):
+        for (a, b), parts in zip(self.ranges, replies):
+            if isinstance(parts[0][1], shared.SharedShard):  # read now, in this process
+                versions.append(parts[0][1].read_into(out[a:b]))
+                continue
             seen = []
             for lo, reply in parts:
                 values, version = wait(reply)
@@ -246,7 +271,7 @@ def push_slice(shard, grad, version: int, replica: str, offset: int, steps_done,
     """
     pack = (lambda lo, values: values) if encode is None else encode
     spans = frames(len(grad))
-    if len(spans) == 1:
+    if len(spans) == 1 or (encode is None and isinstance(shard, shared.SharedShard)):
         return shard.push(pack(0, grad), version, replica, offset, steps_done)
     part = (uuid.uuid4().hex, len(spans))
     calls = [functools.partial(shard.push, pack(lo, grad[lo:hi]), version, replica, offset + lo,

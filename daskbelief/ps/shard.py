@@ -9,15 +9,20 @@ each its own slice, and executes vector operations on them locally, returning on
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
+import weakref
 
 import numpy as np
+from distributed import get_worker
 
 from daskbelief.backend import all_finite, get_backend, namespace, to_numpy, unaligned
 from daskbelief.optim.rules import make_rule
 from daskbelief.optim.vectors import LocalVectors, finish_gradient  # the reference's own code
 from daskbelief.optim.staleness import delay_compensate
 from daskbelief.ps.asynchrony import Clocks, FetchedCopies
+from daskbelief.ps import shared
 from daskbelief.ps.compress import decode, payload_bytes, to_bf16
 
 STALENESS_BINS = 64  # staleness >= this lands in the last histogram bin
@@ -47,7 +52,15 @@ class ParameterShard:
             raise ValueError(f"shard {index}: got {len(values)} values for range [{start}, {stop})")
         xp = get_backend(backend)
         self.index, self.start, self.stop = index, start, stop
-        self.params = xp.array(values, dtype=np.float32, copy=True)
+        # on the host, in memory that replicas of this host map (``ps.shared``)
+        self.segment = shared.Segment.create(stop - start) if xp is np and shared.enabled() else None
+        if self.segment is None:
+            self.params = xp.array(values, dtype=np.float32, copy=True)
+        else:
+            self.params = self.segment.values
+            self.params[...] = np.asarray(values, dtype=np.float32)
+        self.attached = shared.Attached()  # replicas' push buffers mapped here
+        self.mailbox = self._open_mailbox()
         self.rule = make_rule(rule)
         self.state = self.rule.init(self.params)
         self.version = 0
@@ -87,6 +100,8 @@ class ParameterShard:
         bad replica must never poison the shared parameters.
         """
         xp = namespace(self.params)
+        if isinstance(grad, shared.Ref):  # a buffer of a replica on this host, read where it lies
+            grad = self.attached.view(grad)
         self.bytes_in += payload_bytes(grad)
         grad = self._aligned(xp.asarray(decode(grad)))
         size = APPLY_BLOCK if xp is np else max(len(grad), 1)  # a GPU wants one launch per pass
@@ -103,25 +118,60 @@ class ParameterShard:
         staleness = max(self.version - int(base_version), 0)
         scale = self.rule.step_scale(staleness)
         fetched = None if self.fetched is None else self.fetched.get(replica, int(base_version))
-        for g in blocks:
-            span = slice(offset, offset + len(g))
-            if fetched is not None:
-                g = delay_compensate(g, self.params[span], xp.asarray(fetched[span]),
-                                     self.rule.delay_compensation)
-            self.rule.apply(self.params[span], g, {k: v[span] for k, v in self.state.items()}, scale)
-            offset += len(g)
+        with self._writing():
+            for g in blocks:
+                span = slice(offset, offset + len(g))
+                if fetched is not None:
+                    g = delay_compensate(g, self.params[span], xp.asarray(fetched[span]),
+                                         self.rule.delay_compensation)
+                self.rule.apply(self.params[span], g, {k: v[span] for k, v in self.state.items()},
+                                scale)
+                offset += len(g)
+            if complete:
+                self._set_version(self.version + 1)
         self.compensated += fetched is not None and complete
         if not complete:
             return self.version
         self.staleness_hist[min(staleness, STALENESS_BINS - 1)] += 1
         self.staleness_sum += staleness
-        self.version += 1
         self.applied += 1
         self.per_replica[replica] = self.per_replica.get(replica, 0) + 1
         self.clocks.tick(replica, time.time())
         if steps_done is not None:  # what a checkpoint needs to resume the replica exactly
             self.replica_steps[replica] = max(self.replica_steps.get(replica, 0), int(steps_done))
         return self.version
+
+    def _open_mailbox(self):
+        """Where replicas of this host send pushes without distributed's messages
+        (``ps.shared.Mailbox``): run on the actor thread of the worker this shard lives in;
+        None outside a worker or without shared memory."""
+        try:
+            executor = get_worker().executors["actor"]
+        except (ValueError, KeyError):
+            return None
+        if self.segment is None:
+            return None
+        mailbox = shared.Mailbox(self.push, executor)
+        weakref.finalize(self, mailbox.close)
+        self.segment.ref = dataclasses.replace(self.segment.ref, mail=mailbox.fd)
+        return mailbox
+
+    def _writing(self):
+        """Held while the parameters change: a replica copying them out of shared memory waits
+        (``ps.shared``), so no fetch sees half an update."""
+        return contextlib.nullcontext() if self.segment is None else self.segment.locked()
+
+    def _set_version(self, version: int) -> None:
+        """The version, also where replicas reading shared memory find it (call while
+        ``_writing``)."""
+        self.version = version
+        if self.segment is not None:
+            self.segment.header[shared.VERSION] = version
+
+    def shared_ref(self):
+        """Where replicas of this host map the parameters (``ps.shared.Ref``); None when they
+        cannot (on a GPU, or shared memory off)."""
+        return None if self.segment is None else self.segment.ref
 
     def _aligned(self, grad):
         """``backend.aligned``, copying into a buffer this shard keeps: over TCP the frames of a
@@ -172,15 +222,18 @@ class ParameterShard:
         self.clocks.leave(replica)
 
     def stats(self) -> dict:
-        """Counters for monitoring and tests: updates applied/rejected, staleness, traffic."""
+        """Counters for monitoring and tests: updates applied/rejected, staleness, traffic (with
+        the fetches replicas of this host made from shared memory)."""
+        read = (0, 0) if self.segment is None else (
+            int(self.segment.header[shared.FETCHES]), int(self.segment.header[shared.BYTES_OUT]))
         return {
             "shard": self.index, "start": self.start, "stop": self.stop, "version": self.version,
-            "applied": self.applied, "rejected": self.rejected, "fetches": self.fetches,
+            "applied": self.applied, "rejected": self.rejected, "fetches": self.fetches + read[0],
             "compensated": self.compensated, "max_lead": self.clocks.max_lead,
             "per_replica": dict(self.per_replica), "replica_steps": dict(self.replica_steps),
             "staleness_hist": self.staleness_hist.tolist(),
             "staleness_mean": self.staleness_sum / self.applied if self.applied else 0.0,
-            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out + read[1],
             "uptime": time.time() - self.started,
             "params_finite": bool(namespace(self.params).isfinite(self.params).all()),
         }
@@ -222,10 +275,11 @@ class ParameterShard:
         if len(snapshot["params"]) != len(self.params):
             raise ValueError(f"shard {self.index}: checkpoint slice has {len(snapshot['params'])} "
                              f"values, shard has {len(self.params)}")
-        self.params[...] = xp.asarray(snapshot["params"])
+        with self._writing():
+            self.params[...] = xp.asarray(snapshot["params"])
+            self._set_version(int(snapshot["version"]))
         for k, v in snapshot["state"].items():
             self.state[k][...] = xp.asarray(v)
-        self.version = int(snapshot["version"])
         self.applied = int(snapshot.get("applied", 0))
         return self.version
 

@@ -25,6 +25,7 @@ from daskbelief.backend import get_backend, to_device, to_host
 from daskbelief.data import open_store
 from daskbelief.monitor import events
 from daskbelief.optim.staleness import must_wait
+from daskbelief.ps import shared
 from daskbelief.ps.compress import Feedback
 from daskbelief.ps.policy import place_blocks
 from daskbelief.ps.pushes import PushWindow, fetch_due, push_due
@@ -128,7 +129,8 @@ class _Link:
         generation, ps = self.var.get(timeout=CALL_TIMEOUT)
         self.generation, self.ps = generation, ps.here()
         self.replica = f"replica-{spec.replica}"
-        self.window = PushWindow(size, spec.max_in_flight, spec.overlap)
+        # buffers that shards on this host read where they lie (``ps.shared``)
+        self.window = PushWindow(size, spec.max_in_flight, spec.overlap, allocate=shared.empty)
         self.pending = None
         self.pushes_lost = 0
         self.feedback = (None if spec.compression is None

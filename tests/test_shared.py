@@ -1,0 +1,172 @@
+"""Shared memory between replicas and the parameter shards of their host (``ps.shared``).
+
+Real worker processes on one host: a replica's handle (``ParameterServer.here``) reads a shard
+in another process out of shared memory and pushes by naming its buffer. The oracles: the
+update rule applied in one process, and -- against torn reads -- a shard whose values are all
+equal after every complete update, so a fetch that saw half an update sees two values.
+"""
+from __future__ import annotations
+
+import os
+
+import dask.config
+import numpy as np
+import pytest
+from distributed import get_worker
+
+from daskbelief.cluster import worker_info
+from daskbelief.optim.rules import adagrad, make_rule
+from daskbelief.ps import shared
+from daskbelief.ps.server import ParameterServer
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="needs memfd_create (Linux)")
+
+
+def _push_from_shared_buffers(ps, grads):
+    """On a worker: each gradient written into a buffer from ``shared.empty`` and pushed (as the
+    replica's push window does), then the vector fetched; and how the handle reached the shard
+    and the pushes travelled."""
+    near = ps.here()
+    travelled = set()
+    for g in grads:
+        buf = shared.empty(len(g))
+        buf[:] = g
+        assert shared.ref_of(buf) is not None and shared.ref_of(buf[5:9]).offset == 5
+        replies = near.push_async(buf, [0] * len(near.shards))
+        travelled |= {type(r).__module__ + "." + type(r).__name__ for r in replies}
+        near.wait_all(replies, "pushes")
+    values, versions = near.fetch()
+    return [type(s).__name__ for s in near.shards], travelled, values, versions
+
+
+@pytest.mark.parametrize("where", ["another process", "the shards' process"])
+def test_a_replica_pushes_and_fetches_through_shared_memory_exactly(client, where):
+    rng = np.random.default_rng(4)
+    n = 300_001
+    params = rng.standard_normal(n).astype(np.float32)
+    grads = [rng.standard_normal(n).astype(np.float32) for _ in range(3)]
+    rule = adagrad(lr=0.03)
+    shard_worker, caller = sorted(worker_info(client))
+    caller = caller if where == "another process" else shard_worker
+    ps = ParameterServer.create(client, params, 2, rule, workers=[shard_worker])
+    try:
+        kinds, travelled, values, versions = client.submit(
+            _push_from_shared_buffers, ps, grads, workers=[caller], pure=False).result()
+        stats = ps.stats()
+    finally:
+        ps.close()
+    assert kinds == ["SharedShard", "SharedShard"]
+    # through the mailbox, or straight to the actor thread: never an actor call's message
+    assert travelled == {"concurrent.futures._base.Future"}
+    expect, state = params.copy(), rule.init(params)
+    for g in grads:
+        rule.apply(expect, g, state)
+    np.testing.assert_array_equal(values, expect)
+    assert versions == [3, 3]
+    assert [s["applied"] for s in stats] == [3, 3] and [s["fetches"] for s in stats] == [1, 1]
+    assert sum(s["bytes_in"] for s in stats) == 3 * 4 * n
+    assert sum(s["bytes_out"] for s in stats) == 4 * n
+
+
+def _read_while_pushed(ps, reads: int):
+    """On a worker: fetch ``reads`` times through shared memory; every distinct value and
+    version seen in each fetch."""
+    near = ps.here()
+    assert [type(s).__name__ for s in near.shards] == ["SharedShard"]
+    out, seen = None, []
+    for _ in range(reads):
+        out, versions = near.fetch(out)
+        seen.append((np.unique(out).tolist(), versions[0]))
+    return seen
+
+
+def test_a_fetch_from_shared_memory_never_sees_half_an_update(client):
+    # SGD with lr 1 and a gradient of -1 everywhere: after k updates every value is k, so a
+    # copy taken while the shard was writing holds two different values.
+    n = 2_000_000
+    rule = make_rule({"name": "sgd", "lr": 1.0})
+    shard_worker, caller = sorted(worker_info(client))
+    ps = ParameterServer.create(client, np.zeros(n, np.float32), 1, rule, workers=[shard_worker])
+    try:
+        reading = client.submit(_read_while_pushed, ps, 300, workers=[caller], pure=False)
+        grad = np.full(n, -1.0, np.float32)
+        pushes = 0
+        while not reading.done() and pushes < 2_000:
+            ps.push(grad, [0])
+            pushes += 1
+        seen = reading.result()
+    finally:
+        ps.close()
+    assert all(len(values) == 1 for values, _ in seen), [v for v, _ in seen if len(v) > 1][:3]
+    assert all(values[0] == version for values, version in seen)  # the version is the values'
+    versions = [version for _, version in seen]
+    assert versions == sorted(versions)
+    assert len(set(versions)) > 1, "no push landed while the replica read: nothing was tested"
+
+
+def _kinds_here(ps, on: bool = True):
+    """How a replica on this worker reaches each shard, shared memory allowed or not."""
+    with dask.config.set({"daskbelief.shared-memory": on}):
+        return [type(s).__name__ for s in ps.here().shards]
+
+
+def test_shards_are_reached_over_tcp_when_shared_memory_is_off_or_unusable(client):
+    shard_worker, caller = sorted(worker_info(client))
+    ps = ParameterServer.create(client, np.zeros(10, np.float32), 1, "adagrad", workers=[shard_worker])
+    dc = ParameterServer.create(client, np.zeros(10, np.float32), 1,
+                                {"name": "adagrad", "lr": 0.1, "delay_compensation": 0.5},
+                                workers=[shard_worker])
+    try:
+        assert client.submit(_kinds_here, ps, workers=[caller], pure=False).result() == ["SharedShard"]
+        assert client.submit(_kinds_here, ps, workers=[shard_worker], pure=False).result() == ["SharedShard"]
+        assert client.submit(_kinds_here, ps, False, workers=[shard_worker], pure=False).result() == ["LocalActor"]
+        assert client.submit(_kinds_here, ps, False, workers=[caller], pure=False).result() == ["Actor"]
+        # delay compensation keeps what each replica fetched: its fetches must reach the shard
+        assert client.submit(_kinds_here, dc, workers=[caller], pure=False).result() == ["Actor"]
+        ref = ps.shards[0].shared_ref().result()
+        forged = shared.Ref(ref.pid, ref.fd, ref.token + 1, ref.size)
+        assert client.submit(_near_with, ps, forged, workers=[caller], pure=False).result() == "Actor"
+    finally:
+        ps.close()
+        dc.close()
+
+
+def _near_with(ps, ref):
+    """How ``near`` reaches the shard given ``ref`` (one whose token is wrong: not its segment)."""
+    return type(shared.near(ps.shards[0], get_worker().address, ref)).__name__
+
+
+def test_push_buffers_are_plain_arrays_when_shared_memory_is_off():
+    with dask.config.set({"daskbelief.shared-memory": False}):
+        assert not shared.enabled()
+        assert type(shared.empty(4)) is np.ndarray and shared.ref_of(shared.empty(4)) is None
+    assert shared.enabled()
+    buf = shared.empty(8)
+    ref = shared.ref_of(buf[2:6])
+    assert ref.offset == 2 and ref.length == 4
+    assert shared.ref_of(np.empty(8, np.float32)) is None
+
+
+def _push_out_of_range(ps):
+    """On a worker: a push through the mailbox that the shard refuses; what the caller sees."""
+    shard = ps.here().shards[0]
+    buf = shared.empty(4)
+    buf[:] = 1.0
+    try:
+        shard.push(buf, 0, "replica-x", 8, None).result(timeout=30)
+    except shared.ShardError as e:
+        return type(shard).__name__, str(e)
+    return type(shard).__name__, "no error"
+
+
+def test_a_push_the_shard_refuses_fails_with_the_shards_error(client):
+    shard_worker, caller = sorted(worker_info(client))
+    ps = ParameterServer.create(client, np.zeros(10, np.float32), 1, "adagrad", workers=[shard_worker])
+    try:
+        kind, error = client.submit(_push_out_of_range, ps, workers=[caller], pure=False).result()
+        stats = ps.stats()[0]
+    finally:
+        ps.close()
+    assert kind == "SharedShard"
+    assert error.startswith("ValueError: shard 0: push of 4 values at offset 8"), error
+    assert stats["applied"] == 0 and stats["version"] == 0
