@@ -163,7 +163,7 @@ def explanations(paper: dict) -> list[str]:
             f"single-process Adagrad reference ({dp2['samples_per_s']:,.0f} vs "
             f"{ref['samples_per_s']:,.0f}), not 2x: the same two cores also run the parameter "
             "shards (Adagrad over 1.6M parameters per push), the driver's parameter snapshots and "
-            "the transfers. The paper's speed-ups came from hundreds of machines, where that "
+            "the copies in and out of shared memory. The paper's speed-ups came from hundreds of machines, where that "
             "overhead is spread thin.")
         lines.append(
             f"- **Progress per sample.** With n_fetch = n_push = {N_PUSH} (the paper's "
@@ -179,13 +179,13 @@ def explanations(paper: dict) -> list[str]:
     one = _row(paper, ONE_PROCESS)
     if one and dp2:
         lines.append(
-            f"- **One process per machine.** The same 2 replicas in one worker process of 2 "
-            f"threads move {one['samples_per_s']:,.0f} samples/s against "
-            f"{dp2['samples_per_s']:,.0f} in two single-threaded processes: each parameter "
-            "shard lives in the process of the replicas that call it, so pushes and fetches are "
-            "calls on the worker's actor thread with the arrays passed by reference, not messages "
-            "copied through TCP "
-            f"(time to target {_when(one)}).")
+            f"- **Processes of one host share memory.** The same 2 replicas move "
+            f"{dp2['samples_per_s']:,.0f} samples/s in two single-threaded worker processes and "
+            f"{one['samples_per_s']:,.0f} in one worker process of 2 threads. In both layouts a "
+            "replica copies every shard of its host out of shared memory and pushes to a shard "
+            "in another process by naming its buffer through a pipe (`ps/shared.py`): no message "
+            "is copied through TCP (time to target: two processes "
+            f"{_when(dp2)}, one process {_when(one)}).")
     if sb1 and sb2:
         ratio = sb2["samples_per_s"] / sb1["samples_per_s"]
         lines.append(
