@@ -215,8 +215,9 @@ def run(quick: bool = False) -> dict:
             # The same with the shard and the replica talking over TCP, as between hosts.
             measures["n1_tcp"] = lambda: _over_tcp(client, lambda: downpour_rate(
                 client, model, store, replicas=1, n=1, batch_size=batch, steps=steps))
-            # The replica and its shard in one worker process of 2 threads: pushes and fetches
-            # are calls on the actor thread, arrays by reference (workarounds.LocalActor).
+            # The replica and its shard in one worker process of 2 threads: pushes are calls on
+            # the actor thread with the arrays by reference (workarounds.LocalActor), fetches a
+            # copy out of the shard's memory (ps.shared).
             measures["n1_one_process"] = lambda: downpour_rate(
                 one_process, model, store, replicas=1, n=1, batch_size=batch, steps=steps)
             for r in counts:
