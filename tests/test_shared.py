@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from distributed import get_worker
 
+from daskbelief import waits
 from daskbelief.cluster import worker_info
 from daskbelief.optim.rules import adagrad, make_rule
 from daskbelief.ps import shared
@@ -170,3 +171,44 @@ def test_a_push_the_shard_refuses_fails_with_the_shards_error(client):
     assert kind == "SharedShard"
     assert error.startswith("ValueError: shard 0: push of 4 values at offset 8"), error
     assert stats["applied"] == 0 and stats["version"] == 0
+
+
+def _push_after_the_shard_dies(ps, ready: str, killed: str):
+    """On a worker: reach the shard through shared memory, say so, wait until its process was
+    killed, then push through its mailbox; the error the push raised."""
+    from distributed import Event
+
+    near = ps.here()
+    assert [type(s).__name__ for s in near.shards] == ["SharedShard"]
+    Event(ready).set()
+    assert Event(killed).wait(60), "the shard's process was not killed within 60 s"
+    buf = shared.empty(ps.size)
+    buf[:] = 1.0
+    try:
+        near.shards[0].push(buf, 0, "replica-x", 0, None).result(timeout=30)
+    except Exception as e:  # noqa: BLE001 -- what the caller meets is the point
+        return type(e).__name__
+    return "no error"
+
+
+def test_a_push_to_a_shard_whose_process_died_fails_at_once():
+    import signal
+
+    from distributed import Client, Event, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        shard_worker, caller = sorted(worker_info(client))
+        ps = ParameterServer.create(client, np.zeros(1000, np.float32), 1, "adagrad",
+                                    workers=[shard_worker])
+        outcome = client.submit(_push_after_the_shard_dies, ps, "shm-ready", "shm-killed",
+                                workers=[caller], pure=False)
+        assert Event("shm-ready", client=client).wait(60), "the caller never reached the shard"
+        pid = client.run(os.getpid, workers=[shard_worker])[shard_worker]
+        os.kill(pid, signal.SIGKILL)
+        waits.until(lambda: not os.path.exists(f"/proc/{pid}"), timeout=60, every=0.05,
+                    what=f"the shard's process {pid} to be gone after SIGKILL")
+        Event("shm-killed", client=client).set()
+        # A push sent as the process dies is never answered (its caller's wait gives up, as for
+        # an actor call); one sent after fails at once instead of waiting for nobody.
+        assert outcome.result(timeout=60) == "BrokenPipeError"
