@@ -2,8 +2,9 @@
 
 Over distributed's TCP, a fetch and a push between two processes of one machine each cost the
 sending and the receiving process about 0.7 CPU seconds per GB (serialising, loopback socket,
-reading back) on the very cores the replicas compute on. On a 2-core machine, Downpour's two
-processes spent a third of their time so. Between processes of one host nothing needs to move:
+reading back) on the very cores the replicas compute on; on a 2-core machine each of Downpour's
+two processes had its event loop busy a third of the time. Between processes of one host nothing
+needs to move:
 
 * a shard keeps its parameters in a segment (``Segment``: an anonymous memory file,
   ``memfd_create``) that replicas on its host map; a fetch is one copy out of it, under a lock
@@ -16,12 +17,13 @@ processes spent a third of their time so. Between processes of one host nothing 
   replica's process (``Answers``). An actor call's message costs both event loops a
   millisecond or more of CPU each way; a pipe costs microseconds.
 
-A shard's updates, versions and counters are what they are over TCP; a push to a shard whose
-process died fails on the pipe, and its answer never comes (the caller's wait gives up as for
-an actor call). A segment is found through ``/proc/<pid>/fd/<fd>`` of
-its owner and checked against a random token, so a process that cannot open it (another host
-with the same address, another PID namespace, not Linux) uses TCP as before. A segment lives
-while any process maps it: a killed process leaves nothing behind in a filesystem.
+A shard's updates, versions and counters are what they are over TCP. A push to a shard whose
+process is gone fails on the pipe (``BrokenPipeError``); one sent as it dies is never answered,
+and the caller's wait gives up as for an actor call. A segment is found through
+``/proc/<pid>/fd/<fd>`` of its owner and checked against a random token, so a process that
+cannot open it (another host with the same address, another PID namespace, not Linux) uses TCP
+as before. A segment lives while any process maps it: a killed process leaves nothing behind in
+a filesystem.
 ``daskbelief.shared-memory: false`` (dask config) turns it all off.
 """
 from __future__ import annotations
@@ -163,7 +165,7 @@ def ref_of(values: np.ndarray) -> Ref | None:
     if not isinstance(values, np.ndarray) or values.dtype != np.float32 or not values.flags.c_contiguous:
         return None
     at = values.ctypes.data
-    for start, (end, ref) in _buffers.items():
+    for start, (end, ref) in list(_buffers.items()):  # a finalizer may drop one meanwhile
         if start <= at and at + values.nbytes <= end:
             return ref.part((at - start) // 4, len(values))
     return None
