@@ -151,15 +151,20 @@ def test_a_frame_no_shard_answers_ends_the_push_as_a_lost_server(monkeypatch):
         asyncio.run(push())
 
 
-def _push_compressed_and_fetch(ps, grad, kind):
-    """On a worker: one push compressed with error feedback, then the fetched vector."""
+def _push_compressed_and_fetch(ps, grad, kind, near=False):
+    """On a worker: one push compressed with error feedback, then the fetched vector; ``near``:
+    through the handle a replica uses (``here``: the shard then shares this host's memory, and
+    a compressed push still travels frame by frame to the actor)."""
+    ps = ps.here() if near else ps
+    assert [type(s).__name__ for s in ps.shards] == (["SharedShard"] if near else ["Actor"])
     feedback = Feedback(kind)
     ps.wait_all(ps.push_async(grad, [0] * len(ps.shards), encode=feedback.encode), "push")
     whole, _ = ps.fetch()
     return whole, sorted(feedback.residual)
 
 
-def test_a_compressed_slice_of_several_frames_travels_frame_by_frame(small_frames):
+@pytest.mark.parametrize("near", [False, True], ids=["handle", "replica-handle"])
+def test_a_compressed_slice_of_several_frames_travels_frame_by_frame(small_frames, near):
     """bf16 pushes take the same frame-by-frame path: each frame is encoded on its own (its own
     residual), none is reassembled on arrival, and the shard applies exactly the rounded values."""
     client = small_frames
@@ -171,7 +176,7 @@ def test_a_compressed_slice_of_several_frames_travels_frame_by_frame(small_frame
     shard_worker, caller = sorted(worker_info(client))
     ps = ParameterServer.create(client, params, 1, rule, workers=[shard_worker])
     try:
-        whole, keys = client.submit(_push_compressed_and_fetch, ps, grad, "bf16",
+        whole, keys = client.submit(_push_compressed_and_fetch, ps, grad, "bf16", near,
                                     workers=[caller], pure=False).result()
         stats = ps.stats()[0]
     finally:

@@ -269,9 +269,13 @@ def push_slice(shard, grad, version: int, replica: str, offset: int, steps_done,
     frame starting at ``lo`` (frames are cut by float32 size, so a compressed one is smaller
     still); every frame is encoded here, in the caller, before any is sent.
     """
+    if isinstance(shard, shared.SharedShard):  # by name in one call; compressed, as any push
+        if encode is None:
+            return shard.push(grad, version, replica, offset, steps_done)
+        shard = shard.actor
     pack = (lambda lo, values: values) if encode is None else encode
     spans = frames(len(grad))
-    if len(spans) == 1 or (encode is None and isinstance(shard, shared.SharedShard)):
+    if len(spans) == 1:
         return shard.push(pack(0, grad), version, replica, offset, steps_done)
     part = (uuid.uuid4().hex, len(spans))
     calls = [functools.partial(shard.push, pack(lo, grad[lo:hi]), version, replica, offset + lo,

@@ -315,7 +315,7 @@ class SharedShard:
     calls pass arrays by reference already)."""
 
     def __init__(self, actor, segment: Segment, local: bool = False):
-        self._actor, self.segment, self._local = actor, segment, local
+        self.actor, self.segment, self._local = actor, segment, local
         self._address, self.key = actor._address, actor.key
         self._mail = None
         if segment.ref.mail is not None and not local:
@@ -326,7 +326,7 @@ class SharedShard:
     def __getattr__(self, name):
         if name.startswith("_"):
             raise AttributeError(name)
-        return getattr(self._actor, name)
+        return getattr(self.actor, name)
 
     def read_into(self, out: np.ndarray) -> int:
         """Copy the shard's parameters into ``out``; the version they are (counted as a fetch)."""
@@ -342,7 +342,7 @@ class SharedShard:
         mailbox when it has one."""
         ref = None if self._local else ref_of(grad)
         if ref is None or self._mail is None:
-            return self._actor.push(grad if ref is None else ref, *args)
+            return self.actor.push(grad if ref is None else ref, *args)
         box = answers()
         call, future = box.expect()
         try:
