@@ -57,6 +57,13 @@ def enabled() -> bool:
     return hasattr(os, "memfd_create") and bool(dask.config.get("daskbelief.shared-memory", True))
 
 
+def reopen(pid: int, fd: int, flags: int) -> int:
+    """A new descriptor of what process ``pid`` holds as ``fd`` (a memory file, a pipe):
+    how processes of one host reach each other's segments and pipes. ``OSError`` when this
+    process may not (another PID namespace, no such process or descriptor)."""
+    return os.open(f"/proc/{pid}/fd/{fd}", flags | os.O_CLOEXEC)
+
+
 @dataclass(frozen=True)
 class Ref:
     """Where ``length`` float32 values lie: ``offset`` values into segment ``(pid, fd, token)``."""
@@ -100,18 +107,18 @@ class Segment:
     def attach(cls, ref: Ref) -> "Segment":
         """Map the segment ``ref`` names; ``OSError`` when this process cannot (another host,
         another PID namespace, its owner gone) or finds another segment there."""
-        path = f"/proc/{ref.pid}/fd/{ref.fd}"
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        fd = reopen(ref.pid, ref.fd, os.O_RDWR)
+        wrong = OSError(f"/proc/{ref.pid}/fd/{ref.fd} is not the segment asked for")
         try:
             if os.fstat(fd).st_size != 8 * HEADER + 4 * ref.size:
-                raise OSError(f"{path} is not the segment asked for")
+                raise wrong
             segment = cls(fd, ref.size)
         except BaseException:
             os.close(fd)
             raise
         if int(segment.header[TOKEN]) != ref.token:
             segment.close()
-            raise OSError(f"{path} is not the segment asked for")
+            raise wrong
         segment.ref = ref
         return segment
 
@@ -242,7 +249,7 @@ class Mailbox:
         answer = (call, None, f"{type(error).__name__}: {error}") if error else (call, done.result(), None)
         try:
             if to not in self._answers:
-                self._answers[to] = os.open(f"/proc/{to[0]}/fd/{to[1]}", os.O_WRONLY | os.O_CLOEXEC)
+                self._answers[to] = reopen(*to, os.O_WRONLY)
             send(self._answers[to], answer)
         except OSError:  # the replica's process is gone: nobody waits for this answer
             self._answers.pop(to, None)
@@ -319,8 +326,7 @@ class SharedShard:
         self._address, self.key = actor._address, actor.key
         self._mail = None
         if segment.ref.mail is not None and not local:
-            self._mail = os.open(f"/proc/{segment.ref.pid}/fd/{segment.ref.mail}",
-                                 os.O_WRONLY | os.O_CLOEXEC)
+            self._mail = reopen(segment.ref.pid, segment.ref.mail, os.O_WRONLY)
             weakref.finalize(self, os.close, self._mail)
 
     def __getattr__(self, name):
