@@ -53,6 +53,18 @@ def test_numpy_round_trip_with_metadata_and_standardisation(tmp_path):
     assert os.listdir(tmp_path) == ["s.zarr"]  # no temporary left behind
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_writing_a_store_leaves_the_callers_arrays_as_they_were(tmp_path, dtype):
+    # A float64 block once had the train mean subtracted from it in place while its moments
+    # were summed: a user's array changed under them (scikit-learn's wine data, say).
+    X, y = arrays()
+    X = (X * 10 + 100).astype(dtype)
+    before = X.copy()
+    path = write_dataset(tmp_path / "s.zarr", (X, y), chunk_rows=64)
+    np.testing.assert_array_equal(X, before)
+    np.testing.assert_allclose(open_store(path).read()[0], standardised(X, X), atol=2e-5)
+
+
 def test_out_of_core_blocks_of_any_size_round_trip(tmp_path):
     X, y = arrays(1003, shape=(4, 3), dtype=np.uint8, classes=7)
     cuts = [0, 1, 50, 51, 300, 777, 1003]

@@ -64,12 +64,12 @@ class Moments:
         self.n, self.shift, self.s1, self.s2 = 0, None, None, None
 
     def update(self, X) -> None:
-        flat = np.asarray(X, dtype=np.float64).reshape(len(X), -1)
+        flat = np.asarray(X, dtype=np.float64).reshape(len(X), -1)  # the caller's, if float64
         if self.shift is None:
             self.shift = flat.mean(axis=0)
             self.s1 = np.zeros_like(self.shift)
             self.s2 = np.zeros_like(self.shift)
-        flat -= self.shift
+        flat = flat - self.shift  # never in place: a float64 block is the caller's own array
         self.n += len(flat)
         self.s1 += flat.sum(axis=0)
         self.s2 += np.einsum("ij,ij->j", flat, flat)
