@@ -64,11 +64,17 @@ def _reference_rate(model, store, batch_size: int, steps: int) -> float:
 
 
 def downpour_rate(client, model, store, *, replicas: int, n: int, batch_size: int, steps: int,
-                  shards: int = 1, device: str | None = None) -> float:
-    """Samples/s of one Downpour run with n_fetch = n_push = ``n``."""
+                  shards: int = 1, device: str | None = None, shared: float | None = None) -> float:
+    """Samples/s of one Downpour run with n_fetch = n_push = ``n``. ``shared``: the share of its
+    replica-shard pairs that must have met in shared memory (the transport a row's label names;
+    a run that fell back to TCP unnoticed would mislabel its row)."""
     result = downpour(model, store, client=client, replicas=replicas, shards=shards, n_fetch=n,
                       n_push=n, rule=RULE, batch_size=batch_size, steps=steps, report_every=10,
                       device=device)
+    got = result.summary["shared_memory_fraction"]
+    if shared is not None and got != shared:
+        raise RuntimeError(f"{got} of the run's replica-shard pairs met in shared memory, "
+                           f"expected {shared}")
     return result.summary["samples_per_second"]
 
 
@@ -211,19 +217,21 @@ def run(quick: bool = False) -> dict:
             measures = {"reference": lambda: _reference_rate(model, store, batch, steps)}
             for n in (1, 5, 20):
                 measures[f"n{n}"] = lambda n=n: downpour_rate(client, model, store, replicas=1, n=n,
-                                                              batch_size=batch, steps=steps)
+                                                              batch_size=batch, steps=steps,
+                                                              shared=1.0)
             # The same with the shard and the replica talking over TCP, as between hosts.
             measures["n1_tcp"] = lambda: _over_tcp(client, lambda: downpour_rate(
-                client, model, store, replicas=1, n=1, batch_size=batch, steps=steps))
+                client, model, store, replicas=1, n=1, batch_size=batch, steps=steps, shared=0.0))
             # The replica and its shard in one worker process of 2 threads: pushes are calls on
             # the actor thread with the arrays by reference (workarounds.LocalActor), fetches a
             # copy out of the shard's memory (ps.shared).
             measures["n1_one_process"] = lambda: downpour_rate(
-                one_process, model, store, replicas=1, n=1, batch_size=batch, steps=steps)
+                one_process, model, store, replicas=1, n=1, batch_size=batch, steps=steps,
+                shared=1.0)
             for r in counts:
                 measures[f"r{r}"] = lambda r=r: downpour_rate(client, model, store, replicas=r, n=5,
                                                               batch_size=batch, steps=steps,
-                                                              shards=shards_for(r))
+                                                              shards=shards_for(r), shared=1.0)
             best, spreads = _best_rates(measures, rounds)
             ref = best["reference"]
             out["reference_samples_per_s"] = ref

@@ -100,6 +100,7 @@ class Curve:
     accuracy: list = field(default_factory=list)
     samples: list = field(default_factory=list)
     samples_per_s: float = 0.0
+    shared_memory: float | None = None  # Downpour: share of replica-shard pairs that met there
 
     def add(self, t: float, acc: float, samples: float) -> None:
         self.times.append(float(t))
@@ -192,7 +193,8 @@ def _curve_from(result, name: str, cores: int, seed: int, snaps: list, test,
     """An engine's curve from the parameters its ``on_snapshot`` handed over (``snaps``:
     ``(seconds, params)``), evaluated now on ``test``; examples processed by then from the
     replicas' reports (``sampled_samples``) or from the mean rate."""
-    curve = Curve(name, cores, "paper", seed, samples_per_s=result.summary["samples_per_second"])
+    curve = Curve(name, cores, "paper", seed, samples_per_s=result.summary["samples_per_second"],
+                  shared_memory=result.summary.get("shared_memory_fraction"))
     accuracy = _accuracy(test)
     for t, params in snaps:
         samples = _samples_at(result.history, t) if sampled_samples else t * curve.samples_per_s
@@ -569,8 +571,9 @@ def run(quick: bool = False) -> dict:
         curves += [_sklearn("sklearn MLPClassifier adam", train, test, "adam", budget),
                    _sklearn("sklearn MLPClassifier lbfgs", train, test, "lbfgs", budget)]
     for c in curves:
+        transport = "" if c.shared_memory is None else f", shared memory {c.shared_memory:.2f}"
         print(f"  {c.name} (seed {c.seed}): {len(c.times)} accuracy samples, "
-              f"{c.samples_per_s:,.0f} samples/s")
+              f"{c.samples_per_s:,.0f} samples/s{transport}")
     rows = _table(curves, target)
     _print(rows, target, budget)
     print(load_line("at the end"))

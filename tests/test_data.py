@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from itertools import islice
 
 import dask.array as da
 import numpy as np
@@ -175,6 +176,26 @@ def test_stream_runs_over_epochs(tmp_path):
     it = store.stream((0, 100), 40)
     sizes = [len(next(it)[0]) for _ in range(7)]
     assert sizes == [40, 40, 20, 40, 40, 20, 40]
+
+
+def test_stream_reads_ahead_across_epochs_and_gives_each_epochs_batches(tmp_path):
+    """The stream's batches are exactly each epoch's, windows carried over within an epoch and
+    never across one, whatever epoch it starts from."""
+    n = 1000
+    X = np.arange(n, dtype=np.float32)[:, None].repeat(2, axis=1)
+    store = open_store(write_dataset(tmp_path / "s.zarr", (X, np.zeros(n, int)), chunk_rows=64,
+                                     normalize=False))
+    shard = store.row_ranges(3)[1]   # 320 rows: windows of 128 leave carries, epochs end short
+    from daskbelief.data.batches import minibatches
+
+    def rows(batches):
+        return [b[0][:, 0].astype(int).tolist() for b in batches]
+
+    epochs = [rows(minibatches(store, shard, 48, 5, e, window_rows=128)) for e in range(2, 6)]
+    stream = rows(islice(minibatches(store, shard, 48, 5, 2, window_rows=128, epochs=None),
+                         sum(map(len, epochs))))
+    assert stream == [b for epoch in epochs for b in epoch]
+    assert shard[1] - shard[0] == 320 and [len(b) for b in epochs[0]] == [48] * 6 + [32]
 
 
 # -- bad input ------------------------------------------------------------------------------

@@ -212,3 +212,24 @@ def test_a_push_to_a_shard_whose_process_died_fails_at_once():
         # A push sent as the process dies is never answered (its caller's wait gives up, as for
         # an actor call); one sent after fails at once instead of waiting for nobody.
         assert outcome.result(timeout=60) == "BrokenPipeError"
+
+
+def _share_memory(on: bool) -> None:
+    dask.config.set({"daskbelief.shared-memory": on})
+
+
+def test_a_run_says_how_much_of_its_traffic_stayed_in_shared_memory(client, digits_path):
+    """One host: every replica reaches every shard through shared memory, unless it is off."""
+    from daskbelief.nn import Dense, Sequential
+    from daskbelief.train.downpour import downpour
+
+    model = Sequential((64,), [Dense(16, "relu"), Dense(10)])
+    on = downpour(model, digits_path, client=client, replicas=2, shards=2, steps=10)
+    client.run(_share_memory, False)
+    try:
+        off = downpour(model, digits_path, client=client, replicas=2, shards=2, steps=10)
+    finally:
+        client.run(_share_memory, True)
+    assert on.summary["shared_memory_fraction"] == 1.0
+    assert off.summary["shared_memory_fraction"] == 0.0
+    assert [o["shards_shared"] for o in off.replica_outcomes] == [0, 0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
+from itertools import count
 
 import numpy as np
 
@@ -55,35 +56,47 @@ def _check(store, shard, batch_size, seed, epoch) -> None:
 
 
 def minibatches(store, shard: tuple[int, int], batch_size: int, seed: int = 0, epoch: int = 0,
-                window_rows: int = WINDOW_ROWS):
-    """One epoch of ``(X, y)`` minibatches over ``shard`` of ``store`` (see the module docstring)."""
+                window_rows: int = WINDOW_ROWS, epochs: int | None = 1):
+    """``(X, y)`` minibatches over ``shard`` of ``store`` (see the module docstring) for ``epochs``
+    epochs from ``epoch`` (None: without end). One read runs ahead across epoch boundaries too,
+    so a new epoch's first batch does not wait for its first window."""
     _check(store, shard, batch_size, seed, epoch)
-    return _epoch(store, shard, batch_size, seed, epoch, max(1, window_rows // store.chunk_rows))
+    window_chunks = max(1, window_rows // store.chunk_rows)
+    numbers = count(epoch) if epochs is None else range(epoch, epoch + epochs)
+    windows = ((e, ranges, perm) for e in numbers
+               for ranges, perm in window_order(shard, store.chunk_rows, seed, e, window_chunks))
+    return _read_ahead(store, batch_size, windows)
 
 
-def _epoch(store, shard, batch_size, seed, epoch, window_chunks):
-    windows = window_order(shard, store.chunk_rows, seed, epoch, window_chunks)
-    carry = None  # rows left over from the previous window, fewer than a batch
+def _read_ahead(store, batch_size, windows):
+    """The minibatches of ``windows`` (``(epoch, ranges, perm)``), reading the next window while
+    the current one is consumed; an epoch's rows left over (fewer than a batch) end it."""
+    carry = None  # the epoch's rows left over from the previous window, fewer than a batch
     with ThreadPoolExecutor(1, thread_name_prefix="daskbelief-prefetch") as pool:
-        pending = pool.submit(read_window, store, *next(windows))
+        following = next(windows, None)
+        pending = None if following is None else pool.submit(read_window, store, *following[1:])
         while pending is not None:
             X, y = pending.result()
-            following = next(windows, None)
-            pending = None if following is None else pool.submit(read_window, store, *following)
-            at = 0
-            if carry is not None:
-                need = batch_size - len(carry[0])
-                X0 = np.concatenate([carry[0], X[:need]])
-                y0 = np.concatenate([carry[1], y[:need]])
-                if len(X0) < batch_size:
-                    carry = (X0, y0)
-                    continue
-                carry, at = None, need
-                yield X0, y0
-            full = at + (len(X) - at) // batch_size * batch_size
-            for i in range(at, full, batch_size):
-                yield X[i:i + batch_size], y[i:i + batch_size]
-            if full < len(X):
-                carry = (X[full:], y[full:])
+            epoch, following = following[0], next(windows, None)
+            pending = None if following is None else pool.submit(read_window, store, *following[1:])
+            carry = yield from _cut(carry, X, y, batch_size)
+            if carry is not None and (following is None or following[0] != epoch):
+                yield carry
+                carry = None
+
+
+def _cut(carry, X, y, batch_size):
+    """Yield the full minibatches of ``carry`` (rows left from the window before) followed by
+    ``(X, y)``; return the rows left over (None when none)."""
+    at = 0
     if carry is not None:
-        yield carry
+        need = batch_size - len(carry[0])
+        X0, y0 = np.concatenate([carry[0], X[:need]]), np.concatenate([carry[1], y[:need]])
+        if len(X0) < batch_size:
+            return X0, y0
+        yield X0, y0
+        at = need
+    full = at + (len(X) - at) // batch_size * batch_size
+    for i in range(at, full, batch_size):
+        yield X[i:i + batch_size], y[i:i + batch_size]
+    return (X[full:], y[full:]) if full < len(X) else None

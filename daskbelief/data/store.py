@@ -149,11 +149,9 @@ class DataStore:
         return minibatches(self, rows, batch_size, seed, epoch)
 
     def stream(self, rows: tuple[int, int], batch_size: int, seed: int = 0, start_epoch: int = 0):
-        """Minibatches over epochs ``start_epoch``, ``start_epoch + 1``, ... without end."""
-        epoch = start_epoch
-        while True:
-            yield from self.minibatches(rows, batch_size, seed, epoch)
-            epoch += 1
+        """Minibatches over epochs ``start_epoch``, ``start_epoch + 1``, ... without end (the same
+        batches as ``minibatches`` epoch by epoch, read ahead across epochs)."""
+        return minibatches(self, rows, batch_size, seed, start_epoch, epochs=None)
 
 
 def store_attrs(url) -> tuple[str, dict]:

@@ -320,8 +320,14 @@ def _elastic_driver(client, model, spec: ReplicaSpec, store, unit_chunks: int, m
 
 
 def _own_figures(driver, outcomes: list[dict], shard_stats: list[dict]) -> dict:
-    """Downpour's figures: the fate of the pushes, recoveries and restarts, staleness."""
-    return {"updates_applied": sum(s["applied"] for s in shard_stats),
+    """Downpour's figures: the fate of the pushes, recoveries and restarts, staleness, and how
+    much of the replicas' traffic stayed in shared memory (``shared_memory_fraction``: of the
+    replica-shard pairs, those of one host that reached each other through it; None when no
+    replica said, as model-parallel ones, whose blocks do the traffic)."""
+    near = [o["shards_shared"] for o in outcomes if o.get("shards_shared") is not None]
+    return {"shared_memory_fraction": (sum(near) / (len(near) * len(shard_stats))
+                                       if near and shard_stats else None),
+            "updates_applied": sum(s["applied"] for s in shard_stats),
             "updates_rejected": sum(s["rejected"] for s in shard_stats),
             "updates_lost": driver.updates_lost, "shard_recoveries": driver.recoveries,
             "replica_restarts": sum(o["attempt"] for o in outcomes),

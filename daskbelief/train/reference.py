@@ -27,12 +27,7 @@ def schedule(store, batch_size: int, seed: int, steps: int | None = None, epochs
         raise ValueError("give exactly one of steps= or epochs=")
     rows = store.row_ranges(1)[0]
     total = steps if steps is not None else epochs * store.steps_per_epoch(rows, batch_size)
-    epoch = 0
-    while total > 0:
-        for batch in islice(store.minibatches(rows, batch_size, seed=seed, epoch=epoch), total):
-            total -= 1
-            yield batch
-        epoch += 1
+    return islice(store.stream(rows, batch_size, seed=seed), total)
 
 
 def train_sgd(model, data, rule="adagrad", *, batch_size: int = 32, steps: int | None = None,

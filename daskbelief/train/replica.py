@@ -11,6 +11,7 @@ and stops when its driver's lease expires.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -87,15 +88,9 @@ def _batches(store, spec: ReplicaSpec, done: int):
     The schedule is epochs 0, 1, ... of the shard's minibatches in order, exactly what the
     reference trainer reads, cut at ``total_steps``.
     """
-    remaining = spec.total_steps - done
     epoch, skip = divmod(done, spec.steps_per_epoch)
-    while remaining > 0:
-        batches = islice(store.minibatches(spec.rows, spec.batch_size, seed=spec.seed, epoch=epoch),
-                         skip, skip + remaining)
-        for batch in batches:
-            remaining -= 1
-            yield batch
-        epoch, skip = epoch + 1, 0
+    return islice(store.stream(spec.rows, spec.batch_size, seed=spec.seed, start_epoch=epoch),
+                  skip, skip + max(spec.total_steps - done, 0))
 
 
 def _with_next(batches):
@@ -266,6 +261,11 @@ class _Stepper:
     def bound_waits(self) -> int:
         return self.link.bound_waits
 
+    @property
+    def shards_shared(self) -> int:
+        """Shards the replica reaches through shared memory (``ps.shared``), not over TCP."""
+        return sum(isinstance(s, shared.SharedShard) for s in self.link.ps.shards)
+
     def step(self, step: int, X, y, ahead=None) -> float | None:
         """One minibatch; None when a shard was lost meanwhile (the step's gradient with it).
         ``ahead`` (the next batch's inputs) is always None here: only a model-parallel replica
@@ -384,6 +384,7 @@ class _PartitionedStepper:
 
     MAX_REBUILDS = 10  # block sets one replica may recreate before its failure is final
     bound_waits = 0    # a staleness bound is refused with partition=
+    shards_shared = None  # the blocks reach the shards themselves
 
     def __init__(self, blocks, spec: ReplicaSpec, first_step: int, lease: LeaseWatch):
         self.blocks, self.spec, self.lease = blocks, spec, lease
@@ -530,24 +531,78 @@ def _train(model, spec: ReplicaSpec, blocks, lease: LeaseWatch, attempt: int, do
     batches = _batches(store, spec, done)
     # only a model-parallel replica reads a batch ahead: it sends the inputs to its blocks early
     paired = _with_next(batches) if blocks is not None else ((batch, None) for batch in batches)
-    for (X, y), ahead in paired:
-        if lease.expired():
-            raise DriverGone(f"replica {spec.replica}: the driver's lease expired")
-        loss = stepper.step(tally.step, X, y, ahead)
-        if loss is None:
-            continue
-        report = tally.add(loss, len(X), stepper)
-        if tally.step == spec.warmstart_steps:
-            Event(spec.name("warm")).set()
-        if report:
-            progress.set({"done": tally.step, "attempt": attempt})
-            if stop.is_set():
-                break
-    stepper.finish()
-    if spec.warmstart_steps:
-        Event(spec.name("warm")).set()  # never leave the others waiting, however short the shard
-    progress.set({"done": tally.step, "attempt": attempt})
+    reporter = _Reporter(progress, stop, attempt)
+    try:
+        for (X, y), ahead in paired:
+            if lease.expired():
+                raise DriverGone(f"replica {spec.replica}: the driver's lease expired")
+            loss = stepper.step(tally.step, X, y, ahead)
+            if loss is None:
+                continue
+            report = tally.add(loss, len(X), stepper)
+            if tally.step == spec.warmstart_steps:
+                Event(spec.name("warm")).set()
+            if report:
+                reporter.report(tally.step)
+                if reporter.stopping:
+                    break
+        stepper.finish()
+        if spec.warmstart_steps:
+            Event(spec.name("warm")).set()  # never leave the others waiting, however short the shard
+    finally:
+        reporter.close()
+    reporter.report_now(tally.step)
     return tally.outcome(stepper, attempt)
+
+
+class _Reporter:
+    """The replica's progress (the step a rerun resumes after) sent to the scheduler, and the
+    driver's stop signal read back, on a thread of their own: each is a round trip to the
+    scheduler, a millisecond or more on a busy host, that the training steps need not wait for.
+
+    ``report(done)`` hands over the latest count (a count not yet sent is replaced by a newer
+    one); ``stopping`` turns true once the driver said stop; ``close`` waits for the thread (what
+    it was sending lands, ``CALL_TIMEOUT`` at most), and ``report_now`` then sends the final count
+    itself, so that it lands last. An error of the thread is raised by the next ``report`` (the
+    final ``report_now`` meets its cause itself).
+    """
+
+    def __init__(self, progress, stop, attempt: int):
+        self.progress, self.stop, self.attempt = progress, stop, attempt
+        self.due, self.closing, self.stopping, self.error = None, False, False, None
+        self.wake = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name="daskbelief-progress", daemon=True)
+        self.thread.start()
+
+    def report(self, done: int) -> None:
+        if self.error is not None:
+            raise self.error
+        with self.wake:
+            self.due = done
+            self.wake.notify()
+
+    def report_now(self, done: int) -> None:
+        self.progress.set({"done": done, "attempt": self.attempt})
+
+    def _run(self) -> None:
+        while True:
+            with self.wake:
+                self.wake.wait_for(lambda: self.due is not None or self.closing)
+                done, self.due = self.due, None
+            if done is None:
+                return
+            try:
+                self.report_now(done)
+                self.stopping = self.stopping or self.stop.is_set()
+            except Exception as e:  # noqa: BLE001 -- handed to the training thread
+                self.error = e
+                return
+
+    def close(self) -> None:
+        with self.wake:
+            self.closing = True
+            self.wake.notify()
+        self.thread.join(timeout=CALL_TIMEOUT)
 
 
 class _Tally:
@@ -577,7 +632,7 @@ class _Tally:
     def outcome(self, stepper, attempt: int, **more) -> dict:
         return {"replica": self.spec.replica, "steps": self.step - self.first, "samples": self.samples,
                 "worker": self.worker, "attempt": attempt, "pushes_lost": stepper.pushes_lost,
-                "bound_waits": stepper.bound_waits,
+                "bound_waits": stepper.bound_waits, "shards_shared": stepper.shards_shared,
                 "loss": float(np.mean(self.losses)) if self.losses else float("nan"),
                 "staleness_mean": float(np.mean(stepper.staleness)) if stepper.staleness else 0.0,
                 **more}
