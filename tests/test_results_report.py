@@ -34,6 +34,20 @@ def test_explanations_quote_the_measured_figures_and_follow_the_outcome():
     assert "throughput buys back" in faster and "Sandblaster" not in faster
 
 
+def test_the_one_machine_explanation_follows_pytorchs_seeds_against_downpours():
+    dp2, torch2 = "Downpour Adagrad, 2 replicas", "PyTorch Adagrad, 2 threads"
+
+    def said(dp_seeds, torch_seeds) -> str:
+        rows = [{"method": m, "time_to_target": sorted(seeds)[1], "time_to_target_seeds": seeds,
+                 "samples_per_s": 1000.0} for m, seeds in ((dp2, dp_seeds), (torch2, torch_seeds))]
+        return "\n".join(explanations({"table": rows}))
+
+    assert "one process wins" in said([9.0, 9.5, 10.0], [7.0, 7.5, 8.0])
+    assert "Downpour still wins, on every seed" in said([7.0, 7.5, 8.0], [9.0, 9.5, 10.0])
+    level = said([8.3, 9.7, 8.7], [9.3, 9.4, 9.4])
+    assert "level within the seeds' spread" in level and "9.4 s (seeds: 9.3, 9.4, 9.4)" in level
+
+
 def test_results_list_the_replica_and_partition_counts_a_bigger_machine_timed():
     assert beyond_two({"downpour": {"scaling": {"r1": 1.0, "r2": 1.8}},
                        "model_parallel": {"speedup": {"lc": {"k1": 1.0, "k2": 1.6}}}}) == []
