@@ -564,7 +564,8 @@ class _Reporter:
     one); ``stopping`` turns true once the driver said stop; ``close`` waits for the thread (what
     it was sending lands, ``CALL_TIMEOUT`` at most), and ``report_now`` then sends the final count
     itself, so that it lands last. An error of the thread is raised by the next ``report`` (the
-    final ``report_now`` meets its cause itself).
+    final ``report_now`` meets its cause itself). ``progress`` None: the stop event only (an
+    elastic replica, whose progress the ledger keeps).
     """
 
     def __init__(self, progress, stop, attempt: int):
@@ -592,7 +593,8 @@ class _Reporter:
             if done is None:
                 return
             try:
-                self.report_now(done)
+                if self.progress is not None:
+                    self.report_now(done)
                 self.stopping = self.stopping or self.stop.is_set()
             except Exception as e:  # noqa: BLE001 -- handed to the training thread
                 self.error = e
@@ -676,7 +678,8 @@ def _train_elastic(model, spec: ReplicaSpec, units, ledger, leave, worker: str) 
         return leave.is_set()
 
     supply = _Supply(spec, units, ledger, tally, lambda: quitting() or stop.is_set())
-    status, piece, at, reported = None, None, None, False
+    watch = _Reporter(None, stop, 0)  # the stop event, read off the training thread
+    status, piece, at = None, None, None
     try:
         while status is None:
             piece, data = supply.next()
@@ -686,15 +689,17 @@ def _train_elastic(model, spec: ReplicaSpec, units, ledger, leave, worker: str) 
             supply.read_ahead()
             for at, (X, y) in enumerate(elastic.unit_batches(data, spec.batch_size, piece[2]),
                                         start=piece[2]):
-                if quitting() or (reported and stop.is_set()):
+                if quitting() or watch.stopping:
                     status = "stop"
                     break
                 loss = stepper.step(tally.step, X, y)
-                reported = loss is not None and tally.add(loss, len(X), stepper)
+                if loss is not None and tally.add(loss, len(X), stepper):
+                    watch.report(tally.step)
             else:
                 at += 1  # read to its end: said so by the next take, or by the leave
                 supply.finished += 1
     finally:
+        watch.close()
         supply.close()
     stepper.finish()
     status = "done" if status == "done" else "retired" if leave.is_set() else "stopped"
