@@ -10,7 +10,9 @@ The rates are timed in interleaved rounds (reference, Downpour at n = 1, 5, 20, 
 with shared memory off (``ps.shared``), n = 1 with the replica and its shard in one worker process
 of 2 threads, then R = 1, 2, ...), each figure the
 best round (the least disturbed by other work on the machine); the rounds' spread and the
-machine's load are printed beside them. ``--quick`` runs the same steps per
+machine's load are printed beside them. Then one R = 2, n = 1 run says where the cores of its
+worker processes went: the replicas' steps, the shards' updates, distributed's event loop, the
+rest (``where_the_cores_go``). ``--quick`` runs the same steps per
 measurement in fewer rounds (and builds a smaller dataset), so it reaches the full run's verdicts.
 """
 from __future__ import annotations
@@ -76,6 +78,66 @@ def downpour_rate(client, model, store, *, replicas: int, n: int, batch_size: in
         raise RuntimeError(f"{got} of the run's replica-shard pairs met in shared memory, "
                            f"expected {shared}")
     return result.summary["samples_per_second"]
+
+
+# Threads of a worker process by what they do, from their names: the task threads run the
+# replicas' steps, the actor thread the shards' updates, the main thread distributed's event loop.
+THREAD_KINDS = (("compute", "Dask-Default-Threads"), ("shard", "Dask-Actor-Threads"),
+                ("event loop", "MainThread"))
+
+
+def _thread_cpu() -> tuple[float, dict[int, tuple[str, float]]]:
+    """This worker process's CPU seconds, and each live thread's as ``{tid: (kind, seconds)}``
+    (kinds: ``THREAD_KINDS``, else "other"), from /proc (Linux)."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def cpu(stat: str) -> float:
+        with open(stat) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    threads = {}
+    for tid in os.listdir("/proc/self/task"):
+        name = names.get(int(tid), "")
+        kind = next((k for k, prefix in THREAD_KINDS if prefix in name), "other")
+        threads[int(tid)] = (kind, cpu(f"/proc/self/task/{tid}/stat"))
+    return cpu("/proc/self/stat"), threads
+
+
+def where_the_cores_go(client, run, every: float = 0.5) -> dict[str, float]:
+    """Cores each worker process spent, on average, by kind of thread while ``run()`` ran: how
+    much of a replica's core its steps got, and what the shards and distributed took. Threads
+    are sampled every ``every`` seconds, since a replica's thread ends with its task; "other"
+    is the rest of the process (threads of no listed kind, and what ended between samples)."""
+    samples, stop = [client.run(_thread_cpu)], threading.Event()
+
+    def sample():
+        while not stop.wait(every):
+            samples.append(client.run(_thread_cpu))
+
+    sampler, started = threading.Thread(target=sample, daemon=True), time.perf_counter()
+    sampler.start()
+    try:
+        run()
+    finally:
+        stop.set()
+        sampler.join()
+    samples.append(client.run(_thread_cpu))
+    wall = time.perf_counter() - started
+    per_worker = []
+    for w in samples[0]:
+        seen = {}  # each thread's last sample
+        for s in samples:
+            seen.update(s[w][1])
+        first = samples[0][w][1]
+        cores = {k: 0.0 for k, _ in THREAD_KINDS}
+        for tid, (kind, seconds) in seen.items():
+            if kind in cores:
+                cores[kind] += seconds - first.get(tid, (kind, 0.0))[1]
+        cores["other"] = samples[-1][w][0] - samples[0][w][0] - sum(cores.values())
+        per_worker.append({k: v / wall for k, v in cores.items()})
+    return {k: float(np.mean([c[k] for c in per_worker])) for k in per_worker[0]}
 
 
 class RssSampler:
@@ -251,6 +313,12 @@ def run(quick: bool = False) -> dict:
             for r in counts:
                 print(f"scaling (n=5): R={r} S={shards_for(r)} {best[f'r{r}']:,.0f} samples/s: "
                       f"{best[f'r{r}'] / best['r1']:.2f}x R=1 (spread {100 * spreads[f'r{r}']:.1f}%)")
+            cores = where_the_cores_go(client, lambda: downpour_rate(
+                client, model, store, replicas=2, n=1, batch_size=batch, steps=4 * steps,
+                shards=2, shared=1.0))
+            out["cores_per_worker_r2_n1"] = cores
+            print("where the cores go, R=2 S=2 n=1 (one replica per worker process), cores per "
+                  "process: " + ", ".join(f"{k} {v:.2f}" for k, v in cores.items()))
             print(load_line("after the rates"))
             out["load_1min_end"] = load()["load_1min"]
             peaks = sampler.stop()
