@@ -64,12 +64,14 @@ class Moments:
         self.n, self.shift, self.s1, self.s2 = 0, None, None, None
 
     def update(self, X) -> None:
-        flat = np.asarray(X, dtype=np.float64).reshape(len(X), -1)  # the caller's, if float64
+        # always a copy of its own (a float64 block would otherwise be the caller's array), then
+        # centred in place: one copy whatever the block's dtype
+        flat = np.array(X, dtype=np.float64).reshape(len(X), -1)
         if self.shift is None:
             self.shift = flat.mean(axis=0)
             self.s1 = np.zeros_like(self.shift)
             self.s2 = np.zeros_like(self.shift)
-        flat = flat - self.shift  # never in place: a float64 block is the caller's own array
+        flat -= self.shift
         self.n += len(flat)
         self.s1 += flat.sum(axis=0)
         self.s2 += np.einsum("ij,ij->j", flat, flat)
