@@ -6,6 +6,9 @@
   so it waits while long-running tasks hold every thread; and its future never completes if that
   worker dies. Actors are started with a deadline that names them, and the tasks that run for the
   whole training (replicas) call ``leave_thread_pool`` so that they hold no pool thread at all.
+  A worker that died after the caller listed it fails a scatter with a bare ``KeyError`` or a
+  ``CommClosedError`` and leaves an actor pinned to it waiting for ever: ``start_actors`` raises ``ConnectionError``
+  naming it, and callers placing on a list they fetched pass ``give_up`` (``recovery.gone``).
 * ``forget_sent_messages``: distributed keeps the last 1000 messages of every stream for
   debugging, live objects on an in-process scheduler: the handles in the arguments of the tasks
   that started blocks and replicas kept a finished run's shards and blocks alive;
@@ -149,7 +152,7 @@ def start_actors(client: Client, specs: list[tuple], timeout: float = ACTOR_STAR
     """
     scattered, futures = [], []
     for cls, worker, key, args in specs:
-        args = [client.scatter(a, workers=[worker], hash=False) if isinstance(a, np.ndarray) else a
+        args = [_scatter_to(client, a, worker, key) if isinstance(a, np.ndarray) else a
                 for a in args]
         scattered += [a for a in args if isinstance(a, Future)]
         futures.append(client.submit(cls, *args, actor=True, workers=[worker],
@@ -164,6 +167,17 @@ def start_actors(client: Client, specs: list[tuple], timeout: float = ACTOR_STAR
         for value in scattered:  # cancelling instead would cancel the actors that depend on them
             value.release()
     return actors, futures
+
+
+def _scatter_to(client: Client, value: np.ndarray, worker: str, key: str) -> Future:
+    """``value`` scattered to ``worker`` for actor ``key``; ``ConnectionError`` naming the worker
+    once it has died: the scheduler answers with a bare KeyError once it has dropped the worker,
+    with a ``CommClosedError`` (an ``OSError``) before."""
+    try:
+        return client.scatter(value, workers=[worker], hash=False)
+    except (KeyError, OSError) as e:
+        raise ConnectionError(f"worker {worker} left the cluster before actor {key} could start "
+                              "on it") from e
 
 
 def release_actors(futures, actors) -> None:

@@ -312,3 +312,26 @@ def test_a_finished_model_parallel_run_leaves_no_actor_behind(client, digits_pat
              steps=20, eval_every=1e-3, partition={"kind": "horizontal", "k": 2})
     waits.until(lambda: actors() == before, timeout=10.0,
                 what="the run's shards and blocks to leave the workers")
+
+
+@pytest.mark.parametrize("first", ["array", "made on the workers"])
+def test_blocks_placed_on_a_worker_that_has_just_died_give_up_naming_it(first):
+    """A placement made from a list the scheduler gave just before one of its workers died (a
+    rebuild racing a second loss): starting blocks there fails at once with ``ConnectionError``
+    naming the dead worker (the caller places them again), instead of an actor waiting for that
+    worker until ``ACTOR_START_TIMEOUT`` (a ``WaitTimeout`` two minutes later). The first
+    values go either way: scattered there from here, or made there by a task."""
+    from daskbelief.ps.sources import Fresh
+    from daskbelief.testing import chaos
+
+    seed = int(np.random.SeedSequence().entropy % 1000)
+    print(f"victim seed {seed}")
+    model = dense_model()
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      worker_dashboard_address=None) as cluster, Client(cluster) as c:
+        workers = sorted(worker_info(c))
+        victim = workers[np.random.default_rng(seed).integers(len(workers))]
+        chaos.kill_worker(c, victim)
+        with pytest.raises(ConnectionError, match=victim):
+            Blocks.start(c, P.horizontal(model, 2),
+                         model.init(0) if first == "array" else Fresh(model, 0), addresses=workers)

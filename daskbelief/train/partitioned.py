@@ -33,6 +33,7 @@ from daskbelief.ps.sources import Given, Ranged
 from daskbelief.train.block import Staged, block_values, gather_ranges, split_inputs
 from daskbelief.train.block_actor import BlockActor
 from daskbelief.train.partition import Plan
+from daskbelief.train.recovery import gone
 from daskbelief.workarounds import release_actors, start_actors, worker_info
 
 
@@ -107,16 +108,23 @@ class Blocks:
         if addresses is None:
             addresses = place_shards(list(worker_info(client)), plan.n_blocks)
         token = uuid.uuid4().hex[:8]
+        # a worker placed on that has just died (the scheduler still listed it) would leave the
+        # actor waiting for it for good and a call to it pending: give up once it has left
+        left = gone(client, addresses, "starting a model-parallel replica's blocks")
         actors, futures = start_actors(client, [
             (BlockActor, addr, f"partition-block-{k}-{token}",
              (plan, k, _first_values(client, plan, params, k, addr), ps, replica, overlap,
               max_in_flight))
-            for k, addr in enumerate(addresses)])
-        waits.results([a.connect(actors) for a in actors], timeout=CALL_TIMEOUT,
-                      what=f"{len(actors)} blocks to connect to each other")
-        if params is None:
-            waits.results([a.fetch() for a in actors], timeout=CALL_TIMEOUT,
-                          what=f"{len(actors)} blocks to fetch their ranges")
+            for k, addr in enumerate(addresses)], give_up=left)
+        try:
+            waits.results([a.connect(actors) for a in actors], timeout=CALL_TIMEOUT, give_up=left,
+                          what=f"{len(actors)} blocks to connect to each other")
+            if params is None:
+                waits.results([a.fetch() for a in actors], timeout=CALL_TIMEOUT, give_up=left,
+                              what=f"{len(actors)} blocks to fetch their ranges")
+        except BaseException:
+            release_actors(futures, actors)
+            raise
         return cls(plan, actors, futures)
 
     def input_home(self) -> str:
@@ -149,9 +157,7 @@ class Blocks:
 
     def _gone(self):
         """A ``give_up``: ``ConnectionError`` once the worker of a block has left the cluster."""
-        live = worker_info(get_client())
-        lost = sorted({a._address for a in self.actors} - set(live))
-        return ConnectionError(f"the worker(s) {', '.join(lost)} of a block left") if lost else None
+        return gone(get_client(), [a._address for a in self.actors], "a block")()
 
     def loss_and_grad(self, X, y, *, tag=0, reduction: str = "mean", regularize: bool = True,
                       ahead=None):

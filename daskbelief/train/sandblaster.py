@@ -484,11 +484,20 @@ class _ActorMaker:
         return old[0].plan
 
     def start_replicas(self, plan: Plan, ps: ParameterServer) -> None:
-        """A model-parallel replica homed on each live worker, as at the start, its blocks
-        talking to the shards ``ps`` (they load the vector to evaluate from them each time)."""
-        live = sorted(worker_info(self.client))
-        self.replicas.update({home: Blocks.start(self.client, plan, None, ps=ps, addresses=where)
-                            for home, where in place_homed_blocks(live, plan.n_blocks).items()})
+        """A model-parallel replica homed on each live worker, its blocks talking to the shards
+        ``ps`` (they load the vector to evaluate from them each time); placed again should a
+        worker leave while they start."""
+        for attempt in range(MAX_RESTARTS + 1):
+            live = sorted(worker_info(self.client))
+            try:
+                for home, where in place_homed_blocks(live, plan.n_blocks).items():
+                    self.replicas[home] = Blocks.start(self.client, plan, None, ps=ps,
+                                                       addresses=where)
+                return
+            except ConnectionError:
+                self.release_replicas(ps)
+                if attempt == MAX_RESTARTS:
+                    raise
 
 
 class BlocksLost(RuntimeError):
@@ -795,9 +804,7 @@ def sandblaster(model, data, *, client=None, shards: int = 2, iterations: int = 
         recovery = _Recovery(c, run, make, start if resumed is None else None)
         try:
             if plan_p is not None:
-                replicas.update({home: Blocks.start(c, plan_p, None, ps=objective.actors.ps,
-                                                  addresses=where)
-                               for home, where in place_homed_blocks(workers, plan_p.n_blocks).items()})
+                make.start_replicas(plan_p, objective.actors.ps)
             del start  # from here on the parameters live on the shards (and in ``recovery``)
             checkpoints = _Checkpoints(checkpoint_dir, checkpoint_every, checkpoint_keep,
                                        objective.actors,
