@@ -229,6 +229,11 @@ def _downpour(client, name, path, rule, replicas, budget, eval_rows, seed=0, **o
 # budget on 2 cores holds fewer than 10 (best test accuracy 0.258). On 4,800 rows one costs a
 # tenth and L-BFGS climbs faster, to a plateau (measured in one process, 2 threads: 0.22 at 10
 # iterations, 0.29 at 25-40): neither the full batch nor this one reaches the 0.40 target.
+# Nor did the L-BFGS variants tried on 2026-12-08 (one process, counted in examples evaluated;
+# Sandblaster x2 evaluates ~356k in 40 s, Downpour Adagrad x2 reaches 0.40 at ~90k): a batch
+# growing 1k -> 32k rows, 5 iterations each, 0.297 at 441k; fresh 2k-row windows, 4 iterations
+# each, 0.305 at 220k; online L-BFGS (Schraudolph et al. 2007: 512 rows, both gradients on the
+# same rows, step 0.1, m 10) 0.39 at 330k-400k. On 2 cores no L-BFGS reaches the target.
 SANDBLASTER_BATCH = 4_800
 
 

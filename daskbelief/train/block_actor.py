@@ -96,9 +96,10 @@ class BlockActor(Block):
         return self.params
 
     # -- Downpour: this block's ranges only -----------------------------------------------
-    def _issue_fetch(self) -> list:
+    def _issue_fetch(self) -> tuple[int, list]:
         """Ask the shards for every piece of this block's ranges at once (``fetch_range``'s
-        protocol, issued for all ranges before waiting on any)."""
+        protocol, issued for all ranges before waiting on any); with the generation of the
+        server asked, which a ``set_server`` arriving before the replies are awaited replaces."""
         calls, offset = [], 0
         for r, (a, b) in enumerate(self.ranges):
             for i, lo, hi in overlaps(self.ps.ranges, a, b):
@@ -106,14 +107,14 @@ class BlockActor(Block):
                 calls.append((r, i, offset + lo - a, hi - lo,
                               self.ps.shards[i].fetch(lo - start, hi - lo)))
             offset += b - a
-        return calls
+        return self.generation, calls
 
-    async def _replies(self, futures) -> list:
+    async def _replies(self, futures, generation: int) -> list:
         """The shards' replies, awaited in slices: a shard whose worker died may never answer, so
         once this block was handed a recovered server (``set_server``) the wait ends with
         ``ServerLost``, as does a call that failed outright; the replica then retries the step
-        against the recovered server."""
-        generation = self.generation
+        against the recovered server. ``generation``: that of the server the calls went to (a
+        fetch issued before the pass may be awaited after a ``set_server``)."""
 
         def replaced():
             if self.generation != generation:
@@ -140,8 +141,9 @@ class BlockActor(Block):
         self.versions = [{} for _ in self.ranges]
         return dropped
 
-    async def _finish_fetch(self, calls) -> None:
-        replies = await self._replies([c[-1] for c in calls])
+    async def _finish_fetch(self, issued) -> None:
+        generation, calls = issued
+        replies = await self._replies([c[-1] for c in calls], generation)
         for (r, shard, at, length, _), (values, version) in zip(calls, replies):
             self.params[at:at + length] = values
             self.versions[r][shard] = version
@@ -196,7 +198,7 @@ class BlockActor(Block):
         replies, _ = self._window.oldest()
         pairs = []
         for a, b, versions, futures in replies:
-            new = await self._replies(futures)
+            new = await self._replies(futures, generation)
             pairs += [(version, versions.get(shard, 0))
                       for (shard, _, _), version in zip(overlaps(self.ps.ranges, a, b), new)]
         if self.generation == generation:
@@ -222,7 +224,7 @@ class BlockActor(Block):
             return True
         pieces = self._pieces()
         replies = await self._replies([self.ps.shards[i].read_evaluated(tag, off, n)
-                                       for _, i, off, n in pieces])
+                                       for _, i, off, n in pieces], self.generation)
         if early(replies):
             return EARLY
         if any(r is None for r in replies):
@@ -247,7 +249,7 @@ class BlockActor(Block):
 
     async def _push_sums(self, tag) -> None:
         accepted = await self._replies([self.ps.shards[i].accumulate(tag, self._sums[at:at + n], off)
-                                        for at, i, off, n in self._pieces()])
+                                        for at, i, off, n in self._pieces()], self.generation)
         if all(accepted):
             self._applied.extend(self._pending)
         self._sums.fill(0.0)
