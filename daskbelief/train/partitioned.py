@@ -148,12 +148,22 @@ class Blocks:
         except Exception:
             self._staged = None  # the blocks dropped what was sent ahead with their step
             gathered.cancel()
-            for r in [a.abort() for a in self.actors]:
-                try:
-                    waits.result(r, timeout=5.0, what="a block to abort its step")
-                except Exception:  # noqa: BLE001 -- that block is gone itself
-                    continue
+            self._abort()
             raise
+
+    def _abort(self) -> None:
+        """Tell the blocks on live workers to stop waiting for their neighbours; a call to a
+        block whose worker left may never answer, so none is made (each used to be waited for
+        5 s while the caller, a portion task, held its worker's thread and the replica lock)."""
+        try:
+            live = worker_info(get_client())
+        except Exception:  # noqa: BLE001 -- no scheduler to ask: nothing left to tell either
+            return
+        replies = [a.abort() for a in self.actors if a._address in live]
+        try:
+            waits.results(replies, timeout=5.0, what="the blocks to abort their step")
+        except Exception:  # noqa: BLE001 -- a block lost meanwhile: it waits for nothing now
+            pass
 
     def _gone(self):
         """A ``give_up``: ``ConnectionError`` once the worker of a block has left the cluster."""
