@@ -69,7 +69,7 @@ class ParameterServer:
             for i, ((a, b), addr) in enumerate(zip(ranges, addresses))])
         return cls(shards, ranges, futures, rule_spec, backend)
 
-    def here(self) -> "ParameterServer":
+    def here(self, give_up=None) -> "ParameterServer":
         """This handle for use inside a worker task: shards held by this same worker process are
         called directly (``LocalActor``), those in other processes of its host through shared
         memory (``ps.shared.SharedShard``), the others as usual; every shard of this host is
@@ -86,7 +86,7 @@ class ParameterServer:
             return ParameterServer(shards, self.ranges, None, self.rule_spec, self.backend)
         try:
             refs = self.wait_all([s.shared_ref() for s in shards], "shared memory",
-                                 timeout=WAIT_SLICE * 10)
+                                 timeout=WAIT_SLICE * 10, give_up=give_up)
         except Exception:  # noqa: BLE001 -- a shard not answering is found lost by the next call
             refs = [None] * len(shards)
         shards = [shared.near(s, address, ref, local=s is not mine)
