@@ -152,16 +152,19 @@ class Blocks:
             raise
 
     def _abort(self) -> None:
-        """Tell the blocks on live workers to stop waiting for their neighbours; a call to a
-        block whose worker left may never answer, so none is made (each used to be waited for
-        5 s while the caller, a portion task, held its worker's thread and the replica lock)."""
+        """Tell the blocks on live workers to stop waiting for their neighbours. A call to a
+        block whose worker left may never answer, so none is made, and the answers stop being
+        awaited once one is found gone (the scheduler may list a worker killed a moment ago):
+        each used to be awaited for 5 s while the caller, a portion task, held its worker's
+        thread and the replica lock, which kept a recovery's new blocks from starting there."""
         try:
             live = worker_info(get_client())
         except Exception:  # noqa: BLE001 -- no scheduler to ask: nothing left to tell either
             return
         replies = [a.abort() for a in self.actors if a._address in live]
         try:
-            waits.results(replies, timeout=5.0, what="the blocks to abort their step")
+            waits.results(replies, timeout=5.0, every=0.2, give_up=self._gone,
+                          what="the blocks to abort their step")
         except Exception:  # noqa: BLE001 -- a block lost meanwhile: it waits for nothing now
             pass
 
