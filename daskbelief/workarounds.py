@@ -96,19 +96,34 @@ def raised_in(tb, function: str) -> bool:
 
 
 class LostActorCall(logging.Filter):
-    """Drops the traceback of a call to an actor whose worker died: distributed then awaits the
-    actor's own Future, which the scheduler cancels once the actor is lost, and tornado logs that
-    ``FutureCancelledError`` from a callback nobody awaits. The caller has already given up on
-    the call (every wait here has a deadline and a ``give_up``) and the lost actor is recovered
-    or reported; the traceback would only make a survived fault look like a crash."""
+    """Drops the traceback of a call to an actor that is gone, which tornado logs from a callback
+    nobody awaits (the call's future then never completes):
+
+    * its worker died: distributed awaits the actor's own Future, which the scheduler cancels
+      once the actor is lost (``FutureCancelledError``);
+    * its worker no longer holds it, released by a recovery while a task of the abandoned work
+      still called it: the worker answers ``KeyError(key)`` from ``actor_execute`` (and logs
+      that on ``distributed.core`` itself).
+
+    The caller has already given up on the call (every wait here has a deadline and a
+    ``give_up``) and the lost actor is recovered or reported; the traceback would only make a
+    survived fault look like a crash."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], CancelledError):
-            return not raised_in(record.exc_info[2], "wait_then_set_result")
-        return True
+        if not record.exc_info:
+            return True
+        error, tb = record.exc_info[1], record.exc_info[2]
+        if record.name == "distributed.core":  # the worker's side of the released actor's call
+            return not (isinstance(error, KeyError) and record.args == ("actor_execute",))
+        if not raised_in(tb, "wait_then_set_result"):
+            return True
+        if isinstance(error, CancelledError):
+            return False
+        return not (isinstance(error, KeyError) and raised_in(tb, "actor_execute"))
 
 
-logging.getLogger("tornado.application").addFilter(LostActorCall())
+for _name in ("tornado.application", "distributed.core"):
+    logging.getLogger(_name).addFilter(LostActorCall())
 
 
 def worker_info(client: Client) -> dict[str, dict]:

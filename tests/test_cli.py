@@ -341,7 +341,8 @@ def test_only_the_known_interrupt_race_is_kept_off_stderr():
 def test_only_a_lost_actors_cancelled_call_is_kept_off_stderr():
     """A call to a lost actor awaits the actor's Future, which the scheduler cancels: tornado's
     record of that (raised in distributed's ``wait_then_set_result``) is dropped, every other
-    record of a cancellation still shows."""
+    record of a cancellation still shows. So is the KeyError a worker answers (from
+    ``actor_execute``) for an actor it no longer holds, and no other KeyError."""
     import logging
     import sys
 
@@ -363,6 +364,29 @@ def test_only_a_lost_actors_cancelled_call_is_kept_off_stderr():
 
     assert not LostActorCall().filter(raised("actor"))
     assert LostActorCall().filter(raised("elsewhere"))
+
+    def released(where):
+        """The remote traceback of a call to an actor its worker no longer holds."""
+        def actor_execute():
+            raise KeyError("partition-block-0-x")
+
+        def wait_then_set_result():
+            (actor_execute if where == "worker" else lambda: {}["partition-block-0-x"])()
+        try:
+            wait_then_set_result()
+        except KeyError:
+            return logging.LogRecord("tornado.application", logging.ERROR, __file__, 1,
+                                     "Exception in callback", None, sys.exc_info())
+
+    assert not LostActorCall().filter(released("worker"))
+    assert LostActorCall().filter(released("in the callback itself"))
+    worker_side = released("worker")  # the worker logs the same error handling the call
+    worker_side.name, worker_side.msg, worker_side.args = ("distributed.core",
+                                                           "Exception while handling op %s",
+                                                           ("actor_execute",))
+    assert not LostActorCall().filter(worker_side)
+    worker_side.args = ("gather",)
+    assert LostActorCall().filter(worker_side)
     assert LostActorCall().filter(logging.LogRecord("tornado.application", logging.ERROR, __file__,
                                                     1, "something else", None, None))
 
