@@ -7,8 +7,9 @@
   worker dies. Actors are started with a deadline that names them, and the tasks that run for the
   whole training (replicas) call ``leave_thread_pool`` so that they hold no pool thread at all.
   A worker that died after the caller listed it fails a scatter with a bare ``KeyError`` or a
-  ``CommClosedError`` and leaves an actor pinned to it waiting for ever: ``start_actors`` raises ``ConnectionError``
-  naming it, and callers placing on a list they fetched pass ``give_up`` (``recovery.gone``).
+  ``CommClosedError`` and leaves an actor pinned to it waiting for ever: ``start_actors``
+  raises ``ConnectionError`` naming it, and callers placing on a list they fetched pass
+  ``give_up`` (``recovery.gone``).
 * ``forget_sent_messages``: distributed keeps the last 1000 messages of every stream for
   debugging, live objects on an in-process scheduler: the handles in the arguments of the tasks
   that started blocks and replicas kept a finished run's shards and blocks alive;
@@ -163,17 +164,19 @@ def start_actors(client: Client, specs: list[tuple], timeout: float = ACTOR_STAR
     NumPy array arguments are scattered straight to the actor's worker instead of travelling
     inside the task graph through the scheduler, and released once the actor holds them. All
     actors are started before any is waited for, all within ``timeout`` seconds (``WaitTimeout``
-    names them). Keep the futures: an actor lives as long as its future does.
+    names them), or until ``give_up()`` returns an error (as in ``waits``); a worker that has
+    died fails the start with ``ConnectionError`` naming it, once distributed tells. Keep the
+    futures: an actor lives as long as its future does.
     """
     scattered, futures = [], []
-    for cls, worker, key, args in specs:
-        args = [_scatter_to(client, a, worker, key) if isinstance(a, np.ndarray) else a
-                for a in args]
-        scattered += [a for a in args if isinstance(a, Future)]
-        futures.append(client.submit(cls, *args, actor=True, workers=[worker],
-                                     allow_other_workers=False, pure=False, key=key))
     what = "actors " + ", ".join(f"{key} on {worker}" for _, worker, key, _ in specs)
     try:
+        for cls, worker, key, args in specs:
+            args = [_scatter_to(client, a, worker, key) if isinstance(a, np.ndarray) else a
+                    for a in args]
+            scattered += [a for a in args if isinstance(a, Future)]
+            futures.append(client.submit(cls, *args, actor=True, workers=[worker],
+                                         allow_other_workers=False, pure=False, key=key))
         actors = waits.results(futures, timeout=timeout, what=what, give_up=give_up)
     except BaseException:
         client.cancel(futures)
