@@ -95,6 +95,18 @@ async def result_async(awaitable, *, timeout: float, what: str, every: float = 1
         raise
 
 
+def read_failures(tasks) -> None:
+    """Read each asyncio task's failure when it ends, also once nobody awaits it any more (a
+    call given up on, whose reply then fails): asyncio would report it as never retrieved."""
+    for task in tasks:
+        task.add_done_callback(_read_failure)
+
+
+def _read_failure(task) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 def _stop_if(give_up) -> None:
     error = give_up() if give_up is not None else None
     if error is not None:

@@ -48,3 +48,33 @@ def test_result_waits_in_slices_and_stops_on_give_up_or_deadline():
     with pytest.raises(RuntimeError, match="its worker left"):
         waits.result(never, timeout=10, every=0.01, what="x", give_up=third_time)
     assert len(asked) == 3  # asked between slices, until it said stop
+
+
+def test_read_failures_reads_what_fails_after_nobody_awaits_it():
+    """A task given up on that fails later is read when it ends: asyncio reports nothing as
+    never retrieved. Without ``read_failures`` it does (the control), so the check can fail."""
+    import gc
+
+    def unread_reports(read: bool) -> list:
+        reports = []
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            loop.set_exception_handler(lambda _, context: reports.append(context["message"]))
+            gate = asyncio.Event()
+
+            async def fails_later():
+                await gate.wait()
+                raise OSError("Unable to contact Actor's worker")
+            task = asyncio.ensure_future(fails_later())
+            if read:
+                waits.read_failures([task])
+            gate.set()  # nobody awaits the task any more: it fails on its own
+            await asyncio.sleep(0.05)
+            del task
+            gc.collect()
+        asyncio.run(main())
+        return reports
+
+    assert unread_reports(read=False) == ["Task exception was never retrieved"]
+    assert unread_reports(read=True) == []

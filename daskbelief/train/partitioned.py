@@ -47,8 +47,7 @@ def _loop():
 
 async def _first_error(futures):
     tasks = [asyncio.ensure_future(f) for f in futures]
-    for t in tasks:  # what fails after the first error, or after the caller gave up, is known
-        t.add_done_callback(lambda t: t.cancelled() or t.exception())
+    waits.read_failures(tasks)  # what fails after the first error, or once the caller gave up
     done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
     for t in done:
         if t.exception() is not None:

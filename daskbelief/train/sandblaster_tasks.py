@@ -308,6 +308,7 @@ async def _push(spec: PortionSpec, state: _WorkerRun, tag: int, acc: np.ndarray,
     contributions, and finishes only once it holds every portion)."""
     pending = [asyncio.ensure_future(s.accumulate(tag, acc[a:b], 0, portions))
                for s, (a, b) in zip(spec.shards, spec.ranges)]
+    waits.read_failures(pending)  # a lost shard's error, also one that comes after abandoning
     try:  # a dead shard's reply may never come: wait until the evaluation is abandoned
         await waits.result_async(asyncio.wait(pending), timeout=PATIENCE, every=WAIT_SLICE,
                                  give_up=_given_up(state, tag),
@@ -315,9 +316,6 @@ async def _push(spec: PortionSpec, state: _WorkerRun, tag: int, acc: np.ndarray,
     except Abandoned:
         pass
     finally:
-        for reply_ in pending:  # read every error (a lost shard's), so none is reported unread
-            if reply_.done() and not reply_.cancelled():
-                reply_.exception()
         state.pushed_back(acc)
 
 
