@@ -92,6 +92,7 @@ async def result_async(awaitable, *, timeout: float, what: str, every: float = 1
                 raise WaitTimeout(what, timeout)
     except BaseException:
         task.cancel()
+        read_failures([task])  # a cancelled gather ends with CancelledError as its exception
         raise
 
 

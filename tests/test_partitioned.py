@@ -335,3 +335,30 @@ def test_blocks_placed_on_a_worker_that_has_just_died_give_up_naming_it(first):
         with pytest.raises(ConnectionError, match=victim):
             Blocks.start(c, P.horizontal(model, 2),
                          model.init(0) if first == "array" else Fresh(model, 0), addresses=workers)
+
+
+def test_a_fetch_sent_before_a_recovered_server_arrived_stops_waiting_for_the_old_one():
+    """A block (overlapping its fetch with the pass) sends the fetch, then the driver hands it a
+    recovered server (``set_server``), then the block awaits the replies. A reply of the lost
+    shard may never come (an actor call to a dead worker can stay pending): the wait must end
+    with ``ServerLost`` at its next slice, judged by the server the fetch went to, not wait for
+    the dead shard until the replica's 120-s deadline (a chaos run met that)."""
+    import asyncio
+
+    from daskbelief.ps.server import ServerLost
+    from daskbelief.ps.sources import Given
+    from daskbelief.train.block import block_values
+    from daskbelief.train.block_actor import BlockActor
+
+    model = dense_model()
+    plan = P.horizontal(model, 2)
+    block = BlockActor(plan, 0, block_values(plan, Given(model.init(0)), 0), overlap=True)
+
+    async def fetch_then_recovery():
+        never = asyncio.get_running_loop().create_future()  # the lost shard's reply
+        issued = (block.generation, [(0, 0, 0, 1, never)])  # what ``_issue_fetch`` returns
+        await block.set_server(None)
+        await asyncio.wait_for(block._finish_fetch(issued), timeout=30)
+
+    with pytest.raises(ServerLost, match="replaced"):
+        asyncio.run(fetch_then_recovery())
