@@ -91,7 +91,9 @@ def assert_recovered_what_was_lost(kill: chaos.Kill, client, run: str, result) -
     victim's, the blocks rebuilt off it, each of its replicas started again (a later attempt)."""
     recovered = run_events(client, run, "shard-recovered")
     assert result.summary["shard_recoveries"] == len(recovered), (result.summary, recovered)
-    assert result.summary["updates_lost"] == sum(m["updates_lost"] for m in recovered)
+    regained = sum(m["updates_regained"] for m in run_events(client, run, "shard-adopted"))
+    assert result.summary["updates_lost"] == sum(m["updates_lost"] for m in recovered) - regained
+    assert result.summary["updates_regained"] == regained
     if any(k.startswith("parameter-shard") for k in kill.held):
         assert any(m["lost_worker"] == kill.victim for m in recovered), (kill, recovered)
     if any(k.startswith("partition-block") for k in kill.held):

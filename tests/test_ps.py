@@ -6,8 +6,10 @@ import pytest
 
 from daskbelief.backend import aligned, all_finite
 from daskbelief.optim.rules import adagrad, make_rule
-from daskbelief.ps.policy import overlaps, place_blocks, place_replicas, place_shards, shard_ranges
+from daskbelief.ps.policy import (adoptable, overlaps, place_blocks, place_replicas, place_shards,
+                                  shard_ranges)
 from daskbelief.ps.server import ParameterServer
+from daskbelief.ps import shard as shard_module
 from daskbelief.ps.shard import ParameterShard
 
 
@@ -241,3 +243,47 @@ def test_place_homed_blocks_homes_one_replica_per_worker_on_distinct_workers():
 
     assert place_homed_blocks(["b", "a", "c"], 2) == {"a": ["a", "b"], "b": ["b", "c"], "c": ["c", "a"]}
     assert place_homed_blocks(["a"], 2) == {"a": ["a", "a"]}
+
+
+def test_a_copy_is_adoptable_only_from_an_earlier_server_and_with_more_updates():
+    assert adoptable(2, 5, 40, 1) and adoptable(2, 5, 40, 0)  # a copy of the shard it replaced
+    assert not adoptable(None, 5, 40, 1)  # a shard nobody lost keeps its own
+    assert not adoptable(2, 5, 40, 2)  # fetched from this very shard
+    assert not adoptable(2, 40, 40, 1) and not adoptable(2, 41, 40, 1)  # no more updates than it holds
+
+
+def recreated_shard(n: int = 10, version: int = 3) -> ParameterShard:
+    """A shard as a recovery makes it in generation 2: restored values at ``version``."""
+    shard = ParameterShard(0, 0, n, np.zeros(n, np.float32), {"name": "adagrad", "lr": 0.1})
+    shard.load_state({"params": np.zeros(n, np.float32), "state": {}, "version": version,
+                      "replaced_in": 2})
+    return shard
+
+
+def test_a_recreated_shard_adopts_one_newer_copy_whole_and_counts_what_it_brought():
+    shard, copy = recreated_shard(), np.arange(10, dtype=np.float32)
+    assert ParameterShard(0, 0, 10, copy, "adagrad").wants(40, 1) is None  # never lost
+    token = shard.wants(40, 1)
+    assert token and shard.wants(50, 1) is None  # one copy on its way at a time
+    assert shard.adopt(copy[:6] + 100, "another", 0, 2) == 3  # not the copy it asked for
+    shard.push(np.ones(10, np.float32), 3)  # a push between the two frames: overwritten
+    assert shard.adopt(copy[6:], token, 6, 2) == 4 and shard.version == 4  # half of it so far
+    assert shard.adopt(copy[:6], token, 0, 2) == 40
+    np.testing.assert_array_equal(shard.params, copy)
+    assert shard.stats()["adopted"] == 36 and shard.wants(40, 1) is None  # no more than it holds
+    assert shard.wants(45, 1)
+
+
+def test_a_copy_that_never_finishes_arriving_holds_the_shard_no_longer_than_its_timeout(monkeypatch):
+    shard = recreated_shard()
+    token = shard.wants(40, 1)
+    shard.adopt(np.ones(5, np.float32), token, 0, 2)  # its second frame never comes
+    assert shard.wants(30, 1) is None
+    now = shard_module.time.time()
+    monkeypatch.setattr(shard_module.time, "time", lambda: now + shard_module.ADOPT_TIMEOUT + 1)
+    late = shard.wants(30, 1)
+    assert late and late != token
+    shard.adopt(np.full(5, 2, np.float32), token, 5, 2)  # the old copy's last frame: ignored
+    assert shard.version == 3 and shard.stats()["adopted"] == 0
+    assert shard.adopt(np.full(10, 7, np.float32), late, 0, 1) == 30
+    np.testing.assert_array_equal(shard.params, np.full(10, 7, np.float32))

@@ -147,8 +147,42 @@ def test_a_frame_no_shard_answers_ends_the_push_as_a_lost_server(monkeypatch):
         never = asyncio.get_running_loop().create_future()
         return await server.send_windowed([lambda: never], 4)
 
-    with pytest.raises(server.ServerLost, match="one frame of a push"):
+    with pytest.raises(server.ServerLost, match="one frame"):
         asyncio.run(push())
+
+
+def _offer(ps, copy, version: int, generation: int, near: bool) -> int:
+    """On a worker, as a replica recovering from a loss: offer its copy to the shards."""
+    ps = ps.here() if near else ps
+    taken = ps.offer_copy(copy, [version] * len(ps.shards), generation, lambda r: r.result(timeout=30))
+    return frame_values(), taken
+
+
+@pytest.mark.parametrize("near", [False, True], ids=["handle", "replica-handle"])
+def test_a_recreated_shard_adopts_a_replicas_copy_of_several_frames_exactly(small_frames, near):
+    """A shard lost and made anew from its initial values takes the first copy newer than what
+    it holds, all sixteen frames of it, at the copy's version; a copy from the new shard's own
+    server, or one no newer, changes nothing."""
+    client = small_frames
+    n = 16 * 65_536
+    rng = np.random.default_rng(7)
+    copy = rng.standard_normal(n).astype(np.float32)
+    shard_worker, caller = sorted(worker_info(client))
+    ps = ParameterServer.create(client, np.zeros(n, np.float32), 1, adagrad(lr=0.05),
+                                workers=[shard_worker])
+    ps = ps.replace_shard(client, 0, {"params": np.zeros(n, np.float32), "state": {}, "version": 0,
+                                      "replaced_in": 1}, shard_worker)
+    try:
+        taken = [client.submit(_offer, ps, copy, version, generation, near, workers=[caller],
+                               pure=False).result()
+                 for version, generation in [(9, 1), (12, 0), (12, 0), (30, 1)]]
+        values, versions = ps.fetch()
+        stats = ps.stats()[0]
+    finally:
+        ps.close()
+    assert taken == [(65_536, 0), (65_536, 1), (65_536, 0), (65_536, 0)], taken  # frame by frame
+    np.testing.assert_array_equal(values, copy)
+    assert versions == [12] and stats["adopted"] == 12 and stats["applied"] == 0
 
 
 def _push_compressed_and_fetch(ps, grad, kind, near=False):

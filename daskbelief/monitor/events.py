@@ -18,7 +18,9 @@ durations since the run started are called ``elapsed``. The fields per topic:
   ``start`` (``algorithm`` and its settings), ``eval`` (``elapsed``, ``test_loss``,
   ``test_accuracy``), ``iteration`` (Sandblaster: ``iteration``, ``loss``, ``grad_norm``,
   ``evaluations``, ``elapsed``), ``checkpoint`` (``path``, ``seconds``: how long writing it
-  took), ``checkpoint-failed`` (``error``), ``shard-recovered`` (``shard``, ``updates_lost``), ``replica-restarted`` (``replica``),
+  took), ``checkpoint-failed`` (``error``), ``shard-recovered`` (``shard``, ``updates_lost``),
+  ``shard-adopted`` (``shard``, ``updates_regained``: a recreated shard took a replica's newer
+  copy of its slice), ``replica-restarted`` (``replica``),
   ``end`` (the summary figures).
 * ``daskbelief-portion`` (Sandblaster, one per finished portion task): ``evaluation``,
   ``portion``, ``worker``, ``seconds`` (compute time), ``backup`` (this copy was a backup),

@@ -1,4 +1,5 @@
-"""Which shard owns which part of the flat parameter vector, and where shards and replicas run.
+"""Which shard owns which part of the flat parameter vector, where shards and replicas run, and
+which copy a recreated shard takes.
 
 Small pure functions, kept apart from the actor machinery so they can be tested without a cluster.
 """
@@ -103,3 +104,16 @@ def threads_to_fill(threads: dict[str, int], busy: list[str], shard_holders: lis
     free = {w: max(threads[w] - busy.count(w), 0) for w in ordered}
     turns = [w for k in range(max(free.values(), default=0)) for w in ordered if free[w] > k]
     return turns if max_replicas is None else turns[:max(max_replicas - len(busy), 0)]
+
+
+def adoptable(replaced_in: int | None, version_now: int, offered: int, generation: int) -> bool:
+    """Whether a shard takes a replica's copy of its slice in place of what it holds.
+
+    ``replaced_in``: the server generation in which a recovery created this shard (None for one
+    nobody lost); the copy was fetched at version ``offered`` from the server of ``generation``.
+    Only a copy from an earlier server is of a shard this one replaced (directly or through
+    other recoveries of the same slice), and it is worth taking when it holds more updates than
+    the slice holds now: every shard of the slice counts versions from the same start, the
+    initial values or the checkpoint the recoveries restored.
+    """
+    return replaced_in is not None and generation < replaced_in and offered > version_now

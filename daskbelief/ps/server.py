@@ -180,6 +180,19 @@ class ParameterServer:
         return self.wait_all(self.push_async(grad, versions, replica, steps_done), "push replies")
 
     # -- partial ranges (model-parallel blocks) ---------------------------------------------------
+    def offer_copy(self, params, versions: list[int], generation: int, wait) -> int:
+        """Offer a replica's copy of the whole vector (``params``, fetched at ``versions`` from
+        the server of ``generation``) to every shard: a shard recreated after a loss from older
+        values takes its slice (``ParameterShard.wants`` / ``adopt``). ``wait(reply)`` awaits
+        each answer. Returns how many shards took theirs."""
+        tokens = [wait(reply) for reply in [s.wants(int(v), generation)
+                                             for s, v in zip(self.shards, versions)]]
+        replies = [adopt_slice(s, params[a:b], token)
+                   for s, (a, b), token in zip(self.shards, self.ranges, tokens) if token]
+        for reply in replies:
+            wait(reply)
+        return len(replies)
+
     def fetch_range(self, start: int, stop: int) -> tuple[np.ndarray, dict[int, int]]:
         """Parameters ``[start, stop)`` from the shards that hold them, and those shards' versions."""
         replies = [(i, lo + f_lo, self.shards[i].fetch(lo - self.ranges[i][0] + f_lo, f_hi - f_lo))
@@ -274,15 +287,34 @@ def push_slice(shard, grad, version: int, replica: str, offset: int, steps_done,
             return shard.push(grad, version, replica, offset, steps_done)
         shard = shard.actor
     pack = (lambda lo, values: values) if encode is None else encode
-    spans = frames(len(grad))
+    token = uuid.uuid4().hex
+
+    def call(lo, hi, n):
+        part = None if n == 1 else (token, n)
+        return shard.push(pack(lo, grad[lo:hi]), version, replica, offset + lo, steps_done, part)
+
+    return send_framed(shard, len(grad), call)
+
+
+def adopt_slice(shard, values, token: str):
+    """Send ``values``, a replica's copy of ``shard``'s slice, for it to adopt under ``token``
+    (``ParameterShard.wants``), frame by frame as a push travels; a reply to wait on."""
+    if isinstance(shard, shared.SharedShard):
+        shard = shard.actor
+    return send_framed(shard, len(values), lambda lo, hi, n: shard.adopt(values[lo:hi], token, lo, n))
+
+
+def send_framed(shard, n: int, call):
+    """``call(lo, hi, n_frames)`` for each frame of ``range(n)`` (``frames``): one call when it
+    fits one, else at most ``PUSH_WINDOW`` frames travelling at once (``send_windowed``); a
+    reply to wait on, whose result is the newest version any frame's reply gave."""
+    spans = frames(n)
     if len(spans) == 1:
-        return shard.push(pack(0, grad), version, replica, offset, steps_done)
-    part = (uuid.uuid4().hex, len(spans))
-    calls = [functools.partial(shard.push, pack(lo, grad[lo:hi]), version, replica, offset + lo,
-                               steps_done, part) for lo, hi in spans]
+        return call(0, n, 1)
+    calls = [functools.partial(call, lo, hi, len(spans)) for lo, hi in spans]
     loop = actor_loop(shard)
     if loop is None:  # the shard lives in this process: nothing travels, the calls queue
-        return Replies([call() for call in calls])
+        return Replies([c() for c in calls])
     return Windowed(asyncio.run_coroutine_threadsafe(send_windowed(calls, PUSH_WINDOW), loop))
 
 
@@ -313,7 +345,7 @@ async def _answered(reply) -> int:
     caller recovers from, rather than a timeout its own wait would take for "not yet")."""
     try:
         return await waits.result_async(reply, timeout=CALL_TIMEOUT,
-                                        what="a shard's answer to one frame of a push")
+                                        what="a shard's answer to one frame")
     except waits.WaitTimeout as e:
         raise ServerLost(str(e)) from None
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+import uuid
 import weakref
 
 import numpy as np
@@ -22,6 +23,7 @@ from daskbelief.optim.rules import make_rule
 from daskbelief.optim.vectors import LocalVectors, finish_gradient  # the reference's own code
 from daskbelief.optim.staleness import delay_compensate
 from daskbelief.ps.asynchrony import Clocks, FetchedCopies
+from daskbelief.ps.policy import adoptable
 from daskbelief.ps import shared
 from daskbelief.ps.compress import decode, payload_bytes, to_bf16
 
@@ -31,6 +33,7 @@ STALENESS_BINS = 64  # staleness >= this lands in the last histogram bin
 # (measured on a 100 MB slice, one core: 42 ms with 64K-value blocks, 57 ms with 1M-value ones).
 APPLY_BLOCK = 1 << 16
 EARLY = "early"  # read_evaluated's answer to a read that overtook its evaluation's opening
+ADOPT_TIMEOUT = 30.0  # seconds a copy arriving frame by frame holds the shard before another may
 
 
 def early(replies) -> list[int]:
@@ -83,6 +86,11 @@ class ParameterShard:
         self.fetched = FetchedCopies(stop - start) if self.rule.delay_compensation else None
         self.clocks = Clocks()
         self.compensated = 0
+        # the server generation a recovery created this shard in; the copy on its way (token,
+        # since, its version); updates the adopted copies brought
+        self.replaced_in: int | None = None
+        self._adopting: tuple[str, float, int] | None = None
+        self.adopted = 0
 
     # -- Downpour -------------------------------------------------------------------------------
     def push(self, grad, base_version: int, replica: str = "", offset: int = 0,
@@ -213,6 +221,43 @@ class ParameterShard:
         self.fetches += 1
         return values, self.version
 
+    def wants(self, version: int, generation: int) -> str | None:
+        """A token to send this shard a replica's copy of its slice with (``adopt``), when the
+        copy, fetched at ``version`` from the server of ``generation``, is worth taking
+        (``policy.adoptable``); None otherwise, or while another copy is on its way (one not
+        finished within ``ADOPT_TIMEOUT`` no longer counts). Asked before a copy is sent, so only
+        one replica sends its copy."""
+        held = self._adopting
+        if held is not None and time.time() - held[1] < ADOPT_TIMEOUT:
+            return None
+        if not adoptable(self.replaced_in, self.version, version, generation):
+            return None
+        token = uuid.uuid4().hex
+        self._adopting = (token, time.time(), int(version))
+        return token
+
+    def adopt(self, values, token: str, offset: int = 0, n_frames: int = 1) -> int:
+        """Take a replica's copy of this slice, which ``wants`` gave ``token`` to, in place of the
+        checkpoint or initial values this recreated shard came from; its version becomes the
+        copy's once the last of its ``n_frames`` frames (``values`` at ``offset`` each) is in.
+        The rule state stays the restored one. Returns the version.
+
+        Why: with no checkpoint, or an old one, a shard lost late in a run would otherwise take
+        its slice back to where that run started; each plain replica holds the slice as it last
+        fetched it.
+        """
+        held = self._adopting
+        if held is None or held[0] != token:
+            return self.version
+        xp = namespace(self.params)
+        with self._writing():
+            self.params[offset:offset + len(values)] = xp.asarray(values)
+            if self._arrived(token, n_frames, True):
+                self._adopting = None
+                self.adopted += max(held[2] - self.version, 0)
+                self._set_version(max(held[2], self.version))
+        return self.version
+
     def lead(self, replica: str) -> int:
         """Complete pushes ``replica`` is ahead of the slowest replica (a staleness bound)."""
         return self.clocks.lead(replica, time.time())
@@ -234,7 +279,7 @@ class ParameterShard:
             "staleness_hist": self.staleness_hist.tolist(),
             "staleness_mean": self.staleness_sum / self.applied if self.applied else 0.0,
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out + read[1],
-            "uptime": time.time() - self.started,
+            "uptime": time.time() - self.started, "adopted": self.adopted,
             "params_finite": bool(namespace(self.params).isfinite(self.params).all()),
         }
 
@@ -281,6 +326,7 @@ class ParameterShard:
         for k, v in snapshot["state"].items():
             self.state[k][...] = xp.asarray(v)
         self.applied = int(snapshot.get("applied", 0))
+        self.replaced_in = snapshot.get("replaced_in")
         return self.version
 
     def restore(self, path: str) -> int:

@@ -82,10 +82,15 @@ def sigkill(pid: int) -> None:
 
 
 def holdings(client, address: str) -> list[str]:
-    """What the worker at ``address`` holds now: its actors' keys, then the tasks it runs."""
-    actors = client.run(lambda dask_worker: sorted(map(str, dask_worker.state.actors)),
-                        workers=[address])[address]
-    return actors + sorted(map(str, client.processing([address]).get(address, ())))
+    """What the worker at ``address`` holds now: its actors' keys, then the tasks it runs. Asked
+    of the scheduler, in one call: a worker busy training answers late, and the kill with it."""
+    def held(dask_scheduler, address=address):
+        ws = dask_scheduler.workers.get(address)
+        if ws is None:
+            raise OSError(f"{address} has left")
+        return sorted(str(ts.key) for ts in ws.actors) + sorted(str(ts.key) for ts in ws.processing)
+
+    return client.run_on_scheduler(held)
 
 
 def kill_worker(client, address: str) -> int:
@@ -132,6 +137,7 @@ def seconds(client, since: float) -> float:
 @dataclass
 class Kill:
     moment: float  # in the units of the progress measure
+    reached: float  # where the progress measure stood at the kill (read just after it)
     victim: str
     pid: int
     time: float
@@ -159,6 +165,7 @@ class Chaos:
 
     def __post_init__(self):
         self._rng = draws(self.seed)[0]
+        self._pids: dict[str, int] = {}  # known before the first moment: a kill is one call less
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"chaos seed {self.seed}")
 
@@ -173,8 +180,8 @@ class Chaos:
         self._stop.set()
         self._thread.join(timeout=30)
         for k in self.kills:
-            print(f"chaos: seed {self.seed}: killed {k.victim} (pid {k.pid}) at {k.moment:.1f}, "
-                  f"holding {k.held}", flush=True)
+            print(f"chaos: seed {self.seed}: killed {k.victim} (pid {k.pid}) at {k.moment:.1f} "
+                  f"(reached {k.reached:.1f}), holding {k.held}", flush=True)
 
     @property
     def missed(self) -> list:
@@ -182,9 +189,12 @@ class Chaos:
 
     def _run(self):
         try:
+            self._pids = worker_pids(self.client)
             for moment in self.moments:
-                waits.until(lambda: self._stop.is_set() or self.progress(self.client, self.since) >= moment,
-                            timeout=self.timeout, every=0.05,
+                def reached(moment=moment):
+                    return self._stop.is_set() or self.progress(self.client, self.since) >= moment
+
+                waits.until(reached, timeout=self.timeout, every=0.005,
                             what=f"{self.progress.__name__} to reach {moment:.1f} (seed {self.seed})")
                 if self._stop.is_set():
                     return
@@ -203,8 +213,11 @@ class Chaos:
         victim = choose_victim(self._rng, live)
         try:
             held = holdings(self.client, victim)
-            return Kill(moment, victim, kill_worker(self.client, victim), time.time(), held)
-        except OSError:  # CommClosedError included: it left between the listing and the kill
+            pid = self._pids.get(victim) or worker_pids(self.client)[victim]  # one started since
+            sigkill(pid)
+            killed = time.time()
+            return Kill(moment, self.progress(self.client, self.since), victim, pid, killed, held)
+        except (OSError, KeyError):  # CommClosedError included: it left between listing and kill
             return None
 
 

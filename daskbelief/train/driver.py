@@ -72,8 +72,10 @@ class Driver:
         self.test_rows: list[dict] = []
         self.versions = [0] * len(ps.shards)
         self._moved = (None, time.time())  # the shards' versions last seen to change, and when
-        self.updates_lost = 0
+        self.updates_lost = 0       # net of what adopted copies regained (``updates_regained``)
+        self.updates_regained = 0
         self.recoveries = 0
+        self._adopted: dict[int, int] = {}  # shard -> updates its adopted copies brought, as reported
         self.resubmits = [0] * len(self.futures)
         self._lost_since: dict[int, float] = {}  # shard -> when it was first found lost
         self.duties = {"eval": Every(eval_every), "watch": Every(watch_every),
@@ -215,11 +217,25 @@ class Driver:
             raise RunLost(f"every replica: none pushed for {now - since:.0f}s", self.last_checkpoint())
 
     def report_shards(self, stats: list[dict]) -> None:
-        """Remember the shards' versions and publish their counters as SHARD events."""
+        """Remember the shards' versions and publish their counters as SHARD events; a copy a
+        recreated shard adopted since the last report takes what it brought off the updates
+        lost (``shard-adopted``)."""
         for s in stats:
             self.versions[s["shard"]] = s["version"]
+            self._count_adopted(s["shard"], s.get("adopted", 0))
             events.emit(events.SHARD, run=self.run, **{k: v for k, v in s.items()
                                                       if k not in ("per_replica", "replica_steps")})
+
+    def _count_adopted(self, index: int, adopted: int) -> None:
+        """Updates shard ``index`` regained from replicas' copies since last seen: no longer lost
+        (at most what its recoveries counted lost)."""
+        regained = min(adopted - self._adopted.get(index, 0), self.updates_lost)
+        self._adopted[index] = adopted
+        if regained > 0:
+            self.updates_lost -= regained
+            self.updates_regained += regained
+            events.emit(events.RUN, run=self.run, kind="shard-adopted", shard=index,
+                        updates_regained=regained)
 
     def _recover(self, lost: list[int], live: list[str]) -> None:
         """Bring the ``lost`` shards back on live workers; what fails is retried at the next watch
@@ -266,6 +282,8 @@ class Driver:
             snapshot = {"params": ckpt.params, "state": ckpt.state, "version": saved[index]}
         else:
             snapshot = {"params": self.initial.values(a, b), "state": {}, "version": 0}
+        # a replica's copy of the lost slice is adopted if newer (``ParameterShard.adopt``)
+        snapshot["replaced_in"] = self.generation + 1
         lost_worker = self.ps.addresses()[index]
         worker = pick_worker(live, self.ps.addresses())
         self.ps = self.ps.replace_shard(self.client, index, snapshot, worker, timeout=recovery_timeout(),
@@ -274,6 +292,7 @@ class Driver:
         self.updates_lost += missing
         self.recoveries += 1
         self.versions[index] = snapshot["version"]
+        self._adopted.pop(index, None)
         del self._lost_since[index]
         events.emit(events.RUN, run=self.run, kind="shard-recovered", shard=index,
                     updates_lost=missing, checkpoint=str(path) if path else "", worker=worker,

@@ -231,17 +231,32 @@ class _Link:
         if self.bound is not None:
             self._call(lambda: [self._wait(s.leave(self.replica)) for s in self.ps.shards])
 
-    def recover(self, timeout: float = RECOVERY_TIMEOUT) -> None:
-        """Wait for a server newer than the one that failed; forget the old one's traffic."""
+    def recover(self, copy=None, timeout: float = RECOVERY_TIMEOUT) -> None:
+        """Wait for a server newer than the one that failed; forget the old one's traffic.
+        ``copy``: the parameters and versions this replica last fetched, offered to the shards
+        recreated meanwhile (``offer``)."""
         def newer():
             generation, ps = self.var.get(timeout=CALL_TIMEOUT)
             return (generation, ps) if generation > self.generation else None
 
+        old = self.generation
         self.generation, ps = waits.until(newer, timeout=timeout, every=0.2, give_up=self.lease.give_up,
                                           what=f"{self.replica}: the driver to recover a lost shard")
         self.ps = self._near(ps)
         self.pushes_lost += self.window.drop()
         self.pending = None
+        if copy is not None:
+            self.offer(*copy, old)
+
+    def offer(self, params, versions, generation: int) -> None:
+        """Offer the slices of ``params`` (fetched at ``versions`` from the server of
+        ``generation``) to the shards recreated since, which take a slice holding more updates
+        than the checkpoint or start they came from (``ParameterServer.offer_copy``). Best
+        effort: a shard that fails here is found lost by the next call."""
+        try:
+            self.ps.offer_copy(params, versions, generation, self._wait)
+        except Exception:  # noqa: BLE001 -- the next fetch or push meets the same loss
+            pass
 
 
 class _Stepper:
@@ -296,7 +311,7 @@ class _Stepper:
                           wait_now=not spec.overlap)
             return loss
         except ServerLost:
-            link.recover()
+            link.recover(copy=(self.params, self.versions))
             self.params, self.versions = _connect(link, self.params)
             self._fetched()
             self._drop()
@@ -332,7 +347,9 @@ class _Stepper:
         self.acc, self.acc_steps = None, 0
 
     def finish(self) -> None:
-        """Push what is accumulated and wait for every push in flight."""
+        """Push what is accumulated and wait for every push in flight. A shard lost meanwhile
+        (these pushes with it): wait for its recovery to hand it this replica's copy, which
+        may be the newest left of the slice."""
         try:
             if self.acc_steps:
                 self.link.push(self._take_push(), self.versions, self.steps_done, wait_now=True)
@@ -340,6 +357,7 @@ class _Stepper:
             self.link.leave()
         except ServerLost:
             self.link.pushes_lost += 1
+            self.link.recover(copy=(self.params, self.versions))
 
 
 class _DeviceStepper(_Stepper):
