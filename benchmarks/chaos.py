@@ -7,7 +7,8 @@ seconds) on three worker processes of two threads; quick: 10,000 rows, 2 epochs.
 together take a few minutes (quick: well under one) on two cores. The victims are drawn from a
 printed seed (``daskbelief.testing.chaos``). Printed: kills, recoveries (shards recreated,
 blocks rebuilt, replicas restarted), hangs (the run past its deadline, or a stretch of
-``HANG_SECONDS`` with no replica progress), updates lost, and the final test accuracy and
+``HANG_SECONDS`` with no replica progress), updates lost (and regained from the replicas'
+copies of a lost slice), and the final test accuracy and
 seconds of both runs. Targets: no hang; final accuracy within one point of the undisturbed
 run's. Other processes share this machine: the seconds are noisy (one run each), and so is
 the accuracy of an asynchronous run.
@@ -118,6 +119,7 @@ def run(quick: bool) -> dict:
         "hangs": hangs(progress, killer.since, ended) + int(bool(stormy.get("hung"))),
         "error": stormy.get("error"),
         "updates_lost": stormy.get("updates_lost"),
+        "updates_regained": stormy.get("updates_regained"),  # from the replicas' copies
         "final_accuracy": stormy.get("test_accuracy"),
         "final_accuracy_without_kills": calm["test_accuracy"],
         "seconds": stormy.get("seconds"), "seconds_without_kills": calm["seconds"],

@@ -260,12 +260,13 @@ def recreated_shard(n: int = 10, version: int = 3) -> ParameterShard:
     return shard
 
 
-def test_a_recreated_shard_adopts_one_newer_copy_whole_and_counts_what_it_brought():
+def test_a_recreated_shard_adopts_the_newest_copy_whole_and_counts_what_it_brought():
     shard, copy = recreated_shard(), np.arange(10, dtype=np.float32)
     assert ParameterShard(0, 0, 10, copy, "adagrad").wants(40, 1) is None  # never lost
-    token = shard.wants(40, 1)
-    assert token and shard.wants(50, 1) is None  # one copy on its way at a time
-    assert shard.adopt(copy[:6] + 100, "another", 0, 2) == 3  # not the copy it asked for
+    older = shard.wants(30, 1)
+    token = shard.wants(40, 1)  # a newer copy takes over from the one on its way
+    assert older and token and shard.wants(40, 1) is None and shard.wants(35, 1) is None
+    assert shard.adopt(copy[:6] + 100, older, 0, 2) == 3  # not the copy it waits for now
     shard.push(np.ones(10, np.float32), 3)  # a push between the two frames: overwritten
     assert shard.adopt(copy[6:], token, 6, 2) == 4 and shard.version == 4  # half of it so far
     assert shard.adopt(copy[:6], token, 0, 2) == 40
@@ -278,7 +279,7 @@ def test_a_copy_that_never_finishes_arriving_holds_the_shard_no_longer_than_its_
     shard = recreated_shard()
     token = shard.wants(40, 1)
     shard.adopt(np.ones(5, np.float32), token, 0, 2)  # its second frame never comes
-    assert shard.wants(30, 1) is None
+    assert shard.wants(30, 1) is None  # an older copy waits for it
     now = shard_module.time.time()
     monkeypatch.setattr(shard_module.time, "time", lambda: now + shard_module.ADOPT_TIMEOUT + 1)
     late = shard.wants(30, 1)
@@ -287,3 +288,18 @@ def test_a_copy_that_never_finishes_arriving_holds_the_shard_no_longer_than_its_
     assert shard.version == 3 and shard.stats()["adopted"] == 0
     assert shard.adopt(np.full(10, 7, np.float32), late, 0, 1) == 30
     np.testing.assert_array_equal(shard.params, np.full(10, 7, np.float32))
+
+
+def test_a_push_based_on_a_fetch_from_before_the_adoption_is_not_delay_compensated():
+    """DC-ASGD corrects a push by ``w_now - w_fetched``: across an adopted copy that difference
+    is the copy's distance from the restored values, no staleness to correct for."""
+    rule = {"name": "adagrad", "lr": 0.1, "delay_compensation": 0.5}
+    shard = ParameterShard(0, 0, 4, np.zeros(4, np.float32), rule)
+    shard.load_state({"params": np.zeros(4, np.float32), "state": {}, "version": 0, "replaced_in": 2})
+    shard.fetch(replica="r")  # the restored values, at version 0
+    shard.adopt(np.full(4, 5, np.float32), shard.wants(40, 1))
+    shard.push(np.ones(4, np.float32), 0, "r")
+    assert shard.stats()["compensated"] == 0 and shard.version == 41
+    shard.fetch(replica="r")
+    shard.push(np.ones(4, np.float32), 41, "r")
+    assert shard.stats()["compensated"] == 1

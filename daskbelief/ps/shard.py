@@ -224,11 +224,12 @@ class ParameterShard:
     def wants(self, version: int, generation: int) -> str | None:
         """A token to send this shard a replica's copy of its slice with (``adopt``), when the
         copy, fetched at ``version`` from the server of ``generation``, is worth taking
-        (``policy.adoptable``); None otherwise, or while another copy is on its way (one not
-        finished within ``ADOPT_TIMEOUT`` no longer counts). Asked before a copy is sent, so only
-        one replica sends its copy."""
+        (``policy.adoptable``); None otherwise, or while a copy at least as new is on its way
+        (one not finished within ``ADOPT_TIMEOUT`` no longer counts). Asked before a copy is
+        sent, so the replicas do not all send theirs; a newer copy takes over from an older
+        one on its way (whose frames are then ignored), so the newest offered is the one kept."""
         held = self._adopting
-        if held is not None and time.time() - held[1] < ADOPT_TIMEOUT:
+        if held is not None and time.time() - held[1] < ADOPT_TIMEOUT and held[2] >= version:
             return None
         if not adoptable(self.replaced_in, self.version, version, generation):
             return None
@@ -256,6 +257,8 @@ class ParameterShard:
                 self._adopting = None
                 self.adopted += max(held[2] - self.version, 0)
                 self._set_version(max(held[2], self.version))
+                if self.fetched is not None:  # what replicas fetched before is no base to correct
+                    self.fetched = FetchedCopies(len(self.params))
         return self.version
 
     def lead(self, replica: str) -> int:
