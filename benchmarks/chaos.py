@@ -3,18 +3,21 @@ worker SIGKILLed every few seconds (its nanny restarts it), side by side on the 
 
 ``python -m benchmarks chaos [--quick]`` runs ``pipelines/speech-downpour.toml`` (its model,
 replicas, shards, rule and warm start, its 60,000 rows for 4 epochs; checkpoints every few
-seconds) on three worker processes of two threads; quick: 10,000 rows, 2 epochs. Both runs
-together take a few minutes (quick: well under one) on two cores. The victims are drawn from a
-printed seed (``daskbelief.testing.chaos``). Printed: kills, recoveries (shards recreated,
-blocks rebuilt, replicas restarted), hangs (the run past its deadline, or a stretch of
-``HANG_SECONDS`` with no replica progress), updates lost (and regained from the replicas'
-copies of a lost slice), and the final test accuracy and
-seconds of both runs. Targets: no hang; final accuracy within one point of the undisturbed
-run's. Other processes share this machine: the seconds are noisy (one run each), and so is
-the accuracy of an asynchronous run.
+seconds) on three worker processes of two threads; quick: 30,000 rows, 3 epochs. The runs
+together take a minute or two on two cores. The victims are drawn from a printed seed
+(``daskbelief.testing.chaos``). Printed: kills, recoveries (shards recreated, blocks rebuilt,
+replicas restarted), hangs (the run past its deadline, or a stretch of ``HANG_SECONDS`` with no
+replica progress), updates lost, and the final test accuracy and seconds of both runs. Then a
+third run, without checkpoints, whose shard drawn by the seed loses its worker at 80% of the
+undisturbed run's seconds: the shard comes back with its initial values and takes a replica's
+copy of its slice; printed: its accuracy, the updates lost and those the copy regained.
+Targets: no hang; both final accuracies within one point of the undisturbed run's. Other
+processes share this machine: the seconds are noisy (one run each), and so is the accuracy of
+an asynchronous run.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import tempfile
 import time
 from pathlib import Path
@@ -24,13 +27,16 @@ from distributed import Client, LocalCluster
 
 import daskbelief_datasets as recipes
 from daskbelief import config as configs
+from daskbelief import waits
 from daskbelief import pipeline
 from daskbelief.monitor import events
 from daskbelief.testing import chaos
 from daskbelief.train.downpour import downpour
+from daskbelief.workarounds import worker_info
 
 PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "speech-downpour.toml"
 HANG_SECONDS = 30.0  # no replica progress for this long counts as a hang
+LATE = 0.8          # the late shard loss: this fraction of the undisturbed run's seconds in
 MIN_KILLS = 2       # kills at least this many times within the undisturbed run's duration
 MIN_PERIOD = 2.0    # seconds between kills at the least (a nanny restarts a worker in ~1-2 s)
 SEED = 0
@@ -67,6 +73,31 @@ def train(client, pipe, path: str, run_dir: Path, *, checkpoint_every: float, ep
         print(f"the run failed: {e!r}", flush=True)
         return {"error": repr(e)[:300]}
     return result.summary
+
+
+def late_shard_loss(client, pipe, path: str, *, epochs: int, calm_seconds: float,
+                    fraction: float = LATE) -> dict:
+    """One run without checkpoints whose parameter shard drawn by ``SEED`` loses its worker
+    ``fraction`` of the undisturbed run's seconds after the replicas' first step: the shard
+    comes back with its initial values and takes the newest copy of its slice a replica holds
+    (``ParameterShard.adopt``). Its summary, with the kill's moment."""
+    shard = int(chaos.draws(SEED)[0].integers(pipe.train["shards"]))
+    since = time.time()
+
+    def kill():
+        waits.until(lambda: chaos.replica_steps(client, since) > 0, timeout=120,
+                    what="the replicas' first step")
+        time.sleep(fraction * calm_seconds)
+        holder, = [w for w in worker_info(client)
+                   if any(k.startswith(f"parameter-shard-{shard}-") for k in chaos.holdings(client, w))]
+        chaos.kill_worker(client, holder)
+        return time.time() - since
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        killed = pool.submit(kill)
+        summary = downpour(pipe.model, path, test=path, client=client, config=pipe.config,
+                           **{**pipe.train, "epochs": epochs}).summary
+        return {**summary, "killed_at": killed.result(timeout=60), "shard": shard}
 
 
 def kill_period(planned: float, calm_seconds: float) -> float:
@@ -109,6 +140,7 @@ def run(quick: bool) -> dict:
             progress = [m["time"] for _, m in client.get_events(events.REPLICA) if m["time"] >= killer.since]
             rebuilt = [m for _, m in client.get_events(events.RUN)
                        if m["time"] >= killer.since and m.get("kind") == "blocks-recovered"]
+            late = late_shard_loss(client, pipe, path, epochs=s["epochs"], calm_seconds=calm["seconds"])
     if killer.error:
         print(f"chaos: {killer.error}")
     finished = "seconds" in stormy
@@ -123,9 +155,15 @@ def run(quick: bool) -> dict:
         "final_accuracy": stormy.get("test_accuracy"),
         "final_accuracy_without_kills": calm["test_accuracy"],
         "seconds": stormy.get("seconds"), "seconds_without_kills": calm["seconds"],
+        "late_loss_accuracy": late["test_accuracy"], "late_loss_updates_lost": late["updates_lost"],
+        "late_loss_updates_regained": late["updates_regained"],
     }
     if finished:
         print(f"with kills: {stormy['seconds']:.1f}s ({stormy['seconds'] / calm['seconds']:.2f}x), "
               f"accuracy {stormy['test_accuracy']:.4f} "
               f"({100 * (stormy['test_accuracy'] - calm['test_accuracy']):+.2f} points)")
+    print(f"shard {late['shard']} lost {late['killed_at']:.1f}s after a run without checkpoints started "
+          f"({LATE:.0%} of the undisturbed run): accuracy {late['test_accuracy']:.4f} "
+          f"({100 * (late['test_accuracy'] - calm['test_accuracy']):+.2f} points), updates lost "
+          f"{late['updates_lost']}, regained from a replica's copy {late['updates_regained']}")
     return summary

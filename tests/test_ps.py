@@ -303,3 +303,28 @@ def test_a_push_based_on_a_fetch_from_before_the_adoption_is_not_delay_compensat
     shard.fetch(replica="r")
     shard.push(np.ones(4, np.float32), 41, "r")
     assert shard.stats()["compensated"] == 1
+
+
+def test_after_an_adoption_adagrad_steps_as_its_history_would_not_as_a_fresh_accumulator():
+    """A copy adopted at version 99 onto a fresh accumulator: the n-th push after it takes the
+    step scaled by sqrt(n / (99 + n)), the size Adagrad's steps have after 99 + n updates of
+    gradients of one size, not the full ``lr`` a fresh accumulator gives every parameter."""
+    lr, g = 0.1, np.array([0.5, -2.0, 1.0, 3.0], np.float32)
+    shard = recreated_shard(4, version=0)
+    shard.adopt(np.ones(4, np.float32), shard.wants(99, 1))
+    shard.push(g, 99)
+    np.testing.assert_allclose(1 - shard.params, lr * np.sign(g) * np.sqrt(1 / 100), rtol=1e-4)
+    before = shard.params.copy()
+    shard.push(g, 100)  # the accumulator now holds 2 g^2
+    np.testing.assert_allclose(before - shard.params, lr * np.sign(g) / np.sqrt(2) * np.sqrt(2 / 101),
+                               rtol=1e-4)
+    plain = ParameterShard(0, 0, 4, np.ones(4, np.float32), {"name": "adagrad", "lr": lr})
+    plain.push(g, 0)  # nothing adopted: the rule as configured
+    np.testing.assert_allclose(1 - plain.params, lr * np.sign(g), rtol=1e-4)
+
+
+def test_only_rules_whose_steps_shrink_with_their_state_scale_after_an_adoption():
+    assert make_rule("sgd").younger_state_scale(1, 100) == 1.0
+    assert make_rule("momentum").younger_state_scale(1, 100) == 1.0
+    assert make_rule({"name": "adagrad", "staleness": "inverse"}).younger_state_scale(1, 100) == 0.1
+    assert adagrad().younger_state_scale(50, 50) == 1.0

@@ -22,6 +22,8 @@ by ``lam * g * g * (w_now - w_fetched)`` before applying it (``optim.staleness.d
 """
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from numbers import Real
@@ -40,6 +42,7 @@ class UpdateRule:
     _apply: Callable = None
     staleness: str = "none"
     delay_compensation: float = 0.0
+    _younger_state: Callable = None  # (state_updates, updates) -> lr factor; None: 1
 
     def init(self, params) -> dict:
         """Fresh state for ``params`` (zeros, in the parameters' array type and dtype)."""
@@ -50,6 +53,16 @@ class UpdateRule:
         multiplied by ``scale`` (1: the rule as configured)."""
         hyper = self.hyper if scale == 1.0 else {**self.hyper, "lr": self.hyper["lr"] * scale}
         self._apply(params, grad, state, **hyper)
+
+    def younger_state_scale(self, state_updates: int, updates: int) -> float:
+        """The learning-rate factor for parameters that have had ``updates`` updates while the
+        rule's state has seen only ``state_updates`` of them (a shard that adopted a replica's
+        copy of its slice, its state restored from an older checkpoint or none). Adagrad's
+        accumulator then sums fewer squared gradients than the parameters' history had, and
+        its steps come out larger by about ``sqrt(updates / state_updates)``: on a trained slice
+        with a fresh accumulator, a step of ``lr`` on every parameter at once. Rules whose steps
+        do not shrink with their state's age are unaffected (1)."""
+        return 1.0 if self._younger_state is None else self._younger_state(state_updates, updates)
 
     def step_scale(self, staleness: int) -> float:
         """The learning-rate factor for a push ``staleness`` updates old, by this rule's policy."""
@@ -116,7 +129,13 @@ def adagrad(lr: float = 0.05, eps: float = 1e-7, initial_accumulator: float = 0.
     hyper = {"lr": _rate(lr, "lr"), "eps": _rate(eps, "eps")}
     if initial_accumulator:  # absent when 0, so the paper's rule describes itself as before
         hyper["initial_accumulator"] = _rate(initial_accumulator, "initial_accumulator")
-    return UpdateRule("adagrad", hyper, _accumulator, _adagrad_apply)
+    return UpdateRule("adagrad", hyper, _accumulator, _adagrad_apply, _younger_state=_sum_sq_ratio)
+
+
+def _sum_sq_ratio(state_updates: int, updates: int) -> float:
+    """Adagrad's steps scale as ``1 / sqrt(sum of squared gradients)``, a sum that grows with the
+    updates seen: steps the size of the parameters' history take ``sqrt(state / history)``."""
+    return math.sqrt(max(state_updates, 1) / max(updates, 1))
 
 
 RULES = {"sgd": sgd, "momentum": momentum, "adagrad": adagrad}
