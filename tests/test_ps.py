@@ -328,3 +328,40 @@ def test_only_rules_whose_steps_shrink_with_their_state_scale_after_an_adoption(
     assert make_rule("momentum").younger_state_scale(1, 100) == 1.0
     assert make_rule({"name": "adagrad", "staleness": "inverse"}).younger_state_scale(1, 100) == 0.1
     assert adagrad().younger_state_scale(50, 50) == 1.0
+
+
+def test_a_checkpoint_after_an_adoption_resumes_with_the_same_scaled_steps(client, tmp_path):
+    """The state saved after an adoption is younger than the parameters saved with it: a shard
+    resumed from that checkpoint (cut into other ranges, as a resumed run may) and one recreated
+    from it by a recovery step as the shard that wrote it would have stepped."""
+    from daskbelief.ps import checkpoint
+
+    n, g = 8, np.linspace(-1, 1, 8, dtype=np.float32)
+    ps = ParameterServer.create(client, np.zeros(n, np.float32), 2, "adagrad")
+    fresh = []
+    try:
+        for i in range(2):  # both shards lost and made anew from their initial values
+            ps = ps.replace_shard(client, i, {"params": np.zeros(n // 2, np.float32), "state": {},
+                                              "version": 0, "replaced_in": 1},
+                                  ps.addresses()[i])
+        assert ps.offer_copy(np.ones(n, np.float32), [99, 99], 0, lambda r: r.result(timeout=30)) == 2
+        ps.push(g, [99, 99])
+        path = checkpoint.save(tmp_path, ps, model={})
+        saved = checkpoint.load(path)
+        assert saved.state_lag() == saved.state_lag(0, 4) == 99 and saved.versions == [100, 100]
+        ps.push(g, [100, 100])
+        expect, _ = ps.fetch()
+        for shards in (1, 3):
+            fresh.append(ParameterServer.create(client, np.zeros(n, np.float32), shards, "adagrad"))
+            fresh[-1].restore(path)
+            fresh[-1].push(g, [100] * shards)
+            np.testing.assert_allclose(fresh[-1].fetch()[0], expect, rtol=1e-6)
+        a, b = ps.ranges[0]
+        ps = ps.replace_shard(client, 0, {"params": saved.params[a:b], "state": {
+            k: v[a:b] for k, v in saved.state.items()}, "version": 100,
+            "state_updates": 100 - saved.state_lag(a, b)}, ps.addresses()[0])
+        ps.push(g, [100, 100])
+        np.testing.assert_allclose(ps.fetch()[0][a:b], expect[a:b], rtol=1e-6)
+    finally:
+        for server in [ps, *fresh]:
+            server.close()

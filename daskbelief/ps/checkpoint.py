@@ -2,7 +2,8 @@
 
 Layout of one checkpoint (``RUN_DIR/checkpoints/ckpt-000003``)::
 
-    attrs: complete, model, config, ranges, versions, counters, time, normaliser (the features'
+    attrs: complete, model, config, ranges, versions, shards (each one's counters: version,
+           applied, state_updates, per-replica counts), counters, time, normaliser (the features'
            standardisation the model was trained with), and lbfgs (Sandblaster's)
     shard-0/params, shard-0/state/<name>, shard-0/vectors/<name>, shard-1/params, ...
 
@@ -46,6 +47,18 @@ class Checkpoint:
     vectors: dict[str, np.ndarray]
     lbfgs: dict | None
     normaliser: Normaliser | None = None  # None in checkpoints written before it was saved
+    ranges: list[tuple[int, int]] | None = None  # each shard's, as saved
+
+    def state_lag(self, start: int = 0, stop: int | None = None) -> int:
+        """Updates the saved rule state of ``[start, stop)`` lacks against its parameters, the most
+        over the shards there: a shard that had adopted a replica's copy saved a state younger
+        than its parameters (``ParameterShard.adopt``); 0 otherwise, and in checkpoints written
+        before this was saved."""
+        if self.ranges is None or not self.shards:
+            return 0
+        stop = self.ranges[-1][1] if stop is None else stop
+        saved = [self.shards[i] for i, _, _ in overlaps(self.ranges, start, stop)]
+        return max((s["version"] - s.get("state_updates", s["version"]) for s in saved), default=0)
 
     def replica_steps(self) -> dict[str, int]:
         """Steps each replica had pushed into the saved state: the fewest over the shards it
@@ -177,7 +190,8 @@ def load(path, start: int = 0, stop: int | None = None, *, arrays: bool = True) 
     return Checkpoint(Path(path), loaded["params"], state, list(attrs["versions"]),
                       attrs["model"], attrs.get("config", {}), attrs.get("counters", {}),
                       attrs.get("shards", []), saved, attrs.get("lbfgs"),
-                      None if attrs.get("normaliser") is None else Normaliser.from_dict(attrs["normaliser"]))
+                      None if attrs.get("normaliser") is None else Normaliser.from_dict(attrs["normaliser"]),
+                      ranges)
 
 
 def resume_problem(saved: dict, model: dict, resuming: str,

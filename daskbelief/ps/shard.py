@@ -335,7 +335,7 @@ class ParameterShard:
             group[f"shard-{self.index}/state/{name}"][:] = to_numpy(values)
         for name in vectors:
             group[f"shard-{self.index}/vectors/{name}"][:] = to_numpy(self.vectors.get(name))
-        return {"version": self.version, "applied": self.applied,
+        return {"version": self.version, "applied": self.applied, "state_updates": self._state_updates(),
                 "per_replica": dict(self.per_replica), "replica_steps": dict(self.replica_steps)}
 
     def state_names(self) -> list[str]:
@@ -355,6 +355,10 @@ class ParameterShard:
             self.state[k][...] = xp.asarray(v)
         self.applied = int(snapshot.get("applied", 0))
         self.replaced_in = snapshot.get("replaced_in")
+        # a state saved younger than its parameters (an adopted copy) keeps its scale
+        state_updates = int(snapshot.get("state_updates", self.version))
+        self._since_adoption = ((state_updates, self.version, self.applied)
+                                if state_updates < self.version else None)
         return self.version
 
     def restore(self, path: str) -> int:
@@ -365,8 +369,9 @@ class ParameterShard:
         from daskbelief.ps import checkpoint
 
         saved = checkpoint.load(path, self.start, self.stop)
-        self.load_state({"params": saved.params, "state": saved.state,
-                         "version": max(saved.versions)})
+        version = max(saved.versions)
+        self.load_state({"params": saved.params, "state": saved.state, "version": version,
+                         "state_updates": version - saved.state_lag(self.start, self.stop)})
         xp = namespace(self.params)
         for name, values in saved.vectors.items():
             self.vectors.set(name, xp.asarray(values))

@@ -279,7 +279,8 @@ class Driver:
         if path is not None:
             ckpt = checkpoint.load(path, a, b)
             saved = ckpt.versions
-            snapshot = {"params": ckpt.params, "state": ckpt.state, "version": saved[index]}
+            snapshot = {"params": ckpt.params, "state": ckpt.state, "version": saved[index],
+                        "state_updates": saved[index] - ckpt.state_lag(a, b)}
         else:
             snapshot = {"params": self.initial.values(a, b), "state": {}, "version": 0}
         # a replica's copy of the lost slice is adopted if newer (``ParameterShard.adopt``)
