@@ -9,7 +9,7 @@ together take a minute or two on two cores. The victims are drawn from a printed
 replicas restarted), hangs (the run past its deadline, or a stretch of ``HANG_SECONDS`` with no
 replica progress), updates lost, and the final test accuracy and seconds of both runs. Then a
 third run, without checkpoints, whose shard drawn by the seed loses its worker at 80% of the
-undisturbed run's seconds: the shard comes back with its initial values and takes a replica's
+undisturbed run's steps: the shard comes back with its initial values and takes a replica's
 copy of its slice; printed: its accuracy, the updates lost and those the copy regained.
 Targets: no hang; both final accuracies within one point of the undisturbed run's. Other
 processes share this machine: the seconds are noisy (one run each), and so is the accuracy of
@@ -36,7 +36,7 @@ from daskbelief.workarounds import worker_info
 
 PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "speech-downpour.toml"
 HANG_SECONDS = 30.0  # no replica progress for this long counts as a hang
-LATE = 0.8          # the late shard loss: this fraction of the undisturbed run's seconds in
+LATE = 0.8          # the late shard loss: this fraction of the undisturbed run's steps in
 MIN_KILLS = 2       # kills at least this many times within the undisturbed run's duration
 MIN_PERIOD = 2.0    # seconds between kills at the least (a nanny restarts a worker in ~1-2 s)
 SEED = 0
@@ -75,29 +75,30 @@ def train(client, pipe, path: str, run_dir: Path, *, checkpoint_every: float, ep
     return result.summary
 
 
-def late_shard_loss(client, pipe, path: str, *, epochs: int, calm_seconds: float,
+def late_shard_loss(client, pipe, path: str, *, epochs: int, calm_steps: float,
                     fraction: float = LATE) -> dict:
-    """One run without checkpoints whose parameter shard drawn by ``SEED`` loses its worker
-    ``fraction`` of the undisturbed run's seconds after the replicas' first step: the shard
+    """One run without checkpoints whose parameter shard drawn by ``SEED`` loses its worker once
+    a replica has reported ``fraction`` of the steps the undisturbed run's furthest replica made
+    (by steps, not seconds: a later run on a warm cluster can end before the undisturbed run's
+    seconds, and a shard lost after every replica returned has no copy to take). The shard
     comes back with its initial values and takes the newest copy of its slice a replica holds
-    (``ParameterShard.adopt``). Its summary, with the kill's moment."""
+    (``ParameterShard.adopt``). Its summary, with the step the kill came at."""
     shard = int(chaos.draws(SEED)[0].integers(pipe.train["shards"]))
     since = time.time()
 
     def kill():
-        waits.until(lambda: chaos.replica_steps(client, since) > 0, timeout=120,
-                    what="the replicas' first step")
-        time.sleep(fraction * calm_seconds)
+        waits.until(lambda: chaos.replica_steps(client, since) >= fraction * calm_steps, timeout=120,
+                    what=f"a replica's step {fraction * calm_steps:.0f}")
         holder, = [w for w in worker_info(client)
                    if any(k.startswith(f"parameter-shard-{shard}-") for k in chaos.holdings(client, w))]
         chaos.kill_worker(client, holder)
-        return time.time() - since
+        return chaos.replica_steps(client, since)
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         killed = pool.submit(kill)
         summary = downpour(pipe.model, path, test=path, client=client, config=pipe.config,
                            **{**pipe.train, "epochs": epochs}).summary
-        return {**summary, "killed_at": killed.result(timeout=60), "shard": shard}
+        return {**summary, "killed_at_step": killed.result(timeout=60), "shard": shard}
 
 
 def kill_period(planned: float, calm_seconds: float) -> float:
@@ -124,6 +125,7 @@ def run(quick: bool) -> dict:
               f"a worker killed every {s['kill_every']:g}s at most, seed {SEED}", flush=True)
         with LocalCluster(n_workers=3, threads_per_worker=2, processes=True,
                           dashboard_address=":0") as cluster, Client(cluster) as client:
+            calm_since = time.time()
             calm = train(client, pipe, path, tmp / "calm", checkpoint_every=s["checkpoint_every"],
                          epochs=s["epochs"], deadline=600)
             if "seconds" not in calm:
@@ -140,7 +142,8 @@ def run(quick: bool) -> dict:
             progress = [m["time"] for _, m in client.get_events(events.REPLICA) if m["time"] >= killer.since]
             rebuilt = [m for _, m in client.get_events(events.RUN)
                        if m["time"] >= killer.since and m.get("kind") == "blocks-recovered"]
-            late = late_shard_loss(client, pipe, path, epochs=s["epochs"], calm_seconds=calm["seconds"])
+            late = late_shard_loss(client, pipe, path, epochs=s["epochs"],
+                                   calm_steps=chaos.replica_steps(client, calm_since))
     if killer.error:
         print(f"chaos: {killer.error}")
     finished = "seconds" in stormy
@@ -162,8 +165,8 @@ def run(quick: bool) -> dict:
         print(f"with kills: {stormy['seconds']:.1f}s ({stormy['seconds'] / calm['seconds']:.2f}x), "
               f"accuracy {stormy['test_accuracy']:.4f} "
               f"({100 * (stormy['test_accuracy'] - calm['test_accuracy']):+.2f} points)")
-    print(f"shard {late['shard']} lost {late['killed_at']:.1f}s after a run without checkpoints started "
-          f"({LATE:.0%} of the undisturbed run): accuracy {late['test_accuracy']:.4f} "
+    print(f"shard {late['shard']} lost at step {late['killed_at_step']:.0f} of a run without checkpoints "
+          f"({LATE:.0%} of the undisturbed run's steps): accuracy {late['test_accuracy']:.4f} "
           f"({100 * (late['test_accuracy'] - calm['test_accuracy']):+.2f} points), updates lost "
           f"{late['updates_lost']}, regained from a replica's copy {late['updates_regained']}")
     return summary
