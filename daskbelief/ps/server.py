@@ -179,7 +179,6 @@ class ParameterServer:
         """Push and wait until every shard has applied its slice."""
         return self.wait_all(self.push_async(grad, versions, replica, steps_done), "push replies")
 
-    # -- partial ranges (model-parallel blocks) ---------------------------------------------------
     def offer_copy(self, params, versions: list[int], generation: int, wait) -> int:
         """Offer a replica's copy of the whole vector (``params``, fetched at ``versions`` from
         the server of ``generation``) to every shard: a shard recreated after a loss from older
@@ -193,6 +192,7 @@ class ParameterServer:
             wait(reply)
         return len(replies)
 
+    # -- partial ranges (model-parallel blocks) ---------------------------------------------------
     def fetch_range(self, start: int, stop: int) -> tuple[np.ndarray, dict[int, int]]:
         """Parameters ``[start, stop)`` from the shards that hold them, and those shards' versions."""
         replies = [(i, lo + f_lo, self.shards[i].fetch(lo - self.ranges[i][0] + f_lo, f_hi - f_lo))

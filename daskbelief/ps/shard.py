@@ -257,10 +257,11 @@ class ParameterShard:
         with self._writing():
             self.params[offset:offset + len(values)] = xp.asarray(values)
             if self._arrived(token, n_frames, True):
+                version = max(held[2], self.version)
                 self._adopting = None
-                self.adopted += max(held[2] - self.version, 0)
-                self._since_adoption = (self._state_updates(), max(held[2], self.version), self.applied)
-                self._set_version(max(held[2], self.version))
+                self.adopted += version - self.version
+                self._since_adoption = (self._state_updates(), version, self.applied)
+                self._set_version(version)
                 if self.fetched is not None:  # what replicas fetched before is no base to correct
                     self.fetched = FetchedCopies(len(self.params))
         return self.version
