@@ -32,7 +32,6 @@ from daskbelief import pipeline
 from daskbelief.monitor import events
 from daskbelief.testing import chaos
 from daskbelief.train.downpour import downpour
-from daskbelief.workarounds import worker_info
 
 PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "speech-downpour.toml"
 HANG_SECONDS = 30.0  # no replica progress for this long counts as a hang
@@ -89,8 +88,7 @@ def late_shard_loss(client, pipe, path: str, *, epochs: int, calm_steps: float,
     def kill():
         waits.until(lambda: chaos.replica_steps(client, since) >= fraction * calm_steps, timeout=120,
                     what=f"a replica's step {fraction * calm_steps:.0f}")
-        holder, = [w for w in worker_info(client)
-                   if any(k.startswith(f"parameter-shard-{shard}-") for k in chaos.holdings(client, w))]
+        holder, = chaos.shard_holders(client, shard)
         chaos.kill_worker(client, holder)
         return chaos.replica_steps(client, since)
 

@@ -126,8 +126,7 @@ def test_a_shard_lost_late_without_a_checkpoint_takes_the_replicas_copy(digits_p
         def kill():
             waits.until(lambda: chaos.replica_steps(client, since) >= after, timeout=60,
                         what=f"replica step {after:.0f}")
-            holder, = [w for w, keys in actors_by_worker(client).items()
-                       if any(k.startswith(f"parameter-shard-{shard}-") for k in keys)]
+            holder, = chaos.shard_holders(client, shard)
             return chaos.replica_steps(client, since), chaos.kill_worker(client, holder)
 
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -280,8 +279,7 @@ class CheckpointKiller(threading.Thread):
             since = time.time()
             waits.until(lambda: chaos.replica_steps(self.client, since) >= self.after,
                         timeout=self.timeout, what=f"replica step {self.after:.0f}")
-            holder, = [w for w, keys in actors_by_worker(self.client).items()
-                       if any(k.startswith(f"parameter-shard-{self.shard}-") for k in keys)]
+            holder, = chaos.shard_holders(self.client, self.shard)
             pid = chaos.worker_pids(self.client)[holder]
             seen = {p.name for p in self.root.iterdir()}
             deadline = time.monotonic() + self.timeout

@@ -93,6 +93,16 @@ def holdings(client, address: str) -> list[str]:
     return client.run_on_scheduler(held)
 
 
+def shard_holders(client, index: int) -> list[str]:
+    """The workers holding parameter shard ``index`` (keys ``parameter-shard-INDEX-*``), asked
+    of the scheduler in one call: one, unless a recovery is under way."""
+    def holding(dask_scheduler, prefix=f"parameter-shard-{index}-"):
+        return sorted(address for address, ws in dask_scheduler.workers.items()
+                      if any(str(ts.key).startswith(prefix) for ts in ws.actors))
+
+    return client.run_on_scheduler(holding)
+
+
 def kill_worker(client, address: str) -> int:
     """SIGKILL the process of the worker at ``address``; its pid."""
     pid = client.run(os.getpid, workers=[address])[address]
